@@ -1,0 +1,11 @@
+//! Knative and Kubernetes resource types that Sluice reads and writes.
+//!
+//! Only serde types, Knative's defaulting and validation, and shared names live here: nothing about
+//! Envoy, processes or I/O.
+
+pub mod core;
+pub mod ingress;
+pub mod meta;
+
+pub use ingress::Ingress;
+pub use meta::{Condition, ConditionStatus, ObjectMeta};
