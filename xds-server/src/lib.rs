@@ -1,1 +1,15 @@
-//! xds-server
+//! Sluice's xds-server: KIngress (plus Services, Endpoints and Secrets) to Envoy resources, versioned per
+//! resource, served over ADS (state of the world and delta).
+//!
+//! - [`state`]: the observed Kubernetes objects, as plain data.
+//! - [`translate`]: pure translation from [`state::ClusterState`] to [`resources::Resources`].
+//! - [`snapshot`]: per-resource content versions, so an unchanged resource is never pushed again.
+//! - [`ads`]: the gRPC AggregatedDiscoveryService (SotW and delta), ACK/NACK tracking.
+//! - [`source`]: where state comes from (a watched folder of YAML, or Kubernetes).
+
+pub mod ads;
+pub mod resources;
+pub mod snapshot;
+pub mod source;
+pub mod state;
+pub mod translate;

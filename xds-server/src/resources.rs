@@ -1,0 +1,26 @@
+//! The Envoy resources one translation produces: the contract between [`crate::translate`] and
+//! [`crate::snapshot`].
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
+
+pub const LISTENER_TYPE_URL: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE_TYPE_URL: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const CLUSTER_TYPE_URL: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT_TYPE_URL: &str =
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const SECRET_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// A complete set of Envoy resources for one gateway. Names are unique within each kind.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Resources {
+    pub listeners: Vec<Listener>,
+    pub route_configurations: Vec<RouteConfiguration>,
+    pub clusters: Vec<Cluster>,
+    pub cluster_load_assignments: Vec<ClusterLoadAssignment>,
+    pub secrets: Vec<Secret>,
+}

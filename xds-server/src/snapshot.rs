@@ -1,0 +1,1 @@
+//! Per-resource versioned snapshots.

@@ -1,0 +1,1 @@
+//! Pure KIngress to Envoy translation.
