@@ -9,6 +9,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::meta::{ObjectMeta, Status};
 
+pub use crate::probe::{
+    HASH_HEADER, HASH_VALUE_OVERRIDE, PROBE_HEADER, PROBE_VALUE, TAG_HEADER, compute_hash,
+    insert_probe, marshal_spec,
+};
+
 pub const API_VERSION: &str = "networking.internal.knative.dev/v1alpha1";
 pub const KIND: &str = "Ingress";
 /// Knative: the annotation that names the networking layer that owns an Ingress.
@@ -137,11 +142,42 @@ fn is_zero(v: &i64) -> bool {
 }
 
 /// Kubernetes' intstr.IntOrString.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(untagged)]
 pub enum IntOrString {
     Int(i32),
     String(String),
+}
+
+// By hand rather than `untagged`: an untagged enum buffers the value, so a bad port would be reported
+// as "did not match any variant" at the enclosing mapping instead of at the port itself.
+impl<'de> Deserialize<'de> for IntOrString {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = IntOrString;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an integer or a string")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<IntOrString, E> {
+                i32::try_from(v).map(IntOrString::Int).map_err(|_| {
+                    E::invalid_value(serde::de::Unexpected::Signed(v), &"a 32-bit integer")
+                })
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<IntOrString, E> {
+                i32::try_from(v).map(IntOrString::Int).map_err(|_| {
+                    E::invalid_value(serde::de::Unexpected::Unsigned(v), &"a 32-bit integer")
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IntOrString, E> {
+                Ok(IntOrString::String(v.to_string()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<IntOrString, E> {
+                Ok(IntOrString::String(v))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 impl Default for IntOrString {

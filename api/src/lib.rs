@@ -6,6 +6,11 @@
 pub mod core;
 pub mod ingress;
 pub mod meta;
+pub mod objects;
+pub mod probe;
+pub mod validation;
 
 pub use ingress::Ingress;
 pub use meta::{Condition, ConditionStatus, ObjectMeta};
+pub use objects::{Object, ParseError, parse_documents};
+pub use validation::{FieldError, ValidationError};

@@ -1,1 +1,58 @@
-fn main() {}
+//! `sluice`: Knative's data plane on Envoy. `sluice up DIR` runs the xds-server and an Envoy gateway
+//! from a folder of Knative YAML; `sluice status` shows what it serves.
+
+mod envoy;
+mod http;
+mod status_cmd;
+mod up;
+mod xds_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Knative's serving and eventing data plane on Envoy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the stack from a folder of Knative YAML, applying changes to the folder while running.
+    Up(up::UpArgs),
+    /// Show the Ingresses `sluice up` serves, their status, and problems with the folder's files.
+    Status(status_cmd::StatusArgs),
+    /// Run only the xds-server (for a cluster: Envoy gateways connect to it over ADS).
+    Xds(xds_cmd::XdsArgs),
+    /// Print the Envoy bootstrap (JSON) for a gateway that gets everything from `sluice xds` over ADS.
+    Bootstrap(envoy::BootstrapArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Up(args) => up::run(args).await,
+            Command::Status(args) => status_cmd::run(args).await,
+            Command::Xds(args) => xds_cmd::run(args).await,
+            Command::Bootstrap(args) => {
+                println!("{}", args.render());
+                Ok(())
+            }
+        }
+    })
+}

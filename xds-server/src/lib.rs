@@ -8,8 +8,11 @@
 //! - [`source`]: where state comes from (a watched folder of YAML, or Kubernetes).
 
 pub mod ads;
+pub mod controller;
+pub mod prober;
 pub mod resources;
 pub mod snapshot;
 pub mod source;
 pub mod state;
+pub mod status;
 pub mod translate;

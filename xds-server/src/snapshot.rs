@@ -1,1 +1,302 @@
 //! Per-resource versioned snapshots.
+//!
+//! A [`Snapshot`] is one generation of the gateway's configuration. Every resource carries a version
+//! derived from its content (like go-control-plane's linear cache), so the ADS server can tell exactly
+//! which resources changed between two generations and push only those.
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use crate::resources::{
+    CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, LISTENER_TYPE_URL, ROUTE_TYPE_URL, Resources,
+    SECRET_TYPE_URL,
+};
+
+/// Hex digits kept of a sha256 digest: 64 bits tell versions of one resource apart.
+const VERSION_HEX_LEN: usize = 16;
+
+/// One resource of a snapshot, packed for the wire, with its content version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionedResource {
+    pub name: String,
+    pub version: String,
+    /// The resource packed with its type URL.
+    pub resource: Any,
+}
+
+/// One generation of the gateway's configuration, every resource versioned by its content.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    generation: u64,
+    /// Only types with at least one resource are present, so an empty type and a missing type compare
+    /// equal.
+    types: BTreeMap<String, BTreeMap<String, VersionedResource>>,
+    /// The SotW `version_info` of each present type.
+    type_versions: BTreeMap<String, String>,
+}
+
+static NO_RESOURCES: BTreeMap<String, VersionedResource> = BTreeMap::new();
+
+impl Snapshot {
+    /// Packs and versions every resource. The version of a resource is a short hex sha256 of its
+    /// prost encoding.
+    ///
+    /// prost encodes deterministically (fields in tag order) except for map fields, whose order follows
+    /// the in-memory HashMap; translation builds resources without map fields, so equal resources get
+    /// equal versions.
+    pub fn from_resources(generation: u64, resources: &Resources) -> Snapshot {
+        let mut snapshot = Snapshot {
+            generation,
+            ..Snapshot::default()
+        };
+        snapshot.add(
+            LISTENER_TYPE_URL,
+            resources
+                .listeners
+                .iter()
+                .map(|r| (r.name.as_str(), r.encode_to_vec())),
+        );
+        snapshot.add(
+            ROUTE_TYPE_URL,
+            resources
+                .route_configurations
+                .iter()
+                .map(|r| (r.name.as_str(), r.encode_to_vec())),
+        );
+        snapshot.add(
+            CLUSTER_TYPE_URL,
+            resources
+                .clusters
+                .iter()
+                .map(|r| (r.name.as_str(), r.encode_to_vec())),
+        );
+        snapshot.add(
+            ENDPOINT_TYPE_URL,
+            resources
+                .cluster_load_assignments
+                .iter()
+                .map(|r| (r.cluster_name.as_str(), r.encode_to_vec())),
+        );
+        snapshot.add(
+            SECRET_TYPE_URL,
+            resources
+                .secrets
+                .iter()
+                .map(|r| (r.name.as_str(), r.encode_to_vec())),
+        );
+        snapshot
+    }
+
+    fn add<'a>(&mut self, type_url: &str, encoded: impl Iterator<Item = (&'a str, Vec<u8>)>) {
+        let mut set = BTreeMap::new();
+        for (name, bytes) in encoded {
+            let version = short_digest(&bytes);
+            let resource = VersionedResource {
+                name: name.to_string(),
+                version,
+                resource: Any {
+                    type_url: type_url.to_string(),
+                    value: bytes,
+                },
+            };
+            if set.insert(name.to_string(), resource).is_some() {
+                // Translation promises unique names; Envoy would reject a response with duplicates.
+                tracing::warn!(
+                    type_url,
+                    name,
+                    "duplicate resource name in snapshot; last one wins"
+                );
+            }
+        }
+        if !set.is_empty() {
+            self.type_versions
+                .insert(type_url.to_string(), type_version_of(&set));
+            self.types.insert(type_url.to_string(), set);
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether both snapshots hold the same types, names and versions (the generation is ignored).
+    pub fn same_content(&self, other: &Snapshot) -> bool {
+        self.types.len() == other.types.len()
+            && self
+                .types
+                .iter()
+                .zip(&other.types)
+                .all(|((ta, a), (tb, b))| {
+                    ta == tb
+                        && a.len() == b.len()
+                        && a.iter()
+                            .zip(b)
+                            .all(|((na, ra), (nb, rb))| na == nb && ra.version == rb.version)
+                })
+    }
+
+    /// The resources of one type by name; an empty map for types this snapshot does not hold.
+    pub fn resources(&self, type_url: &str) -> &BTreeMap<String, VersionedResource> {
+        self.types.get(type_url).unwrap_or(&NO_RESOURCES)
+    }
+
+    /// A digest over the (name, version) pairs of one type: the SotW `version_info`.
+    pub fn type_version(&self, type_url: &str) -> String {
+        match self.type_versions.get(type_url) {
+            Some(v) => v.clone(),
+            None => type_version_of(&NO_RESOURCES),
+        }
+    }
+}
+
+fn type_version_of(set: &BTreeMap<String, VersionedResource>) -> String {
+    let mut hasher = Sha256::new();
+    for (name, r) in set {
+        // Separators keep ("ab","c") and ("a","bc") apart; names and versions never contain NUL.
+        hasher.update(name.as_bytes());
+        hasher.update([0]);
+        hasher.update(r.version.as_bytes());
+        hasher.update([0]);
+    }
+    let digest = hasher.finalize();
+    hex::encode(digest)[..VERSION_HEX_LEN].to_string()
+}
+
+fn short_digest(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    hex::encode(digest)[..VERSION_HEX_LEN].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+    use envoy_types::pb::google::protobuf::Duration;
+
+    fn cluster(name: &str, timeout_s: i64) -> Cluster {
+        Cluster {
+            name: name.to_string(),
+            connect_timeout: Some(Duration {
+                seconds: timeout_s,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn resources() -> Resources {
+        Resources {
+            clusters: vec![cluster("a", 1), cluster("b", 1)],
+            route_configurations: vec![RouteConfiguration {
+                name: "routes".to_string(),
+                ..Default::default()
+            }],
+            cluster_load_assignments: vec![ClusterLoadAssignment {
+                cluster_name: "a".to_string(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn versions_follow_content_not_generation() {
+        let one = Snapshot::from_resources(1, &resources());
+        let two = Snapshot::from_resources(2, &resources());
+        assert_eq!(one.generation(), 1);
+        assert_eq!(two.generation(), 2);
+        assert!(one.same_content(&two));
+        assert_eq!(
+            one.resources(CLUSTER_TYPE_URL),
+            two.resources(CLUSTER_TYPE_URL)
+        );
+        assert_eq!(
+            one.type_version(CLUSTER_TYPE_URL),
+            two.type_version(CLUSTER_TYPE_URL)
+        );
+        let a = &one.resources(CLUSTER_TYPE_URL)["a"];
+        assert_eq!(a.version.len(), VERSION_HEX_LEN);
+        assert_eq!(a.resource.type_url, CLUSTER_TYPE_URL);
+        assert_eq!(
+            Cluster::decode(a.resource.value.as_slice()).unwrap(),
+            cluster("a", 1)
+        );
+    }
+
+    #[test]
+    fn changing_one_resource_changes_only_its_version_and_its_type_version() {
+        let before = Snapshot::from_resources(1, &resources());
+        let mut changed = resources();
+        changed.clusters[1] = cluster("b", 2);
+        let after = Snapshot::from_resources(2, &changed);
+        assert!(!before.same_content(&after));
+        let (b, a) = (
+            before.resources(CLUSTER_TYPE_URL),
+            after.resources(CLUSTER_TYPE_URL),
+        );
+        assert_eq!(b["a"].version, a["a"].version);
+        assert_ne!(b["b"].version, a["b"].version);
+        assert_ne!(
+            before.type_version(CLUSTER_TYPE_URL),
+            after.type_version(CLUSTER_TYPE_URL)
+        );
+        assert_eq!(
+            before.type_version(ROUTE_TYPE_URL),
+            after.type_version(ROUTE_TYPE_URL)
+        );
+        assert_eq!(
+            before.type_version(ENDPOINT_TYPE_URL),
+            after.type_version(ENDPOINT_TYPE_URL)
+        );
+    }
+
+    #[test]
+    fn same_content_sees_added_and_removed_resources() {
+        let base = Snapshot::from_resources(1, &resources());
+        let mut fewer = resources();
+        fewer.clusters.pop();
+        assert!(!base.same_content(&Snapshot::from_resources(2, &fewer)));
+        let mut no_routes = resources();
+        no_routes.route_configurations.clear();
+        assert!(!base.same_content(&Snapshot::from_resources(2, &no_routes)));
+        assert!(
+            Snapshot::default().same_content(&Snapshot::from_resources(7, &Resources::default()))
+        );
+    }
+
+    #[test]
+    fn unknown_and_empty_types_are_empty_with_a_stable_version() {
+        let snap = Snapshot::from_resources(1, &resources());
+        assert!(snap.resources(LISTENER_TYPE_URL).is_empty());
+        assert!(
+            snap.resources("type.googleapis.com/unknown.Type")
+                .is_empty()
+        );
+        assert_eq!(
+            snap.type_version(LISTENER_TYPE_URL),
+            Snapshot::default().type_version("x")
+        );
+        assert!(!snap.type_version(LISTENER_TYPE_URL).is_empty());
+        assert_ne!(
+            snap.type_version(LISTENER_TYPE_URL),
+            snap.type_version(CLUSTER_TYPE_URL)
+        );
+    }
+
+    #[test]
+    fn renaming_a_resource_changes_its_type_version() {
+        let mut renamed = resources();
+        renamed.route_configurations[0].name = "other".to_string();
+        let a = Snapshot::from_resources(1, &resources());
+        let b = Snapshot::from_resources(1, &renamed);
+        assert_ne!(
+            a.type_version(ROUTE_TYPE_URL),
+            b.type_version(ROUTE_TYPE_URL)
+        );
+    }
+}

@@ -1,5 +1,8 @@
 //! Where the state comes from, behind one trait: a watched folder of YAML ([`folder`]) or Kubernetes.
 
+pub mod folder;
+pub mod kube;
+
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 

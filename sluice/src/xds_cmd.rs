@@ -1,0 +1,120 @@
+//! `sluice xds`: the xds-server alone, for a cluster (Envoy runs elsewhere and connects over ADS).
+//! The state comes from Kubernetes (`--kube`) or a folder.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use sluice_api::ingress::LoadBalancerIngressStatus;
+use sluice_xds_server::ads::{self, AdsServer};
+use sluice_xds_server::controller::{self, ControllerConfig, StatusReport};
+use sluice_xds_server::snapshot::Snapshot;
+use sluice_xds_server::source::StateSource;
+use sluice_xds_server::source::folder::FolderSource;
+use sluice_xds_server::source::kube::KubeSource;
+use sluice_xds_server::status::LoadBalancers;
+use sluice_xds_server::translate::GatewayConfig;
+
+#[derive(clap::Args)]
+pub struct XdsArgs {
+    /// Read Ingresses, Services, Endpoints and Secrets from the Kubernetes API (in-cluster or kubeconfig).
+    #[arg(long, conflicts_with = "dir")]
+    kube: bool,
+    /// Read them from a folder of YAML instead.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Address the xds-server and control API bind to.
+    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    listen: IpAddr,
+    #[arg(long, default_value_t = 18000)]
+    xds_port: u16,
+    #[arg(long, default_value_t = crate::up::DEFAULT_CONTROL_PORT)]
+    control_port: u16,
+    /// Envoy listener addresses the generated config binds (inside the gateway).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    external_listener: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:8081")]
+    internal_listener: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    tls_listener: SocketAddr,
+    /// Where the gateway's external and internal listeners are reached for readiness probes (host:port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    probe_external: String,
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    probe_internal: String,
+    /// DNS names written to status.publicLoadBalancer / privateLoadBalancer (domainInternal).
+    #[arg(long, default_value = "sluice-gateway.sluice-system.svc.cluster.local")]
+    public_domain: String,
+    #[arg(
+        long,
+        default_value = "sluice-gateway-internal.sluice-system.svc.cluster.local"
+    )]
+    private_domain: String,
+}
+
+async fn resolve(what: &str, addr: &str) -> Result<SocketAddr> {
+    tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("{what} {addr}"))?
+        .next()
+        .with_context(|| format!("{what} {addr}: no address"))
+}
+
+pub async fn run(args: XdsArgs) -> Result<()> {
+    let source: Arc<dyn StateSource> = match (&args.dir, args.kube) {
+        (Some(dir), false) => Arc::new(FolderSource::new(dir)),
+        (None, true) => {
+            let client = ::kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
+            Arc::new(KubeSource::new(client))
+        }
+        _ => bail!("say where the state comes from: --kube or --dir DIR"),
+    };
+    let xds_listener = TcpListener::bind((args.listen, args.xds_port))
+        .await
+        .with_context(|| format!("xds port {}", args.xds_port))?;
+    let control_listener = TcpListener::bind((args.listen, args.control_port))
+        .await
+        .with_context(|| format!("control port {}", args.control_port))?;
+    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
+    let (ads_server, acks) = AdsServer::new(snapshot_rx);
+    let (report_tx, report_rx) = watch::channel(StatusReport::default());
+    let config = ControllerConfig {
+        gateway: GatewayConfig {
+            external_address: args.external_listener,
+            internal_address: args.internal_listener,
+            tls_address: Some(args.tls_listener),
+        },
+        load_balancers: LoadBalancers {
+            public: LoadBalancerIngressStatus {
+                domain_internal: args.public_domain.clone(),
+                ..Default::default()
+            },
+            private: LoadBalancerIngressStatus {
+                domain_internal: args.private_domain.clone(),
+                ..Default::default()
+            },
+        },
+        probe_external: resolve("--probe-external", &args.probe_external).await?,
+        probe_internal: resolve("--probe-internal", &args.probe_internal).await?,
+    };
+    tracing::info!("xds-server on {}:{}", args.listen, args.xds_port);
+    let control = tokio::spawn(crate::http::serve_control(control_listener, move || {
+        serde_json::to_value(&*report_rx.borrow()).unwrap_or_default()
+    }));
+    let xds = tokio::spawn(ads::serve(xds_listener, ads_server, async {
+        let _ = tokio::signal::ctrl_c().await;
+    }));
+    let result = tokio::select! {
+        r = controller::run(source, config, snapshot_tx, acks, report_tx) => r.map_err(|e| anyhow::anyhow!("state source failed: {e}")),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    };
+    control.abort();
+    xds.abort();
+    result
+}

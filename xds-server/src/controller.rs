@@ -1,0 +1,422 @@
+//! The reconcile loop that ties the pieces together: source -> translate -> snapshot (served by ADS)
+//! -> Envoy's ACK -> probe -> Knative status. It owns no protocol and no parsing: each step is a call
+//! into the module that does it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use sluice_api::Ingress;
+use sluice_api::ingress::{IngressStatus, VISIBILITY_CLUSTER_LOCAL};
+
+use crate::ads::ConfigStatus;
+use crate::prober::{self, CATCH_ALL_PROBE_HOST};
+use crate::resources::Resources;
+use crate::snapshot::Snapshot;
+use crate::source::{SourceError, SourceSnapshot, StateSource};
+use crate::state::ObjectKey;
+use crate::status::{self, LoadBalancers, Probe, Progress};
+use crate::translate::{GatewayConfig, IngressOutcome, translate};
+
+/// Probes in flight at once (startup with thousands of Ingresses must not open thousands of sockets).
+const PROBE_CONCURRENCY: usize = 32;
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub gateway: GatewayConfig,
+    pub load_balancers: LoadBalancers,
+    /// Where to probe external rules (Envoy's external listener, as seen from here).
+    pub probe_external: SocketAddr,
+    /// Where to probe cluster-local rules.
+    pub probe_internal: SocketAddr,
+}
+
+/// What `sluice status` and the control API show.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReport {
+    /// Every Ingress of Sluice's class, with its status.
+    pub ingresses: Vec<Ingress>,
+    /// Problems with files or objects, each naming where it is.
+    pub errors: Vec<ReportedError>,
+    pub envoy: EnvoyReport,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReportedError {
+    pub origin: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvoyReport {
+    /// The newest configuration generation the xds-server serves.
+    pub generation: u64,
+    /// The newest generation every connected Envoy has ACKed.
+    pub acked_generation: Option<u64>,
+    /// Envoy's last rejection of a configuration, if the newest one was rejected.
+    pub last_nack: Option<String>,
+}
+
+/// A probe to run: every (listener, host) of one Ingress version.
+struct ProbeStart {
+    key: ObjectKey,
+    hash: String,
+    targets: Vec<(SocketAddr, String)>,
+    attempt: u32,
+}
+
+struct ProbeResult {
+    key: ObjectKey,
+    hash: String,
+    result: Result<(), String>,
+    attempt: u32,
+}
+
+/// Runs until the source ends or fails. Publishes every snapshot to `snapshots` and every status change
+/// to `report`, and writes changed Ingress statuses back through the source.
+pub async fn run(
+    source: Arc<dyn StateSource>,
+    config: ControllerConfig,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    mut acks: watch::Receiver<ConfigStatus>,
+    report: watch::Sender<StatusReport>,
+) -> Result<(), SourceError> {
+    let (source_tx, mut source_rx) = watch::channel(SourceSnapshot::default());
+    let source_task = {
+        let source = source.clone();
+        async move { source.run(source_tx).await }
+    };
+    tokio::pin!(source_task);
+
+    let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<ProbeResult>();
+    let probe_slots = Arc::new(Semaphore::new(PROBE_CONCURRENCY));
+    let mut r = Reconciler::new(config);
+    let mut written: BTreeMap<ObjectKey, IngressStatus> = BTreeMap::new();
+
+    loop {
+        tokio::select! {
+            res = &mut source_task => return res,
+            changed = source_rx.changed() => {
+                if changed.is_err() { return Ok(()); }
+                let snap = source_rx.borrow_and_update().clone();
+                if let Some(new) = r.apply_source(snap) {
+                    let _ = snapshots.send(Arc::new(new));
+                }
+            }
+            changed = acks.changed() => {
+                if changed.is_err() { return Ok(()); }
+                let ack = acks.borrow().clone();
+                if let Some(new) = r.finish_removals(&ack) {
+                    let _ = snapshots.send(Arc::new(new));
+                }
+            }
+            Some(p) = probe_rx.recv() => r.apply_probe(p),
+        }
+        let ack = acks.borrow().clone();
+        for ProbeStart {
+            key,
+            hash,
+            targets,
+            attempt,
+        } in r.probes_to_start(&ack)
+        {
+            let tx = probe_tx.clone();
+            let slots = probe_slots.clone();
+            tokio::spawn(async move {
+                if attempt > 0 {
+                    // Envoy may ACK just before a new listener finishes warming: back off and retry.
+                    let backoff = Duration::from_millis(25u64 << attempt.min(5));
+                    tokio::time::sleep(backoff).await;
+                }
+                let _slot = slots.acquire_owned().await;
+                let mut result = Ok(());
+                for (addr, host) in &targets {
+                    if let Err(e) = prober::probe(*addr, host, &hash, PROBE_TIMEOUT).await {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                let _ = tx.send(ProbeResult {
+                    key,
+                    hash,
+                    result,
+                    attempt,
+                });
+            });
+        }
+        let rep = r.report(&ack);
+        for ingress in &rep.ingresses {
+            let key = (
+                ingress.metadata.namespace.clone(),
+                ingress.metadata.name.clone(),
+            );
+            if written.get(&key) != Some(&ingress.status) {
+                if let Err(e) = source.write_ingress_status(ingress).await {
+                    tracing::warn!(ingress = %ingress.metadata.key(), "writing status: {e}");
+                    continue;
+                }
+                written.insert(key, ingress.status.clone());
+            }
+        }
+        written.retain(|k, _| r.known(k));
+        report.send_replace(rep);
+    }
+}
+
+/// Adds to `new` the clusters (and their endpoints) of `previous` that `new` drops, so routes that
+/// Envoy still runs never point at a missing cluster (a 503 while the new routes arrive). Returns
+/// whether it added any.
+fn keep_removed_clusters(new: &mut Resources, previous: &Resources) -> bool {
+    let names: BTreeSet<String> = new.clusters.iter().map(|c| c.name.clone()).collect();
+    let dropped: Vec<_> = previous
+        .clusters
+        .iter()
+        .filter(|c| !names.contains(&c.name))
+        .cloned()
+        .collect();
+    if dropped.is_empty() {
+        return false;
+    }
+    let dropped_names: BTreeSet<&str> = dropped.iter().map(|c| c.name.as_str()).collect();
+    new.cluster_load_assignments.extend(
+        previous
+            .cluster_load_assignments
+            .iter()
+            .filter(|a| dropped_names.contains(a.cluster_name.as_str()))
+            .cloned(),
+    );
+    new.clusters.extend(dropped);
+    true
+}
+
+/// The controller's memory between events; no I/O.
+struct Reconciler {
+    config: ControllerConfig,
+    generation: u64,
+    last: Option<Arc<Snapshot>>,
+    /// The resources of `last`.
+    last_resources: Resources,
+    /// Break after make: clusters a new configuration drops stay (in `last`) until Envoy has ACKed the
+    /// routes that no longer use them; then this, the configuration without them, is served.
+    without_removed: Option<Resources>,
+    source: SourceSnapshot,
+    outcomes: BTreeMap<ObjectKey, IngressOutcome>,
+    /// For each programmed Ingress: its hash and the first generation that carried it.
+    programmed: BTreeMap<ObjectKey, (String, u64)>,
+    probes: BTreeMap<ObjectKey, (String, Probe)>,
+    in_flight: BTreeSet<ObjectKey>,
+    attempts: BTreeMap<ObjectKey, u32>,
+    statuses: BTreeMap<ObjectKey, IngressStatus>,
+}
+
+impl Reconciler {
+    fn new(config: ControllerConfig) -> Self {
+        Reconciler {
+            config,
+            generation: 0,
+            last: None,
+            last_resources: Resources::default(),
+            without_removed: None,
+            source: SourceSnapshot::default(),
+            outcomes: BTreeMap::new(),
+            programmed: BTreeMap::new(),
+            probes: BTreeMap::new(),
+            in_flight: BTreeSet::new(),
+            attempts: BTreeMap::new(),
+            statuses: BTreeMap::new(),
+        }
+    }
+
+    fn known(&self, key: &ObjectKey) -> bool {
+        self.outcomes.contains_key(key)
+    }
+
+    /// Translates the new state; returns a snapshot to serve when the Envoy resources changed.
+    fn apply_source(&mut self, source: SourceSnapshot) -> Option<Snapshot> {
+        let translation = translate(&source.state, &self.config.gateway);
+        self.source = source;
+        let mut resources = translation.resources.clone();
+        let kept = keep_removed_clusters(&mut resources, &self.last_resources);
+        self.without_removed = kept.then(|| translation.resources.clone());
+        let candidate = Snapshot::from_resources(self.generation + 1, &resources);
+        let changed = self
+            .last
+            .as_ref()
+            .is_none_or(|last| !last.same_content(&candidate));
+        if changed {
+            self.generation += 1;
+        }
+        let generation = self.generation;
+        let mut programmed = BTreeMap::new();
+        for (key, outcome) in &translation.ingresses {
+            if let Some(hash) = outcome.hash() {
+                let first = match self.programmed.get(key) {
+                    Some((h, g)) if h == hash => *g,
+                    _ => generation,
+                };
+                programmed.insert(key.clone(), (hash.to_string(), first));
+            }
+        }
+        self.probes
+            .retain(|k, (h, _)| programmed.get(k).is_some_and(|(ph, _)| ph == h));
+        self.attempts.retain(|k, _| self.probes.contains_key(k));
+        self.programmed = programmed;
+        self.outcomes = translation.ingresses;
+        if changed {
+            Some(self.publish(candidate, resources))
+        } else {
+            None
+        }
+    }
+
+    fn publish(&mut self, snapshot: Snapshot, resources: Resources) -> Snapshot {
+        self.last = Some(Arc::new(snapshot.clone()));
+        self.last_resources = resources;
+        snapshot
+    }
+
+    /// Once Envoy runs the configuration that still carries dropped clusters, drops them.
+    fn finish_removals(&mut self, ack: &ConfigStatus) -> Option<Snapshot> {
+        if ack.acked_generation() < Some(self.generation) {
+            return None;
+        }
+        let resources = self.without_removed.take()?;
+        self.generation += 1;
+        let snapshot = Snapshot::from_resources(self.generation, &resources);
+        Some(self.publish(snapshot, resources))
+    }
+
+    fn apply_probe(&mut self, p: ProbeResult) {
+        self.in_flight.remove(&p.key);
+        let current = self.programmed.get(&p.key).map(|(h, _)| h.as_str());
+        if current != Some(p.hash.as_str()) {
+            return; // a newer version replaced it while probing
+        }
+        let probe = match p.result {
+            Ok(()) => Probe::Succeeded,
+            Err(e) => Probe::Failed(e),
+        };
+        if matches!(probe, Probe::Failed(_)) {
+            self.attempts.insert(p.key.clone(), p.attempt + 1);
+        }
+        self.probes.insert(p.key, (p.hash, probe));
+    }
+
+    fn acked(&self, key: &ObjectKey, ack: &ConfigStatus) -> bool {
+        match (self.programmed.get(key), ack.acked_generation()) {
+            (Some((_, first)), Some(acked)) => acked >= *first,
+            _ => false,
+        }
+    }
+
+    /// Probes to start now: acked Ingresses whose current hash has no success and none in flight.
+    fn probes_to_start(&mut self, ack: &ConfigStatus) -> Vec<ProbeStart> {
+        let mut out = Vec::new();
+        let keys: Vec<ObjectKey> = self.programmed.keys().cloned().collect();
+        for key in keys {
+            if self.in_flight.contains(&key) || !self.acked(&key, ack) {
+                continue;
+            }
+            let (hash, _) = &self.programmed[&key];
+            if matches!(self.probes.get(&key), Some((h, Probe::Succeeded)) if h == hash) {
+                continue;
+            }
+            let Some(ingress) = self.source.state.ingresses.get(&key) else {
+                continue;
+            };
+            let targets = self.probe_targets(ingress);
+            let attempt = self.attempts.get(&key).copied().unwrap_or(0);
+            self.in_flight.insert(key.clone());
+            out.push(ProbeStart {
+                key,
+                hash: hash.clone(),
+                targets,
+                attempt,
+            });
+        }
+        out
+    }
+
+    /// Every (listener, host) the Ingress must be served on.
+    fn probe_targets(&self, ingress: &Ingress) -> Vec<(SocketAddr, String)> {
+        let mut targets = BTreeSet::new();
+        for rule in &ingress.spec.rules {
+            let addr = if rule.visibility == VISIBILITY_CLUSTER_LOCAL {
+                self.config.probe_internal
+            } else {
+                self.config.probe_external
+            };
+            if rule.hosts.is_empty() {
+                targets.insert((addr, CATCH_ALL_PROBE_HOST.to_string()));
+            }
+            for host in &rule.hosts {
+                targets.insert((addr, host.clone()));
+            }
+        }
+        targets.into_iter().collect()
+    }
+
+    fn report(&mut self, ack: &ConfigStatus) -> StatusReport {
+        let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        let nack = ack.last_nack();
+        let mut ingresses = Vec::new();
+        for (key, outcome) in &self.outcomes {
+            let Some(ingress) = self.source.state.ingresses.get(key) else {
+                continue;
+            };
+            let progress = match outcome.rejection() {
+                Some((reason, message)) => Progress::Rejected {
+                    reason: reason.to_string(),
+                    message: message.to_string(),
+                },
+                None => {
+                    let acked = self.acked(key, ack);
+                    let hash = self.programmed.get(key).map(|(h, _)| h.as_str());
+                    let probe = match self.probes.get(key) {
+                        Some((h, p)) if Some(h.as_str()) == hash => p.clone(),
+                        _ => Probe::NotYet,
+                    };
+                    Progress::Programmed {
+                        acked,
+                        probe,
+                        nack: if acked { None } else { nack.clone() },
+                    }
+                }
+            };
+            let mut with_status = ingress.clone();
+            if let Some(prev) = self.statuses.get(key) {
+                with_status.status = prev.clone();
+            }
+            let st =
+                status::ingress_status(&with_status, &progress, &self.config.load_balancers, &now);
+            self.statuses.insert(key.clone(), st.clone());
+            with_status.status = st;
+            ingresses.push(with_status);
+        }
+        self.statuses.retain(|k, _| self.outcomes.contains_key(k));
+        StatusReport {
+            ingresses,
+            errors: self
+                .source
+                .errors
+                .iter()
+                .map(|e| ReportedError {
+                    origin: e.origin.clone(),
+                    message: e.message.clone(),
+                })
+                .collect(),
+            envoy: EnvoyReport {
+                generation: self.generation,
+                acked_generation: ack.acked_generation(),
+                last_nack: nack,
+            },
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! A watched folder of Knative/Kubernetes YAML: the embedded default state source.
+//!
+//! Every `*.yaml` / `*.yml` file below the folder (hidden files and folders skipped) may hold several
+//! documents. A change anywhere triggers a rescan that re-reads only files whose size or mtime changed,
+//! so a folder of thousands of files costs one `stat` each per change. A broken document is reported with
+//! its file and field and left out; everything else keeps working.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::future::BoxFuture;
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::{mpsc, watch};
+
+use sluice_api::Ingress;
+use sluice_api::objects::{Object, parse_documents};
+
+use super::{SourceError, SourceSnapshot, StateSource};
+use crate::state::ClusterState;
+
+/// How long to wait after a file event for more (an editor's save is several events).
+const DEBOUNCE: Duration = Duration::from_millis(3);
+
+pub struct FolderSource {
+    root: PathBuf,
+}
+
+impl FolderSource {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        FolderSource { root: root.into() }
+    }
+}
+
+/// What one file held when it was last read.
+#[derive(Debug, Clone)]
+struct FileEntry {
+    len: u64,
+    modified: Option<SystemTime>,
+    objects: Vec<(usize, Object)>,
+    errors: Vec<SourceError>,
+}
+
+/// The folder's parsed contents, updated incrementally by [`FolderScan::rescan`].
+#[derive(Debug, Default)]
+pub struct FolderScan {
+    files: BTreeMap<PathBuf, FileEntry>,
+}
+
+impl FolderScan {
+    /// Re-reads changed files below `root` (size or mtime changed, or named in `touched` by a file
+    /// event: mtime alone can miss two writes in one tick), forgets deleted ones, and returns the
+    /// resulting snapshot.
+    pub fn rescan(&mut self, root: &Path, touched: &BTreeSet<PathBuf>) -> SourceSnapshot {
+        let mut seen = BTreeSet::new();
+        let mut walk_errors = Vec::new();
+        let mut paths = Vec::new();
+        collect_yaml_files(root, &mut paths, &mut walk_errors);
+        for path in paths {
+            let meta = match std::fs::metadata(&path) {
+                Ok(m) => m,
+                Err(_) => continue, // deleted between listing and stat
+            };
+            let (len, modified) = (meta.len(), meta.modified().ok());
+            seen.insert(path.clone());
+            if let Some(e) = self.files.get(&path)
+                && e.len == len
+                && e.modified == modified
+                && !touched.contains(&path)
+            {
+                continue;
+            }
+            let entry = read_file(&path, len, modified);
+            self.files.insert(path, entry);
+        }
+        self.files.retain(|p, _| seen.contains(p));
+        self.snapshot(walk_errors)
+    }
+
+    fn snapshot(&self, mut errors: Vec<SourceError>) -> SourceSnapshot {
+        let mut state = ClusterState::default();
+        // Where each object was first defined, to name both files when one is defined twice.
+        let mut defined_at: BTreeMap<(&'static str, String, String), String> = BTreeMap::new();
+        for (path, entry) in &self.files {
+            errors.extend(entry.errors.iter().cloned());
+            for (doc, object) in &entry.objects {
+                let origin = format!("{} (document {})", path.display(), doc + 1);
+                let (kind, meta) = match object {
+                    Object::Ingress(o) => ("Ingress", &o.metadata),
+                    Object::Service(o) => ("Service", &o.metadata),
+                    Object::Endpoints(o) => ("Endpoints", &o.metadata),
+                    Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
+                    Object::Secret(o) => ("Secret", &o.metadata),
+                    Object::Other { .. } => continue,
+                };
+                let id = (kind, meta.namespace.clone(), meta.name.clone());
+                if let Some(first) = defined_at.get(&id) {
+                    errors.push(SourceError {
+                        origin,
+                        message: format!(
+                            "{kind} {}/{} is already defined in {first}; this copy is ignored",
+                            meta.namespace, meta.name
+                        ),
+                    });
+                    continue;
+                }
+                defined_at.insert(id, origin);
+                let key = (meta.namespace.clone(), meta.name.clone());
+                match object.clone() {
+                    Object::Ingress(o) => {
+                        state.ingresses.insert(key, o);
+                    }
+                    Object::Service(o) => {
+                        state.services.insert(key, o);
+                    }
+                    Object::Endpoints(o) => {
+                        state.endpoints.insert(key, o);
+                    }
+                    Object::EndpointSlice(o) => {
+                        state.endpoint_slices.insert(key, o);
+                    }
+                    Object::Secret(o) => {
+                        state.secrets.insert(key, o);
+                    }
+                    Object::Other { .. } => {}
+                }
+            }
+        }
+        SourceSnapshot { state, errors }
+    }
+}
+
+fn is_hidden(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
+}
+
+fn is_yaml(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml") | Some("yml")
+    )
+}
+
+fn collect_yaml_files(dir: &Path, out: &mut Vec<PathBuf>, errors: &mut Vec<SourceError>) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            errors.push(SourceError {
+                origin: dir.display().to_string(),
+                message: format!("cannot read folder: {e}"),
+            });
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if is_hidden(&path) {
+            continue;
+        }
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => collect_yaml_files(&path, out, errors),
+            Ok(_) if is_yaml(&path) => out.push(path),
+            _ => {}
+        }
+    }
+}
+
+fn read_file(path: &Path, len: u64, modified: Option<SystemTime>) -> FileEntry {
+    let mut entry = FileEntry {
+        len,
+        modified,
+        objects: Vec::new(),
+        errors: Vec::new(),
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            entry.errors.push(SourceError {
+                origin: path.display().to_string(),
+                message: format!("cannot read file: {e}"),
+            });
+            return entry;
+        }
+    };
+    for (doc, parsed) in parse_documents(&text).into_iter().enumerate() {
+        match parsed {
+            Ok(Object::Other {
+                api_version, kind, ..
+            }) if !is_known_elsewhere(&api_version, &kind) => entry.errors.push(SourceError {
+                origin: format!("{} (document {})", path.display(), doc + 1),
+                message: format!(
+                    "{api_version} {kind} is not served by Sluice's networking layer; the document is ignored"
+                ),
+            }),
+            Ok(object) => entry.objects.push((doc, object)),
+            Err(e) => entry.errors.push(SourceError {
+                origin: path.display().to_string(),
+                message: e.to_string(),
+            }),
+        }
+    }
+    entry
+}
+
+/// Objects other parts of Sluice read from the same folder (so not an error here).
+fn is_known_elsewhere(api_version: &str, _kind: &str) -> bool {
+    let group = api_version.split('/').next().unwrap_or_default();
+    matches!(
+        group,
+        "serving.knative.dev"
+            | "eventing.knative.dev"
+            | "sources.knative.dev"
+            | "messaging.knative.dev"
+    ) || (api_version == "v1" && _kind == "ConfigMap")
+}
+
+impl StateSource for FolderSource {
+    fn run(&self, tx: watch::Sender<SourceSnapshot>) -> BoxFuture<'_, Result<(), SourceError>> {
+        Box::pin(async move {
+            let root = self.root.clone();
+            if !root.is_dir() {
+                return Err(SourceError {
+                    origin: root.display().to_string(),
+                    message: "not a folder".into(),
+                });
+            }
+            let (event_tx, mut event_rx) = mpsc::unbounded_channel::<Vec<PathBuf>>();
+            let mut watcher =
+                notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                    // An error event still means something changed: rescan.
+                    let paths = res.map(|e| e.paths).unwrap_or_default();
+                    let _ = event_tx.send(paths);
+                })
+                .map_err(|e| SourceError {
+                    origin: root.display().to_string(),
+                    message: format!("cannot watch folder: {e}"),
+                })?;
+            watcher
+                .watch(&root, RecursiveMode::Recursive)
+                .map_err(|e| SourceError {
+                    origin: root.display().to_string(),
+                    message: format!("cannot watch folder: {e}"),
+                })?;
+
+            let scan = Arc::new(std::sync::Mutex::new(FolderScan::default()));
+            let mut touched = BTreeSet::new();
+            let mut scanned_once = false;
+            loop {
+                let scan2 = scan.clone();
+                let root2 = root.clone();
+                let touched_now = std::mem::take(&mut touched);
+                let snapshot = tokio::task::spawn_blocking(move || {
+                    scan2
+                        .lock()
+                        .expect("scan lock")
+                        .rescan(&root2, &touched_now)
+                })
+                .await
+                .expect("folder scan panicked");
+                for e in &snapshot.errors {
+                    tracing::warn!(origin = %e.origin, "{}", e.message);
+                }
+                // The first scan is always sent, even if empty: it tells the controller the folder
+                // has been read.
+                let first = !std::mem::replace(&mut scanned_once, true);
+                tx.send_if_modified(|current| {
+                    if *current == snapshot && !first {
+                        false
+                    } else {
+                        *current = snapshot;
+                        true
+                    }
+                });
+                match event_rx.recv().await {
+                    Some(paths) => touched.extend(paths),
+                    None => return Ok(()),
+                }
+                tokio::time::sleep(DEBOUNCE).await;
+                while let Ok(paths) = event_rx.try_recv() {
+                    touched.extend(paths);
+                }
+            }
+        })
+    }
+
+    fn write_ingress_status<'a>(
+        &'a self,
+        _ingress: &'a Ingress,
+    ) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INGRESS: &str = r#"
+apiVersion: networking.internal.knative.dev/v1alpha1
+kind: Ingress
+metadata:
+  name: hello
+  namespace: default
+  annotations:
+    networking.knative.dev/ingress.class: sluice.ingress.networking.knative.dev
+spec:
+  rules:
+  - hosts: [hello.example.com]
+    http:
+      paths:
+      - splits:
+        - serviceName: hello
+          serviceNamespace: default
+          servicePort: 80
+"#;
+
+    const SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: hello
+spec:
+  ports:
+  - port: 80
+"#;
+
+    fn scan(dir: &Path) -> SourceSnapshot {
+        FolderScan::default().rescan(dir, &BTreeSet::new())
+    }
+
+    #[test]
+    fn reads_multi_document_files_and_subfolders() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            format!("{INGRESS}\n---\n{SERVICE}"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("sub/b.yml"),
+            SERVICE.replace("hello", "other"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not yaml").unwrap();
+        std::fs::create_dir(dir.path().join(".hidden")).unwrap();
+        std::fs::write(dir.path().join(".hidden/c.yaml"), "garbage: [").unwrap();
+        let snap = scan(dir.path());
+        assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+        assert_eq!(snap.state.ingresses.len(), 1);
+        let keys: Vec<_> = snap.state.services.keys().cloned().collect();
+        assert_eq!(
+            keys,
+            vec![
+                ("default".to_string(), "hello".to_string()),
+                ("default".to_string(), "other".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_broken_file_is_reported_with_its_path_and_the_rest_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("good.yaml"), INGRESS).unwrap();
+        std::fs::write(
+            dir.path().join("bad.yaml"),
+            SERVICE.replace("port: 80", "port: eighty"),
+        )
+        .unwrap();
+        let snap = scan(dir.path());
+        assert_eq!(snap.state.ingresses.len(), 1);
+        assert!(snap.state.services.is_empty());
+        assert_eq!(snap.errors.len(), 1, "{:?}", snap.errors);
+        assert!(
+            snap.errors[0].origin.ends_with("bad.yaml"),
+            "{:?}",
+            snap.errors
+        );
+    }
+
+    #[test]
+    fn duplicate_objects_name_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), SERVICE).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), SERVICE).unwrap();
+        let snap = scan(dir.path());
+        assert_eq!(snap.state.services.len(), 1);
+        assert_eq!(snap.errors.len(), 1);
+        assert!(snap.errors[0].origin.contains("b.yaml"));
+        assert!(snap.errors[0].message.contains("a.yaml"));
+    }
+
+    #[test]
+    fn rescan_sees_changes_and_deletions() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut scan = FolderScan::default();
+        let file = dir.path().join("a.yaml");
+        std::fs::write(&file, SERVICE).unwrap();
+        assert_eq!(
+            scan.rescan(dir.path(), &BTreeSet::new())
+                .state
+                .services
+                .len(),
+            1
+        );
+        // Same length, possibly same mtime tick: the file event forces a re-read.
+        std::fs::write(&file, SERVICE.replace("hello", "hellp")).unwrap();
+        let touched = BTreeSet::from([file.clone()]);
+        let snap = scan.rescan(dir.path(), &touched);
+        assert!(
+            snap.state
+                .services
+                .contains_key(&("default".into(), "hellp".into()))
+        );
+        std::fs::remove_file(&file).unwrap();
+        assert!(
+            scan.rescan(dir.path(), &BTreeSet::new())
+                .state
+                .services
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn run_publishes_changes_while_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = FolderSource::new(dir.path());
+        let (tx, mut rx) = watch::channel(SourceSnapshot::default());
+        let task = tokio::spawn(async move { source.run(tx).await });
+        std::fs::write(dir.path().join("a.yaml"), INGRESS).unwrap();
+        let wait = async {
+            loop {
+                rx.changed().await.unwrap();
+                if rx.borrow().state.ingresses.len() == 1 {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .unwrap();
+        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        let wait = async {
+            loop {
+                rx.changed().await.unwrap();
+                if rx.borrow().state.ingresses.is_empty() {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .unwrap();
+        task.abort();
+    }
+}

@@ -1,1 +1,0 @@
-//! Pure KIngress to Envoy translation.

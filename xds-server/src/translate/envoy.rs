@@ -1,0 +1,450 @@
+//! Renders a [`Plan`] as Envoy v3 resources. No decisions here beyond Envoy's own spelling.
+//!
+//! Map-typed proto fields are avoided (or hold one entry) because resource versions are hashes of the
+//! prost encoding, which is only deterministic without maps.
+
+use std::net::SocketAddr;
+
+use envoy_types::pb::envoy::config::cluster::v3::{
+    CircuitBreakers, Cluster, circuit_breakers, cluster,
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource, HeaderValue,
+    HeaderValueOption, Http2ProtocolOptions, SocketAddress, TransportSocket, address,
+    config_source, data_source, header_value_option, socket_address, transport_socket,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{
+    Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
+};
+use envoy_types::pb::envoy::config::route::v3::{
+    DirectResponseAction, HeaderMatcher, RedirectAction, Route, RouteAction, RouteConfiguration,
+    RouteMatch, VirtualHost, WeightedCluster, header_matcher, redirect_action, route, route_action,
+    route_match, weighted_cluster,
+};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CommonTlsContext, DownstreamTlsContext, TlsCertificate,
+};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
+use envoy_types::util::pack_any;
+
+use sluice_api::ingress::{HASH_HEADER, PROBE_HEADER};
+
+use super::plan::{ClusterKind, ClusterPlan, Plan, RoutePlan, TlsChainPlan, VirtualHostPlan};
+use super::{EXTERNAL_LISTENER, GatewayConfig, INTERNAL_LISTENER, TLS_LISTENER};
+use crate::prober::READINESS_PROBE_VALUE;
+use crate::resources::Resources;
+
+const CONNECT_TIMEOUT_SECS: i64 = 5;
+/// Envoy's default circuit breakers (1024 requests per cluster) would turn bursts into 503s; Knative's
+/// gateways do not limit here, the queue-proxy does.
+const UNLIMITED: u32 = 1_000_000;
+
+pub fn render(plan: &Plan, gateway: &GatewayConfig) -> Resources {
+    let mut r = Resources::default();
+
+    r.listeners
+        .push(http_listener(EXTERNAL_LISTENER, gateway.external_address));
+    r.route_configurations.push(route_configuration(
+        EXTERNAL_LISTENER,
+        plan.vhosts.iter().filter(|v| !v.cluster_local),
+        true,
+    ));
+    r.listeners
+        .push(http_listener(INTERNAL_LISTENER, gateway.internal_address));
+    r.route_configurations.push(route_configuration(
+        INTERNAL_LISTENER,
+        plan.vhosts.iter(),
+        false,
+    ));
+    if let Some(addr) = gateway.tls_address
+        && !plan.tls_chains.is_empty()
+    {
+        r.listeners.push(tls_listener(addr, &plan.tls_chains));
+        r.route_configurations.push(route_configuration(
+            TLS_LISTENER,
+            plan.vhosts.iter().filter(|v| !v.cluster_local),
+            false,
+        ));
+    }
+
+    for c in plan.clusters.values() {
+        r.clusters.push(cluster(c));
+        if let ClusterKind::Eds { endpoints } = &c.kind {
+            r.cluster_load_assignments
+                .push(load_assignment(&c.name, endpoints));
+        }
+    }
+    r
+}
+
+fn ads_source() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        ..Default::default()
+    }
+}
+
+fn socket_address(addr: SocketAddr) -> Address {
+    socket_address_of(&addr.ip().to_string(), u32::from(addr.port()))
+}
+
+fn socket_address_of(host: &str, port: u32) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: host.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    }
+}
+
+fn seconds(s: i64) -> Duration {
+    Duration {
+        seconds: s,
+        nanos: 0,
+    }
+}
+
+fn http_connection_manager(route_config: &str) -> Filter {
+    let hcm = HttpConnectionManager {
+        stat_prefix: route_config.to_string(),
+        codec_type: http_connection_manager::CodecType::Auto as i32,
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads_source()),
+            route_config_name: route_config.to_string(),
+        })),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".to_string(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                Router::default(),
+            ))),
+            ..Default::default()
+        }],
+        upgrade_configs: vec![http_connection_manager::UpgradeConfig {
+            upgrade_type: "websocket".to_string(),
+            ..Default::default()
+        }],
+        // Knative's ingress has no request timeout; streams (gRPC, websockets) may idle for long.
+        stream_idle_timeout: Some(seconds(0)),
+        ..Default::default()
+    };
+    Filter {
+        name: "envoy.filters.network.http_connection_manager".to_string(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
+    }
+}
+
+fn http_listener(name: &str, addr: SocketAddr) -> Listener {
+    Listener {
+        name: name.to_string(),
+        address: Some(socket_address(addr)),
+        filter_chains: vec![FilterChain {
+            filters: vec![http_connection_manager(name)],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn tls_listener(addr: SocketAddr, chains: &[TlsChainPlan]) -> Listener {
+    Listener {
+        name: TLS_LISTENER.to_string(),
+        address: Some(socket_address(addr)),
+        listener_filters: vec![ListenerFilter {
+            name: "envoy.filters.listener.tls_inspector".to_string(),
+            config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
+                TlsInspector::default(),
+            ))),
+            ..Default::default()
+        }],
+        filter_chains: chains.iter().map(tls_filter_chain).collect(),
+        ..Default::default()
+    }
+}
+
+fn tls_filter_chain(chain: &TlsChainPlan) -> FilterChain {
+    let context = DownstreamTlsContext {
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificates: vec![TlsCertificate {
+                certificate_chain: Some(inline(&chain.cert_chain)),
+                private_key: Some(inline(&chain.private_key)),
+                ..Default::default()
+            }],
+            alpn_protocols: vec!["h2".to_string(), "http/1.1".to_string()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    FilterChain {
+        name: chain.name.clone(),
+        filter_chain_match: Some(FilterChainMatch {
+            server_names: chain.server_names.clone(),
+            ..Default::default()
+        }),
+        filters: vec![http_connection_manager(TLS_LISTENER)],
+        transport_socket: Some(TransportSocket {
+            name: "envoy.transport_sockets.tls".to_string(),
+            config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(context))),
+        }),
+        ..Default::default()
+    }
+}
+
+fn inline(bytes: &[u8]) -> DataSource {
+    DataSource {
+        specifier: Some(data_source::Specifier::InlineBytes(bytes.to_vec())),
+        ..Default::default()
+    }
+}
+
+fn route_configuration<'a>(
+    name: &str,
+    vhosts: impl Iterator<Item = &'a VirtualHostPlan>,
+    plain_external: bool,
+) -> RouteConfiguration {
+    RouteConfiguration {
+        name: name.to_string(),
+        virtual_hosts: vhosts
+            .map(|v| virtual_host(v, plain_external && v.redirect_plain))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn virtual_host(v: &VirtualHostPlan, redirect: bool) -> VirtualHost {
+    let domains = if v.hosts.is_empty() {
+        vec!["*".to_string()]
+    } else {
+        // Serve authorities with a port too (`host:8080`).
+        v.hosts
+            .iter()
+            .flat_map(|h| [h.clone(), format!("{h}:*")])
+            .collect()
+    };
+    let mut routes = vec![readiness_probe_route(&v.hash)];
+    if redirect {
+        routes.push(Route {
+            r#match: Some(prefix_match("/", &[])),
+            action: Some(route::Action::Redirect(RedirectAction {
+                scheme_rewrite_specifier: Some(
+                    redirect_action::SchemeRewriteSpecifier::HttpsRedirect(true),
+                ),
+                response_code: redirect_action::RedirectResponseCode::MovedPermanently as i32,
+                ..Default::default()
+            })),
+            ..Default::default()
+        });
+    } else {
+        routes.extend(v.routes.iter().map(forward_route));
+    }
+    VirtualHost {
+        name: v.name.clone(),
+        domains,
+        routes,
+        ..Default::default()
+    }
+}
+
+/// Answered by Envoy itself: proves this version of the Ingress is what the gateway serves.
+fn readiness_probe_route(hash: &str) -> Route {
+    let headers = [
+        (PROBE_HEADER.to_string(), READINESS_PROBE_VALUE.to_string()),
+        (HASH_HEADER.to_string(), hash.to_string()),
+    ];
+    Route {
+        r#match: Some(prefix_match("/", &headers)),
+        action: Some(route::Action::DirectResponse(DirectResponseAction {
+            status: 200,
+            ..Default::default()
+        })),
+        response_headers_to_add: vec![set_header(HASH_HEADER, hash)],
+        ..Default::default()
+    }
+}
+
+fn prefix_match(prefix: &str, headers: &[(String, String)]) -> RouteMatch {
+    RouteMatch {
+        path_specifier: Some(route_match::PathSpecifier::Prefix(prefix.to_string())),
+        headers: headers
+            .iter()
+            .map(|(name, value)| HeaderMatcher {
+                name: name.clone(),
+                header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+                    StringMatcher {
+                        match_pattern: Some(string_matcher::MatchPattern::Exact(value.clone())),
+                        ignore_case: false,
+                    },
+                )),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn set_header(name: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: name.to_string(),
+            value: value.to_string(),
+            ..Default::default()
+        }),
+        append_action: header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+fn set_headers(headers: &[(String, String)]) -> Vec<HeaderValueOption> {
+    headers.iter().map(|(k, v)| set_header(k, v)).collect()
+}
+
+fn forward_route(r: &RoutePlan) -> Route {
+    let mut request_headers = set_headers(&r.set_headers);
+    let cluster_specifier = match r.backends.as_slice() {
+        [] => None,
+        [only] => {
+            // Split-level headers apply after path-level ones, so they win on the same name.
+            request_headers.extend(set_headers(&only.set_headers));
+            Some(route_action::ClusterSpecifier::Cluster(
+                only.cluster.clone(),
+            ))
+        }
+        many => Some(route_action::ClusterSpecifier::WeightedClusters(
+            WeightedCluster {
+                clusters: many
+                    .iter()
+                    .map(|b| weighted_cluster::ClusterWeight {
+                        name: b.cluster.clone(),
+                        weight: Some(UInt32Value { value: b.weight }),
+                        request_headers_to_add: set_headers(&b.set_headers),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+        )),
+    };
+    let action = match cluster_specifier {
+        // Every split at 0%: nothing may receive traffic.
+        None => route::Action::DirectResponse(DirectResponseAction {
+            status: 503,
+            ..Default::default()
+        }),
+        Some(cs) => route::Action::Route(RouteAction {
+            cluster_specifier: Some(cs),
+            host_rewrite_specifier: r
+                .rewrite_host
+                .as_ref()
+                .map(|h| route_action::HostRewriteSpecifier::HostRewriteLiteral(h.clone())),
+            // Knative: no route timeout (Envoy's default is 15 s) and no retries.
+            timeout: Some(seconds(0)),
+            ..Default::default()
+        }),
+    };
+    Route {
+        r#match: Some(prefix_match(&r.prefix, &r.headers)),
+        action: Some(action),
+        request_headers_to_add: request_headers,
+        ..Default::default()
+    }
+}
+
+fn cluster(c: &ClusterPlan) -> Cluster {
+    let mut out = Cluster {
+        name: c.name.clone(),
+        connect_timeout: Some(seconds(CONNECT_TIMEOUT_SECS)),
+        lb_policy: cluster::LbPolicy::RoundRobin as i32,
+        circuit_breakers: Some(CircuitBreakers {
+            thresholds: vec![circuit_breakers::Thresholds {
+                max_connections: Some(UInt32Value { value: UNLIMITED }),
+                max_pending_requests: Some(UInt32Value { value: UNLIMITED }),
+                max_requests: Some(UInt32Value { value: UNLIMITED }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    match &c.kind {
+        ClusterKind::Eds { .. } => {
+            out.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::Eds as i32,
+            ));
+            out.eds_cluster_config = Some(cluster::EdsClusterConfig {
+                eds_config: Some(ads_source()),
+                service_name: c.name.clone(),
+            });
+        }
+        ClusterKind::Dns { host, port } => {
+            out.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::StrictDns as i32,
+            ));
+            out.load_assignment = Some(load_assignment_hosts(&c.name, &[(host.clone(), *port)]));
+        }
+    }
+    if c.http2 {
+        let options = HttpProtocolOptions {
+            upstream_protocol_options: Some(
+                http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                    http_protocol_options::ExplicitHttpConfig {
+                        protocol_config: Some(
+                            http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                                Http2ProtocolOptions::default(),
+                            ),
+                        ),
+                    },
+                ),
+            ),
+            ..Default::default()
+        };
+        out.typed_extension_protocol_options.insert(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
+            pack_any(options),
+        );
+    }
+    out
+}
+
+fn load_assignment(name: &str, endpoints: &[(String, u32)]) -> ClusterLoadAssignment {
+    load_assignment_hosts(name, endpoints)
+}
+
+fn load_assignment_hosts(name: &str, endpoints: &[(String, u32)]) -> ClusterLoadAssignment {
+    let lb_endpoints: Vec<LbEndpoint> = endpoints
+        .iter()
+        .map(|(host, port)| LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                address: Some(socket_address_of(host, *port)),
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+        .collect();
+    ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: if lb_endpoints.is_empty() {
+            Vec::new()
+        } else {
+            vec![LocalityLbEndpoints {
+                lb_endpoints,
+                ..Default::default()
+            }]
+        },
+        ..Default::default()
+    }
+}

@@ -1,0 +1,91 @@
+//! Translation: the observed [`ClusterState`] to the Envoy [`Resources`] of one gateway, plus what became
+//! of each Ingress (programmed with its probe hash, or rejected with a Knative-style reason). Pure and
+//! deterministic: the same state always gives the same resources, so unchanged content is never re-pushed.
+//!
+//! The decisions live here ([`plan`]: defaulting, validation, backend and secret resolution, host
+//! conflicts); [`envoy`] only renders the decided plan as Envoy protos.
+
+mod envoy;
+mod plan;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use crate::resources::Resources;
+use crate::state::{ClusterState, ObjectKey};
+
+pub use plan::{
+    REASON_INVALID_SPEC, REASON_SECRET_INVALID, REASON_SECRET_NOT_FOUND, REASON_SERVICE_NOT_FOUND,
+    REASON_SERVICE_PORT_NOT_FOUND,
+};
+
+/// Listener names: stable, because route configurations and status refer to them.
+pub const EXTERNAL_LISTENER: &str = "external";
+pub const INTERNAL_LISTENER: &str = "internal";
+pub const TLS_LISTENER: &str = "external-tls";
+
+/// Where the gateway's listeners bind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// Serves rules with visibility ExternalIP (plain HTTP).
+    pub external_address: SocketAddr,
+    /// Serves ClusterLocal rules, and ExternalIP rules too (as Knative's cluster-local gateway does).
+    pub internal_address: SocketAddr,
+    /// Serves ExternalIP rules over TLS for hosts in `spec.tls`; None disables TLS.
+    pub tls_address: Option<SocketAddr>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            external_address: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+            internal_address: SocketAddr::from((Ipv4Addr::LOCALHOST, 8081)),
+            tls_address: None,
+        }
+    }
+}
+
+/// What translation made of one Ingress of Sluice's class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IngressOutcome {
+    /// In the resources; `hash` is Knative's probe hash of this version of the spec.
+    Programmed { hash: String },
+    /// Left out of the resources (the rest are unaffected), for `reason` (a CamelCase word) and `message`.
+    Rejected { reason: String, message: String },
+}
+
+impl IngressOutcome {
+    pub fn hash(&self) -> Option<&str> {
+        match self {
+            IngressOutcome::Programmed { hash } => Some(hash),
+            IngressOutcome::Rejected { .. } => None,
+        }
+    }
+
+    pub fn rejection(&self) -> Option<(&str, &str)> {
+        match self {
+            IngressOutcome::Programmed { .. } => None,
+            IngressOutcome::Rejected { reason, message } => Some((reason, message)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Translation {
+    pub resources: Resources,
+    /// Every Ingress of Sluice's class; Ingresses of other classes are absent (left untouched).
+    pub ingresses: BTreeMap<ObjectKey, IngressOutcome>,
+}
+
+/// Translates the whole state. Cost is linear in the number of Ingresses and backends.
+pub fn translate(state: &ClusterState, gateway: &GatewayConfig) -> Translation {
+    let plan = plan::plan(state);
+    let resources = envoy::render(&plan, gateway);
+    Translation {
+        resources,
+        ingresses: plan.outcomes,
+    }
+}
+
+#[cfg(test)]
+mod tests;

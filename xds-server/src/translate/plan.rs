@@ -1,0 +1,520 @@
+//! The decisions of translation, with no Envoy types: which Ingresses are served, with which virtual
+//! hosts, routes, backends and certificates, and why the others are not.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use base64::Engine;
+use sluice_api::Ingress;
+use sluice_api::core::{SERVICE_NAME_LABEL, Secret, ServicePort};
+use sluice_api::ingress::{
+    HTTP_OPTION_REDIRECTED, HttpIngressPath, IntOrString, VISIBILITY_CLUSTER_LOCAL, insert_probe,
+};
+
+use super::IngressOutcome;
+use crate::state::{ClusterState, ObjectKey};
+use crate::status::REASON_DOMAIN_CONFLICT;
+
+/// The spec fails Knative's validation (or a check that keeps Envoy from rejecting the whole config).
+pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
+pub const REASON_SERVICE_NOT_FOUND: &str = "ServiceNotFound";
+pub const REASON_SERVICE_PORT_NOT_FOUND: &str = "ServicePortNotFound";
+pub const REASON_SECRET_NOT_FOUND: &str = "SecretNotFound";
+pub const REASON_SECRET_INVALID: &str = "SecretInvalid";
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    pub outcomes: BTreeMap<ObjectKey, IngressOutcome>,
+    /// Sorted by name.
+    pub vhosts: Vec<VirtualHostPlan>,
+    pub clusters: BTreeMap<String, ClusterPlan>,
+    /// In Ingress order; server names are unique across chains.
+    pub tls_chains: Vec<TlsChainPlan>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VirtualHostPlan {
+    /// `namespace/name/rules[i]`.
+    pub name: String,
+    /// Lowercased hosts; empty means every host.
+    pub hosts: Vec<String>,
+    pub cluster_local: bool,
+    /// httpOption Redirected: plain HTTP on the external listener answers 301 to https.
+    pub redirect_plain: bool,
+    /// Knative's probe hash of this Ingress version (answered by Sluice's readiness probe route).
+    pub hash: String,
+    /// In match order.
+    pub routes: Vec<RoutePlan>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutePlan {
+    /// A literal prefix, "/" for the catch-all.
+    pub prefix: String,
+    /// Exact header matches, all required.
+    pub headers: Vec<(String, String)>,
+    /// Set (not appended) before the split.
+    pub set_headers: Vec<(String, String)>,
+    pub rewrite_host: Option<String>,
+    /// Backends with a non-zero weight, in spec order.
+    pub backends: Vec<BackendPlan>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendPlan {
+    pub cluster: String,
+    pub weight: u32,
+    /// Set after the split chose this backend.
+    pub set_headers: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterPlan {
+    pub name: String,
+    /// The port speaks h2c (named h2c/http2, or appProtocol h2c).
+    pub http2: bool,
+    pub kind: ClusterKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClusterKind {
+    /// Endpoints over EDS: sorted `(ip, port)` of ready addresses.
+    Eds { endpoints: Vec<(String, u32)> },
+    /// An ExternalName Service: resolved by DNS.
+    Dns { host: String, port: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsChainPlan {
+    /// `namespace/name/tls[i]`.
+    pub name: String,
+    pub server_names: Vec<String>,
+    pub cert_chain: Vec<u8>,
+    pub private_key: Vec<u8>,
+}
+
+type Rejection = (&'static str, String);
+
+/// What one valid Ingress needs, before host conflicts are settled.
+struct IngressPlan {
+    hash: String,
+    vhosts: Vec<VirtualHostPlan>,
+    clusters: Vec<ClusterPlan>,
+    tls_chains: Vec<TlsChainPlan>,
+}
+
+pub fn plan(state: &ClusterState) -> Plan {
+    let mut out = Plan::default();
+    // Oldest first, so on a host conflict the Ingress that had the host keeps it (Knative's rule).
+    let mut ingresses: Vec<(&ObjectKey, &Ingress)> = state
+        .ingresses
+        .iter()
+        .filter(|(_, ing)| ing.is_sluice_class())
+        .collect();
+    ingresses.sort_by(|(ka, a), (kb, b)| {
+        let ta = &a.metadata.creation_timestamp;
+        let tb = &b.metadata.creation_timestamp;
+        (ta.is_none(), ta, ka).cmp(&(tb.is_none(), tb, kb))
+    });
+
+    let mut claimed: BTreeMap<String, ObjectKey> = BTreeMap::new();
+    for (key, ingress) in ingresses {
+        let outcome = match plan_ingress(state, ingress) {
+            Err((reason, message)) => IngressOutcome::Rejected {
+                reason: reason.to_string(),
+                message,
+            },
+            Ok(p) => {
+                let hosts: BTreeSet<String> = p
+                    .vhosts
+                    .iter()
+                    .flat_map(|v| host_claims(&v.hosts))
+                    .collect();
+                let conflict = hosts
+                    .iter()
+                    .find_map(|h| claimed.get(h).map(|owner| (h, owner)));
+                if let Some((host, (ns, name))) = conflict {
+                    IngressOutcome::Rejected {
+                        reason: REASON_DOMAIN_CONFLICT.to_string(),
+                        message: format!("host {host} is already served by Ingress {ns}/{name}"),
+                    }
+                } else {
+                    for h in hosts {
+                        claimed.insert(h, key.clone());
+                    }
+                    out.vhosts.extend(p.vhosts);
+                    for c in p.clusters {
+                        out.clusters.insert(c.name.clone(), c);
+                    }
+                    out.tls_chains.extend(p.tls_chains);
+                    IngressOutcome::Programmed { hash: p.hash }
+                }
+            }
+        };
+        out.outcomes.insert(key.clone(), outcome);
+    }
+    out.vhosts.sort_by(|a, b| a.name.cmp(&b.name));
+    dedupe_server_names(&mut out.tls_chains);
+    out
+}
+
+/// The host keys a virtual host claims ("*" for a catch-all rule).
+fn host_claims(hosts: &[String]) -> Vec<String> {
+    if hosts.is_empty() {
+        vec!["*".to_string()]
+    } else {
+        hosts.to_vec()
+    }
+}
+
+/// Envoy rejects two filter chains with the same server name: the first chain keeps it.
+fn dedupe_server_names(chains: &mut Vec<TlsChainPlan>) {
+    let mut seen = BTreeSet::new();
+    for chain in chains.iter_mut() {
+        chain.server_names.retain(|n| seen.insert(n.clone()));
+    }
+    chains.retain(|c| !c.server_names.is_empty());
+}
+
+fn plan_ingress(state: &ClusterState, original: &Ingress) -> Result<IngressPlan, Rejection> {
+    let ns = &original.metadata.namespace;
+    let name = &original.metadata.name;
+
+    let mut defaulted = original.clone();
+    defaulted.set_defaults();
+    defaulted
+        .validate()
+        .map_err(|e| (REASON_INVALID_SPEC, e.to_string()))?;
+    check_envoy_safety(&defaulted).map_err(|m| (REASON_INVALID_SPEC, m))?;
+
+    // Knative programs the Ingress with its probe paths inserted, hashing the spec as stored.
+    let mut probed = original.clone();
+    let hash = insert_probe(&mut probed);
+    probed.set_defaults();
+
+    let mut clusters: BTreeMap<String, ClusterPlan> = BTreeMap::new();
+    let mut vhosts = Vec::new();
+    let mut seen_hosts = BTreeSet::new();
+    let redirect = defaulted.spec.http_option == HTTP_OPTION_REDIRECTED;
+    for (ri, rule) in probed.spec.rules.iter().enumerate() {
+        let hosts: Vec<String> = rule
+            .hosts
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .filter(|h| seen_hosts.insert(h.clone()))
+            .collect();
+        if hosts.is_empty() && !rule.hosts.is_empty() {
+            continue; // every host was served by an earlier rule: first rule wins
+        }
+        let paths = rule
+            .http
+            .as_ref()
+            .map(|h| h.paths.as_slice())
+            .unwrap_or(&[]);
+        let mut routes = Vec::with_capacity(paths.len());
+        for (pi, path) in paths.iter().enumerate() {
+            // Probe paths were prepended: report the index the user wrote.
+            let user_index = pi % paths.len().div_ceil(2).max(1);
+            let field = format!("spec.rules[{ri}].http.paths[{user_index}]");
+            routes.push(plan_route(state, path, &field, &mut clusters)?);
+        }
+        // Longest prefix first; stable, so probe copies stay ahead of their originals.
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        vhosts.push(VirtualHostPlan {
+            name: format!("{ns}/{name}/rules[{ri}]"),
+            hosts,
+            cluster_local: rule.visibility == VISIBILITY_CLUSTER_LOCAL,
+            redirect_plain: redirect,
+            hash: hash.clone(),
+            routes,
+        });
+    }
+
+    let mut tls_chains = Vec::new();
+    for (ti, tls) in defaulted.spec.tls.iter().enumerate() {
+        let secret_ns = if tls.secret_namespace.is_empty() {
+            ns.as_str()
+        } else {
+            tls.secret_namespace.as_str()
+        };
+        let field = format!("spec.tls[{ti}]");
+        let secret = state
+            .secrets
+            .get(&(secret_ns.to_string(), tls.secret_name.clone()))
+            .ok_or_else(|| {
+                (
+                    REASON_SECRET_NOT_FOUND,
+                    format!("{field}: Secret {secret_ns}/{} not found", tls.secret_name),
+                )
+            })?;
+        let (cert_chain, private_key) =
+            tls_material(secret).map_err(|m| (REASON_SECRET_INVALID, format!("{field}: {m}")))?;
+        tls_chains.push(TlsChainPlan {
+            name: format!("{ns}/{name}/tls[{ti}]"),
+            server_names: tls.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            cert_chain,
+            private_key,
+        });
+    }
+
+    Ok(IngressPlan {
+        hash,
+        vhosts,
+        clusters: clusters.into_values().collect(),
+        tls_chains,
+    })
+}
+
+fn plan_route(
+    state: &ClusterState,
+    path: &HttpIngressPath,
+    field: &str,
+    clusters: &mut BTreeMap<String, ClusterPlan>,
+) -> Result<RoutePlan, Rejection> {
+    let mut backends = Vec::new();
+    for (si, split) in path.splits.iter().enumerate() {
+        let field = format!("{field}.splits[{si}]");
+        let cluster = resolve_backend(
+            state,
+            &split.service_namespace,
+            &split.service_name,
+            &split.service_port,
+        )
+        .map_err(|(reason, m)| (reason, format!("{field}: {m}")))?;
+        // A 0% split never receives traffic, and Envoy rejects zero weights.
+        if split.percent > 0 {
+            backends.push(BackendPlan {
+                cluster: cluster.name.clone(),
+                weight: split.percent as u32,
+                set_headers: pairs(&split.append_headers),
+            });
+        }
+        clusters.entry(cluster.name.clone()).or_insert(cluster);
+    }
+    Ok(RoutePlan {
+        prefix: if path.path.is_empty() {
+            "/".to_string()
+        } else {
+            path.path.clone()
+        },
+        headers: path
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.exact.clone()))
+            .collect(),
+        set_headers: pairs(&path.append_headers),
+        rewrite_host: (!path.rewrite_host.is_empty()).then(|| path.rewrite_host.clone()),
+        backends,
+    })
+}
+
+fn pairs(map: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// The cluster for one backend: `namespace/service:port` as the split names the port.
+fn resolve_backend(
+    state: &ClusterState,
+    ns: &str,
+    name: &str,
+    port: &IntOrString,
+) -> Result<ClusterPlan, Rejection> {
+    let service = state
+        .services
+        .get(&(ns.to_string(), name.to_string()))
+        .ok_or_else(|| {
+            (
+                REASON_SERVICE_NOT_FOUND,
+                format!("Service {ns}/{name} not found"),
+            )
+        })?;
+    let sp = service
+        .spec
+        .ports
+        .iter()
+        .find(|p| match port {
+            IntOrString::Int(n) => p.port == *n,
+            IntOrString::String(s) => p.name == *s,
+        })
+        .ok_or_else(|| {
+            (
+                REASON_SERVICE_PORT_NOT_FOUND,
+                format!("Service {ns}/{name} has no port {port}"),
+            )
+        })?;
+    let http2 = matches!(sp.name.as_str(), "h2c" | "http2")
+        || matches!(
+            sp.app_protocol.as_deref(),
+            Some("h2c" | "kubernetes.io/h2c")
+        );
+    let kind = if service.spec.type_ == "ExternalName" {
+        ClusterKind::Dns {
+            host: service.spec.external_name.clone(),
+            port: sp.port as u32,
+        }
+    } else {
+        ClusterKind::Eds {
+            endpoints: endpoints_of(state, ns, name, sp),
+        }
+    };
+    Ok(ClusterPlan {
+        name: format!("{ns}/{name}:{port}"),
+        http2,
+        kind,
+    })
+}
+
+/// Ready addresses of a Service port, from its Endpoints or else its EndpointSlices. None is not an
+/// error: Knative scales to zero, and Envoy answers 503 until endpoints appear.
+fn endpoints_of(
+    state: &ClusterState,
+    ns: &str,
+    name: &str,
+    sp: &ServicePort,
+) -> Vec<(String, u32)> {
+    let mut out = BTreeSet::new();
+    if let Some(eps) = state.endpoints.get(&(ns.to_string(), name.to_string())) {
+        for subset in &eps.subsets {
+            let port = subset
+                .ports
+                .iter()
+                .find(|p| p.name == sp.name)
+                .or_else(|| (subset.ports.len() == 1).then(|| &subset.ports[0]));
+            if let Some(port) = port {
+                for a in &subset.addresses {
+                    out.insert((a.ip.clone(), port.port as u32));
+                }
+            }
+        }
+        return out.into_iter().collect();
+    }
+    for ((slice_ns, _), slice) in &state.endpoint_slices {
+        if slice_ns != ns
+            || slice
+                .metadata
+                .labels
+                .get(SERVICE_NAME_LABEL)
+                .map(String::as_str)
+                != Some(name)
+        {
+            continue;
+        }
+        let port = slice
+            .ports
+            .iter()
+            .find(|p| p.name.as_deref().unwrap_or("") == sp.name)
+            .or_else(|| (slice.ports.len() == 1).then(|| &slice.ports[0]))
+            .and_then(|p| p.port);
+        let Some(port) = port else { continue };
+        for ep in &slice.endpoints {
+            if ep.conditions.ready == Some(false) {
+                continue;
+            }
+            for a in &ep.addresses {
+                out.insert((a.clone(), port as u32));
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// `tls.crt` and `tls.key` of a Secret (base64 `data`, or plain `stringData`), checked to be PEM so a
+/// bad Secret rejects its Ingress instead of making Envoy reject the whole listener.
+fn tls_material(secret: &Secret) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let get = |key: &str| -> Result<Vec<u8>, String> {
+        if let Some(v) = secret.string_data.get(key) {
+            return Ok(v.clone().into_bytes());
+        }
+        let b64 = secret
+            .data
+            .get(key)
+            .ok_or_else(|| format!("Secret has no {key}"))?;
+        base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|e| format!("Secret's {key} is not base64: {e}"))
+    };
+    let cert = get("tls.crt")?;
+    let key = get("tls.key")?;
+    let cert_text = String::from_utf8_lossy(&cert);
+    let key_text = String::from_utf8_lossy(&key);
+    if !cert_text.contains("-----BEGIN CERTIFICATE-----") {
+        return Err("Secret's tls.crt is not a PEM certificate".into());
+    }
+    if !(key_text.contains("-----BEGIN") && key_text.contains("PRIVATE KEY-----")) {
+        return Err("Secret's tls.key is not a PEM private key".into());
+    }
+    Ok((cert, key))
+}
+
+/// Checks beyond Knative's validation for what Envoy would reject (which would block every other
+/// Ingress's update): host syntax, header names Envoy may not set, and control characters in values.
+fn check_envoy_safety(ingress: &Ingress) -> Result<(), String> {
+    let mut errors = Vec::new();
+    for (ri, rule) in ingress.spec.rules.iter().enumerate() {
+        for (hi, host) in rule.hosts.iter().enumerate() {
+            if !valid_host(host) {
+                errors.push(format!(
+                    "spec.rules[{ri}].hosts[{hi}]: {host:?} is not a valid host name"
+                ));
+            }
+        }
+        let Some(http) = &rule.http else { continue };
+        for (pi, path) in http.paths.iter().enumerate() {
+            let field = format!("spec.rules[{ri}].http.paths[{pi}]");
+            for (k, v) in &path.headers {
+                check_header(&format!("{field}.headers"), k, &v.exact, false, &mut errors);
+            }
+            for (k, v) in &path.append_headers {
+                check_header(&format!("{field}.appendHeaders"), k, v, true, &mut errors);
+            }
+            if path.path.chars().any(|c| c.is_control() || c == ' ') {
+                errors.push(format!(
+                    "{field}.path: contains spaces or control characters"
+                ));
+            }
+            if !path.rewrite_host.is_empty() && !valid_host(&path.rewrite_host) {
+                errors.push(format!(
+                    "{field}.rewriteHost: {:?} is not a valid host name",
+                    path.rewrite_host
+                ));
+            }
+            for (si, split) in path.splits.iter().enumerate() {
+                for (k, v) in &split.append_headers {
+                    let f = format!("{field}.splits[{si}].appendHeaders");
+                    check_header(&f, k, v, true, &mut errors);
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+fn valid_host(host: &str) -> bool {
+    let rest = host.strip_prefix("*.").unwrap_or(host);
+    !rest.is_empty()
+        && rest
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+fn check_header(field: &str, name: &str, value: &str, set: bool, errors: &mut Vec<String>) {
+    let token = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !token {
+        errors.push(format!("{field}: {name:?} is not a valid header name"));
+    } else if set && name.eq_ignore_ascii_case("host") {
+        errors.push(format!(
+            "{field}: the Host header cannot be set (use rewriteHost)"
+        ));
+    }
+    if value.chars().any(|c| c == '\r' || c == '\n' || c == '\0') {
+        errors.push(format!(
+            "{field}[{name}]: value contains a line break or NUL"
+        ));
+    }
+}

@@ -1,0 +1,601 @@
+//! Translation, table by table: Knative YAML in, the Envoy resources (or the rejection) out.
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
+use envoy_types::pb::envoy::config::route::v3::{
+    Route, RouteAction, RouteConfiguration, VirtualHost, header_matcher, route, route_action,
+    route_match,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
+use sluice_api::Ingress;
+use sluice_api::core::{EndpointSlice, Endpoints, Secret, Service};
+use sluice_api::ingress::compute_hash;
+
+use super::*;
+use crate::state::ClusterState;
+use crate::status::REASON_DOMAIN_CONFLICT;
+
+const CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+const KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n";
+
+fn ingress(yaml: &str) -> Ingress {
+    serde_yaml::from_str(yaml).expect("test ingress parses")
+}
+
+/// An Ingress of Sluice's class in namespace `ns` with the given spec (YAML, indented by 2).
+fn ing(name: &str, spec: &str) -> Ingress {
+    ingress(&format!(
+        "metadata:\n  name: {name}\n  namespace: ns\n  annotations:\n    networking.knative.dev/ingress.class: sluice.ingress.networking.knative.dev\nspec:\n{spec}"
+    ))
+}
+
+fn simple(name: &str, host: &str, service: &str) -> Ingress {
+    ing(
+        name,
+        &format!(
+            "  rules:\n  - hosts: [{host}]\n    visibility: ExternalIP\n    http:\n      paths:\n      - splits:\n        - serviceNamespace: ns\n          serviceName: {service}\n          servicePort: 80\n          percent: 100\n"
+        ),
+    )
+}
+
+fn service(name: &str, port_name: &str) -> Service {
+    serde_yaml::from_str(&format!(
+        "metadata: {{name: {name}, namespace: ns}}\nspec:\n  ports:\n  - {{name: {port_name}, port: 80, targetPort: 8080}}\n"
+    ))
+    .unwrap()
+}
+
+fn endpoints(name: &str, port_name: &str, ips: &[&str]) -> Endpoints {
+    let addrs: Vec<String> = ips.iter().map(|ip| format!("{{ip: {ip}}}")).collect();
+    serde_yaml::from_str(&format!(
+        "metadata: {{name: {name}, namespace: ns}}\nsubsets:\n- addresses: [{}]\n  ports: [{{name: {port_name}, port: 8080}}]\n",
+        addrs.join(", ")
+    ))
+    .unwrap()
+}
+
+fn state(ingresses: &[Ingress], services: &[&str]) -> ClusterState {
+    let mut s = ClusterState::default();
+    for i in ingresses {
+        s.ingresses.insert(
+            (i.metadata.namespace.clone(), i.metadata.name.clone()),
+            i.clone(),
+        );
+    }
+    for name in services {
+        s.services
+            .insert(("ns".into(), name.to_string()), service(name, "http"));
+        s.endpoints.insert(
+            ("ns".into(), name.to_string()),
+            endpoints(name, "http", &["10.0.0.1"]),
+        );
+    }
+    s
+}
+
+fn gateway() -> GatewayConfig {
+    GatewayConfig {
+        tls_address: Some("127.0.0.1:8443".parse().unwrap()),
+        ..GatewayConfig::default()
+    }
+}
+
+fn route_config<'a>(t: &'a Translation, name: &str) -> &'a RouteConfiguration {
+    t.resources
+        .route_configurations
+        .iter()
+        .find(|r| r.name == name)
+        .unwrap_or_else(|| panic!("route configuration {name}"))
+}
+
+fn vhost<'a>(rc: &'a RouteConfiguration, domain: &str) -> Option<&'a VirtualHost> {
+    rc.virtual_hosts
+        .iter()
+        .find(|v| v.domains.iter().any(|d| d == domain))
+}
+
+fn cluster<'a>(t: &'a Translation, name: &str) -> &'a Cluster {
+    t.resources
+        .clusters
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("cluster {name}"))
+}
+
+fn cla<'a>(t: &'a Translation, name: &str) -> &'a ClusterLoadAssignment {
+    t.resources
+        .cluster_load_assignments
+        .iter()
+        .find(|c| c.cluster_name == name)
+        .unwrap_or_else(|| panic!("load assignment {name}"))
+}
+
+fn action(r: &Route) -> &RouteAction {
+    match r.action.as_ref().unwrap() {
+        route::Action::Route(a) => a,
+        other => panic!("not a forward route: {other:?}"),
+    }
+}
+
+fn prefix(r: &Route) -> &str {
+    match r.r#match.as_ref().unwrap().path_specifier.as_ref().unwrap() {
+        route_match::PathSpecifier::Prefix(p) => p,
+        other => panic!("not a prefix: {other:?}"),
+    }
+}
+
+fn header_matches(r: &Route) -> BTreeMap<String, String> {
+    r.r#match
+        .as_ref()
+        .unwrap()
+        .headers
+        .iter()
+        .map(|h| match h.header_match_specifier.as_ref().unwrap() {
+            header_matcher::HeaderMatchSpecifier::StringMatch(m) => {
+                match m.match_pattern.as_ref().unwrap() {
+                    string_matcher::MatchPattern::Exact(v) => (h.name.clone(), v.clone()),
+                    other => panic!("not exact: {other:?}"),
+                }
+            }
+            other => panic!("not a string match: {other:?}"),
+        })
+        .collect()
+}
+
+fn added(
+    headers: &[envoy_types::pb::envoy::config::core::v3::HeaderValueOption],
+) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|h| {
+            assert_eq!(
+                h.append_action,
+                HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                "appendHeaders have set semantics"
+            );
+            let hv = h.header.as_ref().unwrap();
+            (hv.key.clone(), hv.value.clone())
+        })
+        .collect()
+}
+
+/// The user's routes of a vhost: without Sluice's readiness route and Knative's probe copies.
+fn user_routes(v: &VirtualHost) -> Vec<&Route> {
+    v.routes
+        .iter()
+        .filter(|r| {
+            let h = header_matches(r);
+            !h.contains_key("K-Network-Hash")
+        })
+        .collect()
+}
+
+#[test]
+fn basic_ingress_becomes_listeners_vhost_route_cluster_and_endpoints() {
+    let i = simple("hello", "hello.example.com", "hello");
+    let t = translate(&state(std::slice::from_ref(&i), &["hello"]), &gateway());
+
+    let hash = compute_hash(&i);
+    assert_eq!(
+        t.ingresses[&("ns".to_string(), "hello".to_string())],
+        IngressOutcome::Programmed { hash: hash.clone() }
+    );
+    let names: Vec<&str> = t
+        .resources
+        .listeners
+        .iter()
+        .map(|l| l.name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["external", "internal"],
+        "no TLS listener without spec.tls"
+    );
+
+    for rc_name in ["external", "internal"] {
+        let rc = route_config(&t, rc_name);
+        let v = vhost(rc, "hello.example.com").expect("vhost");
+        assert_eq!(v.domains, ["hello.example.com", "hello.example.com:*"]);
+        // 1: Sluice's readiness probe, answered by Envoy.
+        let first = &v.routes[0];
+        assert_eq!(
+            header_matches(first),
+            BTreeMap::from([
+                ("K-Network-Hash".to_string(), hash.clone()),
+                ("K-Network-Probe".to_string(), "sluice-ready".to_string()),
+            ])
+        );
+        assert!(
+            matches!(first.action, Some(route::Action::DirectResponse(ref d)) if d.status == 200)
+        );
+        assert_eq!(
+            added(&first.response_headers_to_add),
+            [("K-Network-Hash".to_string(), hash.clone())]
+        );
+        // 2: Knative's probe copy of the path.
+        let probe = &v.routes[1];
+        assert_eq!(
+            header_matches(probe),
+            BTreeMap::from([("K-Network-Hash".to_string(), "override".to_string())])
+        );
+        assert_eq!(
+            added(&probe.request_headers_to_add),
+            [("K-Network-Hash".to_string(), hash.clone())]
+        );
+        // 3: the path itself.
+        let r = &v.routes[2];
+        assert_eq!(prefix(r), "/");
+        let a = action(r);
+        assert_eq!(
+            a.cluster_specifier,
+            Some(route_action::ClusterSpecifier::Cluster(
+                "ns/hello:80".into()
+            ))
+        );
+        assert_eq!(
+            a.timeout.as_ref().map(|d| (d.seconds, d.nanos)),
+            Some((0, 0)),
+            "no route timeout"
+        );
+        assert!(a.retry_policy.is_none(), "no retries");
+        assert_eq!(v.routes.len(), 3);
+    }
+
+    let c = cluster(&t, "ns/hello:80");
+    assert_eq!(
+        c.cluster_discovery_type,
+        Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Eds as i32
+        ))
+    );
+    assert!(
+        c.typed_extension_protocol_options.is_empty(),
+        "HTTP/1 upstream"
+    );
+    let eps: Vec<String> = cla(&t, "ns/hello:80").endpoints[0]
+        .lb_endpoints
+        .iter()
+        .map(|e| match e.host_identifier.as_ref().unwrap() {
+            lb_endpoint::HostIdentifier::Endpoint(ep) => format!("{:?}", ep.address),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(eps.len(), 1);
+    assert!(
+        eps[0].contains("10.0.0.1") && eps[0].contains("8080"),
+        "{eps:?}"
+    );
+}
+
+#[test]
+fn cluster_local_rules_are_only_on_the_internal_listener() {
+    let i = ing(
+        "local",
+        "  rules:\n  - hosts: [local.ns.svc.cluster.local]\n    visibility: ClusterLocal\n    http:\n      paths:\n      - splits:\n        - {serviceNamespace: ns, serviceName: s, servicePort: 80}\n",
+    );
+    let t = translate(&state(&[i], &["s"]), &gateway());
+    assert!(vhost(route_config(&t, "external"), "local.ns.svc.cluster.local").is_none());
+    assert!(vhost(route_config(&t, "internal"), "local.ns.svc.cluster.local").is_some());
+}
+
+#[test]
+fn paths_longest_prefix_first_with_exact_header_matches() {
+    let i = ing(
+        "paths",
+        "  rules:\n  - hosts: [p.example.com]\n    http:\n      paths:\n      - splits: [{serviceNamespace: ns, serviceName: a, servicePort: 80}]\n      - path: /foo\n        splits: [{serviceNamespace: ns, serviceName: b, servicePort: 80}]\n      - path: /foo/bar\n        headers:\n          Knative-Serving-Tag: {exact: green}\n        splits: [{serviceNamespace: ns, serviceName: c, servicePort: 80}]\n",
+    );
+    let t = translate(&state(&[i], &["a", "b", "c"]), &gateway());
+    let v = vhost(route_config(&t, "external"), "p.example.com").unwrap();
+    let routes = user_routes(v);
+    let prefixes: Vec<&str> = routes.iter().map(|r| prefix(r)).collect();
+    assert_eq!(prefixes, ["/foo/bar", "/foo", "/"]);
+    assert_eq!(
+        header_matches(routes[0]),
+        BTreeMap::from([("Knative-Serving-Tag".to_string(), "green".to_string())])
+    );
+    // Every probe copy precedes its original.
+    let all: Vec<(&str, bool)> = v.routes[1..]
+        .iter()
+        .map(|r| (prefix(r), header_matches(r).contains_key("K-Network-Hash")))
+        .collect();
+    assert_eq!(
+        all,
+        [
+            ("/foo/bar", true),
+            ("/foo/bar", false),
+            ("/foo", true),
+            ("/foo", false),
+            ("/", true),
+            ("/", false)
+        ]
+    );
+}
+
+#[test]
+fn splits_become_weighted_clusters_without_zero_weights_and_with_set_headers() {
+    let i = ing(
+        "split",
+        "  rules:\n  - hosts: [s.example.com]\n    http:\n      paths:\n      - appendHeaders: {Pre: path}\n        splits:\n        - {serviceNamespace: ns, serviceName: a, servicePort: 80, percent: 70, appendHeaders: {Post: a}}\n        - {serviceNamespace: ns, serviceName: b, servicePort: 80, percent: 30, appendHeaders: {Post: b}}\n        - {serviceNamespace: ns, serviceName: c, servicePort: 80, percent: 0}\n",
+    );
+    let t = translate(&state(&[i], &["a", "b", "c"]), &gateway());
+    let v = vhost(route_config(&t, "external"), "s.example.com").unwrap();
+    let r = user_routes(v)[0];
+    assert_eq!(
+        added(&r.request_headers_to_add),
+        [("Pre".to_string(), "path".to_string())]
+    );
+    let Some(route_action::ClusterSpecifier::WeightedClusters(w)) = &action(r).cluster_specifier
+    else {
+        panic!("weighted clusters")
+    };
+    type Weighted = (String, u32, Vec<(String, String)>);
+    let got: Vec<Weighted> = w
+        .clusters
+        .iter()
+        .map(|c| {
+            (
+                c.name.clone(),
+                c.weight.as_ref().unwrap().value,
+                added(&c.request_headers_to_add),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "ns/a:80".to_string(),
+                70,
+                vec![("Post".to_string(), "a".to_string())]
+            ),
+            (
+                "ns/b:80".to_string(),
+                30,
+                vec![("Post".to_string(), "b".to_string())]
+            ),
+        ]
+    );
+    // The 0% backend still has a cluster (traffic may shift to it without a new cluster warming).
+    cluster(&t, "ns/c:80");
+}
+
+#[test]
+fn single_split_headers_follow_path_headers_so_they_win() {
+    let i = ing(
+        "one",
+        "  rules:\n  - hosts: [o.example.com]\n    http:\n      paths:\n      - appendHeaders: {X: path}\n        rewriteHost: o.ns.svc.cluster.local\n        splits:\n        - {serviceNamespace: ns, serviceName: a, servicePort: 80, appendHeaders: {X: split}}\n",
+    );
+    let t = translate(&state(&[i], &["a"]), &gateway());
+    let r = user_routes(vhost(route_config(&t, "external"), "o.example.com").unwrap())[0];
+    assert_eq!(
+        added(&r.request_headers_to_add),
+        [
+            ("X".to_string(), "path".to_string()),
+            ("X".to_string(), "split".to_string())
+        ]
+    );
+    assert_eq!(
+        action(r).host_rewrite_specifier,
+        Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(
+            "o.ns.svc.cluster.local".into()
+        ))
+    );
+}
+
+#[test]
+fn h2c_ports_get_http2_upstreams() {
+    for (port_name, app_protocol, want) in [
+        ("h2c", None, true),
+        ("http2", None, true),
+        ("grpc", Some("kubernetes.io/h2c"), true),
+        ("http", None, false),
+    ] {
+        let i = simple("h", "h.example.com", "h");
+        let mut s = state(&[i], &[]);
+        let mut svc = service("h", port_name);
+        svc.spec.ports[0].app_protocol = app_protocol.map(String::from);
+        s.services.insert(("ns".into(), "h".into()), svc);
+        let t = translate(&s, &gateway());
+        let c = cluster(&t, "ns/h:80");
+        assert_eq!(
+            !c.typed_extension_protocol_options.is_empty(),
+            want,
+            "{port_name}"
+        );
+    }
+}
+
+#[test]
+fn redirected_http_option_redirects_plain_external_only() {
+    let mut i = simple("r", "r.example.com", "r");
+    i.spec.http_option = "Redirected".into();
+    let t = translate(&state(&[i], &["r"]), &gateway());
+    let ext = vhost(route_config(&t, "external"), "r.example.com").unwrap();
+    assert_eq!(ext.routes.len(), 2, "readiness probe, then the redirect");
+    assert!(matches!(
+        ext.routes[1].action,
+        Some(route::Action::Redirect(ref r)) if r.scheme_rewrite_specifier.is_some()
+    ));
+    let int = vhost(route_config(&t, "internal"), "r.example.com").unwrap();
+    assert!(matches!(
+        user_routes(int)[0].action,
+        Some(route::Action::Route(_))
+    ));
+}
+
+#[test]
+fn tls_hosts_get_an_sni_filter_chain_with_the_secret() {
+    let mut i = simple("t", "t.example.com", "t");
+    i.spec.tls = vec![sluice_api::ingress::IngressTls {
+        hosts: vec!["t.example.com".into()],
+        secret_name: "cert".into(),
+        secret_namespace: "ns".into(),
+    }];
+    let mut s = state(&[i.clone()], &["t"]);
+    let without = translate(&s, &gateway());
+    assert_eq!(
+        without.ingresses[&("ns".into(), "t".into())]
+            .rejection()
+            .map(|r| r.0),
+        Some(REASON_SECRET_NOT_FOUND)
+    );
+    let secret: Secret = serde_yaml::from_str(&format!(
+        "metadata: {{name: cert, namespace: ns}}\nstringData:\n  tls.crt: {CERT:?}\n  tls.key: {KEY:?}\n"
+    ))
+    .unwrap();
+    s.secrets.insert(("ns".into(), "cert".into()), secret);
+    let t = translate(&s, &gateway());
+    assert!(t.ingresses[&("ns".into(), "t".into())].hash().is_some());
+    let l = t
+        .resources
+        .listeners
+        .iter()
+        .find(|l| l.name == "external-tls")
+        .expect("TLS listener");
+    assert_eq!(
+        l.listener_filters[0].name,
+        "envoy.filters.listener.tls_inspector"
+    );
+    assert_eq!(l.filter_chains.len(), 1);
+    assert_eq!(
+        l.filter_chains[0]
+            .filter_chain_match
+            .as_ref()
+            .unwrap()
+            .server_names,
+        ["t.example.com"]
+    );
+    assert!(vhost(route_config(&t, "external-tls"), "t.example.com").is_some());
+}
+
+#[test]
+fn host_conflicts_reject_the_newer_ingress_only() {
+    let mut old = simple("old", "dup.example.com", "a");
+    old.metadata.creation_timestamp = Some("2026-01-01T00:00:00Z".into());
+    let mut new = simple("new", "dup.example.com", "b");
+    new.metadata.creation_timestamp = Some("2026-02-01T00:00:00Z".into());
+    // Named so that it sorts first by name: age, not name, decides.
+    new.metadata.name = "aaa-new".into();
+    let other = simple("other", "other.example.com", "a");
+    let t = translate(&state(&[old, new, other], &["a", "b"]), &gateway());
+    assert!(t.ingresses[&("ns".into(), "old".into())].hash().is_some());
+    assert!(t.ingresses[&("ns".into(), "other".into())].hash().is_some());
+    let (reason, message) = t.ingresses[&("ns".into(), "aaa-new".into())]
+        .rejection()
+        .unwrap();
+    assert_eq!(reason, REASON_DOMAIN_CONFLICT);
+    assert!(message.contains("ns/old"), "{message}");
+    let rc = route_config(&t, "external");
+    let v = vhost(rc, "dup.example.com").unwrap();
+    assert!(v.name.starts_with("ns/old/"));
+    assert_eq!(rc.virtual_hosts.len(), 2);
+}
+
+#[test]
+fn bad_ingresses_are_rejected_with_reasons_and_leave_the_rest_alone() {
+    let bad_sum = ing(
+        "sum",
+        "  rules:\n  - hosts: [sum.example.com]\n    http:\n      paths:\n      - splits:\n        - {serviceNamespace: ns, serviceName: a, servicePort: 80, percent: 50}\n        - {serviceNamespace: ns, serviceName: a, servicePort: 80, percent: 40}\n",
+    );
+    let no_service = simple("nosvc", "nosvc.example.com", "missing");
+    let mut no_port = simple("noport", "noport.example.com", "a");
+    no_port.spec.rules[0].http.as_mut().unwrap().paths[0].splits[0].service_port =
+        sluice_api::ingress::IntOrString::Int(81);
+    let mut bad_header = simple("hdr", "hdr.example.com", "a");
+    bad_header.spec.rules[0].http.as_mut().unwrap().paths[0]
+        .append_headers
+        .insert("Host".into(), "x".into());
+    let good = simple("good", "good.example.com", "a");
+    let t = translate(
+        &state(&[bad_sum, no_service, no_port, bad_header, good], &["a"]),
+        &gateway(),
+    );
+    let reason = |n: &str| {
+        t.ingresses[&("ns".to_string(), n.to_string())]
+            .rejection()
+            .map(|(r, m)| (r.to_string(), m.to_string()))
+    };
+    let (r, m) = reason("sum").unwrap();
+    assert_eq!(r, REASON_INVALID_SPEC);
+    assert!(m.contains("spec.rules[0].http.paths[0].splits"), "{m}");
+    let (r, m) = reason("nosvc").unwrap();
+    assert_eq!(r, REASON_SERVICE_NOT_FOUND);
+    assert!(
+        m.contains("spec.rules[0].http.paths[0].splits[0]") && m.contains("ns/missing"),
+        "{m}"
+    );
+    assert_eq!(reason("noport").unwrap().0, REASON_SERVICE_PORT_NOT_FOUND);
+    assert_eq!(reason("hdr").unwrap().0, REASON_INVALID_SPEC);
+    assert!(reason("good").is_none());
+    let rc = route_config(&t, "external");
+    assert_eq!(rc.virtual_hosts.len(), 1);
+    assert!(vhost(rc, "good.example.com").is_some());
+}
+
+#[test]
+fn other_ingress_classes_are_ignored_entirely() {
+    let mut mine = simple("mine", "mine.example.com", "a");
+    let mut theirs = simple("theirs", "theirs.example.com", "a");
+    theirs.metadata.annotations.insert(
+        "networking.knative.dev/ingress.class".into(),
+        "istio.ingress.networking.knative.dev".into(),
+    );
+    let mut none = simple("none", "none.example.com", "a");
+    none.metadata.annotations.clear();
+    mine.metadata.generation = 3;
+    let t = translate(&state(&[mine, theirs, none], &["a"]), &gateway());
+    assert_eq!(t.ingresses.len(), 1);
+    assert!(vhost(route_config(&t, "external"), "theirs.example.com").is_none());
+    assert!(vhost(route_config(&t, "external"), "none.example.com").is_none());
+}
+
+#[test]
+fn endpoint_slices_supply_ready_addresses_when_there_are_no_endpoints() {
+    let i = simple("sl", "sl.example.com", "sl");
+    let mut s = state(&[i], &[]);
+    s.services
+        .insert(("ns".into(), "sl".into()), service("sl", "http"));
+    let slice: EndpointSlice = serde_yaml::from_str(
+        "metadata:\n  name: sl-abc\n  namespace: ns\n  labels: {kubernetes.io/service-name: sl}\naddressType: IPv4\nendpoints:\n- addresses: [10.0.0.2]\n  conditions: {ready: true}\n- addresses: [10.0.0.3]\n  conditions: {ready: false}\n- addresses: [10.0.0.4]\nports:\n- {name: http, port: 9000}\n",
+    )
+    .unwrap();
+    s.endpoint_slices
+        .insert(("ns".into(), "sl-abc".into()), slice);
+    let t = translate(&s, &gateway());
+    let got: Vec<String> = cla(&t, "ns/sl:80").endpoints[0]
+        .lb_endpoints
+        .iter()
+        .map(|e| format!("{:?}", e.host_identifier))
+        .collect();
+    assert_eq!(got.len(), 2);
+    assert!(
+        got[0].contains("10.0.0.2") && got[1].contains("10.0.0.4"),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn no_endpoints_is_not_an_error() {
+    let i = simple("zero", "zero.example.com", "zero");
+    let mut s = state(&[i], &[]);
+    s.services
+        .insert(("ns".into(), "zero".into()), service("zero", "http"));
+    let t = translate(&s, &gateway());
+    assert!(t.ingresses[&("ns".into(), "zero".into())].hash().is_some());
+    assert!(cla(&t, "ns/zero:80").endpoints.is_empty());
+}
+
+#[test]
+fn translation_is_deterministic() {
+    let is: Vec<Ingress> = (0..20)
+        .map(|n| simple(&format!("i{n}"), &format!("h{n}.example.com"), "a"))
+        .collect();
+    let a = translate(&state(&is, &["a"]), &gateway());
+    let mut rev = is.clone();
+    rev.reverse();
+    let b = translate(&state(&rev, &["a"]), &gateway());
+    assert_eq!(a, b);
+}
