@@ -14,6 +14,7 @@ pub mod body;
 pub mod client;
 pub mod ports;
 pub mod process;
+pub mod queue_proxy;
 pub mod sluice;
 pub mod tls;
 pub mod yaml;

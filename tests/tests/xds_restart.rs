@@ -53,14 +53,18 @@ async fn wait_served(addr: SocketAddr, host: &str, timeout: Duration) {
         {
             return;
         }
-        assert!(Instant::now() < deadline, "{host} not served within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{host} not served within {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 fn ingress(hosts: &[&str]) -> Ingress {
-    Ingress::new(NS, "restart")
-        .rule(Rule::external(hosts).path(IngressPath::any().split(Split::to("restart", SERVICE_PORT))))
+    Ingress::new(NS, "restart").rule(
+        Rule::external(hosts).path(IngressPath::any().split(Split::to("restart", SERVICE_PORT))),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,7 +140,10 @@ async fn xds_server_restart_keeps_traffic_and_resyncs() {
                     Ok(r) if r.status == StatusCode::OK => {
                         ok.fetch_add(1, Ordering::SeqCst);
                     }
-                    Ok(r) => failures.lock().unwrap().push(format!("{}: {}", r.status, r.text())),
+                    Ok(r) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("{}: {}", r.status, r.text())),
                     Err(e) => failures.lock().unwrap().push(format!("{e:#}")),
                 }
             }
@@ -156,8 +163,15 @@ async fn xds_server_restart_keeps_traffic_and_resyncs() {
         ok.load(Ordering::SeqCst) > during,
         "Envoy kept serving while the xds-server was down"
     );
-    let resp = Req::get("after.example.com", "").send(gateway).await.unwrap();
-    assert_eq!(resp.status, StatusCode::NOT_FOUND, "no xds-server, no new config");
+    let resp = Req::get("after.example.com", "")
+        .send(gateway)
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status,
+        StatusCode::NOT_FOUND,
+        "no xds-server, no new config"
+    );
 
     // Back on the same port: Envoy reconnects, resyncs, and serves the change.
     let _xds = start_xds(&bin, &dir, &p, &root.path().join("xds-2.log"));

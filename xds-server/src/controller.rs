@@ -25,6 +25,8 @@ use crate::translate::{GatewayConfig, IngressOutcome, translate};
 /// Probes in flight at once (startup with thousands of Ingresses must not open thousands of sockets).
 const PROBE_CONCURRENCY: usize = 32;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long status changes may wait to be batched into one report.
+const REPORT_DELAY: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
@@ -100,21 +102,50 @@ pub async fn run(
     let mut r = Reconciler::new(config);
     let mut written: BTreeMap<ObjectKey, IngressStatus> = BTreeMap::new();
 
+    // Statuses are recomputed at most every REPORT_DELAY: the report is O(Ingresses), and one change
+    // brings several events (source, ACKs, probe results) that must not each pay for it.
+    let mut report_due: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             res = &mut source_task => return res,
+            () = async {
+                match report_due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                report_due = None;
+                let ack = acks.borrow().clone();
+                let rep = r.report(&ack);
+                for ingress in &rep.ingresses {
+                    let key = (
+                        ingress.metadata.namespace.clone(),
+                        ingress.metadata.name.clone(),
+                    );
+                    if written.get(&key) != Some(&ingress.status) {
+                        if let Err(e) = source.write_ingress_status(ingress).await {
+                            tracing::warn!(ingress = %ingress.metadata.key(), "writing status: {e}");
+                            continue;
+                        }
+                        written.insert(key, ingress.status.clone());
+                    }
+                }
+                written.retain(|k, _| r.known(k));
+                report.send_replace(rep);
+                continue;
+            }
             changed = source_rx.changed() => {
                 if changed.is_err() { return Ok(()); }
                 let snap = source_rx.borrow_and_update().clone();
                 if let Some(new) = r.apply_source(snap) {
-                    let _ = snapshots.send(Arc::new(new));
+                    let _ = snapshots.send(new);
                 }
             }
             changed = acks.changed() => {
                 if changed.is_err() { return Ok(()); }
                 let ack = acks.borrow().clone();
                 if let Some(new) = r.finish_removals(&ack) {
-                    let _ = snapshots.send(Arc::new(new));
+                    let _ = snapshots.send(new);
                 }
             }
             Some(p) = probe_rx.recv() => r.apply_probe(p),
@@ -151,22 +182,7 @@ pub async fn run(
                 });
             });
         }
-        let rep = r.report(&ack);
-        for ingress in &rep.ingresses {
-            let key = (
-                ingress.metadata.namespace.clone(),
-                ingress.metadata.name.clone(),
-            );
-            if written.get(&key) != Some(&ingress.status) {
-                if let Err(e) = source.write_ingress_status(ingress).await {
-                    tracing::warn!(ingress = %ingress.metadata.key(), "writing status: {e}");
-                    continue;
-                }
-                written.insert(key, ingress.status.clone());
-            }
-        }
-        written.retain(|k, _| r.known(k));
-        report.send_replace(rep);
+        report_due.get_or_insert_with(|| tokio::time::Instant::now() + REPORT_DELAY);
     }
 }
 
@@ -194,6 +210,15 @@ fn keep_removed_clusters(new: &mut Resources, previous: &Resources) -> bool {
     );
     new.clusters.extend(dropped);
     true
+}
+
+/// Whether `new` lacks a cluster that `previous` has.
+fn drops_clusters(new: &Resources, previous: &Resources) -> bool {
+    let names: BTreeSet<&str> = new.clusters.iter().map(|c| c.name.as_str()).collect();
+    previous
+        .clusters
+        .iter()
+        .any(|c| !names.contains(c.name.as_str()))
 }
 
 /// The controller's memory between events; no I/O.
@@ -239,12 +264,17 @@ impl Reconciler {
     }
 
     /// Translates the new state; returns a snapshot to serve when the Envoy resources changed.
-    fn apply_source(&mut self, source: SourceSnapshot) -> Option<Snapshot> {
+    fn apply_source(&mut self, source: SourceSnapshot) -> Option<Arc<Snapshot>> {
         let translation = translate(&source.state, &self.config.gateway);
         self.source = source;
-        let mut resources = translation.resources.clone();
-        let kept = keep_removed_clusters(&mut resources, &self.last_resources);
-        self.without_removed = kept.then(|| translation.resources.clone());
+        let mut resources = translation.resources;
+        // Cloned only when clusters are dropped (rare; the clone is O(config)).
+        self.without_removed = None;
+        if drops_clusters(&resources, &self.last_resources) {
+            let mut kept = resources.clone();
+            keep_removed_clusters(&mut kept, &self.last_resources);
+            self.without_removed = Some(std::mem::replace(&mut resources, kept));
+        }
         let candidate = Snapshot::from_resources(self.generation + 1, &resources);
         let changed = self
             .last
@@ -276,14 +306,15 @@ impl Reconciler {
         }
     }
 
-    fn publish(&mut self, snapshot: Snapshot, resources: Resources) -> Snapshot {
-        self.last = Some(Arc::new(snapshot.clone()));
+    fn publish(&mut self, snapshot: Snapshot, resources: Resources) -> Arc<Snapshot> {
+        let snapshot = Arc::new(snapshot);
+        self.last = Some(snapshot.clone());
         self.last_resources = resources;
         snapshot
     }
 
     /// Once Envoy runs the configuration that still carries dropped clusters, drops them.
-    fn finish_removals(&mut self, ack: &ConfigStatus) -> Option<Snapshot> {
+    fn finish_removals(&mut self, ack: &ConfigStatus) -> Option<Arc<Snapshot>> {
         if ack.acked_generation() < Some(self.generation) {
             return None;
         }
@@ -418,5 +449,58 @@ impl Reconciler {
                 last_nack: nack,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+
+    use super::*;
+
+    fn resources(clusters: &[&str]) -> Resources {
+        Resources {
+            clusters: clusters
+                .iter()
+                .map(|n| Cluster {
+                    name: n.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            cluster_load_assignments: clusters
+                .iter()
+                .map(|n| ClusterLoadAssignment {
+                    cluster_name: n.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn names(r: &Resources) -> (BTreeSet<String>, BTreeSet<String>) {
+        (
+            r.clusters.iter().map(|c| c.name.clone()).collect(),
+            r.cluster_load_assignments
+                .iter()
+                .map(|c| c.cluster_name.clone())
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn dropped_clusters_stay_until_routes_move_off_them() {
+        let previous = resources(&["old", "kept"]);
+        let mut new = resources(&["kept", "added"]);
+        assert!(keep_removed_clusters(&mut new, &previous));
+        let want: BTreeSet<String> = ["old", "kept", "added"].map(String::from).into();
+        assert_eq!(names(&new), (want.clone(), want));
+
+        let mut same = resources(&["old", "kept"]);
+        assert!(
+            !keep_removed_clusters(&mut same, &previous),
+            "nothing dropped"
+        );
     }
 }

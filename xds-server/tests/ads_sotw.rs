@@ -36,6 +36,9 @@ async fn changing_one_cluster_pushes_clusters_but_not_unchanged_routes() {
     let mut envoy = ads.sotw("envoy-1").await;
     let cds = envoy.fetch(CDS, &[]).await;
     envoy.ack(&cds, &[]);
+    // Routes wait until the clusters are warm (have their endpoints), as they would in Envoy.
+    let eds = envoy.fetch(EDS, &["a", "b"]).await;
+    envoy.ack(&eds, &["a", "b"]);
     let rds = envoy.fetch(RDS, &["routes"]).await;
     envoy.ack(&rds, &["routes"]);
     envoy.quiet().await;
@@ -114,7 +117,7 @@ async fn pushes_go_clusters_endpoints_listeners_routes() {
     for (type_url, names) in [
         (RDS, &["routes"][..]),
         (LDS, &[]),
-        (EDS, &["a"]),
+        (EDS, &["a", "b"]),
         (CDS, &[]),
     ] {
         let response = envoy.fetch(type_url, names).await;
@@ -129,7 +132,14 @@ async fn pushes_go_clusters_endpoints_listeners_routes() {
     changed.route_configurations[0] = route_config("routes", "b");
     ads.publish(&changed);
     let mut order = Vec::new();
-    for _ in 0..4 {
+    // Make before break: listeners and routes wait until the new clusters and endpoints are ACKed.
+    let cds = envoy.recv().await;
+    let eds = envoy.recv().await;
+    order.extend([cds.type_url.clone(), eds.type_url.clone()]);
+    envoy.quiet().await;
+    envoy.ack(&cds, &[]);
+    envoy.ack(&eds, &["a", "b"]);
+    for _ in 0..2 {
         order.push(envoy.recv().await.type_url);
     }
     assert_eq!(order, [CDS, EDS, LDS, RDS]);
@@ -197,6 +207,8 @@ async fn a_stream_without_listeners_is_not_in_sync() {
     let mut envoy = ads.sotw("envoy-1").await;
     let cds = envoy.fetch(CDS, &[]).await;
     envoy.ack(&cds, &[]);
+    let eds = envoy.fetch(EDS, &["a", "b"]).await;
+    envoy.ack(&eds, &["a", "b"]);
     assert_eq!(ads.settled_status().await.acked_generation(), None);
     let lds = envoy.fetch(LDS, &[]).await;
     envoy.ack(&lds, &[]);

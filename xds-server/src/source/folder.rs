@@ -230,8 +230,14 @@ impl StateSource for FolderSource {
             let (event_tx, mut event_rx) = mpsc::unbounded_channel::<Vec<PathBuf>>();
             let mut watcher =
                 notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-                    // An error event still means something changed: rescan.
-                    let paths = res.map(|e| e.paths).unwrap_or_default();
+                    // An error event still means something changed: rescan. Access events are
+                    // ignored: our own reads cause them, and they would make every read trigger
+                    // another rescan that reads the file again, forever.
+                    let paths = match res {
+                        Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => return,
+                        Ok(e) => e.paths,
+                        Err(_) => Vec::new(),
+                    };
                     let _ = event_tx.send(paths);
                 })
                 .map_err(|e| SourceError {

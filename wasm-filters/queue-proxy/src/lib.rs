@@ -1,0 +1,22 @@
+//! Knative's queue-proxy as a proxy-wasm HTTP filter for Envoy: the breaker that holds an instance to
+//! its containerConcurrency (queueing the excess), the autoscaler's metrics as Envoy stats, and the
+//! Knative probes. See wasm-filters/README.md for the metric names and configuration keys.
+//!
+//! The decisions live in plain modules with no host calls, unit-tested natively: [`config`],
+//! [`breaker`], [`stats`], [`readiness`], [`request`], [`names`]. [`filter`] is the proxy-wasm glue.
+
+pub mod breaker;
+pub mod config;
+pub mod filter;
+pub mod names;
+pub mod readiness;
+pub mod request;
+pub mod stats;
+
+// The VM's entry point, only in the .wasm: natively there is no host to call.
+#[cfg(target_arch = "wasm32")]
+mod entry {
+    proxy_wasm::main! {{
+        crate::filter::start();
+    }}
+}
