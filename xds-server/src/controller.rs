@@ -350,15 +350,20 @@ impl Reconciler {
     /// Probes to start now: acked Ingresses whose current hash has no success and none in flight.
     fn probes_to_start(&mut self, ack: &ConfigStatus) -> Vec<ProbeStart> {
         let mut out = Vec::new();
-        let keys: Vec<ObjectKey> = self.programmed.keys().cloned().collect();
+        // Called on every event: select without cloning, so thousands of settled Ingresses cost
+        // only lookups.
+        let keys: Vec<ObjectKey> = self
+            .programmed
+            .iter()
+            .filter(|(key, (hash, _))| {
+                !self.in_flight.contains(*key)
+                    && self.acked(key, ack)
+                    && !matches!(self.probes.get(*key), Some((h, Probe::Succeeded)) if h == hash)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
         for key in keys {
-            if self.in_flight.contains(&key) || !self.acked(&key, ack) {
-                continue;
-            }
             let (hash, _) = &self.programmed[&key];
-            if matches!(self.probes.get(&key), Some((h, Probe::Succeeded)) if h == hash) {
-                continue;
-            }
             let Some(ingress) = self.source.state.ingresses.get(&key) else {
                 continue;
             };

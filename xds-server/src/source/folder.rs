@@ -81,11 +81,12 @@ impl FolderScan {
     fn snapshot(&self, mut errors: Vec<SourceError>) -> SourceSnapshot {
         let mut state = ClusterState::default();
         // Where each object was first defined, to name both files when one is defined twice.
-        let mut defined_at: BTreeMap<(&'static str, String, String), String> = BTreeMap::new();
+        // (Origins are formatted only when reported: this runs over every object on every change.)
+        let mut defined_at: BTreeMap<(&'static str, &str, &str), (&Path, usize)> = BTreeMap::new();
+        let origin = |path: &Path, doc: usize| format!("{} (document {})", path.display(), doc + 1);
         for (path, entry) in &self.files {
             errors.extend(entry.errors.iter().cloned());
             for (doc, object) in &entry.objects {
-                let origin = format!("{} (document {})", path.display(), doc + 1);
                 let (kind, meta) = match object {
                     Object::Ingress(o) => ("Ingress", &o.metadata),
                     Object::Service(o) => ("Service", &o.metadata),
@@ -94,18 +95,20 @@ impl FolderScan {
                     Object::Secret(o) => ("Secret", &o.metadata),
                     Object::Other { .. } => continue,
                 };
-                let id = (kind, meta.namespace.clone(), meta.name.clone());
-                if let Some(first) = defined_at.get(&id) {
+                let id = (kind, meta.namespace.as_str(), meta.name.as_str());
+                if let Some((first_path, first_doc)) = defined_at.get(&id) {
                     errors.push(SourceError {
-                        origin,
+                        origin: origin(path, *doc),
                         message: format!(
-                            "{kind} {}/{} is already defined in {first}; this copy is ignored",
-                            meta.namespace, meta.name
+                            "{kind} {}/{} is already defined in {}; this copy is ignored",
+                            meta.namespace,
+                            meta.name,
+                            origin(first_path, *first_doc)
                         ),
                     });
                     continue;
                 }
-                defined_at.insert(id, origin);
+                defined_at.insert(id, (path.as_path(), *doc));
                 let key = (meta.namespace.clone(), meta.name.clone());
                 match object.clone() {
                     Object::Ingress(o) => {
