@@ -117,6 +117,26 @@ fn clusters_warm(
                 .all(|r| sub.covers(&r.name) && acked.get(&r.name) == Some(&r.version)))
 }
 
+/// Notes the node id from the first request that carries one (Envoy sends it only once), and whether
+/// the request names a type at all.
+fn accept_request(
+    node: &mut String,
+    from: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
+    type_url: &str,
+) -> bool {
+    if let Some(n) = from
+        && node.is_empty()
+    {
+        *node = n.id.clone();
+        tracing::info!(node = %node, "node identified");
+    }
+    if type_url.is_empty() {
+        tracing::warn!("ignoring a request without type_url");
+        return false;
+    }
+    true
+}
+
 /// What xDS status the controller sees: how far the connected Envoys have come.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ConfigStatus {
@@ -637,15 +657,8 @@ impl XdsStream for SotwStream {
         snap: &Snapshot,
         out: &mut Vec<DiscoveryResponse>,
     ) {
-        if let Some(node) = &req.node
-            && self.node.is_empty()
-        {
-            self.node = node.id.clone();
-            tracing::info!(node = self.node, "node identified");
-        }
         let type_url = req.type_url.as_str();
-        if type_url.is_empty() {
-            tracing::warn!("ignoring a request without type_url");
+        if !accept_request(&mut self.node, req.node.as_ref(), type_url) {
             return;
         }
         let Some(st) = self.types.get_mut(type_url) else {
@@ -883,15 +896,8 @@ impl XdsStream for DeltaStream {
         snap: &Snapshot,
         out: &mut Vec<DeltaDiscoveryResponse>,
     ) {
-        if let Some(node) = &req.node
-            && self.node.is_empty()
-        {
-            self.node = node.id.clone();
-            tracing::info!(node = self.node, "node identified");
-        }
         let type_url = req.type_url.as_str();
-        if type_url.is_empty() {
-            tracing::warn!("ignoring a request without type_url");
+        if !accept_request(&mut self.node, req.node.as_ref(), type_url) {
             return;
         }
         let first = !self.types.contains_key(type_url);
