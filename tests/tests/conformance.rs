@@ -260,6 +260,33 @@ async fn grpc_suffix(stream: &mut sluice_e2e::GrpcStream, i: usize) -> String {
     suffix.trim().to_string()
 }
 
+/// Backends `<kind>-blue` and `<kind>-green` (port named `port_name`) behind a Ready 50/50 split on
+/// host `<kind>-split.example.com`, which it returns.
+async fn blue_green_split(
+    sluice: &mut Sluice,
+    kind: &str,
+    port_name: &str,
+    blue_port: u16,
+    green_port: u16,
+) -> String {
+    let (blue, green) = (format!("{kind}-blue"), format!("{kind}-green"));
+    for (name, port) in [(&blue, blue_port), (&green, green_port)] {
+        sluice
+            .apply_backend(NS, name, port_name, port)
+            .expect("backend objects");
+    }
+    let host = format!("{kind}-split.example.com");
+    let ingress = Ingress::new(NS, &format!("{kind}-split")).rule(
+        Rule::external(&[&host]).path(
+            Path::any()
+                .split(Split::to(&blue, SERVICE_PORT).percent(50))
+                .split(Split::to(&green, SERVICE_PORT).percent(50)),
+        ),
+    );
+    create_ingress_ready(sluice, &ingress).await;
+    host
+}
+
 /// grpc/split: gRPC streams through a 50/50 split reach both backends; each stream stays on its
 /// backend for 10 round trips.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,33 +296,15 @@ async fn grpc_split() {
     let green = GrpcEchoServer::start("- green")
         .await
         .expect("gRPC backend");
-    sluice
-        .apply_backend(NS, "grpc-blue", "h2c", blue.port())
-        .expect("backend objects");
-    sluice
-        .apply_backend(NS, "grpc-green", "h2c", green.port())
-        .expect("backend objects");
-    let host = "grpc-split.example.com";
-    let ingress = Ingress::new(NS, "grpc-split").rule(
-        Rule::external(&[host]).path(
-            Path::any()
-                .split(Split::to("grpc-blue", SERVICE_PORT).percent(50))
-                .split(Split::to("grpc-green", SERVICE_PORT).percent(50)),
-        ),
-    );
-    create_ingress_ready(&mut sluice, &ingress).await;
-
-    let want: BTreeSet<String> = ["- blue", "- green"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let host = blue_green_split(&mut sluice, "grpc", "h2c", blue.port(), green.port()).await;
+    let want: BTreeSet<String> = ["- blue", "- green"].map(String::from).into();
     let mut got = BTreeSet::new();
     let mut client = GrpcClient::connect(sluice.external())
         .await
         .expect("h2c to the gateway");
     for i in 0..100 {
         let mut stream = client
-            .stream(host, PING_STREAM_PATH)
+            .stream(&host, PING_STREAM_PATH)
             .await
             .expect("PingStream");
         let suffix = grpc_suffix(&mut stream, i).await;
@@ -1087,29 +1096,11 @@ async fn websocket_split() {
     let green = WebsocketEchoServer::start("- green")
         .await
         .expect("websocket backend");
-    sluice
-        .apply_backend(NS, "websocket-blue", "http", blue.port())
-        .expect("backend objects");
-    sluice
-        .apply_backend(NS, "websocket-green", "http", green.port())
-        .expect("backend objects");
-    let host = "websocket-split.example.com";
-    let ingress = Ingress::new(NS, "websocket-split").rule(
-        Rule::external(&[host]).path(
-            Path::any()
-                .split(Split::to("websocket-blue", SERVICE_PORT).percent(50))
-                .split(Split::to("websocket-green", SERVICE_PORT).percent(50)),
-        ),
-    );
-    create_ingress_ready(&mut sluice, &ingress).await;
-
-    let want: BTreeSet<String> = ["- blue", "- green"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let host = blue_green_split(&mut sluice, "websocket", "http", blue.port(), green.port()).await;
+    let want: BTreeSet<String> = ["- blue", "- green"].map(String::from).into();
     let mut got = BTreeSet::new();
     for i in 0..100 {
-        let mut client = WebsocketClient::connect(sluice.external(), host, "/")
+        let mut client = WebsocketClient::connect(sluice.external(), &host, "/")
             .await
             .unwrap_or_else(|e| panic!("dial {i}: {e:#}"));
         let msg = format!("ping -{i}");
