@@ -152,3 +152,14 @@ pub struct Secret {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub string_data: BTreeMap<String, String>,
 }
+
+/// core/v1 ConfigMap: Knative's configuration (`config-autoscaler`, `config-network`, `config-domain`,
+/// `config-defaults` in namespace knative-serving).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMap {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub data: BTreeMap<String, String>,
+}

@@ -3,11 +3,14 @@
 //! Only serde types, Knative's defaulting and validation, and shared names live here: nothing about
 //! Envoy, processes or I/O.
 
+pub mod autoscaling;
 pub mod core;
+pub mod eventing;
 pub mod ingress;
 pub mod meta;
 pub mod objects;
 pub mod probe;
+pub mod serving;
 pub mod validation;
 
 pub use ingress::Ingress;

@@ -7,9 +7,11 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
-use crate::core::{EndpointSlice, Endpoints, Secret, Service};
+use crate::core::{ConfigMap, EndpointSlice, Endpoints, Secret, Service};
+use crate::eventing::{self, Broker, PingSource, Trigger};
 use crate::ingress::{self, Ingress};
 use crate::meta::ObjectMeta;
+use crate::serving::{self, Configuration, Revision, Route};
 
 /// Kubernetes: an object without a namespace lives in "default".
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -22,6 +24,15 @@ pub enum Object {
     Endpoints(Endpoints),
     EndpointSlice(EndpointSlice),
     Secret(Secret),
+    ConfigMap(ConfigMap),
+    /// serving.knative.dev/v1 Service (named apart from core/v1 Service).
+    KnativeService(serving::Service),
+    Configuration(Configuration),
+    Revision(Revision),
+    Route(Route),
+    Broker(Broker),
+    Trigger(Trigger),
+    PingSource(PingSource),
     /// A kind Sluice does not read; kept so callers can say what they skipped.
     Other {
         api_version: String,
@@ -31,6 +42,27 @@ pub enum Object {
 }
 
 impl Object {
+    /// The object's kind as written in YAML (`KnativeService` is "Service" of serving.knative.dev), or
+    /// None for a kind Sluice does not read.
+    pub fn kind(&self) -> Option<&'static str> {
+        Some(match self {
+            Object::Ingress(_) => "Ingress",
+            Object::Service(_) => "Service",
+            Object::Endpoints(_) => "Endpoints",
+            Object::EndpointSlice(_) => "EndpointSlice",
+            Object::Secret(_) => "Secret",
+            Object::ConfigMap(_) => "ConfigMap",
+            Object::KnativeService(_) => "Service.serving.knative.dev",
+            Object::Configuration(_) => "Configuration",
+            Object::Revision(_) => "Revision",
+            Object::Route(_) => "Route",
+            Object::Broker(_) => "Broker",
+            Object::Trigger(_) => "Trigger",
+            Object::PingSource(_) => "PingSource",
+            Object::Other { .. } => return None,
+        })
+    }
+
     /// The object's metadata, for the kinds Sluice reads.
     pub fn metadata(&self) -> Option<&ObjectMeta> {
         match self {
@@ -39,6 +71,14 @@ impl Object {
             Object::Endpoints(o) => Some(&o.metadata),
             Object::EndpointSlice(o) => Some(&o.metadata),
             Object::Secret(o) => Some(&o.metadata),
+            Object::ConfigMap(o) => Some(&o.metadata),
+            Object::KnativeService(o) => Some(&o.metadata),
+            Object::Configuration(o) => Some(&o.metadata),
+            Object::Revision(o) => Some(&o.metadata),
+            Object::Route(o) => Some(&o.metadata),
+            Object::Broker(o) => Some(&o.metadata),
+            Object::Trigger(o) => Some(&o.metadata),
+            Object::PingSource(o) => Some(&o.metadata),
             Object::Other { .. } => None,
         }
     }
@@ -144,6 +184,18 @@ fn parse_document(
         ("v1", "Service") => Object::Service(typed_object(document, typed)?),
         ("v1", "Endpoints") => Object::Endpoints(typed_object(document, typed)?),
         ("v1", "Secret") => Object::Secret(typed_object(document, typed)?),
+        ("v1", "ConfigMap") => Object::ConfigMap(typed_object(document, typed)?),
+        (serving::API_VERSION, "Service") => Object::KnativeService(typed_object(document, typed)?),
+        (serving::API_VERSION, "Configuration") => {
+            Object::Configuration(typed_object(document, typed)?)
+        }
+        (serving::API_VERSION, "Revision") => Object::Revision(typed_object(document, typed)?),
+        (serving::API_VERSION, "Route") => Object::Route(typed_object(document, typed)?),
+        (eventing::API_VERSION, "Broker") => Object::Broker(typed_object(document, typed)?),
+        (eventing::API_VERSION, "Trigger") => Object::Trigger(typed_object(document, typed)?),
+        (eventing::SOURCES_API_VERSION, "PingSource") => {
+            Object::PingSource(typed_object(document, typed)?)
+        }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             Object::EndpointSlice(typed_object(document, typed)?)
         }
@@ -210,6 +262,14 @@ fn finish_metadata(document: usize, mut object: Object) -> Result<Object, ParseE
         Object::Endpoints(o) => &mut o.metadata,
         Object::EndpointSlice(o) => &mut o.metadata,
         Object::Secret(o) => &mut o.metadata,
+        Object::ConfigMap(o) => &mut o.metadata,
+        Object::KnativeService(o) => &mut o.metadata,
+        Object::Configuration(o) => &mut o.metadata,
+        Object::Revision(o) => &mut o.metadata,
+        Object::Route(o) => &mut o.metadata,
+        Object::Broker(o) => &mut o.metadata,
+        Object::Trigger(o) => &mut o.metadata,
+        Object::PingSource(o) => &mut o.metadata,
         Object::Other { .. } => return Ok(object),
     };
     if meta.name.is_empty() {
@@ -436,7 +496,7 @@ data: {{tls.crt: Y3J0, tls.key: a2V5}}
     #[test]
     fn other_kinds_are_kept_by_name() {
         let all = parse_documents(
-            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n---\napiVersion: v1\nkind: ConfigMap\n",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n---\napiVersion: v1\nkind: PersistentVolume\n",
         );
         assert_eq!(
             all,
@@ -448,7 +508,7 @@ data: {{tls.crt: Y3J0, tls.key: a2V5}}
                 }),
                 Ok(Object::Other {
                     api_version: "v1".into(),
-                    kind: "ConfigMap".into(),
+                    kind: "PersistentVolume".into(),
                     name: String::new()
                 }),
             ]

@@ -83,17 +83,13 @@ impl FolderScan {
         // Where each object was first defined, to name both files when one is defined twice.
         // (Origins are formatted only when reported: this runs over every object on every change.)
         let mut defined_at: BTreeMap<(&'static str, &str, &str), (&Path, usize)> = BTreeMap::new();
+        let mut snapshot_objects = Vec::new();
         let origin = |path: &Path, doc: usize| format!("{} (document {})", path.display(), doc + 1);
         for (path, entry) in &self.files {
             errors.extend(entry.errors.iter().cloned());
             for (doc, object) in &entry.objects {
-                let (kind, meta) = match object {
-                    Object::Ingress(o) => ("Ingress", &o.metadata),
-                    Object::Service(o) => ("Service", &o.metadata),
-                    Object::Endpoints(o) => ("Endpoints", &o.metadata),
-                    Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
-                    Object::Secret(o) => ("Secret", &o.metadata),
-                    Object::Other { .. } => continue,
+                let (Some(kind), Some(meta)) = (object.kind(), object.metadata()) else {
+                    continue;
                 };
                 let id = (kind, meta.namespace.as_str(), meta.name.as_str());
                 if let Some((first_path, first_doc)) = defined_at.get(&id) {
@@ -127,10 +123,15 @@ impl FolderScan {
                         state.secrets.insert(key, o);
                     }
                     Object::Other { .. } => {}
+                    other => snapshot_objects.push(other),
                 }
             }
         }
-        SourceSnapshot { state, errors }
+        SourceSnapshot {
+            state,
+            errors,
+            objects: snapshot_objects,
+        }
     }
 }
 

@@ -404,7 +404,11 @@ impl KubeState {
         self.endpoint_slices
             .collect(&mut state.endpoint_slices, &mut errors);
         self.secrets.collect(&mut state.secrets, &mut errors);
-        SourceSnapshot { state, errors }
+        SourceSnapshot {
+            state,
+            errors,
+            objects: Vec::new(),
+        }
     }
 }
 

@@ -6,7 +6,7 @@ pub mod kube;
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
-use sluice_api::Ingress;
+use sluice_api::{Ingress, Object};
 
 use crate::state::ClusterState;
 
@@ -16,6 +16,9 @@ use crate::state::ClusterState;
 pub struct SourceSnapshot {
     pub state: ClusterState,
     pub errors: Vec<SourceError>,
+    /// Objects of kinds the xds-server does not translate itself (Knative Serving and Eventing objects,
+    /// ConfigMaps), for the controllers that do; a folder reads them, Kubernetes does not yet.
+    pub objects: Vec<Object>,
 }
 
 /// A problem with one file or object, naming it (`origin`: a file path with document index, or

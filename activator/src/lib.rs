@@ -1,0 +1,1 @@
+//! Buffers requests for revisions without capacity, pokes the autoscaler, throttles per revision

@@ -1,0 +1,1 @@
+//! Knative's KPA as a pure library, metric scraping from Envoy, and the scaler trait

@@ -1,0 +1,1 @@
+//! Broker ingress, trigger dispatch and delivery, replies and PingSource

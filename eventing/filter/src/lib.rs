@@ -1,0 +1,1 @@
+//! Trigger filters: attributes exact match, the filters dialects and CESQL

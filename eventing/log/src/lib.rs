@@ -1,0 +1,1 @@
+//! The broker's durable, segmented, append-only event log with consumer offsets

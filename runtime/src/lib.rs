@@ -1,0 +1,1 @@
+//! Runs revision instances as local processes: spawn, readiness, stop, restart, logs
