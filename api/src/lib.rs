@@ -6,6 +6,7 @@
 pub mod autoscaling;
 pub mod core;
 pub mod eventing;
+pub mod filters;
 pub mod ingress;
 pub mod meta;
 pub mod objects;

@@ -1,27 +1,1275 @@
-//! serving.knative.dev/v1: Service, Configuration, Revision and Route.
+//! serving.knative.dev/v1: Service, Configuration, Revision and Route, with Knative's defaulting and
+//! validation (knative/serving pkg/apis/serving/v1 `*_defaults.go`, `*_validation.go` and
+//! pkg/apis/serving/k8s_validation.go).
 //!
-//! PLACEHOLDER types (metadata plus an untyped spec) until the serving types are written out.
+//! Field order and names follow Knative's Go structs so `sluice status -o json` prints what `kubectl get
+//! -o json` would. Sluice runs each revision as a local process, so it is stricter than Knative in a few
+//! places, each marked `// Sluice:`: one container per revision, `command` required, no `valueFrom` /
+//! `envFrom` / `initContainers`.
+//!
+//! Unknown fields: the Knative-owned levels (ServiceSpec, ConfigurationSpec, RevisionTemplateSpec,
+//! RouteSpec, TrafficTarget) reject them as Knative's webhook does; the PodSpec and Container levels
+//! accept and ignore real Kubernetes fields Sluice has no use for (volumes, securityContext,
+//! resources, ...), so ordinary Knative YAML reads without edits.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::meta::ObjectMeta;
+use crate::ingress::IntOrString;
+use crate::meta::{ObjectMeta, Status};
+use crate::validation::{FieldError, ValidationError};
 
 pub const API_VERSION: &str = "serving.knative.dev/v1";
 
-macro_rules! placeholder {
-    ($name:ident) => {
-        #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+// Knative's label keys (pkg/apis/serving/register.go).
+/// On a Configuration, Route, Revision: the Service that owns it.
+pub const SERVICE_LABEL: &str = "serving.knative.dev/service";
+/// On a Revision: its Configuration.
+pub const CONFIGURATION_LABEL: &str = "serving.knative.dev/configuration";
+/// On a Revision: the Configuration generation it was created for.
+pub const CONFIGURATION_GENERATION_LABEL: &str = "serving.knative.dev/configurationGeneration";
+/// On a Revision's core/v1 Service and on the KIngress: the Revision / the Route.
+pub const REVISION_LABEL: &str = "serving.knative.dev/revision";
+pub const ROUTE_LABEL: &str = "serving.knative.dev/route";
+pub const ROUTE_NAMESPACE_LABEL: &str = "serving.knative.dev/routeNamespace";
+/// Knative networking: `networking.knative.dev/visibility: cluster-local` keeps a Route off the
+/// external gateway.
+pub const VISIBILITY_LABEL: &str = "networking.knative.dev/visibility";
+pub const VISIBILITY_CLUSTER_LOCAL: &str = "cluster-local";
+
+// Condition types.
+pub const CONDITION_READY: &str = "Ready";
+pub const SERVICE_CONFIGURATIONS_READY: &str = "ConfigurationsReady";
+pub const SERVICE_ROUTES_READY: &str = "RoutesReady";
+pub const REVISION_RESOURCES_AVAILABLE: &str = "ResourcesAvailable";
+pub const REVISION_CONTAINER_HEALTHY: &str = "ContainerHealthy";
+pub const REVISION_ACTIVE: &str = "Active";
+pub const ROUTE_ALL_TRAFFIC_ASSIGNED: &str = "AllTrafficAssigned";
+pub const ROUTE_INGRESS_READY: &str = "IngressReady";
+pub const ROUTE_CERTIFICATE_PROVISIONED: &str = "CertificateProvisioned";
+
+/// Knative: `PORT`, `K_SERVICE`, `K_CONFIGURATION` and `K_REVISION` are set by Serving itself.
+pub const RESERVED_ENV_VARS: [&str; 4] = ["PORT", "K_SERVICE", "K_CONFIGURATION", "K_REVISION"];
+/// Knative: ports the queue-proxy uses (8012, 8013, 8022, 9090, 9091) cannot be the user's.
+pub const RESERVED_PORTS: [i32; 5] = [8012, 8013, 8022, 9090, 9091];
+/// Knative: the default name of the serving container.
+pub const DEFAULT_CONTAINER_NAME: &str = "user-container";
+/// Container port names Knative accepts: `http1` (the default) or `h2c`.
+pub const PORT_NAME_HTTP1: &str = "http1";
+pub const PORT_NAME_H2C: &str = "h2c";
+
+macro_rules! knative_object {
+    ($name:ident, $kind:literal, $spec:ty, $status:ty) => {
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         #[serde(rename_all = "camelCase")]
         pub struct $name {
+            #[serde(default = "api_version")]
+            pub api_version: String,
+            #[serde(default = $kind)]
+            pub kind: String,
             #[serde(default)]
             pub metadata: ObjectMeta,
             #[serde(default)]
-            pub spec: serde_json::Value,
+            pub spec: $spec,
+            #[serde(default)]
+            pub status: $status,
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name {
+                    api_version: api_version(),
+                    kind: stringify!($name).to_string(),
+                    metadata: ObjectMeta::default(),
+                    spec: Default::default(),
+                    status: Default::default(),
+                }
+            }
         }
     };
 }
 
-placeholder!(Service);
-placeholder!(Configuration);
-placeholder!(Revision);
-placeholder!(Route);
+fn api_version() -> String {
+    API_VERSION.to_string()
+}
+fn kind_service() -> String {
+    "Service".to_string()
+}
+fn kind_configuration() -> String {
+    "Configuration".to_string()
+}
+fn kind_revision() -> String {
+    "Revision".to_string()
+}
+fn kind_route() -> String {
+    "Route".to_string()
+}
+
+knative_object!(Service, "kind_service", ServiceSpec, ServiceStatus);
+knative_object!(
+    Configuration,
+    "kind_configuration",
+    ConfigurationSpec,
+    ConfigurationStatus
+);
+knative_object!(Revision, "kind_revision", RevisionSpec, RevisionStatus);
+knative_object!(Route, "kind_route", RouteSpec, RouteStatus);
+
+/// A Service's spec: Knative inlines ConfigurationSpec (`template`) and RouteSpec (`traffic`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceSpec {
+    #[serde(default)]
+    pub template: RevisionTemplateSpec,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traffic: Vec<TrafficTarget>,
+}
+
+impl ServiceSpec {
+    pub fn configuration_spec(&self) -> ConfigurationSpec {
+        ConfigurationSpec {
+            template: self.template.clone(),
+        }
+    }
+    pub fn route_spec(&self) -> RouteSpec {
+        RouteSpec {
+            traffic: self.traffic.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigurationSpec {
+    #[serde(default)]
+    pub template: RevisionTemplateSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RevisionTemplateSpec {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: RevisionSpec,
+}
+
+/// Knative's RevisionSpec: a core/v1 PodSpec inlined, plus Knative's own fields.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub containers: Vec<Container>,
+    /// Sluice: refused (a local process has no init step).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_containers: Vec<serde_json::Value>,
+    /// Accepted and ignored: a local process sees the host's filesystem.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service_account_name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_service_links: Option<bool>,
+    /// Knative: 0 means unlimited; 1..=container-concurrency-max-limit otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_concurrency: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_start_timeout_seconds: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_seconds: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Not needed by Sluice (the process is `command`), kept for the shape.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub working_dir: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ContainerPort>,
+    /// Sluice: refused (no Secrets or ConfigMaps to read from).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_from: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Accepted and ignored: a local process is not resource-limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_probe: Option<Probe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<Probe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_probe: Option<Probe>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image_pull_policy: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    /// `http1` (default) or `h2c`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(default)]
+    pub container_port: i32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvVar {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub value: String,
+    /// Sluice: refused (secretKeyRef / configMapKeyRef / fieldRef need a cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<serde_json::Value>,
+}
+
+/// core/v1 Probe.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Probe {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecAction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_get: Option<HttpGetAction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_socket: Option<TcpSocketAction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcAction>,
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub initial_delay_seconds: i32,
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub timeout_seconds: i32,
+    /// Knative: 0 on a readinessProbe means "probe aggressively" (the queue-proxy retries every
+    /// few milliseconds until ready).
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub period_seconds: i32,
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub success_threshold: i32,
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub failure_threshold: i32,
+}
+
+fn is_zero32(v: &i32) -> bool {
+    *v == 0
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecAction {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpGetAction {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub path: String,
+    /// Knative: unset or the container port; the probe goes to the process's PORT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<IntOrString>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
+    /// HTTP (default) or HTTPS.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub scheme: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_headers: Vec<HttpHeader>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpHeader {
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpSocketAction {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<IntOrString>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcAction {
+    #[serde(default)]
+    pub port: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traffic: Vec<TrafficTarget>,
+}
+
+/// Knative's TrafficTarget, used both in spec (what the user asks) and status (what is routed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficTarget {
+    /// Gives the target its own host `<tag>-<route>.<namespace>.<domain>` (config-network tag-template).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tag: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub revision_name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub configuration_name: String,
+    /// True: float to the configuration's latest ready revision. Defaulted to `revisionName == ""`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_revision: Option<bool>,
+    /// Unset means 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<i64>,
+    /// Status only: the tag's URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+/// duckv1.Addressable.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Addressable {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigurationStatus {
+    #[serde(flatten)]
+    pub status: Status,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub latest_ready_revision_name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub latest_created_revision_name: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteStatus {
+    #[serde(flatten)]
+    pub status: Status,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Addressable>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traffic: Vec<TrafficTarget>,
+}
+
+/// Knative's ServiceStatus: duck Status + ConfigurationStatusFields + RouteStatusFields.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    #[serde(flatten)]
+    pub status: Status,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub latest_ready_revision_name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub latest_created_revision_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Addressable>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traffic: Vec<TrafficTarget>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionStatus {
+    #[serde(flatten)]
+    pub status: Status,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub container_statuses: Vec<ContainerStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actual_replicas: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerStatus {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image_digest: String,
+}
+
+/// Knative's config-defaults values that defaulting and validation read (pkg/apis/config/defaults.go).
+/// The serving crate parses them from the ConfigMap; [`Defaults::default`] is Knative's defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Defaults {
+    /// `revision-timeout-seconds`: 300.
+    pub revision_timeout_seconds: i64,
+    /// `max-revision-timeout-seconds`: 600.
+    pub max_revision_timeout_seconds: i64,
+    /// `revision-response-start-timeout-seconds`: defaults to revision-timeout-seconds.
+    pub revision_response_start_timeout_seconds: i64,
+    /// `revision-idle-timeout-seconds`: 0 (none).
+    pub revision_idle_timeout_seconds: i64,
+    /// `container-concurrency`: 0 (unlimited).
+    pub container_concurrency: i64,
+    /// `container-concurrency-max-limit`: 1000.
+    pub container_concurrency_max_limit: i64,
+    /// `allow-container-concurrency-zero`: true.
+    pub allow_container_concurrency_zero: bool,
+    /// `container-name-template`: "user-container" (Sluice supports only a literal name).
+    pub container_name: String,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            revision_timeout_seconds: 300,
+            max_revision_timeout_seconds: 600,
+            revision_response_start_timeout_seconds: 300,
+            revision_idle_timeout_seconds: 0,
+            container_concurrency: 0,
+            container_concurrency_max_limit: 1000,
+            allow_container_concurrency_zero: true,
+            container_name: DEFAULT_CONTAINER_NAME.to_string(),
+        }
+    }
+}
+
+/// The transport between the gateway and a revision's process, from its container port's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    H2c,
+}
+
+impl RevisionSpec {
+    /// Knative's RevisionSpec.SetDefaults (revision_defaults.go): timeoutSeconds and
+    /// containerConcurrency from config-defaults, the container name, a TCP readiness probe with
+    /// successThreshold 1.
+    pub fn set_defaults(&mut self, d: &Defaults) {
+        if self.timeout_seconds.is_none_or(|t| t == 0) {
+            self.timeout_seconds = Some(d.revision_timeout_seconds);
+        }
+        if self.container_concurrency.is_none() {
+            self.container_concurrency = Some(d.container_concurrency);
+        }
+        let many = self.containers.len() > 1;
+        for (i, c) in self.containers.iter_mut().enumerate() {
+            if c.name.is_empty() {
+                c.name = if many {
+                    format!("{}-{i}", d.container_name)
+                } else {
+                    d.container_name.clone()
+                };
+            }
+            if !many || !c.ports.is_empty() {
+                let probe = c.readiness_probe.get_or_insert_with(Probe::default);
+                if probe.tcp_socket.is_none()
+                    && probe.http_get.is_none()
+                    && probe.exec.is_none()
+                    && probe.grpc.is_none()
+                {
+                    probe.tcp_socket = Some(TcpSocketAction::default());
+                }
+                if probe.success_threshold == 0 {
+                    probe.success_threshold = 1;
+                }
+            }
+        }
+    }
+
+    /// Knative's `GetContainerConcurrency`: unset means 0 (unlimited).
+    pub fn container_concurrency(&self) -> i64 {
+        self.container_concurrency.unwrap_or(0)
+    }
+
+    /// Knative's Revision.GetProtocol: h2c when the serving container's port is named `h2c`.
+    pub fn protocol(&self) -> Protocol {
+        let named_h2c = self
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.first())
+            .any(|p| p.name == PORT_NAME_H2C);
+        if named_h2c {
+            Protocol::H2c
+        } else {
+            Protocol::Http1
+        }
+    }
+
+    fn validate(&self, at: &str, d: &Defaults, v: &mut Errors) {
+        // Sluice: one container, run as a local process.
+        match self.containers.as_slice() {
+            [] => v.missing(format!("{at}.containers")),
+            [c] => c.validate(&format!("{at}.containers[0]"), v),
+            [first, ..] => {
+                v.push(
+                    format!("{at}.containers"),
+                    format!(
+                        "sluice runs one container per revision as a local process; \
+                         multi-container revisions (sidecars) are not supported, found {}",
+                        self.containers.len()
+                    ),
+                );
+                first.validate(&format!("{at}.containers[0]"), v);
+            }
+        }
+        if !self.init_containers.is_empty() {
+            v.push(
+                format!("{at}.initContainers"),
+                "not supported by sluice (each revision is a local process)",
+            );
+        }
+        if let Some(t) = self.timeout_seconds {
+            // Knative: 0 means the default; otherwise 0..=max-revision-timeout-seconds.
+            if t != 0 && !(0..=d.max_revision_timeout_seconds).contains(&t) {
+                v.out_of_bounds(
+                    format!("{at}.timeoutSeconds"),
+                    t,
+                    0,
+                    d.max_revision_timeout_seconds,
+                );
+            }
+        }
+        for (field, value) in [
+            (
+                "responseStartTimeoutSeconds",
+                self.response_start_timeout_seconds,
+            ),
+            ("idleTimeoutSeconds", self.idle_timeout_seconds),
+        ] {
+            if let Some(t) = value
+                && !(0..=d.max_revision_timeout_seconds).contains(&t)
+            {
+                v.out_of_bounds(
+                    format!("{at}.{field}"),
+                    t,
+                    0,
+                    d.max_revision_timeout_seconds,
+                );
+            }
+        }
+        if let Some(cc) = self.container_concurrency {
+            // Knative: serving.ValidateContainerConcurrency.
+            let min = if d.allow_container_concurrency_zero {
+                0
+            } else {
+                1
+            };
+            if cc < min || cc > d.container_concurrency_max_limit {
+                v.out_of_bounds(
+                    format!("{at}.containerConcurrency"),
+                    cc,
+                    min,
+                    d.container_concurrency_max_limit,
+                );
+            }
+        }
+    }
+}
+
+impl Container {
+    fn validate(&self, at: &str, v: &mut Errors) {
+        // Sluice: the process to run is the container's command.
+        if self.command.is_empty() || self.command[0].is_empty() {
+            v.push(
+                format!("{at}.command"),
+                "required: sluice runs each revision as a local process \
+                 (the container's command and args, with PORT set)",
+            );
+        }
+        for (i, env) in self.env.iter().enumerate() {
+            let here = format!("{at}.env[{i}]");
+            if env.name.is_empty() {
+                v.missing(format!("{here}.name"));
+            } else if RESERVED_ENV_VARS.contains(&env.name.as_str()) {
+                v.push(
+                    format!("{here}.name"),
+                    format!("{:?} is a reserved environment variable", env.name),
+                );
+            }
+            if env.value_from.is_some() {
+                v.push(
+                    format!("{here}.valueFrom"),
+                    "not supported by sluice (no Secrets, ConfigMaps or pod fields to read); \
+                     give the value inline",
+                );
+            }
+        }
+        if !self.env_from.is_empty() {
+            v.push(
+                format!("{at}.envFrom"),
+                "not supported by sluice (no Secrets or ConfigMaps to read); list env values inline",
+            );
+        }
+        // Knative: at most one port, named http1 or h2c, not a queue-proxy port.
+        if self.ports.len() > 1 {
+            v.push(
+                format!("{at}.ports"),
+                "more than one container port is not supported",
+            );
+        }
+        for (i, p) in self.ports.iter().enumerate() {
+            let here = format!("{at}.ports[{i}]");
+            if !p.name.is_empty() && p.name != PORT_NAME_HTTP1 && p.name != PORT_NAME_H2C {
+                v.push(
+                    format!("{here}.name"),
+                    format!(
+                        "invalid value: {:?}, want {PORT_NAME_HTTP1:?} or {PORT_NAME_H2C:?}",
+                        p.name
+                    ),
+                );
+            }
+            if p.container_port != 0 && !(1..=65535).contains(&p.container_port) {
+                v.out_of_bounds(
+                    format!("{here}.containerPort"),
+                    p.container_port.into(),
+                    1,
+                    65535,
+                );
+            } else if RESERVED_PORTS.contains(&p.container_port) {
+                v.push(
+                    format!("{here}.containerPort"),
+                    format!("{} is a reserved port", p.container_port),
+                );
+            }
+            if !p.protocol.is_empty() && p.protocol != "TCP" {
+                v.push(
+                    format!("{here}.protocol"),
+                    format!("invalid value: {:?}, want \"TCP\"", p.protocol),
+                );
+            }
+        }
+        for (name, probe) in [
+            ("readinessProbe", &self.readiness_probe),
+            ("livenessProbe", &self.liveness_probe),
+            ("startupProbe", &self.startup_probe),
+        ] {
+            if let Some(p) = probe {
+                p.validate(&format!("{at}.{name}"), v);
+            }
+        }
+    }
+}
+
+impl Probe {
+    fn validate(&self, at: &str, v: &mut Errors) {
+        let handlers = [
+            self.exec.is_some(),
+            self.http_get.is_some(),
+            self.tcp_socket.is_some(),
+            self.grpc.is_some(),
+        ];
+        // Knative: a probe may have at most one handler (defaulting adds tcpSocket when none).
+        if handlers.iter().filter(|h| **h).count() > 1 {
+            v.push(
+                at.to_string(),
+                "expected exactly one, got multiple: exec, grpc, httpGet, tcpSocket",
+            );
+        }
+        for (field, value, min) in [
+            ("initialDelaySeconds", self.initial_delay_seconds, 0),
+            ("timeoutSeconds", self.timeout_seconds, 0),
+            ("periodSeconds", self.period_seconds, 0),
+            ("successThreshold", self.success_threshold, 0),
+            ("failureThreshold", self.failure_threshold, 0),
+        ] {
+            if value < min {
+                v.push(
+                    format!("{at}.{field}"),
+                    format!("invalid value: {value}, must be >= {min}"),
+                );
+            }
+        }
+        if let Some(h) = &self.http_get
+            && !h.scheme.is_empty()
+            && h.scheme != "HTTP"
+            && h.scheme != "HTTPS"
+        {
+            v.push(
+                format!("{at}.httpGet.scheme"),
+                format!("invalid value: {:?}, want \"HTTP\" or \"HTTPS\"", h.scheme),
+            );
+        }
+        if let Some(e) = &self.exec
+            && e.command.is_empty()
+        {
+            v.missing(format!("{at}.exec.command"));
+        }
+    }
+}
+
+impl RevisionTemplateSpec {
+    /// Knative's RevisionTemplateSpec.Validate: the spec, and a brought-your-own name that is a
+    /// DNS-1035 label prefixed with `<parent>-`.
+    fn validate(&self, at: &str, parent: &str, d: &Defaults, v: &mut Errors) {
+        self.spec.validate(&format!("{at}.spec"), d, v);
+        let name = &self.metadata.name;
+        if !name.is_empty() {
+            if let Err(why) = dns1035_label(name) {
+                v.push(
+                    format!("{at}.metadata.name"),
+                    format!("invalid value: not a DNS 1035 label: {why}"),
+                );
+            } else if !name.starts_with(&format!("{parent}-")) {
+                v.push(
+                    format!("{at}.metadata.name"),
+                    format!("invalid value: {name:?} must have prefix \"{parent}-\""),
+                );
+            }
+        }
+    }
+}
+
+impl TrafficTarget {
+    /// Knative's TrafficTarget.SetDefaults: latestRevision defaults to "no revisionName given".
+    pub fn set_defaults(&mut self) {
+        if self.latest_revision.is_none() {
+            self.latest_revision = Some(self.revision_name.is_empty());
+        }
+    }
+
+    /// Whether this target floats to the latest ready revision of its configuration.
+    pub fn is_latest(&self) -> bool {
+        self.latest_revision
+            .unwrap_or(self.revision_name.is_empty())
+    }
+}
+
+impl RouteSpec {
+    /// Knative's RouteSpec.SetDefaults; with `default_configuration` (a Service's own Route) an empty
+    /// traffic list becomes 100% to the latest revision of that configuration.
+    pub fn set_defaults(&mut self, default_configuration: Option<&str>) {
+        if self.traffic.is_empty() && default_configuration.is_some() {
+            self.traffic = vec![TrafficTarget {
+                percent: Some(100),
+                latest_revision: Some(true),
+                ..Default::default()
+            }];
+        }
+        for t in &mut self.traffic {
+            t.set_defaults();
+        }
+    }
+
+    /// Knative's validateTrafficList (route_validation.go). `default_configuration` is set for a
+    /// Service, where `configurationName` is implied and may not be given.
+    fn validate(&self, at: &str, default_configuration: bool, v: &mut Errors) {
+        let mut sum: i64 = 0;
+        let mut tags: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, t) in self.traffic.iter().enumerate() {
+            let here = format!("{at}[{i}]");
+            if let Some(latest) = t.latest_revision {
+                let pinned = !t.revision_name.is_empty();
+                if pinned == latest {
+                    v.push(
+                        format!("{here}.latestRevision"),
+                        format!(
+                            "may not set revisionName {:?} when latestRevision is {latest}",
+                            t.revision_name
+                        ),
+                    );
+                }
+            }
+            if default_configuration && !t.configuration_name.is_empty() {
+                v.push(
+                    format!("{here}.configurationName"),
+                    "must not set the field(s)",
+                );
+            } else if !t.revision_name.is_empty() && !t.configuration_name.is_empty() {
+                v.push(
+                    format!("{here}.revisionName, {here}.configurationName"),
+                    "expected exactly one, got both",
+                );
+            } else if !t.revision_name.is_empty() {
+                if let Err(why) = dns1123_subdomain(&t.revision_name) {
+                    v.push(
+                        format!("{here}.revisionName"),
+                        format!("invalid key name {:?}: {why}", t.revision_name),
+                    );
+                }
+            } else if !t.configuration_name.is_empty() {
+                if let Err(why) = dns1123_subdomain(&t.configuration_name) {
+                    v.push(
+                        format!("{here}.configurationName"),
+                        format!("invalid key name {:?}: {why}", t.configuration_name),
+                    );
+                }
+            } else if !default_configuration {
+                v.push(
+                    format!("{here}.revisionName, {here}.configurationName"),
+                    "expected exactly one, got neither",
+                );
+            }
+            if let Some(p) = t.percent {
+                if !(0..=100).contains(&p) {
+                    v.out_of_bounds(format!("{here}.percent"), p, 0, 100);
+                }
+                sum += p;
+            }
+            if t.url.is_some() {
+                v.push(format!("{here}.url"), "must not set the field(s)");
+            }
+            if t.tag.is_empty() {
+                continue;
+            }
+            if let Err(why) = dns1035_label(&t.tag) {
+                v.push(
+                    format!("{here}.tag"),
+                    format!("invalid value: not a DNS 1035 label: {why}"),
+                );
+            }
+            if let Some(first) = tags.get(t.tag.as_str()) {
+                v.push(
+                    format!("{here}.tag, {at}[{first}].tag"),
+                    format!("Multiple definitions for {:?}", t.tag),
+                );
+            } else {
+                tags.insert(&t.tag, i);
+            }
+        }
+        if sum != 100 {
+            v.push(
+                at.to_string(),
+                format!("Traffic targets sum to {sum}, want 100"),
+            );
+        }
+    }
+}
+
+impl Service {
+    /// Knative's Service.SetDefaults: the template's spec and the route's traffic.
+    pub fn set_defaults(&mut self, d: &Defaults) {
+        self.spec.template.spec.set_defaults(d);
+        let mut route = self.spec.route_spec();
+        route.set_defaults(Some(&self.metadata.name));
+        self.spec.traffic = route.traffic;
+    }
+
+    /// Knative's Service.Validate with Sluice's local-process rules; call on the object as written
+    /// (before [`Service::set_defaults`]) so errors name the fields the user wrote.
+    pub fn validate(&self, d: &Defaults) -> Result<(), ValidationError> {
+        let mut v = Errors::default();
+        v.name("metadata.name", &self.metadata.name);
+        self.spec
+            .template
+            .validate("spec.template", &self.metadata.name, d, &mut v);
+        // Knative validates the defaulted traffic (an empty list means 100% latest).
+        let mut route = self.spec.route_spec();
+        route.set_defaults(Some(&self.metadata.name));
+        route.validate("spec.traffic", true, &mut v);
+        v.finish()
+    }
+}
+
+impl Configuration {
+    pub fn set_defaults(&mut self, d: &Defaults) {
+        self.spec.template.spec.set_defaults(d);
+    }
+
+    pub fn validate(&self, d: &Defaults) -> Result<(), ValidationError> {
+        let mut v = Errors::default();
+        v.name("metadata.name", &self.metadata.name);
+        self.spec
+            .template
+            .validate("spec.template", &self.metadata.name, d, &mut v);
+        v.finish()
+    }
+}
+
+impl Route {
+    pub fn set_defaults(&mut self) {
+        self.spec.set_defaults(None);
+    }
+
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        let mut v = Errors::default();
+        v.name("metadata.name", &self.metadata.name);
+        if let Some(vis) = self.metadata.labels.get(VISIBILITY_LABEL)
+            && vis != VISIBILITY_CLUSTER_LOCAL
+        {
+            v.push(
+                format!("metadata.labels.{VISIBILITY_LABEL}"),
+                format!("invalid value: {vis:?}, want {VISIBILITY_CLUSTER_LOCAL:?}"),
+            );
+        }
+        let mut spec = self.spec.clone();
+        spec.set_defaults(None);
+        spec.validate("spec.traffic", false, &mut v);
+        v.finish()
+    }
+}
+
+#[derive(Default)]
+struct Errors {
+    errors: Vec<FieldError>,
+}
+
+impl Errors {
+    fn push(&mut self, field: String, message: impl Into<String>) {
+        self.errors.push(FieldError {
+            field,
+            message: message.into(),
+        });
+    }
+    fn missing(&mut self, field: String) {
+        self.push(field, "missing field(s)");
+    }
+    /// Knative's apis.ErrOutOfBoundsValue wording.
+    fn out_of_bounds(&mut self, field: String, value: i64, min: i64, max: i64) {
+        self.push(field, format!("expected {min} <= {value} <= {max}"));
+    }
+    /// Object names become host labels (`<name>.<namespace>.<domain>`): Knative requires a DNS-1035
+    /// label for Services and a DNS-1123 label-compatible name for Routes and Configurations.
+    fn name(&mut self, field: &str, name: &str) {
+        if name.is_empty() {
+            return self.missing(field.to_string());
+        }
+        if let Err(why) = dns1035_label(name) {
+            self.push(
+                field.to_string(),
+                format!("invalid value: not a DNS 1035 label: {why}"),
+            );
+        }
+    }
+    fn finish(self) -> Result<(), ValidationError> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationError {
+                errors: self.errors,
+            })
+        }
+    }
+}
+
+/// Kubernetes' IsDNS1035Label: lower-case alphanumerics and '-', starting with a letter, ending
+/// alphanumeric, at most 63 characters.
+pub fn dns1035_label(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && s.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(
+            "a DNS-1035 label must consist of lower case alphanumeric characters or '-', \
+             start with an alphabetic character, end with an alphanumeric character and be at \
+             most 63 characters"
+                .to_string(),
+        )
+    }
+}
+
+/// Kubernetes' IsDNS1123Subdomain (what object names must be).
+pub fn dns1123_subdomain(s: &str) -> Result<(), String> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && l.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && l.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    };
+    if !s.is_empty() && s.len() <= 253 && s.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(
+            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, \
+             '-' or '.', and must start and end with an alphanumeric character"
+                .to_string(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objects::{Object, parse_documents};
+
+    const SERVICE: &str = "\
+apiVersion: serving.knative.dev/v1
+kind: Service
+metadata:
+  name: web
+  namespace: ns
+spec:
+  template:
+    metadata:
+      annotations:
+        autoscaling.knative.dev/min-scale: \"1\"
+    spec:
+      containerConcurrency: 10
+      containers:
+      - image: ghcr.io/example/web
+        command: [python3, -m, http.server]
+        args: [\"8080\"]
+        env: [{name: GREETING, value: hi}]
+        ports: [{containerPort: 8080, name: h2c}]
+        resources: {limits: {cpu: \"1\"}}
+        volumeMounts: [{name: data, mountPath: /data}]
+        readinessProbe:
+          httpGet: {path: /healthz, httpHeaders: [{name: X, value: y}]}
+          periodSeconds: 2
+      volumes: [{name: data, emptyDir: {}}]
+  traffic:
+  - latestRevision: true
+    percent: 80
+  - revisionName: web-00001
+    percent: 20
+    tag: old
+";
+
+    fn service(text: &str) -> Service {
+        match parse_documents(text).remove(0) {
+            Ok(Object::KnativeService(s)) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn errors(r: Result<(), ValidationError>) -> Vec<String> {
+        match r {
+            Ok(()) => vec![],
+            Err(e) => e.errors.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn ordinary_knative_service_yaml_reads_and_validates() {
+        let s = service(SERVICE);
+        assert_eq!(s.kind, "Service");
+        assert_eq!(s.api_version, API_VERSION);
+        let c = &s.spec.template.spec.containers[0];
+        assert_eq!(c.command, ["python3", "-m", "http.server"]);
+        assert_eq!(c.ports[0].name, "h2c");
+        assert_eq!(s.spec.template.spec.protocol(), Protocol::H2c);
+        let probe = c.readiness_probe.as_ref().unwrap();
+        assert_eq!(probe.http_get.as_ref().unwrap().path, "/healthz");
+        assert_eq!(s.spec.traffic[1].tag, "old");
+        assert_eq!(
+            errors(s.validate(&Defaults::default())),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn defaults_fill_timeout_concurrency_name_probe_and_traffic() {
+        let mut s = Service::default();
+        s.metadata.name = "web".into();
+        s.spec.template.spec.containers = vec![Container {
+            command: vec!["srv".into()],
+            ..Default::default()
+        }];
+        s.set_defaults(&Defaults::default());
+        let spec = &s.spec.template.spec;
+        assert_eq!(spec.timeout_seconds, Some(300));
+        assert_eq!(spec.container_concurrency, Some(0));
+        assert_eq!(spec.containers[0].name, "user-container");
+        let probe = spec.containers[0].readiness_probe.as_ref().unwrap();
+        assert_eq!(probe.tcp_socket, Some(TcpSocketAction::default()));
+        assert_eq!(probe.success_threshold, 1);
+        assert_eq!(
+            s.spec.traffic,
+            [TrafficTarget {
+                latest_revision: Some(true),
+                percent: Some(100),
+                ..Default::default()
+            }]
+        );
+    }
+
+    #[test]
+    fn missing_command_is_refused_with_the_reason() {
+        let s = service(&SERVICE.replace("        command: [python3, -m, http.server]\n", ""));
+        assert_eq!(
+            errors(s.validate(&Defaults::default())),
+            [
+                "spec.template.spec.containers[0].command: required: sluice runs each revision as \
+              a local process (the container's command and args, with PORT set)"
+            ]
+        );
+    }
+
+    #[test]
+    fn sidecars_value_from_env_from_init_containers_are_refused() {
+        let mut s = service(SERVICE);
+        let spec = &mut s.spec.template.spec;
+        spec.containers[0].env.push(EnvVar {
+            name: "SECRET".into(),
+            value_from: Some(serde_json::json!({"secretKeyRef": {"name": "s", "key": "k"}})),
+            ..Default::default()
+        });
+        spec.containers[0].env_from = vec![serde_json::json!({"configMapRef": {"name": "c"}})];
+        spec.init_containers = vec![serde_json::json!({"name": "init"})];
+        let sidecar = spec.containers[0].clone();
+        spec.containers.push(sidecar);
+        let errs = errors(s.validate(&Defaults::default()));
+        assert_eq!(errs.len(), 4, "{errs:?}");
+        assert!(errs[0].starts_with("spec.template.spec.containers: sluice runs one container"));
+        assert!(errs[1].starts_with(
+            "spec.template.spec.containers[0].env[1].valueFrom: not supported by sluice"
+        ));
+        assert!(errs[2].starts_with("spec.template.spec.containers[0].envFrom: not supported"));
+        assert!(errs[3].starts_with("spec.template.spec.initContainers: not supported"));
+    }
+
+    #[test]
+    fn revision_spec_bounds_follow_config_defaults() {
+        let d = Defaults::default();
+        let table: &[(&str, &str, &str)] = &[
+            (
+                "containerConcurrency: 10",
+                "containerConcurrency: 1001",
+                "spec.template.spec.containerConcurrency: expected 0 <= 1001 <= 1000",
+            ),
+            (
+                "containerConcurrency: 10",
+                "containerConcurrency: 10\n      timeoutSeconds: 601",
+                "spec.template.spec.timeoutSeconds: expected 0 <= 601 <= 600",
+            ),
+            (
+                "{containerPort: 8080, name: h2c}",
+                "{containerPort: 8012}",
+                "spec.template.spec.containers[0].ports[0].containerPort: 8012 is a reserved port",
+            ),
+            (
+                "{containerPort: 8080, name: h2c}",
+                "{containerPort: 8080, name: grpc}",
+                "spec.template.spec.containers[0].ports[0].name: invalid value: \"grpc\", want \"http1\" or \"h2c\"",
+            ),
+            (
+                "{name: GREETING, value: hi}",
+                "{name: PORT, value: \"1\"}",
+                "spec.template.spec.containers[0].env[0].name: \"PORT\" is a reserved environment variable",
+            ),
+        ];
+        for (from, to, want) in table {
+            let s = service(&SERVICE.replace(from, to));
+            assert_eq!(errors(s.validate(&d)), [*want], "{to}");
+        }
+    }
+
+    #[test]
+    fn traffic_rules_match_knative() {
+        let table: &[(&str, &str)] = &[
+            (
+                "  - latestRevision: true\n    percent: 80\n  - revisionName: web-00001\n    percent: 10\n",
+                "spec.traffic: Traffic targets sum to 90, want 100",
+            ),
+            (
+                "  - latestRevision: true\n    percent: 50\n    tag: a\n  - revisionName: web-00001\n    percent: 50\n    tag: a\n",
+                "spec.traffic[1].tag, spec.traffic[0].tag: Multiple definitions for \"a\"",
+            ),
+            (
+                "  - latestRevision: true\n    percent: 100\n    tag: Bad_Tag\n",
+                "spec.traffic[0].tag: invalid value: not a DNS 1035 label",
+            ),
+            (
+                "  - latestRevision: true\n    revisionName: web-00001\n    percent: 100\n",
+                "spec.traffic[0].latestRevision: may not set revisionName \"web-00001\" when latestRevision is true",
+            ),
+            (
+                "  - configurationName: other\n    percent: 100\n",
+                "spec.traffic[0].configurationName: must not set the field(s)",
+            ),
+        ];
+        let head = SERVICE.split("  traffic:\n").next().unwrap();
+        for (traffic, want) in table {
+            let s = service(&format!("{head}  traffic:\n{traffic}"));
+            let errs = errors(s.validate(&Defaults::default()));
+            assert_eq!(errs.len(), 1, "{traffic}: {errs:?}");
+            assert!(errs[0].starts_with(want), "{traffic}: {errs:?}");
+        }
+    }
+
+    #[test]
+    fn template_name_must_be_prefixed_with_the_parent() {
+        let mut s = service(SERVICE);
+        s.spec.template.metadata.name = "other-v1".into();
+        assert_eq!(
+            errors(s.validate(&Defaults::default())),
+            ["spec.template.metadata.name: invalid value: \"other-v1\" must have prefix \"web-\""]
+        );
+        s.spec.template.metadata.name = "web-v1".into();
+        assert_eq!(
+            errors(s.validate(&Defaults::default())),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn standalone_route_needs_a_target_kind() {
+        let mut r = Route::default();
+        r.metadata.name = "r".into();
+        r.spec.traffic = vec![TrafficTarget {
+            percent: Some(100),
+            ..Default::default()
+        }];
+        assert_eq!(
+            errors(r.validate()),
+            [
+                "spec.traffic[0].revisionName, spec.traffic[0].configurationName: expected exactly one, got neither"
+            ]
+        );
+        r.spec.traffic[0].configuration_name = "c".into();
+        assert_eq!(errors(r.validate()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn unknown_field_in_knative_levels_is_rejected_but_pod_fields_are_accepted() {
+        let bad = SERVICE.replace("  traffic:\n", "  trafic: []\n  traffic:\n");
+        let err = parse_documents(&bad).remove(0).unwrap_err();
+        assert!(err.message.contains("unknown field `trafic`"), "{err}");
+        let pod = SERVICE.replace(
+            "      volumes:",
+            "      nodeSelector: {a: b}\n      securityContext: {}\n      volumes:",
+        );
+        assert!(parse_documents(&pod).remove(0).is_ok());
+    }
+
+    #[test]
+    fn status_serializes_in_knative_shape() {
+        let mut s = Service::default();
+        s.metadata.name = "web".into();
+        s.status.url = Some("http://web.ns.localhost".into());
+        s.status.latest_ready_revision_name = "web-00001".into();
+        s.status.status.observed_generation = 1;
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["status"]["url"], "http://web.ns.localhost");
+        assert_eq!(v["status"]["latestReadyRevisionName"], "web-00001");
+        assert_eq!(v["status"]["observedGeneration"], 1);
+        assert_eq!(v["kind"], "Service");
+        assert_eq!(v["apiVersion"], "serving.knative.dev/v1");
+    }
+}

@@ -1,6 +1,7 @@
 //! `sluice`: Knative's data plane on Envoy. `sluice up DIR` runs the xds-server and an Envoy gateway
 //! from a folder of Knative YAML; `sluice status` shows what it serves.
 
+mod broker_cmd;
 mod envoy;
 mod http;
 mod status_cmd;
@@ -30,6 +31,8 @@ enum Command {
     Xds(xds_cmd::XdsArgs),
     /// Print the Envoy bootstrap (JSON) for a gateway that gets everything from `sluice xds` over ADS.
     Bootstrap(envoy::BootstrapArgs),
+    /// Run only the eventing broker from a folder of Knative Eventing YAML.
+    Broker(broker_cmd::BrokerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +52,7 @@ fn main() -> anyhow::Result<()> {
             Command::Up(args) => up::run(args).await,
             Command::Status(args) => status_cmd::run(args).await,
             Command::Xds(args) => xds_cmd::run(args).await,
+            Command::Broker(args) => broker_cmd::run(args).await,
             Command::Bootstrap(args) => {
                 println!("{}", args.render());
                 Ok(())

@@ -96,6 +96,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
             external_address: addr(args.external_port),
             internal_address: addr(args.internal_port),
             tls_address: Some(addr(args.tls_port)),
+            queue_proxy_wasm: None,
         },
         load_balancers: LoadBalancers {
             public: LoadBalancerIngressStatus {

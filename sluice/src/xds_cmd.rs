@@ -89,6 +89,7 @@ pub async fn run(args: XdsArgs) -> Result<()> {
             external_address: args.external_listener,
             internal_address: args.internal_listener,
             tls_address: Some(args.tls_listener),
+            queue_proxy_wasm: None,
         },
         load_balancers: LoadBalancers {
             public: LoadBalancerIngressStatus {

@@ -4,14 +4,16 @@
 //! prost encoding, which is only deterministic without maps.
 
 use std::net::SocketAddr;
+use std::path::Path;
 
 use envoy_types::pb::envoy::config::cluster::v3::{
     CircuitBreakers, Cluster, circuit_breakers, cluster,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource, HeaderValue,
-    HeaderValueOption, Http2ProtocolOptions, SocketAddress, TransportSocket, address,
-    config_source, data_source, header_value_option, socket_address, transport_socket,
+    Address, AggregatedConfigSource, ApiVersion, AsyncDataSource, ConfigSource, DataSource,
+    HeaderValue, HeaderValueOption, Http2ProtocolOptions, SocketAddress, TransportSocket, address,
+    async_data_source, config_source, data_source, header_value_option, socket_address,
+    transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -25,6 +27,7 @@ use envoy_types::pb::envoy::config::route::v3::{
     route_match, weighted_cluster,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
@@ -35,16 +38,21 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
+use envoy_types::pb::envoy::extensions::wasm::v3::{PluginConfig, VmConfig, plugin_config};
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
-use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
+use envoy_types::pb::google::protobuf::{Duration, StringValue, UInt32Value};
 use envoy_types::util::pack_any;
 
 use sluice_api::ingress::{HASH_HEADER, PROBE_HEADER};
 
 use super::plan::{ClusterKind, ClusterPlan, Plan, RoutePlan, TlsChainPlan, VirtualHostPlan};
-use super::{EXTERNAL_LISTENER, GatewayConfig, INTERNAL_LISTENER, TLS_LISTENER};
+use super::{
+    EXTERNAL_LISTENER, GatewayConfig, INTERNAL_LISTENER, QUEUE_PROXY_VM_ID, SIDECAR_PREFIX,
+    TLS_LISTENER,
+};
 use crate::prober::READINESS_PROBE_VALUE;
 use crate::resources::Resources;
+use crate::state::InstanceSidecar;
 
 const CONNECT_TIMEOUT_SECS: i64 = 5;
 /// Envoy's default circuit breakers (1024 requests per cluster) would turn bursts into 503s; Knative's
@@ -79,6 +87,16 @@ pub fn render(plan: &Plan, gateway: &GatewayConfig) -> Resources {
         ));
     }
 
+    for sidecar in &plan.sidecars {
+        let name = sidecar_name(sidecar);
+        r.listeners.push(sidecar_listener(
+            &name,
+            sidecar,
+            gateway.queue_proxy_wasm.as_deref(),
+        ));
+        r.clusters.push(sidecar_cluster(&name, sidecar));
+    }
+
     for c in plan.clusters.values() {
         r.clusters.push(cluster(c));
         if let ClusterKind::Eds { endpoints } = &c.kind {
@@ -87,6 +105,141 @@ pub fn render(plan: &Plan, gateway: &GatewayConfig) -> Resources {
         }
     }
     r
+}
+
+fn sidecar_name(s: &InstanceSidecar) -> String {
+    format!("{SIDECAR_PREFIX}{}/{}", s.namespace, s.instance)
+}
+
+/// The queue-proxy's plugin configuration (see wasm-filters/queue-proxy/src/config.rs). Readiness is
+/// the runtime's job: an instance only gets traffic once the runtime saw it ready, so the filter starts
+/// ready.
+fn queue_proxy_config(s: &InstanceSidecar) -> String {
+    serde_json::json!({
+        "namespace": s.namespace,
+        "revision": s.revision,
+        "service": s.service,
+        "instance": s.instance,
+        "containerConcurrency": s.container_concurrency,
+        "timeoutSeconds": s.timeout_seconds,
+        "ready": true,
+    })
+    .to_string()
+}
+
+fn queue_proxy_filter(s: &InstanceSidecar, wasm: &Path) -> HttpFilter {
+    let plugin = PluginConfig {
+        name: "queue-proxy".to_string(),
+        vm: Some(plugin_config::Vm::VmConfig(VmConfig {
+            vm_id: QUEUE_PROXY_VM_ID.to_string(),
+            runtime: "envoy.wasm.runtime.v8".to_string(),
+            code: Some(AsyncDataSource {
+                specifier: Some(async_data_source::Specifier::Local(DataSource {
+                    specifier: Some(data_source::Specifier::Filename(wasm.display().to_string())),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })),
+        configuration: Some(pack_any(StringValue {
+            value: queue_proxy_config(s),
+        })),
+        ..Default::default()
+    };
+    HttpFilter {
+        name: "envoy.filters.http.wasm".to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Wasm {
+            config: Some(plugin),
+        }))),
+        ..Default::default()
+    }
+}
+
+/// One instance-side listener: the queue-proxy filter (when built) and a route to the instance with the
+/// revision's timeout, as Knative's queue-proxy enforces timeoutSeconds.
+fn sidecar_listener(name: &str, s: &InstanceSidecar, wasm: Option<&Path>) -> Listener {
+    let mut http_filters = Vec::new();
+    if let Some(wasm) = wasm {
+        http_filters.push(queue_proxy_filter(s, wasm));
+    }
+    http_filters.push(router_filter());
+    let route_config = RouteConfiguration {
+        name: name.to_string(),
+        virtual_hosts: vec![VirtualHost {
+            name: name.to_string(),
+            domains: vec!["*".to_string()],
+            routes: vec![Route {
+                r#match: Some(prefix_match("/", &[])),
+                action: Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                        name.to_string(),
+                    )),
+                    timeout: Some(seconds(s.timeout_seconds as i64)),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let hcm = HttpConnectionManager {
+        stat_prefix: name.to_string(),
+        codec_type: http_connection_manager::CodecType::Auto as i32,
+        route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
+            route_config,
+        )),
+        http_filters,
+        upgrade_configs: vec![http_connection_manager::UpgradeConfig {
+            upgrade_type: "websocket".to_string(),
+            ..Default::default()
+        }],
+        stream_idle_timeout: Some(seconds(0)),
+        ..Default::default()
+    };
+    Listener {
+        name: name.to_string(),
+        address: Some(socket_address(s.listen)),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".to_string(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The instance's process, a static endpoint: it never moves while the instance lives.
+fn sidecar_cluster(name: &str, s: &InstanceSidecar) -> Cluster {
+    let mut out = cluster(&ClusterPlan {
+        name: name.to_string(),
+        http2: s.http2,
+        kind: ClusterKind::Eds {
+            endpoints: Vec::new(),
+        },
+    });
+    out.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(
+        cluster::DiscoveryType::Static as i32,
+    ));
+    out.eds_cluster_config = None;
+    out.connect_timeout = Some(seconds(1));
+    out.load_assignment = Some(load_assignment_hosts(
+        name,
+        &[(s.app.ip().to_string(), u32::from(s.app.port()))],
+    ));
+    out
+}
+
+fn router_filter() -> HttpFilter {
+    HttpFilter {
+        name: "envoy.filters.http.router".to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+            Router::default(),
+        ))),
+        ..Default::default()
+    }
 }
 
 fn ads_source() -> ConfigSource {
@@ -128,13 +281,7 @@ fn http_connection_manager(route_config: &str) -> Filter {
             config_source: Some(ads_source()),
             route_config_name: route_config.to_string(),
         })),
-        http_filters: vec![HttpFilter {
-            name: "envoy.filters.http.router".to_string(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-                Router::default(),
-            ))),
-            ..Default::default()
-        }],
+        http_filters: vec![router_filter()],
         upgrade_configs: vec![http_connection_manager::UpgradeConfig {
             upgrade_type: "websocket".to_string(),
             ..Default::default()

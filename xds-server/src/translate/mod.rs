@@ -10,6 +10,7 @@ mod plan;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 
 use crate::resources::Resources;
 use crate::state::{ClusterState, ObjectKey};
@@ -23,6 +24,10 @@ pub use plan::{
 pub const EXTERNAL_LISTENER: &str = "external";
 pub const INTERNAL_LISTENER: &str = "internal";
 pub const TLS_LISTENER: &str = "external-tls";
+/// Instance-side listeners and their clusters are named `sidecar/<namespace>/<instance>`.
+pub const SIDECAR_PREFIX: &str = "sidecar/";
+/// All instance listeners share one wasm VM per worker: the filter keys its shared state by instance.
+pub const QUEUE_PROXY_VM_ID: &str = "sluice-queue-proxy";
 
 /// Where the gateway's listeners bind.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +38,9 @@ pub struct GatewayConfig {
     pub internal_address: SocketAddr,
     /// Serves ExternalIP rules over TLS for hosts in `spec.tls`; None disables TLS.
     pub tls_address: Option<SocketAddr>,
+    /// The queue-proxy filter (.wasm) for instance-side listeners; None gives them no filter (plain
+    /// proxies, for tests that don't build the wasm).
+    pub queue_proxy_wasm: Option<PathBuf>,
 }
 
 impl Default for GatewayConfig {
@@ -41,6 +49,7 @@ impl Default for GatewayConfig {
             external_address: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
             internal_address: SocketAddr::from((Ipv4Addr::LOCALHOST, 8081)),
             tls_address: None,
+            queue_proxy_wasm: None,
         }
     }
 }

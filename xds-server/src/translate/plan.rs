@@ -11,7 +11,7 @@ use sluice_api::ingress::{
 };
 
 use super::IngressOutcome;
-use crate::state::{ClusterState, ObjectKey};
+use crate::state::{ClusterState, InstanceSidecar, ObjectKey};
 use crate::status::REASON_DOMAIN_CONFLICT;
 
 /// The spec fails Knative's validation (or a check that keeps Envoy from rejecting the whole config).
@@ -29,6 +29,8 @@ pub struct Plan {
     pub clusters: BTreeMap<String, ClusterPlan>,
     /// In Ingress order; server names are unique across chains.
     pub tls_chains: Vec<TlsChainPlan>,
+    /// Instance-side listeners, by (namespace, instance).
+    pub sidecars: Vec<InstanceSidecar>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -154,6 +156,7 @@ pub fn plan(state: &ClusterState) -> Plan {
     }
     out.vhosts.sort_by(|a, b| a.name.cmp(&b.name));
     dedupe_server_names(&mut out.tls_chains);
+    out.sidecars = state.sidecars.values().cloned().collect();
     out
 }
 

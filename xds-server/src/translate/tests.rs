@@ -599,3 +599,72 @@ fn translation_is_deterministic() {
     let b = translate(&state(&rev, &["a"]), &gateway());
     assert_eq!(a, b);
 }
+
+#[test]
+fn sidecars_get_a_listener_with_the_queue_proxy_and_a_static_cluster() {
+    use crate::state::InstanceSidecar;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        HttpConnectionManager, http_connection_manager::RouteSpecifier,
+    };
+    use prost::Message;
+
+    let mut s = ClusterState::default();
+    s.sidecars.insert(
+        ("default".into(), "hello-00001-a".into()),
+        InstanceSidecar {
+            namespace: "default".into(),
+            revision: "hello-00001".into(),
+            service: "hello".into(),
+            instance: "hello-00001-a".into(),
+            listen: "127.0.0.1:40001".parse().unwrap(),
+            app: "127.0.0.1:40002".parse().unwrap(),
+            container_concurrency: 1,
+            timeout_seconds: 300,
+            http2: false,
+        },
+    );
+    let gw = GatewayConfig {
+        queue_proxy_wasm: Some("/tmp/qp.wasm".into()),
+        ..GatewayConfig::default()
+    };
+    let t = translate(&s, &gw);
+    let name = "sidecar/default/hello-00001-a";
+    let listener = t
+        .resources
+        .listeners
+        .iter()
+        .find(|l| l.name == name)
+        .expect("sidecar listener");
+    let any = match &listener.filter_chains[0].filters[0].config_type {
+        Some(envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(a)) => a,
+        other => panic!("unexpected {other:?}"),
+    };
+    let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+    let names: Vec<&str> = hcm.http_filters.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["envoy.filters.http.wasm", "envoy.filters.http.router"]
+    );
+    let Some(RouteSpecifier::RouteConfig(rc)) = &hcm.route_specifier else {
+        panic!("inline route config expected");
+    };
+    assert_eq!(rc.virtual_hosts[0].routes.len(), 1);
+    let cluster = t
+        .resources
+        .clusters
+        .iter()
+        .find(|c| c.name == name)
+        .expect("sidecar cluster");
+    assert!(cluster.eds_cluster_config.is_none());
+    assert!(
+        !t.resources
+            .cluster_load_assignments
+            .iter()
+            .any(|c| c.cluster_name == name),
+        "static clusters have no EDS assignment"
+    );
+
+    // Without the wasm the sidecar is a plain proxy.
+    let t = translate(&s, &GatewayConfig::default());
+    assert!(t.resources.listeners.iter().any(|l| l.name == name));
+}
