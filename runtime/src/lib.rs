@@ -1,1 +1,194 @@
-//! Runs revision instances as local processes: spawn, readiness, stop, restart, logs
+//! Runs revision instances as local processes: spawn, readiness, stop, restart, logs.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), sluice_runtime::RuntimeError> {
+//! use sluice_api::autoscaling::RevisionKey;
+//! use sluice_runtime::{LaunchSpec, ProcessRuntime, RuntimeOptions};
+//!
+//! let runtime = ProcessRuntime::new(RuntimeOptions::new("/tmp/sluice-state"))?;
+//! let key = RevisionKey::new("default", "hello-00001");
+//! let spec = LaunchSpec::new(vec!["python3".into(), "app.py".into()], "hello", "hello", "hello-00001");
+//! runtime.set_revision(key.clone(), spec)?;
+//! runtime.scale(&key, 2)?;
+//! let mut snapshots = runtime.subscribe();
+//! snapshots
+//!     .wait_for(|s| s.revision(&key).is_some_and(|r| r.ready_count() == 2))
+//!     .await
+//!     .ok();
+//! runtime.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod backoff;
+mod logs;
+mod plan;
+mod probe;
+mod readiness;
+mod runtime;
+mod spec;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime};
+
+pub use sluice_api::autoscaling::RevisionKey;
+
+pub use backoff::{BackoffPolicy, RestartBackoff};
+pub use logs::{
+    LogFollower, LogQuery, LogSelector, SERVICE_FILE, instance_log_path, log_files, read_logs,
+    revision_log_dir,
+};
+pub use plan::{PlanInstance, ScalePlan, plan_scale};
+pub use readiness::{ProbeTiming, ReadinessTracker};
+pub use runtime::ProcessRuntime;
+pub use spec::{LaunchSpec, Probe, ProbeAction};
+
+/// How the runtime runs.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// Root of the runtime's files; logs go under `<state_dir>/logs/<namespace>/<revision>/`.
+    pub state_dir: PathBuf,
+    /// Probe timing beyond the Kubernetes probe fields (fast startup probing).
+    pub probe_timing: ProbeTiming,
+    /// Restart backoff for instances that exit on their own.
+    pub backoff: BackoffPolicy,
+}
+
+impl RuntimeOptions {
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        RuntimeOptions {
+            state_dir: state_dir.into(),
+            probe_timing: ProbeTiming::default(),
+            backoff: BackoffPolicy::default(),
+        }
+    }
+}
+
+/// The lifecycle of one instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InstanceState {
+    /// Spawned, readiness not yet reached `successThreshold`.
+    Starting,
+    /// Readiness succeeded `successThreshold` times in a row: it may receive traffic.
+    Ready,
+    /// Was ready, then failed `failureThreshold` probes in a row.
+    NotReady,
+    /// SIGTERM sent (scale-down, removal or shutdown); SIGKILL follows after the grace period.
+    Terminating,
+    /// The process is gone. Exited instances leave the snapshot at once; the variant exists for
+    /// [`plan_scale`] callers and completeness.
+    Exited,
+}
+
+/// One instance as the runtime last saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceStatus {
+    /// `<revision>-<5 random characters>`, as a pod name (also the log file's name).
+    pub name: String,
+    /// The PORT given to the process.
+    pub port: u16,
+    /// `127.0.0.1:<port>`: where to send its traffic.
+    pub address: SocketAddr,
+    pub state: InstanceState,
+    pub pid: Option<u32>,
+    /// Just before the process was spawned (monotonic: `ready_at - spawned_at` is the app's startup time
+    /// plus at most one startup probe interval).
+    pub spawned_at: Instant,
+    /// The same moment on the wall clock, for display.
+    pub spawned_at_wall: SystemTime,
+    /// When readiness first succeeded (not reset by a later NotReady).
+    pub ready_at: Option<Instant>,
+    pub log_path: PathBuf,
+}
+
+/// One revision as the runtime last saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevisionStatus {
+    /// The last `scale` asked for.
+    pub desired: u32,
+    /// Live instances (Starting, Ready, NotReady, Terminating), oldest first.
+    pub instances: Vec<InstanceStatus>,
+    /// How many times an instance exited on its own and was (or will be) replaced.
+    pub restarts: u32,
+    /// How the last instance that exited on its own ended (e.g. `exit status: 1`).
+    pub last_exit: Option<String>,
+    /// `remove_revision` was called; the entry disappears once its instances have exited.
+    pub removed: bool,
+}
+
+impl RevisionStatus {
+    pub fn ready_count(&self) -> u32 {
+        self.instances
+            .iter()
+            .filter(|i| i.state == InstanceState::Ready)
+            .count() as u32
+    }
+
+    /// Addresses of the ready instances: the revision's endpoints.
+    pub fn ready_addresses(&self) -> Vec<SocketAddr> {
+        self.instances
+            .iter()
+            .filter(|i| i.state == InstanceState::Ready)
+            .map(|i| i.address)
+            .collect()
+    }
+}
+
+/// Everything the runtime runs, published on every change (see [`ProcessRuntime::subscribe`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuntimeSnapshot {
+    pub revisions: BTreeMap<RevisionKey, RevisionStatus>,
+}
+
+impl RuntimeSnapshot {
+    pub fn revision(&self, key: &RevisionKey) -> Option<&RevisionStatus> {
+        self.revisions.get(key)
+    }
+
+    /// Live instances over all revisions.
+    pub fn instance_count(&self) -> usize {
+        self.revisions.values().map(|r| r.instances.len()).sum()
+    }
+}
+
+/// What went wrong, and what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("revision {revision}: {reason}")]
+    InvalidSpec { revision: String, reason: String },
+    #[error(
+        "revision {key}: its launch spec changed, but revisions are immutable; create a new revision \
+         (or remove_revision first)"
+    )]
+    SpecChanged { key: RevisionKey },
+    #[error("revision {key} is not known to the runtime: call set_revision first")]
+    UnknownRevision { key: RevisionKey },
+    #[error("the runtime is shutting down")]
+    ShuttingDown,
+    #[error(
+        "instance {instance}: cannot start {program:?}: {source} (check the container's command and workingDir)"
+    )]
+    Spawn {
+        instance: String,
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot pick a free port on 127.0.0.1: {0}")]
+    Port(#[source] std::io::Error),
+    #[error("instance logs at {path}: {source}")]
+    Logs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state dir {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ProcessRuntime::new must be called inside a Tokio runtime")]
+    NoTokioRuntime,
+}

@@ -2,7 +2,11 @@
 //! folder of Knative Eventing YAML.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use sluice_broker::{BrokerOptions, BrokerService, EventingObjects};
 
 #[derive(clap::Args, Debug)]
 pub struct BrokerArgs {
@@ -16,7 +20,109 @@ pub struct BrokerArgs {
     pub listen: SocketAddr,
 }
 
+/// How often the folder is read again for changes.
+const RESCAN: Duration = Duration::from_secs(1);
+
 pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
-    let _ = args;
-    anyhow::bail!("the broker is not built yet")
+    let mut options = BrokerOptions::new(&args.data_dir, args.listen);
+    // Standalone: no gateway in front, so Brokers are addressed at the ingress itself.
+    options.ingress_url = format!("http://{}", args.listen);
+    let service = BrokerService::start(options).await?;
+    let mut applied = None;
+    let mut ticker = tokio::time::interval(RESCAN);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown_signal() => break,
+        }
+        // Re-read the folder each second and apply only what changed: a poll is simpler than a file
+        // watcher and as quick for a folder of a few files.
+        match read_folder(&args.dir) {
+            Ok(objects) if applied.as_ref() != Some(&objects) => {
+                let status = service.apply(objects.clone()).await;
+                report(&status);
+                applied = Some(objects);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("{e:#}"),
+        }
+    }
+    tracing::info!("stopping the broker");
+    service.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Every Broker, Trigger and PingSource of the folder's YAML files (other kinds are skipped; a
+/// document that does not parse is reported and skipped).
+fn read_folder(dir: &Path) -> anyhow::Result<EventingObjects> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+        })
+        .collect();
+    files.sort();
+    let mut objects = Vec::new();
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        for result in sluice_api::parse_documents(&text) {
+            match result {
+                Ok(object) => objects.push(object),
+                Err(e) => tracing::warn!("{}: {e}", file.display()),
+            }
+        }
+    }
+    Ok(EventingObjects::from_objects(objects))
+}
+
+fn report(status: &sluice_broker::EventingStatus) {
+    let ready = |s: Option<&sluice_api::meta::Status>| {
+        s.and_then(|s| s.condition("Ready"))
+            .map(|c| {
+                (
+                    c.status == sluice_api::ConditionStatus::True,
+                    c.message.clone(),
+                )
+            })
+            .unwrap_or((false, String::new()))
+    };
+    for b in &status.brokers {
+        let (ok, message) = ready(b.status.as_ref().map(|s| &s.status));
+        let url = b
+            .status
+            .as_ref()
+            .and_then(|s| s.address.as_ref())
+            .and_then(|a| a.url.clone())
+            .unwrap_or_default();
+        tracing::info!(broker = %b.metadata.key(), ready = ok, %url, "{message}");
+    }
+    for t in &status.triggers {
+        let (ok, _) = ready(t.status.as_ref().map(|s| &s.status));
+        let why: Vec<String> = t
+            .status
+            .iter()
+            .flat_map(|s| s.status.conditions.iter())
+            .filter(|c| c.status != sluice_api::ConditionStatus::True)
+            .map(|c| format!("{}: {} {}", c.type_, c.reason, c.message))
+            .collect();
+        tracing::info!(trigger = %t.metadata.key(), ready = ok, "{}", why.join("; "));
+    }
+    for p in &status.pingsources {
+        let (ok, message) = ready(p.status.as_ref().map(|s| &s.status));
+        tracing::info!(pingsource = %p.metadata.key(), ready = ok, "{message}");
+    }
 }

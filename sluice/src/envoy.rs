@@ -50,6 +50,35 @@ pub fn find_envoy() -> Result<PathBuf> {
     bail!("{INSTALL_HINT}")
 }
 
+const WASM_HINT: &str = "the queue-proxy filter is not built: run `cargo build -p sluice-queue-proxy \
+--target wasm32-wasip1 --profile wasm` (bash scripts/setup does it), or set SLUICE_QUEUE_PROXY_WASM";
+
+/// The queue-proxy filter's .wasm: `$SLUICE_QUEUE_PROXY_WASM`, else `target/wasm32-wasip1/wasm/` beside
+/// the running binary's target folder (target/release/sluice), else under the current folder.
+pub fn find_queue_proxy_wasm() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("SLUICE_QUEUE_PROXY_WASM").filter(|v| !v.is_empty()) {
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            return Ok(path);
+        }
+        bail!("SLUICE_QUEUE_PROXY_WASM={} is not a file", path.display());
+    }
+    const REL: &str = "wasm32-wasip1/wasm/sluice_queue_proxy.wasm";
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(target) = exe.parent().and_then(Path::parent)
+    {
+        candidates.push(target.join(REL));
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        candidates.extend(cwd.ancestors().map(|d| d.join("target").join(REL)));
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| anyhow::anyhow!("{WASM_HINT}"))
+}
+
 fn real_binary_in_venv(venv: &Path) -> Option<PathBuf> {
     let lib = std::fs::read_dir(venv.join("lib")).ok()?;
     lib.flatten()

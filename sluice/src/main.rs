@@ -4,6 +4,8 @@
 mod broker_cmd;
 mod envoy;
 mod http;
+mod logs_cmd;
+mod serving;
 mod status_cmd;
 mod up;
 mod xds_cmd;
@@ -31,6 +33,8 @@ enum Command {
     Xds(xds_cmd::XdsArgs),
     /// Print the Envoy bootstrap (JSON) for a gateway that gets everything from `sluice xds` over ADS.
     Bootstrap(envoy::BootstrapArgs),
+    /// Print the output of a Knative Service's instances.
+    Logs(logs_cmd::LogsArgs),
     /// Run only the eventing broker from a folder of Knative Eventing YAML.
     Broker(broker_cmd::BrokerArgs),
 }
@@ -53,6 +57,7 @@ fn main() -> anyhow::Result<()> {
             Command::Status(args) => status_cmd::run(args).await,
             Command::Xds(args) => xds_cmd::run(args).await,
             Command::Broker(args) => broker_cmd::run(args).await,
+            Command::Logs(args) => logs_cmd::run(args).await,
             Command::Bootstrap(args) => {
                 println!("{}", args.render());
                 Ok(())

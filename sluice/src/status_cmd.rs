@@ -46,14 +46,123 @@ fn condition<'a>(ingress: &'a serde_json::Value, type_: &str) -> Option<&'a serd
         .find(|c| c["type"] == type_)
 }
 
+/// `reason: message` of a condition, or just the reason.
+fn reason_of(c: Option<&serde_json::Value>) -> String {
+    c.map(|c| {
+        let r = c["reason"].as_str().unwrap_or_default();
+        let m = c["message"].as_str().unwrap_or_default();
+        if m.is_empty() {
+            r.to_string()
+        } else {
+            format!("{r}: {m}")
+        }
+    })
+    .unwrap_or_default()
+}
+
+fn ready_of(c: Option<&serde_json::Value>) -> String {
+    c.and_then(|c| c["status"].as_str())
+        .unwrap_or("Unknown")
+        .to_string()
+}
+
+fn str_of(v: &serde_json::Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.first().map(Vec::len).unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| format!("{cell:<w$}", w = widths[i]))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn header(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
 fn render_table(report: &serde_json::Value) -> String {
-    let mut rows = vec![[
-        "NAMESPACE".to_string(),
-        "NAME".to_string(),
-        "READY".to_string(),
-        "REASON".to_string(),
-        "HOSTS".to_string(),
-    ]];
+    let mut out = String::new();
+    let services = report["services"].as_array().cloned().unwrap_or_default();
+    if !services.is_empty() {
+        let mut rows = vec![header(&[
+            "SERVICE", "URL", "READY", "REASON", "LATEST", "TRAFFIC",
+        ])];
+        for svc in &services {
+            let ready = condition(svc, "Ready");
+            let traffic: Vec<String> = svc["status"]["traffic"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| {
+                    let tag = t["tag"]
+                        .as_str()
+                        .map(|t| format!(" ({t})"))
+                        .unwrap_or_default();
+                    format!("{}%{} {}", t["percent"], tag, str_of(&t["revisionName"]))
+                })
+                .collect();
+            rows.push(vec![
+                format!(
+                    "{}/{}",
+                    str_of(&svc["metadata"]["namespace"]),
+                    str_of(&svc["metadata"]["name"])
+                ),
+                str_of(&svc["status"]["url"]),
+                ready_of(ready),
+                reason_of(ready),
+                str_of(&svc["status"]["latestReadyRevisionName"]),
+                traffic.join(", "),
+            ]);
+        }
+        out.push_str(&table(&rows));
+        out.push('\n');
+    }
+    let revisions = report["revisions"].as_array().cloned().unwrap_or_default();
+    if !revisions.is_empty() {
+        let mut rows = vec![header(&[
+            "REVISION",
+            "READY",
+            "REASON",
+            "DESIRED",
+            "READY-INSTANCES",
+            "PATH",
+        ])];
+        for rev in &revisions {
+            let ready = condition(rev, "Ready");
+            rows.push(vec![
+                format!(
+                    "{}/{}",
+                    str_of(&rev["metadata"]["namespace"]),
+                    str_of(&rev["metadata"]["name"])
+                ),
+                ready_of(ready),
+                reason_of(ready),
+                rev["desiredInstances"].to_string(),
+                rev["readyInstances"].to_string(),
+                if rev["mode"] == "Serve" {
+                    "instances".to_string()
+                } else {
+                    "activator".to_string()
+                },
+            ]);
+        }
+        out.push_str(&table(&rows));
+        out.push('\n');
+    }
+    let mut rows = vec![header(&["NAMESPACE", "NAME", "READY", "REASON", "HOSTS"])];
     for ing in report["ingresses"].as_array().into_iter().flatten() {
         let ready = condition(ing, "Ready");
         let hosts: Vec<&str> = ing["spec"]["rules"]
@@ -63,47 +172,15 @@ fn render_table(report: &serde_json::Value) -> String {
             .flat_map(|r| r["hosts"].as_array().into_iter().flatten())
             .filter_map(|h| h.as_str())
             .collect();
-        let reason = ready
-            .map(|c| {
-                let r = c["reason"].as_str().unwrap_or_default();
-                let m = c["message"].as_str().unwrap_or_default();
-                if m.is_empty() {
-                    r.to_string()
-                } else {
-                    format!("{r}: {m}")
-                }
-            })
-            .unwrap_or_default();
-        rows.push([
-            ing["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            ing["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            ready
-                .and_then(|c| c["status"].as_str())
-                .unwrap_or("Unknown")
-                .to_string(),
-            reason,
+        rows.push(vec![
+            str_of(&ing["metadata"]["namespace"]),
+            str_of(&ing["metadata"]["name"]),
+            ready_of(ready),
+            reason_of(ready),
             hosts.join(","),
         ]);
     }
-    let widths: Vec<usize> = (0..5)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .enumerate()
-            .map(|(i, cell)| format!("{cell:<w$}", w = widths[i]))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    out.push_str(&table(&rows));
     let envoy = &report["envoy"];
     out.push_str(&format!(
         "\nEnvoy: serving generation {}, acked {}\n",
@@ -146,5 +223,35 @@ mod tests {
         let t = render_table(&report);
         assert!(t.contains("default    hello  False  DomainConflict: host a.example is taken  a.example,b.example"), "{t}");
         assert!(t.contains("x.yaml (document 2): spec.rules: bad"), "{t}");
+        assert!(!t.contains("SERVICE"), "{t}");
+    }
+
+    #[test]
+    fn table_shows_services_and_revisions_when_there_are_some() {
+        let report = serde_json::json!({
+            "services": [{
+                "metadata": {"namespace": "default", "name": "hello"},
+                "status": {"url": "http://hello.default.localhost", "latestReadyRevisionName": "hello-00002",
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                    "traffic": [{"revisionName": "hello-00001", "percent": 80}, {"revisionName": "hello-00002", "percent": 20, "tag": "canary"}]}
+            }],
+            "revisions": [{
+                "metadata": {"namespace": "default", "name": "hello-00001"},
+                "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+                "desiredInstances": 1, "readyInstances": 1, "mode": "Serve"
+            }],
+            "ingresses": [], "errors": [], "envoy": {"generation": 1, "ackedGeneration": 1}
+        });
+        let t = render_table(&report);
+        assert!(
+            t.contains("default/hello  http://hello.default.localhost  True"),
+            "{t}"
+        );
+        assert!(
+            t.contains("80% hello-00001, 20% (canary) hello-00002"),
+            "{t}"
+        );
+        assert!(t.contains("default/hello-00001  True"), "{t}");
+        assert!(t.contains("instances"), "{t}");
     }
 }

@@ -19,6 +19,7 @@ use sluice_xds_server::status::LoadBalancers;
 use sluice_xds_server::translate::GatewayConfig;
 
 use crate::envoy::{self, EnvoyOptions, EnvoyProcess, XdsProtocol};
+use crate::serving::{ServingOptions, ServingPlane, ServingSource};
 
 pub const DEFAULT_CONTROL_PORT: u16 = 9900;
 
@@ -53,6 +54,12 @@ pub struct UpArgs {
     /// Envoy worker threads.
     #[arg(long, default_value_t = 2)]
     envoy_concurrency: usize,
+    /// The activator's port (Envoy sends a revision's requests there while it has no capacity).
+    #[arg(long, default_value_t = 8012)]
+    activator_port: u16,
+    /// Where instance logs and other run-time files go (`sluice logs` reads them there).
+    #[arg(long, default_value = crate::logs_cmd::DEFAULT_STATE_DIR, env = "SLUICE_STATE_DIR")]
+    state_dir: PathBuf,
     /// Envoy's log level (trace, debug, info, warning, error).
     #[arg(long, default_value = "warning")]
     envoy_log_level: String,
@@ -76,6 +83,16 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let control_listener = TcpListener::bind(addr(args.control_port))
         .await
         .with_context(|| format!("control port {}", args.control_port))?;
+    let activator_listener = TcpListener::bind(addr(args.activator_port))
+        .await
+        .with_context(|| format!("activator port {}", args.activator_port))?;
+    let (queue_proxy_wasm, wasm_missing) = match envoy::find_queue_proxy_wasm() {
+        Ok(path) => (Some(path), None),
+        Err(e) => {
+            tracing::warn!("{e:#}; Knative Services cannot run until it is built");
+            (None, Some(format!("{e:#}")))
+        }
+    };
 
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
     let (ads_server, acks) = AdsServer::new(snapshot_rx);
@@ -96,7 +113,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
             external_address: addr(args.external_port),
             internal_address: addr(args.internal_port),
             tls_address: Some(addr(args.tls_port)),
-            queue_proxy_wasm: None,
+            queue_proxy_wasm,
         },
         load_balancers: LoadBalancers {
             public: LoadBalancerIngressStatus {
@@ -113,7 +130,22 @@ pub async fn run(args: UpArgs) -> Result<()> {
         probe_external: addr(args.external_port),
         probe_internal: addr(args.internal_port),
     };
-    let source: Arc<dyn StateSource> = Arc::new(FolderSource::new(&args.dir));
+    let dir = std::fs::canonicalize(&args.dir)
+        .with_context(|| format!("{}: cannot resolve the folder", args.dir.display()))?;
+    let (plane, serving_report) = ServingPlane::start(ServingOptions {
+        dir: dir.clone(),
+        state_dir: args.state_dir.clone(),
+        activator: activator_listener,
+        envoy_admin: addr(args.admin_port),
+        address: args.address,
+        wasm_missing,
+        external_port: args.external_port,
+    })?;
+    let source: Arc<dyn StateSource> = Arc::new(ServingSource::new(
+        FolderSource::new(&dir),
+        plane.clone(),
+        report_rx.clone(),
+    ));
     let mut controller_task = tokio::spawn(controller::run(
         source,
         controller_config,
@@ -122,7 +154,12 @@ pub async fn run(args: UpArgs) -> Result<()> {
         report_tx,
     ));
     let control_task = tokio::spawn(crate::http::serve_control(control_listener, move || {
-        serde_json::to_value(&*report_rx.borrow()).unwrap_or_default()
+        let mut report = serde_json::to_value(&*report_rx.borrow()).unwrap_or_default();
+        let serving = serde_json::to_value(&*serving_report.borrow()).unwrap_or_default();
+        if let (Some(report), Some(serving)) = (report.as_object_mut(), serving.as_object()) {
+            report.extend(serving.clone());
+        }
+        report
     }));
 
     let mut envoy = EnvoyProcess::start(&EnvoyOptions {
@@ -172,6 +209,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
         },
     };
     tracing::info!("stopping");
+    controller_task.abort();
+    plane.shutdown().await;
     envoy.stop(Duration::from_secs(3)).await;
     let _ = shutdown_tx.send(true);
     controller_task.abort();

@@ -117,6 +117,7 @@ pub struct Ports {
     pub admin: u16,
     pub xds: u16,
     pub control: u16,
+    pub activator: u16,
 }
 
 impl Ports {
@@ -128,6 +129,7 @@ impl Ports {
             admin: free_port(),
             xds: free_port(),
             control: free_port(),
+            activator: free_port(),
         }
     }
 }
@@ -187,7 +189,7 @@ struct Launched {
     log_path: PathBuf,
 }
 
-fn launch(bin: &Path, envoy: Option<&Path>) -> Result<Launched> {
+fn launch(bin: &Path, envoy: Option<&Path>, wasm: Option<&Path>) -> Result<Launched> {
     let root = tempfile::Builder::new().prefix("sluice-e2e-").tempdir()?;
     // The log lives beside the watched folder, not in it, so writing it triggers no rescan.
     let config_dir = root.path().join("config");
@@ -204,6 +206,9 @@ fn launch(bin: &Path, envoy: Option<&Path>) -> Result<Launched> {
         .args(["--admin-port", &ports.admin.to_string()])
         .args(["--xds-port", &ports.xds.to_string()])
         .args(["--control-port", &ports.control.to_string()])
+        .args(["--activator-port", &ports.activator.to_string()])
+        .arg("--state-dir")
+        .arg(root.path().join("state"))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -212,6 +217,9 @@ fn launch(bin: &Path, envoy: Option<&Path>) -> Result<Launched> {
     }
     if let Some(envoy) = envoy {
         cmd.env("ENVOY_BIN", envoy);
+    }
+    if let Some(wasm) = wasm {
+        cmd.env("SLUICE_QUEUE_PROXY_WASM", wasm);
     }
     let process = ProcessGuard::spawn(cmd, STOP_GRACE)?;
     Ok(Launched {
@@ -276,10 +284,14 @@ impl Sluice {
             .expect("the semaphore is never closed");
         let bin = tokio::task::spawn_blocking(sluice_bin).await??;
         let envoy = envoy_for_sluice()?;
+        // Revisions need the queue-proxy filter; built once per test process (a no-op when fresh).
+        let wasm = tokio::task::spawn_blocking(crate::queue_proxy::queue_proxy_wasm)
+            .await?
+            .ok();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut launched = launch(&bin, envoy.as_deref())?;
+            let mut launched = launch(&bin, envoy.as_deref(), wasm.as_deref())?;
             match launched.wait_control_api().await {
                 Ok(()) => {
                     let Launched {
@@ -312,6 +324,11 @@ impl Sluice {
                 }
             }
         }
+    }
+
+    /// Where `sluice up` keeps instance logs (`--state-dir`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.path().join("state")
     }
 
     /// The folder `sluice up` watches.

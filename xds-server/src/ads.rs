@@ -33,7 +33,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::resources::{
-    CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, LISTENER_TYPE_URL, ROUTE_TYPE_URL, SECRET_TYPE_URL,
+    CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, LISTENER_TYPE_URL, ROUTE_TYPE_URL, SCOPED_ROUTE_TYPE_URL,
+    SECRET_TYPE_URL,
 };
 use crate::snapshot::{Snapshot, VersionedResource};
 
@@ -51,18 +52,22 @@ const MAX_REQUEST_BATCH: usize = 64;
 
 /// Make-before-break: clusters before the endpoints that fill them, both before the listeners and
 /// routes that point at them. Secrets go before the listeners that use them.
-const PUSH_ORDER: [&str; 5] = [
+const PUSH_ORDER: [&str; 6] = [
     CLUSTER_TYPE_URL,
     ENDPOINT_TYPE_URL,
     SECRET_TYPE_URL,
     LISTENER_TYPE_URL,
+    SCOPED_ROUTE_TYPE_URL,
     ROUTE_TYPE_URL,
 ];
 
-/// Types whose empty subscription means "all of them" (Envoy subscribes to every Listener and Cluster).
+/// Types whose empty subscription means "all of them" (Envoy subscribes to every Listener, Cluster
+/// and routing scope).
 fn is_wildcard_type(type_url: &str) -> bool {
-    type_url == LISTENER_TYPE_URL || type_url == CLUSTER_TYPE_URL
+    WILDCARD_TYPES.contains(&type_url)
 }
+
+const WILDCARD_TYPES: [&str; 3] = [CLUSTER_TYPE_URL, LISTENER_TYPE_URL, SCOPED_ROUTE_TYPE_URL];
 
 fn is_known_type(type_url: &str) -> bool {
     PUSH_ORDER.contains(&type_url)
@@ -85,7 +90,7 @@ fn push_order<'a>(types: impl Iterator<Item = &'a String>) -> Vec<String> {
 /// still warming (a 503 for traffic that worked a moment ago). A rejected (NACKed) type does not hold
 /// the others back: the gateway then gets what it can take.
 fn waits_for_clusters(type_url: &str) -> bool {
-    type_url == LISTENER_TYPE_URL || type_url == ROUTE_TYPE_URL
+    type_url == LISTENER_TYPE_URL || type_url == ROUTE_TYPE_URL || type_url == SCOPED_ROUTE_TYPE_URL
 }
 
 fn clusters_warm(
@@ -500,9 +505,13 @@ impl Subscription {
     fn select<'s>(&self, snap: &'s Snapshot, type_url: &str) -> Vec<&'s VersionedResource> {
         let all = snap.resources(type_url);
         if self.wildcard {
-            all.values().collect()
+            all.values().map(|r| &**r).collect()
         } else {
-            self.names.iter().filter_map(|n| all.get(n)).collect()
+            self.names
+                .iter()
+                .filter_map(|n| all.get(n))
+                .map(|r| &**r)
+                .collect()
         }
     }
 
@@ -526,7 +535,7 @@ fn stream_sync<'a, T: 'a>(
     if types.is_empty() {
         return None;
     }
-    for wildcard in [CLUSTER_TYPE_URL, LISTENER_TYPE_URL] {
+    for wildcard in WILDCARD_TYPES {
         if !types.contains_key(wildcard) && !snap.resources(wildcard).is_empty() {
             return None;
         }

@@ -20,7 +20,7 @@ use crate::snapshot::Snapshot;
 use crate::source::{SourceError, SourceSnapshot, StateSource};
 use crate::state::ObjectKey;
 use crate::status::{self, LoadBalancers, Probe, Progress};
-use crate::translate::{GatewayConfig, IngressOutcome, translate};
+use crate::translate::{GatewayConfig, IngressOutcome, Translator};
 
 /// Probes in flight at once (startup with thousands of Ingresses must not open thousands of sockets).
 const PROBE_CONCURRENCY: usize = 32;
@@ -224,6 +224,7 @@ fn drops_clusters(new: &Resources, previous: &Resources) -> bool {
 /// The controller's memory between events; no I/O.
 struct Reconciler {
     config: ControllerConfig,
+    translator: Translator,
     generation: u64,
     last: Option<Arc<Snapshot>>,
     /// The resources of `last`.
@@ -244,6 +245,7 @@ struct Reconciler {
 impl Reconciler {
     fn new(config: ControllerConfig) -> Self {
         Reconciler {
+            translator: Translator::new(config.gateway.clone()),
             config,
             generation: 0,
             last: None,
@@ -265,7 +267,7 @@ impl Reconciler {
 
     /// Translates the new state; returns a snapshot to serve when the Envoy resources changed.
     fn apply_source(&mut self, source: SourceSnapshot) -> Option<Arc<Snapshot>> {
-        let translation = translate(&source.state, &self.config.gateway);
+        let translation = self.translator.translate(&source.state);
         self.source = source;
         let mut resources = translation.resources;
         // Cloned only when clusters are dropped (rare; the clone is O(config)).
@@ -275,7 +277,10 @@ impl Reconciler {
             keep_removed_clusters(&mut kept, &self.last_resources);
             self.without_removed = Some(std::mem::replace(&mut resources, kept));
         }
-        let candidate = Snapshot::from_resources(self.generation + 1, &resources);
+        let candidate = match &self.last {
+            Some(last) => last.update(self.generation + 1, &resources, &self.last_resources),
+            None => Snapshot::from_resources(self.generation + 1, &resources),
+        };
         let changed = self
             .last
             .as_ref()
@@ -320,7 +325,10 @@ impl Reconciler {
         }
         let resources = self.without_removed.take()?;
         self.generation += 1;
-        let snapshot = Snapshot::from_resources(self.generation, &resources);
+        let snapshot = match &self.last {
+            Some(last) => last.update(self.generation, &resources, &self.last_resources),
+            None => Snapshot::from_resources(self.generation, &resources),
+        };
         Some(self.publish(snapshot, resources))
     }
 

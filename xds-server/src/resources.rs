@@ -4,11 +4,13 @@
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
-use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, ScopedRouteConfiguration};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 
 pub const LISTENER_TYPE_URL: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE_TYPE_URL: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const SCOPED_ROUTE_TYPE_URL: &str =
+    "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration";
 pub const CLUSTER_TYPE_URL: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT_TYPE_URL: &str =
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -20,6 +22,8 @@ pub const SECRET_TYPE_URL: &str =
 pub struct Resources {
     pub listeners: Vec<Listener>,
     pub route_configurations: Vec<RouteConfiguration>,
+    /// Scoped RDS: one routing scope per (listener, host), each with its RouteConfiguration inline.
+    pub scoped_route_configurations: Vec<ScopedRouteConfiguration>,
     pub clusters: Vec<Cluster>,
     pub cluster_load_assignments: Vec<ClusterLoadAssignment>,
     pub secrets: Vec<Secret>,

@@ -165,6 +165,15 @@ fn usage(pid: u32) -> (f64, f64, f64) {
     (ticks / hz, kb("VmRSS:"), kb("VmHWM:"))
 }
 
+/// The child processes of `pid` (Envoy, started by `sluice up`).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
@@ -241,6 +250,8 @@ async fn main() -> Result<()> {
     }
     let all_ready = started.elapsed();
     let (cpu_start, rss_start, _) = usage(pid);
+    let envoy = children(pid);
+    let envoy_cpu_start: f64 = envoy.iter().map(|p| usage(*p).0).sum();
 
     let mut latencies = Vec::with_capacity(args.changes);
     for k in 0..args.changes {
@@ -263,10 +274,11 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (cpu_end, rss_end, rss_peak) = usage(pid);
+    let envoy_cpu_end: f64 = envoy.iter().map(|p| usage(*p).0).sum();
     latencies.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "propagation ingresses={} changes={} xds={}: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; all Ready after {:.2} s; sluice CPU {:.2} s during changes ({:.1} ms/change), RSS {:.0} MiB (start {:.0}, peak {:.0})",
+        "propagation ingresses={} changes={} xds={}: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; all Ready after {:.2} s; sluice CPU {:.2} s during changes ({:.1} ms/change), RSS {:.0} MiB (start {:.0}, peak {:.0}); Envoy CPU {:.1} ms/change",
         args.ingresses,
         args.changes,
         args.xds_protocol,
@@ -280,6 +292,7 @@ async fn main() -> Result<()> {
         rss_end,
         rss_start,
         rss_peak,
+        (envoy_cpu_end - envoy_cpu_start) * 1000.0 / args.changes as f64,
     );
     Ok(())
 }

@@ -23,14 +23,16 @@ use envoy_types::pb::envoy::config::listener::v3::{
 };
 use envoy_types::pb::envoy::config::route::v3::{
     DirectResponseAction, HeaderMatcher, RedirectAction, Route, RouteAction, RouteConfiguration,
-    RouteMatch, VirtualHost, WeightedCluster, header_matcher, redirect_action, route, route_action,
-    route_match, weighted_cluster,
+    RouteMatch, ScopedRouteConfiguration, VirtualHost, WeightedCluster, header_matcher,
+    redirect_action, route, route_action, route_match, scoped_route_configuration,
+    weighted_cluster,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+    HttpConnectionManager, HttpFilter, Rds, ScopedRds, ScopedRoutes, http_connection_manager,
+    http_filter, scoped_routes,
 };
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CommonTlsContext, DownstreamTlsContext, TlsCertificate,
@@ -59,32 +61,93 @@ const CONNECT_TIMEOUT_SECS: i64 = 5;
 /// gateways do not limit here, the queue-proxy does.
 const UNLIMITED: u32 = 1_000_000;
 
+/// How the gateway listeners find their routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Routing {
+    /// One RouteConfiguration per listener with every virtual host (RDS): any Ingress change re-sends
+    /// and makes Envoy rebuild the whole table.
+    Whole,
+    /// Scoped RDS: one scope per (listener, host) carrying its own small RouteConfiguration inline, so
+    /// an Ingress change updates only its hosts' scopes.
+    Scoped,
+}
+
+/// Scoped routing keys scopes by the exact host, so it needs every served host to be exact: a
+/// wildcard host (`*.example.com`) or a catch-all rule (no hosts) needs Envoy's domain matching.
+fn routing(plan: &Plan) -> Routing {
+    let exact = plan
+        .vhosts
+        .iter()
+        .all(|v| !v.hosts.is_empty() && v.hosts.iter().all(|h| !h.contains('*')));
+    if exact {
+        Routing::Scoped
+    } else {
+        Routing::Whole
+    }
+}
+
+/// Each gateway listener builds scope keys of a different length (one host fragment per rank), so
+/// their scopes never collide although Envoy shares one SRDS subscription across all of them.
+fn scope_rank(listener: &str) -> usize {
+    match listener {
+        EXTERNAL_LISTENER => 1,
+        INTERNAL_LISTENER => 2,
+        _ => 3,
+    }
+}
+
 pub fn render(plan: &Plan, gateway: &GatewayConfig) -> Resources {
     let mut r = Resources::default();
+    let routing = routing(plan);
+    let tls = gateway.tls_address.filter(|_| !plan.tls_chains.is_empty());
 
-    r.listeners
-        .push(http_listener(EXTERNAL_LISTENER, gateway.external_address));
-    r.route_configurations.push(route_configuration(
+    r.listeners.push(http_listener(
         EXTERNAL_LISTENER,
-        plan.vhosts.iter().filter(|v| !v.cluster_local),
-        true,
+        gateway.external_address,
+        routing,
     ));
-    r.listeners
-        .push(http_listener(INTERNAL_LISTENER, gateway.internal_address));
-    r.route_configurations.push(route_configuration(
+    r.listeners.push(http_listener(
         INTERNAL_LISTENER,
-        plan.vhosts.iter(),
-        false,
+        gateway.internal_address,
+        routing,
     ));
-    if let Some(addr) = gateway.tls_address
-        && !plan.tls_chains.is_empty()
-    {
-        r.listeners.push(tls_listener(addr, &plan.tls_chains));
-        r.route_configurations.push(route_configuration(
+    if let Some(addr) = tls {
+        r.listeners
+            .push(tls_listener(addr, &plan.tls_chains, routing));
+    }
+    // (listener, its virtual hosts, whether plain-HTTP redirects apply)
+    let mut tables: Vec<(&str, Vec<&VirtualHostPlan>, bool)> = vec![
+        (
+            EXTERNAL_LISTENER,
+            plan.vhosts.iter().filter(|v| !v.cluster_local).collect(),
+            true,
+        ),
+        (INTERNAL_LISTENER, plan.vhosts.iter().collect(), false),
+    ];
+    if tls.is_some() {
+        tables.push((
             TLS_LISTENER,
-            plan.vhosts.iter().filter(|v| !v.cluster_local),
+            plan.vhosts.iter().filter(|v| !v.cluster_local).collect(),
             false,
         ));
+    }
+    for (listener, vhosts, plain_external) in tables {
+        match routing {
+            Routing::Whole => r.route_configurations.push(route_configuration(
+                listener,
+                vhosts.into_iter(),
+                plain_external,
+            )),
+            Routing::Scoped => {
+                for v in vhosts {
+                    let redirect = plain_external && v.redirect_plain;
+                    for host in &v.hosts {
+                        r.scoped_route_configurations
+                            .push(scope(listener, host, v, redirect));
+                    }
+                }
+            }
+        }
     }
 
     for sidecar in &plan.sidecars {
@@ -273,14 +336,46 @@ fn seconds(s: i64) -> Duration {
     }
 }
 
-fn http_connection_manager(route_config: &str) -> Filter {
-    let hcm = HttpConnectionManager {
-        stat_prefix: route_config.to_string(),
-        codec_type: http_connection_manager::CodecType::Auto as i32,
-        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+/// The authority's host without the port: `a.example.com:8080` and `a.example.com` both give
+/// `a.example.com`.
+fn host_fragment() -> scoped_routes::scope_key_builder::FragmentBuilder {
+    use scoped_routes::scope_key_builder::fragment_builder::{
+        self, HeaderValueExtractor, header_value_extractor,
+    };
+    scoped_routes::scope_key_builder::FragmentBuilder {
+        r#type: Some(fragment_builder::Type::HeaderValueExtractor(
+            HeaderValueExtractor {
+                name: ":authority".to_string(),
+                element_separator: ":".to_string(),
+                extract_type: Some(header_value_extractor::ExtractType::Index(0)),
+            },
+        )),
+    }
+}
+
+fn http_connection_manager(listener: &str, routing: Routing) -> Filter {
+    let route_specifier = match routing {
+        Routing::Whole => http_connection_manager::RouteSpecifier::Rds(Rds {
             config_source: Some(ads_source()),
-            route_config_name: route_config.to_string(),
-        })),
+            route_config_name: listener.to_string(),
+        }),
+        // A request whose host has no scope gets Envoy's 404, as an unknown host does with RDS.
+        Routing::Scoped => http_connection_manager::RouteSpecifier::ScopedRoutes(ScopedRoutes {
+            name: listener.to_string(),
+            scope_key_builder: Some(scoped_routes::ScopeKeyBuilder {
+                fragments: vec![host_fragment(); scope_rank(listener)],
+            }),
+            rds_config_source: Some(ads_source()),
+            config_specifier: Some(scoped_routes::ConfigSpecifier::ScopedRds(ScopedRds {
+                scoped_rds_config_source: Some(ads_source()),
+                ..Default::default()
+            })),
+        }),
+    };
+    let hcm = HttpConnectionManager {
+        stat_prefix: listener.to_string(),
+        codec_type: http_connection_manager::CodecType::Auto as i32,
+        route_specifier: Some(route_specifier),
         http_filters: vec![router_filter()],
         upgrade_configs: vec![http_connection_manager::UpgradeConfig {
             upgrade_type: "websocket".to_string(),
@@ -296,19 +391,19 @@ fn http_connection_manager(route_config: &str) -> Filter {
     }
 }
 
-fn http_listener(name: &str, addr: SocketAddr) -> Listener {
+fn http_listener(name: &str, addr: SocketAddr, routing: Routing) -> Listener {
     Listener {
         name: name.to_string(),
         address: Some(socket_address(addr)),
         filter_chains: vec![FilterChain {
-            filters: vec![http_connection_manager(name)],
+            filters: vec![http_connection_manager(name, routing)],
             ..Default::default()
         }],
         ..Default::default()
     }
 }
 
-fn tls_listener(addr: SocketAddr, chains: &[TlsChainPlan]) -> Listener {
+fn tls_listener(addr: SocketAddr, chains: &[TlsChainPlan], routing: Routing) -> Listener {
     Listener {
         name: TLS_LISTENER.to_string(),
         address: Some(socket_address(addr)),
@@ -319,12 +414,15 @@ fn tls_listener(addr: SocketAddr, chains: &[TlsChainPlan]) -> Listener {
             ))),
             ..Default::default()
         }],
-        filter_chains: chains.iter().map(tls_filter_chain).collect(),
+        filter_chains: chains
+            .iter()
+            .map(|c| tls_filter_chain(c, routing))
+            .collect(),
         ..Default::default()
     }
 }
 
-fn tls_filter_chain(chain: &TlsChainPlan) -> FilterChain {
+fn tls_filter_chain(chain: &TlsChainPlan, routing: Routing) -> FilterChain {
     let context = DownstreamTlsContext {
         common_tls_context: Some(CommonTlsContext {
             tls_certificates: vec![TlsCertificate {
@@ -343,7 +441,7 @@ fn tls_filter_chain(chain: &TlsChainPlan) -> FilterChain {
             server_names: chain.server_names.clone(),
             ..Default::default()
         }),
-        filters: vec![http_connection_manager(TLS_LISTENER)],
+        filters: vec![http_connection_manager(TLS_LISTENER, routing)],
         transport_socket: Some(TransportSocket {
             name: "envoy.transport_sockets.tls".to_string(),
             config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(context))),
@@ -373,12 +471,40 @@ fn route_configuration<'a>(
     }
 }
 
+/// One host's routing scope on one listener: `<listener>/<host>`, keyed by the host (repeated
+/// [`scope_rank`] times), with the host's virtual host inline.
+fn scope(listener: &str, host: &str, v: &VirtualHostPlan, redirect: bool) -> ScopedRouteConfiguration {
+    use scoped_route_configuration::key::{Fragment, fragment};
+    let name = format!("{listener}/{host}");
+    let fragment = Fragment {
+        r#type: Some(fragment::Type::StringKey(host.to_string())),
+    };
+    ScopedRouteConfiguration {
+        name: name.clone(),
+        route_configuration_name: name.clone(),
+        route_configuration: Some(RouteConfiguration {
+            name,
+            virtual_hosts: vec![virtual_host_for(v, std::slice::from_ref(&host.to_string()), redirect)],
+            ..Default::default()
+        }),
+        key: Some(scoped_route_configuration::Key {
+            fragments: vec![fragment; scope_rank(listener)],
+        }),
+        ..Default::default()
+    }
+}
+
 fn virtual_host(v: &VirtualHostPlan, redirect: bool) -> VirtualHost {
-    let domains = if v.hosts.is_empty() {
+    virtual_host_for(v, &v.hosts, redirect)
+}
+
+/// The virtual host of `v` serving `hosts` (a subset of its hosts; empty means every host).
+fn virtual_host_for(v: &VirtualHostPlan, hosts: &[String], redirect: bool) -> VirtualHost {
+    let domains = if hosts.is_empty() {
         vec!["*".to_string()]
     } else {
         // Serve authorities with a port too (`host:8080`).
-        v.hosts
+        hosts
             .iter()
             .flat_map(|h| [h.clone(), format!("{h}:*")])
             .collect()

@@ -88,11 +88,32 @@ pub struct Translation {
 
 /// Translates the whole state. Cost is linear in the number of Ingresses and backends.
 pub fn translate(state: &ClusterState, gateway: &GatewayConfig) -> Translation {
-    let plan = plan::plan(state);
-    let resources = envoy::render(&plan, gateway);
-    Translation {
-        resources,
-        ingresses: plan.outcomes,
+    Translator::new(gateway.clone()).translate(state)
+}
+
+/// [`translate`] with memory: each Ingress is re-planned only when it or an object it refers to
+/// (Service, Endpoints, EndpointSlices, Secret) changed, so a change costs about what changed. The
+/// result is always what [`translate`] gives for the same state.
+pub struct Translator {
+    gateway: GatewayConfig,
+    plans: plan::PlanCache,
+}
+
+impl Translator {
+    pub fn new(gateway: GatewayConfig) -> Self {
+        Translator {
+            gateway,
+            plans: plan::PlanCache::default(),
+        }
+    }
+
+    pub fn translate(&mut self, state: &ClusterState) -> Translation {
+        let plan = plan::plan_cached(state, &mut self.plans);
+        let resources = envoy::render(&plan, &self.gateway);
+        Translation {
+            resources,
+            ingresses: plan.outcomes,
+        }
     }
 }
 

@@ -1,11 +1,11 @@
 //! The decisions of translation, with no Envoy types: which Ingresses are served, with which virtual
 //! hosts, routes, backends and certificates, and why the others are not.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use base64::Engine;
 use sluice_api::Ingress;
-use sluice_api::core::{SERVICE_NAME_LABEL, Secret, ServicePort};
+use sluice_api::core::{EndpointSlice, Endpoints, SERVICE_NAME_LABEL, Secret, Service, ServicePort};
 use sluice_api::ingress::{
     HTTP_OPTION_REDIRECTED, HttpIngressPath, IntOrString, VISIBILITY_CLUSTER_LOCAL, insert_probe,
 };
@@ -97,6 +97,7 @@ pub struct TlsChainPlan {
 type Rejection = (&'static str, String);
 
 /// What one valid Ingress needs, before host conflicts are settled.
+#[derive(Clone)]
 struct IngressPlan {
     hash: String,
     vhosts: Vec<VirtualHostPlan>,
@@ -104,8 +105,143 @@ struct IngressPlan {
     tls_chains: Vec<TlsChainPlan>,
 }
 
+/// Each Ingress's plan from the last translation with what it was made from, so the next translation
+/// re-plans only Ingresses that changed or whose Services, Endpoints or Secrets changed.
+#[derive(Default)]
+pub struct PlanCache {
+    entries: HashMap<ObjectKey, Cached>,
+}
+
+struct Cached {
+    ingress: Ingress,
+    deps: Vec<(DepKey, DepValue)>,
+    result: Result<IngressPlan, Rejection>,
+}
+
+/// An object a plan looked up (found or not).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum DepKey {
+    /// A Service with its Endpoints or EndpointSlices.
+    Service(ObjectKey),
+    Secret(ObjectKey),
+}
+
+#[derive(Debug, PartialEq)]
+enum DepValue {
+    Service {
+        service: Option<Service>,
+        endpoints: Option<Endpoints>,
+        slices: Vec<EndpointSlice>,
+    },
+    Secret(Option<Secret>),
+}
+
+/// EndpointSlices by (namespace, Service name), built once per translation.
+type SliceIndex<'a> = HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>;
+
+fn slice_index(state: &ClusterState) -> SliceIndex<'_> {
+    let mut index: SliceIndex<'_> = HashMap::new();
+    for ((ns, _), slice) in &state.endpoint_slices {
+        if let Some(service) = slice.metadata.labels.get(SERVICE_NAME_LABEL) {
+            index
+                .entry((ns.as_str(), service.as_str()))
+                .or_default()
+                .push(slice);
+        }
+    }
+    index
+}
+
+fn dep_matches(state: &ClusterState, slices: &SliceIndex<'_>, key: &DepKey, value: &DepValue) -> bool {
+    match (key, value) {
+        (
+            DepKey::Service(k),
+            DepValue::Service {
+                service,
+                endpoints,
+                slices: old_slices,
+            },
+        ) => {
+            state.services.get(k) == service.as_ref()
+                && state.endpoints.get(k) == endpoints.as_ref()
+                && (endpoints.is_some() || {
+                    let now = slices
+                        .get(&(k.0.as_str(), k.1.as_str()))
+                        .map(Vec::as_slice)
+                        .unwrap_or(&[]);
+                    now.len() == old_slices.len() && now.iter().zip(old_slices).all(|(a, b)| *a == b)
+                })
+        }
+        (DepKey::Secret(k), DepValue::Secret(secret)) => state.secrets.get(k) == secret.as_ref(),
+        _ => false,
+    }
+}
+
+fn dep_value(state: &ClusterState, slices: &SliceIndex<'_>, key: &DepKey) -> DepValue {
+    match key {
+        DepKey::Service(k) => {
+            let endpoints = state.endpoints.get(k).cloned();
+            DepValue::Service {
+                service: state.services.get(k).cloned(),
+                slices: if endpoints.is_some() {
+                    Vec::new()
+                } else {
+                    slices
+                        .get(&(k.0.as_str(), k.1.as_str()))
+                        .map(|v| v.iter().map(|s| (*s).clone()).collect())
+                        .unwrap_or_default()
+                },
+                endpoints,
+            }
+        }
+        DepKey::Secret(k) => DepValue::Secret(state.secrets.get(k).cloned()),
+    }
+}
+
+impl PlanCache {
+    /// The Ingress's plan: the cached one while the Ingress and everything it looked up are unchanged.
+    fn plan(
+        &mut self,
+        state: &ClusterState,
+        slices: &SliceIndex<'_>,
+        key: &ObjectKey,
+        ingress: &Ingress,
+    ) -> Result<IngressPlan, Rejection> {
+        if let Some(c) = self.entries.get(key)
+            && c.ingress == *ingress
+            && c.deps.iter().all(|(k, v)| dep_matches(state, slices, k, v))
+        {
+            return c.result.clone();
+        }
+        let mut keys = BTreeSet::new();
+        let result = plan_ingress(state, ingress, &mut keys);
+        let deps = keys
+            .into_iter()
+            .map(|k| {
+                let v = dep_value(state, slices, &k);
+                (k, v)
+            })
+            .collect();
+        self.entries.insert(
+            key.clone(),
+            Cached {
+                ingress: ingress.clone(),
+                deps,
+                result: result.clone(),
+            },
+        );
+        result
+    }
+}
+
 pub fn plan(state: &ClusterState) -> Plan {
+    plan_cached(state, &mut PlanCache::default())
+}
+
+/// [`plan`], re-planning only the Ingresses `cache` cannot answer for.
+pub fn plan_cached(state: &ClusterState, cache: &mut PlanCache) -> Plan {
     let mut out = Plan::default();
+    let slices = slice_index(state);
     // Oldest first, so on a host conflict the Ingress that had the host keeps it (Knative's rule).
     let mut ingresses: Vec<(&ObjectKey, &Ingress)> = state
         .ingresses
@@ -120,7 +256,7 @@ pub fn plan(state: &ClusterState) -> Plan {
 
     let mut claimed: BTreeMap<String, ObjectKey> = BTreeMap::new();
     for (key, ingress) in ingresses {
-        let outcome = match plan_ingress(state, ingress) {
+        let outcome = match cache.plan(state, &slices, key, ingress) {
             Err((reason, message)) => IngressOutcome::Rejected {
                 reason: reason.to_string(),
                 message,
@@ -154,6 +290,7 @@ pub fn plan(state: &ClusterState) -> Plan {
         };
         out.outcomes.insert(key.clone(), outcome);
     }
+    cache.entries.retain(|k, _| out.outcomes.contains_key(k));
     out.vhosts.sort_by(|a, b| a.name.cmp(&b.name));
     dedupe_server_names(&mut out.tls_chains);
     out.sidecars = state.sidecars.values().cloned().collect();
@@ -178,7 +315,12 @@ fn dedupe_server_names(chains: &mut Vec<TlsChainPlan>) {
     chains.retain(|c| !c.server_names.is_empty());
 }
 
-fn plan_ingress(state: &ClusterState, original: &Ingress) -> Result<IngressPlan, Rejection> {
+/// Plans one Ingress, noting in `deps` every Service and Secret it looks up.
+fn plan_ingress(
+    state: &ClusterState,
+    original: &Ingress,
+    deps: &mut BTreeSet<DepKey>,
+) -> Result<IngressPlan, Rejection> {
     let ns = &original.metadata.namespace;
     let name = &original.metadata.name;
 
@@ -218,7 +360,7 @@ fn plan_ingress(state: &ClusterState, original: &Ingress) -> Result<IngressPlan,
             // Probe paths were prepended: report the index the user wrote.
             let user_index = pi % paths.len().div_ceil(2).max(1);
             let field = format!("spec.rules[{ri}].http.paths[{user_index}]");
-            routes.push(plan_route(state, path, &field, &mut clusters)?);
+            routes.push(plan_route(state, path, &field, &mut clusters, deps)?);
         }
         // Longest prefix first; stable, so probe copies stay ahead of their originals.
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
@@ -240,9 +382,11 @@ fn plan_ingress(state: &ClusterState, original: &Ingress) -> Result<IngressPlan,
             tls.secret_namespace.as_str()
         };
         let field = format!("spec.tls[{ti}]");
+        let secret_key = (secret_ns.to_string(), tls.secret_name.clone());
+        deps.insert(DepKey::Secret(secret_key.clone()));
         let secret = state
             .secrets
-            .get(&(secret_ns.to_string(), tls.secret_name.clone()))
+            .get(&secret_key)
             .ok_or_else(|| {
                 (
                     REASON_SECRET_NOT_FOUND,
@@ -272,10 +416,15 @@ fn plan_route(
     path: &HttpIngressPath,
     field: &str,
     clusters: &mut BTreeMap<String, ClusterPlan>,
+    deps: &mut BTreeSet<DepKey>,
 ) -> Result<RoutePlan, Rejection> {
     let mut backends = Vec::new();
     for (si, split) in path.splits.iter().enumerate() {
         let field = format!("{field}.splits[{si}]");
+        deps.insert(DepKey::Service((
+            split.service_namespace.clone(),
+            split.service_name.clone(),
+        )));
         let cluster = resolve_backend(
             state,
             &split.service_namespace,

@@ -83,12 +83,31 @@ fn gateway() -> GatewayConfig {
     }
 }
 
+/// The route table listener `name` serves: its RouteConfiguration, or with scoped routing the virtual
+/// hosts of all its scopes (leaked: a test's tables live as long as the test).
 fn route_config<'a>(t: &'a Translation, name: &str) -> &'a RouteConfiguration {
-    t.resources
-        .route_configurations
+    if let Some(rc) = t.resources.route_configurations.iter().find(|r| r.name == name) {
+        return rc;
+    }
+    let prefix = format!("{name}/");
+    let scopes: Vec<_> = t
+        .resources
+        .scoped_route_configurations
         .iter()
-        .find(|r| r.name == name)
-        .unwrap_or_else(|| panic!("route configuration {name}"))
+        .filter(|s| s.name.starts_with(&prefix))
+        .collect();
+    assert!(
+        t.resources.listeners.iter().any(|l| l.name == name),
+        "route configuration {name}"
+    );
+    Box::leak(Box::new(RouteConfiguration {
+        name: name.to_string(),
+        virtual_hosts: scopes
+            .iter()
+            .flat_map(|s| s.route_configuration.as_ref().unwrap().virtual_hosts.clone())
+            .collect(),
+        ..Default::default()
+    }))
 }
 
 fn vhost<'a>(rc: &'a RouteConfiguration, domain: &str) -> Option<&'a VirtualHost> {

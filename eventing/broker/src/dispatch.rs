@@ -1,0 +1,366 @@
+//! One dispatcher per Trigger: a consumer of its broker's log that reads from its committed offset,
+//! filters, delivers (with bounded parallelism, or one at a time when ordered), dead-letters what
+//! cannot be delivered, sends replies back into the broker and commits what it has finished.
+//!
+//! Delivery is at-least-once: the committed offset only passes an event once its delivery (or
+//! dead-lettering, or dropping) is over, and commits are written periodically, so a crash replays at
+//! most what was delivered since the last commit.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cloudevents::event::ExtensionValue;
+use cloudevents::{AttributesReader, Event};
+use futures::StreamExt;
+use sluice_event_filter::Filter;
+use sluice_event_log::{EventLog, Record};
+use tokio::task::JoinHandle;
+
+use crate::codec;
+use crate::config::{BrokerKey, Target};
+use crate::delivery::sender::{Endpoint, Outcome, Sender};
+use crate::delivery::{RetryPolicy, error_extensions};
+use crate::ingress::{Brokers, IngestError};
+
+/// How many records one read takes from the log.
+const READ_BATCH: usize = 256;
+/// How often the delivered offset is committed.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Everything a Trigger's dispatcher needs, resolved.
+pub struct DispatchConfig {
+    pub trigger: BrokerKey,
+    pub broker: BrokerKey,
+    pub filter: Filter,
+    pub subscriber: Target,
+    pub dead_letter: Option<Target>,
+    pub retry: RetryPolicy,
+    pub ordered: bool,
+    /// Deliveries in flight at once when unordered.
+    pub parallelism: usize,
+    /// The URL shown for a Broker target (status, knativeerrordest).
+    pub broker_url: Arc<dyn Fn(&BrokerKey) -> String + Send + Sync>,
+}
+
+/// The log consumer name of a Trigger.
+pub fn consumer_name(trigger: &BrokerKey) -> String {
+    format!("trigger/{trigger}")
+}
+
+/// A running dispatcher.
+pub struct Dispatcher {
+    task: JoinHandle<()>,
+    committer: JoinHandle<()>,
+    delivered: Arc<AtomicU64>,
+    log: Arc<dyn EventLog>,
+    consumer: String,
+}
+
+impl Dispatcher {
+    /// Starts dispatching from the consumer's committed offset; a new consumer starts at the head
+    /// (Knative: a new Trigger receives events sent after it is ready).
+    pub async fn start(
+        config: Arc<DispatchConfig>,
+        log: Arc<dyn EventLog>,
+        brokers: Arc<Brokers>,
+        sender: Sender,
+    ) -> Dispatcher {
+        let consumer = consumer_name(&config.trigger);
+        let start = match log.committed(&consumer) {
+            Some(offset) => offset,
+            None => {
+                let head = log.head();
+                if let Err(e) = log.commit(&consumer, head).await {
+                    tracing::warn!(trigger = %config.trigger, error = %e, "registering the consumer failed");
+                }
+                head
+            }
+        };
+        let delivered = Arc::new(AtomicU64::new(start));
+        let committer = tokio::spawn(commit_loop(
+            log.clone(),
+            consumer.clone(),
+            delivered.clone(),
+            start,
+        ));
+        let task = tokio::spawn(run(
+            config,
+            log.clone(),
+            brokers,
+            sender,
+            start,
+            delivered.clone(),
+        ));
+        Dispatcher {
+            task,
+            committer,
+            delivered,
+            log,
+            consumer,
+        }
+    }
+
+    /// Stops delivering and commits what was finished.
+    pub async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        self.committer.abort();
+        let _ = self.committer.await;
+        let offset = self.delivered.load(Ordering::Acquire);
+        if let Err(e) = self.log.commit(&self.consumer, offset).await {
+            tracing::warn!(consumer = %self.consumer, error = %e, "final commit failed");
+        }
+    }
+}
+
+async fn commit_loop(
+    log: Arc<dyn EventLog>,
+    consumer: String,
+    delivered: Arc<AtomicU64>,
+    mut committed: u64,
+) {
+    let mut tick = tokio::time::interval(COMMIT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let offset = delivered.load(Ordering::Acquire);
+        if offset != committed {
+            match log.commit(&consumer, offset).await {
+                Ok(()) => committed = offset,
+                Err(e) => tracing::warn!(%consumer, error = %e, "commit failed"),
+            }
+        }
+    }
+}
+
+/// Records from `from` on, waiting for new ones at the head.
+fn records(log: Arc<dyn EventLog>, from: u64) -> impl futures::Stream<Item = Record> {
+    let head = log.subscribe_head();
+    futures::stream::unfold(
+        (log, from, VecDeque::<Record>::new(), head),
+        |(log, mut next, mut buffer, mut head)| async move {
+            loop {
+                if let Some(record) = buffer.pop_front() {
+                    return Some((record, (log, next, buffer, head)));
+                }
+                match log.read(next, READ_BATCH).await {
+                    Ok(batch) if !batch.is_empty() => {
+                        next = batch.last().map(|r| r.offset + 1).unwrap_or(next);
+                        buffer.extend(batch);
+                    }
+                    Ok(_) => {
+                        if head.wait_for(|h| *h > next).await.is_err() {
+                            return None;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, offset = next, "reading the event log failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        },
+    )
+}
+
+async fn run(
+    config: Arc<DispatchConfig>,
+    log: Arc<dyn EventLog>,
+    brokers: Arc<Brokers>,
+    sender: Sender,
+    from: u64,
+    delivered: Arc<AtomicU64>,
+) {
+    let parallelism = if config.ordered {
+        1
+    } else {
+        config.parallelism.max(1)
+    };
+    records(log, from)
+        .map(|record| {
+            let config = config.clone();
+            let brokers = brokers.clone();
+            let sender = sender.clone();
+            async move {
+                let offset = record.offset;
+                deliver(&config, &brokers, &sender, record.data).await;
+                offset
+            }
+        })
+        // `buffered` runs up to `parallelism` deliveries at once and yields them in log order, so the
+        // delivered offset only moves past an event once everything before it is done.
+        .buffered(parallelism)
+        .for_each(|offset| {
+            delivered.store(offset + 1, Ordering::Release);
+            futures::future::ready(())
+        })
+        .await;
+}
+
+/// Filters and delivers one record; returns when it is delivered, dead-lettered or dropped.
+pub async fn deliver(config: &DispatchConfig, brokers: &Brokers, sender: &Sender, record: Bytes) {
+    let mut event = match codec::decode(&record) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(trigger = %config.trigger, error = %e, "unreadable log record skipped");
+            return;
+        }
+    };
+    if !config.filter.matches(&event) {
+        return;
+    }
+    // Knative: the TTL is the broker's business; the subscriber does not see it, a reply gets it back.
+    let ttl = codec::ttl(&event);
+    event.remove_extension(codec::TTL_EXTENSION);
+    let (headers, body) = codec::to_binary(&event);
+    let destination = config.subscriber.display(&*config.broker_url);
+    let outcome = match &config.subscriber {
+        Target::Http { uri, host, .. } => {
+            let mut headers = headers;
+            // Knative: every delivery asks for a reply.
+            headers.insert("prefer", http::HeaderValue::from_static("reply"));
+            sender
+                .send(
+                    Endpoint {
+                        uri,
+                        host: host.as_deref(),
+                    },
+                    &headers,
+                    body,
+                    &config.retry,
+                )
+                .await
+        }
+        Target::Broker(key) => {
+            let mut forwarded = event.clone();
+            if let Some(ttl) = ttl {
+                forwarded.set_extension(codec::TTL_EXTENSION, ExtensionValue::Integer(ttl));
+            }
+            ingest_outcome(brokers.ingest(key, vec![forwarded]).await)
+        }
+    };
+    match outcome {
+        Outcome::Delivered(response) => {
+            if codec::is_cloudevent_message(&response.headers) {
+                handle_reply(config, brokers, &event, ttl, response).await;
+            }
+        }
+        Outcome::Failed {
+            status,
+            body,
+            attempts,
+        } => {
+            tracing::info!(
+                trigger = %config.trigger, id = event.id(), %destination, ?status, attempts,
+                "delivery failed"
+            );
+            dead_letter(config, brokers, sender, &event, &destination, status, &body).await;
+        }
+    }
+}
+
+fn ingest_outcome(result: Result<usize, IngestError>) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Delivered(crate::delivery::sender::Response {
+            status: 202,
+            headers: Default::default(),
+            body: Bytes::new(),
+        }),
+        Err(IngestError::TtlExhausted) => Outcome::Delivered(crate::delivery::sender::Response {
+            status: 202,
+            headers: Default::default(),
+            body: Bytes::new(),
+        }),
+        Err(e) => Outcome::Failed {
+            status: Some(match e {
+                IngestError::UnknownBroker(_) => 404,
+                _ => 500,
+            }),
+            body: Bytes::from(e.to_string()),
+            attempts: 1,
+        },
+    }
+}
+
+async fn handle_reply(
+    config: &DispatchConfig,
+    brokers: &Brokers,
+    original: &Event,
+    ttl: Option<i64>,
+    response: crate::delivery::sender::Response,
+) {
+    let mut reply = match codec::events_from_http(&response.headers, response.body) {
+        Ok(mut events) if events.len() == 1 => events.remove(0),
+        Ok(_) => {
+            tracing::warn!(trigger = %config.trigger, "a reply must be one CloudEvent; ignored");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(trigger = %config.trigger, id = original.id(), error = %e, "invalid reply ignored");
+            return;
+        }
+    };
+    // Knative: the reply carries the TTL of the event it answers; the ingress then decrements it.
+    if let Some(ttl) = ttl {
+        reply.set_extension(codec::TTL_EXTENSION, ExtensionValue::Integer(ttl));
+    }
+    match brokers.ingest(&config.broker, vec![reply]).await {
+        Ok(_) => {}
+        Err(IngestError::TtlExhausted) => {
+            tracing::debug!(trigger = %config.trigger, "reply dropped: TTL exhausted");
+        }
+        Err(e) => tracing::warn!(trigger = %config.trigger, error = %e, "storing a reply failed"),
+    }
+}
+
+async fn dead_letter(
+    config: &DispatchConfig,
+    brokers: &Brokers,
+    sender: &Sender,
+    event: &Event,
+    destination: &str,
+    status: Option<u16>,
+    body: &[u8],
+) {
+    let Some(dls) = &config.dead_letter else {
+        tracing::warn!(trigger = %config.trigger, id = event.id(), "event dropped: no deadLetterSink");
+        return;
+    };
+    let mut dead = event.clone();
+    for (name, value) in error_extensions(destination, status, body) {
+        // Knative sets knativeerrorcode as an integer extension.
+        let value = match value.parse::<i64>() {
+            Ok(code) if name == crate::delivery::ERROR_CODE_EXTENSION => {
+                ExtensionValue::Integer(code)
+            }
+            _ => ExtensionValue::from(value),
+        };
+        dead.set_extension(&name, value);
+    }
+    let outcome = match dls {
+        Target::Http { uri, host, .. } => {
+            let (headers, body) = codec::to_binary(&dead);
+            sender
+                .send(
+                    Endpoint {
+                        uri,
+                        host: host.as_deref(),
+                    },
+                    &headers,
+                    body,
+                    &config.retry,
+                )
+                .await
+        }
+        Target::Broker(key) => ingest_outcome(brokers.ingest(key, vec![dead]).await),
+    };
+    if let Outcome::Failed { status, .. } = outcome {
+        tracing::error!(
+            trigger = %config.trigger, id = event.id(), ?status,
+            "event lost: the deadLetterSink refused it too"
+        );
+    }
+}

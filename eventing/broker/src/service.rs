@@ -1,0 +1,612 @@
+//! The broker service: the ingress server, one log per Broker, one dispatcher per Trigger, one
+//! schedule per PingSource, all changed live by [`BrokerService::apply`], and their Knative statuses.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use cloudevents::AttributesReader;
+use sluice_api::eventing::{
+    Addressable, Broker, BrokerStatus, PingSource, PingSourceStatus, Trigger, TriggerStatus,
+};
+use sluice_api::meta::Status;
+use sluice_api::{Condition, ConditionStatus};
+use sluice_event_filter::Filter;
+use sluice_event_log::{EventLog, LogOptions, SegmentLog};
+use tokio::sync::Mutex as AsyncMutex;
+use tokio::task::JoinHandle;
+
+use crate::codec;
+use crate::config::{self, BrokerKey, Delivery, EventingObjects, PingConfig, Resolver, Target};
+use crate::delivery::RetryPolicy;
+use crate::delivery::sender::{Endpoint, Outcome, Sender};
+use crate::dispatch::{DispatchConfig, Dispatcher, consumer_name};
+use crate::ingress::{self, Brokers, IngressOptions};
+use crate::ping;
+
+/// How the service runs. [`BrokerOptions::new`] gives the defaults documented on each field.
+#[derive(Debug, Clone)]
+pub struct BrokerOptions {
+    /// Each Broker's log is kept in `<data_dir>/<namespace>/<name>/`.
+    pub data_dir: PathBuf,
+    /// The ingress address (port 0 picks a free one; see [`BrokerService::local_addr`]).
+    pub listen: SocketAddr,
+    /// The base of Broker addresses in status: `<ingress_url>/<namespace>/<name>`. Default
+    /// `http://broker-ingress.knative-eventing.localhost:8080` (the gateway route to the ingress).
+    pub ingress_url: String,
+    /// Where the gateway listens, to reach Knative Services. Default 127.0.0.1:8080.
+    pub gateway: SocketAddr,
+    /// Knative Services are `<name>.<namespace>.<domain>`. Default `localhost`.
+    pub domain: String,
+    /// The port in Service URLs and Host headers. Default 8080.
+    pub public_port: u16,
+    /// Largest request body the ingress accepts (413 beyond). Default 4 MiB.
+    pub max_body_bytes: usize,
+    /// Deliveries in flight per unordered Trigger. Default 64.
+    pub parallelism: usize,
+    /// TTL given to events without one. Default 255 (Knative).
+    pub default_ttl: i64,
+    /// Options of each Broker's log.
+    pub log: LogOptions,
+}
+
+impl BrokerOptions {
+    pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {
+        BrokerOptions {
+            data_dir: data_dir.into(),
+            listen,
+            ingress_url: "http://broker-ingress.knative-eventing.localhost:8080".into(),
+            gateway: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            domain: "localhost".into(),
+            public_port: 8080,
+            max_body_bytes: 4 * 1024 * 1024,
+            parallelism: 64,
+            default_ttl: codec::DEFAULT_TTL,
+            log: LogOptions::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("broker ingress: cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The objects with their Knative status, for `sluice status`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventingStatus {
+    pub brokers: Vec<Broker>,
+    pub triggers: Vec<Trigger>,
+    pub pingsources: Vec<PingSource>,
+}
+
+struct RunningTrigger {
+    /// What the dispatcher was started with, to restart it only when something changed.
+    fingerprint: String,
+    broker: BrokerKey,
+    dispatcher: Dispatcher,
+}
+
+struct RunningPing {
+    config: PingConfig,
+    sink: Target,
+    task: JoinHandle<()>,
+}
+
+struct State {
+    brokers: HashMap<BrokerKey, config::BrokerConfig>,
+    logs: HashMap<BrokerKey, Arc<SegmentLog>>,
+    triggers: HashMap<BrokerKey, RunningTrigger>,
+    pings: HashMap<BrokerKey, RunningPing>,
+}
+
+/// The running broker.
+pub struct BrokerService {
+    options: BrokerOptions,
+    local_addr: SocketAddr,
+    brokers: Arc<Brokers>,
+    sender: Sender,
+    resolver: Resolver,
+    ingress: Mutex<Option<JoinHandle<()>>>,
+    state: AsyncMutex<State>,
+    status: Mutex<EventingStatus>,
+}
+
+impl BrokerService {
+    /// Binds the ingress and starts serving (no brokers until [`BrokerService::apply`]).
+    pub async fn start(options: BrokerOptions) -> Result<Arc<BrokerService>, ServiceError> {
+        let listener =
+            ingress::bind(options.listen)
+                .await
+                .map_err(|source| ServiceError::Bind {
+                    addr: options.listen,
+                    source,
+                })?;
+        let local_addr = listener.local_addr().map_err(|source| ServiceError::Bind {
+            addr: options.listen,
+            source,
+        })?;
+        let brokers = Arc::new(Brokers::new(options.default_ttl));
+        let ingress = tokio::spawn(ingress::serve(
+            listener,
+            brokers.clone(),
+            IngressOptions {
+                max_body_bytes: options.max_body_bytes,
+            },
+        ));
+        tracing::info!(%local_addr, "broker ingress listening");
+        Ok(Arc::new(BrokerService {
+            resolver: Resolver {
+                gateway: options.gateway,
+                domain: options.domain.clone(),
+                public_port: options.public_port,
+            },
+            options,
+            local_addr,
+            brokers,
+            sender: Sender::new(),
+            ingress: Mutex::new(Some(ingress)),
+            state: AsyncMutex::new(State {
+                brokers: HashMap::new(),
+                logs: HashMap::new(),
+                triggers: HashMap::new(),
+                pings: HashMap::new(),
+            }),
+            status: Mutex::new(EventingStatus::default()),
+        }))
+    }
+
+    /// The ingress's bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A Broker's address as shown in its status.
+    pub fn broker_url(&self, key: &BrokerKey) -> String {
+        broker_url(&self.options.ingress_url, key)
+    }
+
+    /// The statuses computed by the last [`BrokerService::apply`].
+    pub fn status(&self) -> EventingStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Makes the running set match `objects`: opens logs of new Brokers, starts, restarts or stops
+    /// Trigger dispatchers and PingSources, closes removed Brokers (their data stays on disk).
+    /// Returns the objects with their statuses.
+    pub async fn apply(&self, objects: EventingObjects) -> EventingStatus {
+        let mut state = self.state.lock().await;
+        let mut status = EventingStatus::default();
+
+        // Brokers.
+        let mut wanted_brokers = HashMap::new();
+        for b in &objects.brokers {
+            let mut out = b.clone();
+            let key = BrokerKey::new(&b.metadata.namespace, &b.metadata.name);
+            let conditions = match config::broker(b) {
+                Err(e) => vec![cond("Ready", false, "InvalidSpec", &e.to_string())],
+                Ok(c) => match self.open_log(&mut state, &key) {
+                    Err(message) => vec![cond("Ready", false, "LogFailed", &message)],
+                    Ok(()) => {
+                        let mut conds = vec![
+                            cond("Addressable", true, "", ""),
+                            cond("IngressReady", true, "", ""),
+                            cond("FilterReady", true, "", ""),
+                        ];
+                        let dls = c
+                            .delivery
+                            .as_ref()
+                            .and_then(|d| d.dead_letter_sink.as_ref());
+                        let mut dls_uri = None;
+                        if let Some(dls) = dls {
+                            match self.resolver.resolve(&key.namespace, dls) {
+                                Ok(t) => {
+                                    dls_uri = Some(t.display(&|k| self.broker_url(k)));
+                                    conds.push(cond("DeadLetterSinkResolved", true, "", ""));
+                                }
+                                Err(u) => conds.push(cond(
+                                    "DeadLetterSinkResolved",
+                                    false,
+                                    u.reason,
+                                    &u.message,
+                                )),
+                            }
+                        }
+                        let ready = conds.iter().all(|c| c.status == ConditionStatus::True);
+                        conds.push(cond("Ready", ready, "", ""));
+                        out.status = Some(BrokerStatus {
+                            status: Status::default(),
+                            address: Some(Addressable {
+                                name: Some("http".into()),
+                                url: Some(self.broker_url(&key)),
+                            }),
+                            dead_letter_sink_uri: dls_uri,
+                        });
+                        wanted_brokers.insert(key.clone(), c);
+                        conds
+                    }
+                },
+            };
+            set_conditions(
+                &mut out.status.get_or_insert_with(Default::default).status,
+                b.metadata.generation,
+                conditions,
+            );
+            status.brokers.push(out);
+        }
+        // Removed brokers: their triggers stop below; close the logs after.
+        let removed: Vec<BrokerKey> = state
+            .logs
+            .keys()
+            .filter(|k| !wanted_brokers.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in &removed {
+            self.brokers.remove(key);
+        }
+        state.brokers = wanted_brokers;
+
+        // Triggers.
+        let mut wanted_triggers = BTreeMap::new();
+        for t in &objects.triggers {
+            let mut out = t.clone();
+            let mut trigger_status = TriggerStatus::default();
+            let conditions =
+                self.plan_trigger(&state, t, &mut trigger_status, &mut wanted_triggers);
+            trigger_status.status = Status::default();
+            set_conditions(
+                &mut trigger_status.status,
+                t.metadata.generation,
+                conditions,
+            );
+            out.status = Some(trigger_status);
+            status.triggers.push(out);
+        }
+        let running: Vec<BrokerKey> = state.triggers.keys().cloned().collect();
+        for key in running {
+            let keep =
+                wanted_triggers
+                    .get(&key)
+                    .is_some_and(|(fp, _): &(String, Arc<DispatchConfig>)| {
+                        *fp == state.triggers[&key].fingerprint
+                    });
+            if !keep && let Some(old) = state.triggers.remove(&key) {
+                old.dispatcher.stop().await;
+                if !wanted_triggers.contains_key(&key)
+                    && let Some(log) = state.logs.get(&old.broker)
+                {
+                    // Knative: a deleted Trigger's subscription goes; a new one starts afresh.
+                    let _ = log.remove_consumer(&consumer_name(&key)).await;
+                }
+            }
+        }
+        for (key, (fingerprint, dispatch)) in wanted_triggers {
+            if state.triggers.contains_key(&key) {
+                continue;
+            }
+            let Some(log) = state.logs.get(&dispatch.broker).cloned() else {
+                continue;
+            };
+            let broker = dispatch.broker.clone();
+            let dispatcher = Dispatcher::start(
+                dispatch,
+                log as Arc<dyn EventLog>,
+                self.brokers.clone(),
+                self.sender.clone(),
+            )
+            .await;
+            state.triggers.insert(
+                key,
+                RunningTrigger {
+                    fingerprint,
+                    broker,
+                    dispatcher,
+                },
+            );
+        }
+        for key in removed {
+            if let Some(log) = state.logs.remove(&key)
+                && let Err(e) = log.close().await
+            {
+                tracing::warn!(broker = %key, error = %e, "closing the log failed");
+            }
+        }
+
+        // PingSources.
+        let mut wanted_pings = HashMap::new();
+        for p in &objects.pingsources {
+            let mut out = p.clone();
+            let mut ping_status = PingSourceStatus::default();
+            let conditions = match config::pingsource(p) {
+                Err(e) => vec![cond("Ready", false, "InvalidSpec", &e.to_string())],
+                Ok(c) => match self.resolver.resolve(&c.key.namespace, &c.sink) {
+                    Err(u) => vec![
+                        cond("SinkProvided", false, u.reason, &u.message),
+                        cond("Ready", false, u.reason, &u.message),
+                    ],
+                    Ok(sink) => {
+                        ping_status.sink_uri = Some(sink.display(&|k| self.broker_url(k)));
+                        wanted_pings.insert(c.key.clone(), (c, sink));
+                        vec![
+                            cond("SinkProvided", true, "", ""),
+                            cond("Deployed", true, "", ""),
+                            cond("Ready", true, "", ""),
+                        ]
+                    }
+                },
+            };
+            set_conditions(&mut ping_status.status, p.metadata.generation, conditions);
+            out.status = Some(ping_status);
+            status.pingsources.push(out);
+        }
+        let running: Vec<BrokerKey> = state.pings.keys().cloned().collect();
+        for key in running {
+            let keep = wanted_pings.get(&key).is_some_and(|(c, s)| {
+                state.pings[&key].config == *c && state.pings[&key].sink == *s
+            });
+            if !keep && let Some(old) = state.pings.remove(&key) {
+                old.task.abort();
+            }
+        }
+        for (key, (config, sink)) in wanted_pings {
+            if state.pings.contains_key(&key) {
+                continue;
+            }
+            let task = tokio::spawn(run_ping(
+                config.clone(),
+                sink.clone(),
+                self.brokers.clone(),
+                self.sender.clone(),
+            ));
+            state.pings.insert(key, RunningPing { config, sink, task });
+        }
+
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status.clone();
+        status
+    }
+
+    fn open_log(&self, state: &mut State, key: &BrokerKey) -> Result<(), String> {
+        if state.logs.contains_key(key) {
+            self.brokers.insert(key.clone(), state.logs[key].clone());
+            return Ok(());
+        }
+        let dir = self.options.data_dir.join(&key.namespace).join(&key.name);
+        let log = SegmentLog::open(&dir, self.options.log.clone())
+            .map_err(|e| format!("opening the event log in {}: {e}", dir.display()))?;
+        let log = Arc::new(log);
+        state.logs.insert(key.clone(), log.clone());
+        self.brokers.insert(key.clone(), log);
+        tracing::info!(broker = %key, dir = %dir.display(), "broker ready");
+        Ok(())
+    }
+
+    /// Validates and resolves one Trigger, adding it to `wanted` when it can run; returns its
+    /// conditions.
+    fn plan_trigger(
+        &self,
+        state: &State,
+        t: &Trigger,
+        status: &mut TriggerStatus,
+        wanted: &mut BTreeMap<BrokerKey, (String, Arc<DispatchConfig>)>,
+    ) -> Vec<Condition> {
+        let c = match config::trigger(t) {
+            Ok(c) => c,
+            Err(e) => return vec![cond("Ready", false, "InvalidSpec", &e.to_string())],
+        };
+        let filter = match Filter::compile(t.spec.filter.as_ref(), &c.filters) {
+            Ok(f) => f,
+            Err(e) => return vec![cond("Ready", false, "InvalidFilter", &e.to_string())],
+        };
+        let mut conds = Vec::new();
+        let broker = state.brokers.get(&c.broker);
+        match broker {
+            Some(_) => conds.push(cond("BrokerReady", true, "", "")),
+            None => conds.push(cond(
+                "BrokerReady",
+                false,
+                "BrokerDoesNotExist",
+                &format!("Broker {} does not exist or is not ready", c.broker),
+            )),
+        }
+        let subscriber = match self.resolver.resolve(&c.key.namespace, &c.subscriber) {
+            Ok(s) => {
+                status.subscriber_uri = Some(s.display(&|k| self.broker_url(k)));
+                conds.push(cond("SubscriberResolved", true, "", ""));
+                Some(s)
+            }
+            Err(u) => {
+                conds.push(cond("SubscriberResolved", false, u.reason, &u.message));
+                None
+            }
+        };
+        // Knative: a Trigger without delivery uses its Broker's.
+        let delivery: Delivery = c
+            .delivery
+            .clone()
+            .or_else(|| broker.and_then(|b| b.delivery.clone()))
+            .unwrap_or_default();
+        let mut dead_letter = None;
+        if let Some(dls) = &delivery.dead_letter_sink {
+            match self.resolver.resolve(&c.key.namespace, dls) {
+                Ok(t) => {
+                    status.dead_letter_sink_uri = Some(t.display(&|k| self.broker_url(k)));
+                    conds.push(cond("DeadLetterSinkResolved", true, "", ""));
+                    dead_letter = Some(t);
+                }
+                Err(u) => {
+                    conds.push(cond("DeadLetterSinkResolved", false, u.reason, &u.message));
+                }
+            }
+        }
+        let ready = conds.iter().all(|c| c.status == ConditionStatus::True);
+        if ready {
+            conds.push(cond("SubscriptionReady", true, "", ""));
+            conds.push(cond("DependencyReady", true, "", ""));
+        }
+        conds.push(cond(
+            "Ready",
+            ready,
+            if ready { "" } else { "NotReady" },
+            "",
+        ));
+        if let (true, Some(subscriber)) = (ready, subscriber) {
+            let fingerprint = format!(
+                "{:?}|{:?}|{:?}|{:?}|{}|{}|{}",
+                t.spec.filter,
+                c.filters,
+                subscriber,
+                dead_letter,
+                retry_key(&delivery.retry),
+                c.ordered,
+                c.broker
+            );
+            let ingress_url = self.options.ingress_url.clone();
+            wanted.insert(
+                c.key.clone(),
+                (
+                    fingerprint,
+                    Arc::new(DispatchConfig {
+                        trigger: c.key.clone(),
+                        broker: c.broker.clone(),
+                        filter,
+                        subscriber,
+                        dead_letter,
+                        retry: delivery.retry.clone(),
+                        ordered: c.ordered,
+                        parallelism: self.options.parallelism,
+                        broker_url: Arc::new(move |k| broker_url(&ingress_url, k)),
+                    }),
+                ),
+            );
+        }
+        conds
+    }
+
+    /// Stops PingSources and dispatchers (committing what they delivered), the ingress, and closes
+    /// the logs.
+    pub async fn shutdown(&self) {
+        if let Some(ingress) = self
+            .ingress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            ingress.abort();
+        }
+        let mut state = self.state.lock().await;
+        for (_, ping) in state.pings.drain() {
+            ping.task.abort();
+        }
+        let triggers: Vec<RunningTrigger> = state.triggers.drain().map(|(_, t)| t).collect();
+        for t in triggers {
+            t.dispatcher.stop().await;
+        }
+        for (key, log) in state.logs.drain() {
+            self.brokers.remove(&key);
+            if let Err(e) = log.close().await {
+                tracing::warn!(broker = %key, error = %e, "closing the log failed");
+            }
+        }
+    }
+}
+
+fn retry_key(r: &RetryPolicy) -> String {
+    format!("{r:?}")
+}
+
+fn broker_url(base: &str, key: &BrokerKey) -> String {
+    format!(
+        "{}/{}/{}",
+        base.trim_end_matches('/'),
+        key.namespace,
+        key.name
+    )
+}
+
+fn cond(type_: &str, ok: bool, reason: &str, message: &str) -> Condition {
+    Condition {
+        type_: type_.to_string(),
+        status: if ok {
+            ConditionStatus::True
+        } else {
+            ConditionStatus::False
+        },
+        reason: reason.to_string(),
+        message: message.to_string(),
+        ..Default::default()
+    }
+}
+
+fn set_conditions(status: &mut Status, generation: i64, conditions: Vec<Condition>) {
+    status.observed_generation = generation;
+    let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    for mut c in conditions {
+        c.last_transition_time = Some(now.clone());
+        status.set_condition(c);
+    }
+}
+
+/// Fires a PingSource on its schedule until aborted.
+async fn run_ping(config: PingConfig, sink: Target, brokers: Arc<Brokers>, sender: Sender) {
+    // Knative's ping adapter retries a send 5 times with exponential backoff from 50 ms.
+    let retry = RetryPolicy {
+        retry: 5,
+        backoff: Some((
+            crate::delivery::BackoffPolicy::Exponential,
+            Duration::from_millis(50),
+        )),
+        timeout: Some(Duration::from_secs(10)),
+        retry_after_max: None,
+    };
+    loop {
+        let now = Utc::now();
+        let Some(next) = config.schedule.next_after(now) else {
+            tracing::warn!(pingsource = %config.key, "schedule has no future firing");
+            return;
+        };
+        let wait = (next - now).to_std().unwrap_or(Duration::ZERO);
+        tokio::time::sleep(wait).await;
+        let event = ping::make_event(&config, uuid::Uuid::new_v4().to_string(), next);
+        let id = event.id().to_string();
+        let result = match &sink {
+            Target::Broker(key) => brokers
+                .ingest(key, vec![event])
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Target::Http { uri, host, .. } => {
+                let (headers, body) = codec::to_binary(&event);
+                match sender
+                    .send(
+                        Endpoint {
+                            uri,
+                            host: host.as_deref(),
+                        },
+                        &headers,
+                        body,
+                        &retry,
+                    )
+                    .await
+                {
+                    Outcome::Delivered(_) => Ok(()),
+                    Outcome::Failed { status, .. } => Err(format!("sink answered {status:?}")),
+                }
+            }
+        };
+        match result {
+            Ok(()) => tracing::debug!(pingsource = %config.key, %id, "ping sent"),
+            Err(e) => tracing::warn!(pingsource = %config.key, %id, error = %e, "ping lost"),
+        }
+    }
+}

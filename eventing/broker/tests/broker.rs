@@ -1,0 +1,794 @@
+//! The broker service end to end in one process: real HTTP producers and subscribers on 127.0.0.1,
+//! real segment logs in a temp folder.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sluice_broker::{BrokerOptions, BrokerService, EventingObjects};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// One request a subscriber received.
+#[derive(Debug, Clone)]
+struct Received {
+    path: String,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Received {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+type Behaviour = Arc<dyn Fn(usize, &Received) -> Response<Full<Bytes>> + Send + Sync>;
+
+/// A recording HTTP subscriber; `behaviour(n, request)` answers the n-th request (0-based) of a path.
+struct Subscriber {
+    addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn ok() -> Response<Full<Bytes>> {
+    Response::new(Full::new(Bytes::new()))
+}
+
+fn status(code: u16, body: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = StatusCode::from_u16(code).unwrap();
+    r
+}
+
+impl Subscriber {
+    async fn start(behaviour: Behaviour) -> Subscriber {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let log = received.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let log = log.clone();
+                let behaviour = behaviour.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let log = log.clone();
+                        let behaviour = behaviour.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.unwrap().to_bytes();
+                            let r = Received {
+                                path: parts.uri.path().to_string(),
+                                headers: parts.headers,
+                                body,
+                            };
+                            let n = {
+                                let mut log = log.lock().unwrap();
+                                let n = log.iter().filter(|x| x.path == r.path).count();
+                                log.push(r.clone());
+                                n
+                            };
+                            Ok::<_, Infallible>(behaviour(n, &r))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Subscriber {
+            addr,
+            received,
+            task,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn at(&self, path: &str) -> Vec<Received> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until `path` received at least `n` requests.
+    async fn wait(&self, path: &str, n: usize) -> Vec<Received> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let got = self.at(path);
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path}: {} of {n} requests within {WAIT:?}",
+                got.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+struct Harness {
+    service: Arc<BrokerService>,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn start(yaml: &str) -> Harness {
+        Self::start_with(yaml, |_| {}).await
+    }
+
+    async fn start_with(yaml: &str, tweak: impl FnOnce(&mut BrokerOptions)) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = BrokerOptions::new(dir.path(), "127.0.0.1:0".parse().unwrap());
+        tweak(&mut options);
+        let service = BrokerService::start(options).await.unwrap();
+        let h = Harness { service, _dir: dir };
+        h.apply(yaml).await;
+        h
+    }
+
+    async fn apply(&self, yaml: &str) -> sluice_broker::EventingStatus {
+        let objects = sluice_api::parse_documents(yaml)
+            .into_iter()
+            .map(|r| r.unwrap());
+        let status = self
+            .service
+            .apply(EventingObjects::from_objects(objects))
+            .await;
+        for t in &status.triggers {
+            let s = &t.status.as_ref().unwrap().status;
+            assert!(
+                s.condition("Ready").unwrap().status == sluice_api::ConditionStatus::True,
+                "trigger {} not ready: {:?}",
+                t.metadata.key(),
+                s.conditions
+            );
+        }
+        status
+    }
+
+    async fn post(&self, path: &str, headers: &[(&str, &str)], body: &str) -> (StatusCode, String) {
+        post(self.service.local_addr(), Method::POST, path, headers, body).await
+    }
+
+    /// Sends a binary-mode event and expects 202.
+    async fn send(&self, id: &str, ty: &str, source: &str, extra: &[(&str, &str)]) {
+        let mut headers = vec![
+            ("ce-specversion", "1.0"),
+            ("ce-id", id),
+            ("ce-type", ty),
+            ("ce-source", source),
+            ("content-type", "application/json"),
+        ];
+        headers.extend_from_slice(extra);
+        let (status, body) = self.post("/ns/default", &headers, "{\"n\":1}").await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let service = self.service.clone();
+        // Stop the service's tasks; the runtime of the test is still alive here.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move { service.shutdown().await });
+        }
+    }
+}
+
+async fn post(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (StatusCode, String) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = sender
+        .send_request(req.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+const BROKER: &str = r#"
+apiVersion: eventing.knative.dev/v1
+kind: Broker
+metadata: {name: default, namespace: ns}
+"#;
+
+fn trigger(name: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n  broker: default\n{spec}\n"
+    )
+}
+
+fn ids(received: &[Received]) -> Vec<String> {
+    received
+        .iter()
+        .map(|r| r.header("ce-id").to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn ingress_answers_as_knative_does() {
+    let h = Harness::start_with(BROKER, |o| o.max_body_bytes = 1000).await;
+    let binary = [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "1"),
+        ("ce-type", "t"),
+        ("ce-source", "/s"),
+    ];
+    assert_eq!(
+        h.post("/ns/default", &binary, "").await.0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        h.post("/ns/default/", &binary, "").await.0,
+        StatusCode::ACCEPTED
+    );
+    let structured = [("content-type", "application/cloudevents+json")];
+    let one = r#"{"specversion":"1.0","id":"2","type":"t","source":"/s","data":{"a":1}}"#;
+    assert_eq!(
+        h.post("/ns/default", &structured, one).await.0,
+        StatusCode::ACCEPTED
+    );
+    let batch = [("content-type", "application/cloudevents-batch+json")];
+    assert_eq!(
+        h.post("/ns/default", &batch, &format!("[{one},{one}]"))
+            .await
+            .0,
+        StatusCode::ACCEPTED
+    );
+
+    let (code, message) = h.post("/ns/default", &binary[..3], "").await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert!(message.contains("source"), "{message}");
+    let bad_time = [binary.as_slice(), &[("ce-time", "noon")]].concat();
+    assert_eq!(
+        h.post("/ns/default", &bad_time, "").await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        h.post("/ns/other", &binary, "").await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(h.post("/", &binary, "").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(h.post("/ns", &binary, "").await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        h.post("/ns/default", &binary, &"x".repeat(2000)).await.0,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    let addr = h.service.local_addr();
+    assert_eq!(
+        post(addr, Method::GET, "/ns/default", &[], "").await.0,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    assert_eq!(
+        post(addr, Method::OPTIONS, "/ns/default", &[], "").await.0,
+        StatusCode::OK
+    );
+
+    // Brokers come and go live.
+    h.apply(&format!(
+        "{BROKER}---\n{}",
+        BROKER.replace("default", "second")
+    ))
+    .await;
+    assert_eq!(
+        h.post("/ns/second", &binary, "").await.0,
+        StatusCode::ACCEPTED
+    );
+    let status = h.apply(BROKER).await;
+    assert_eq!(
+        h.post("/ns/second", &binary, "").await.0,
+        StatusCode::NOT_FOUND
+    );
+    let url = status.brokers[0]
+        .status
+        .as_ref()
+        .unwrap()
+        .address
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        url.url.as_deref(),
+        Some("http://broker-ingress.knative-eventing.localhost:8080/ns/default")
+    );
+}
+
+#[tokio::test]
+async fn filters_of_every_dialect_select_events() {
+    let sub = Subscriber::start(Arc::new(|_, _| ok())).await;
+    let mut yaml = BROKER.to_string();
+    let cases = [
+        ("all-events", ""),
+        (
+            "attributes",
+            "  filter: {attributes: {type: order.created}}",
+        ),
+        ("exact", "  filters: [{exact: {type: order.created}}]"),
+        ("prefix", "  filters: [{prefix: {type: order.}}]"),
+        ("suffix", "  filters: [{suffix: {source: /eu}}]"),
+        (
+            "all",
+            "  filters: [{all: [{prefix: {type: order.}}, {suffix: {source: /eu}}]}]",
+        ),
+        (
+            "any",
+            "  filters: [{any: [{exact: {type: order.created}}, {exact: {type: user.deleted}}]}]",
+        ),
+        ("not", "  filters: [{not: {prefix: {type: order.}}}]"),
+        (
+            "cesql",
+            "  filters: [{cesql: \"region = 'eu' AND type LIKE 'order.%'\"}]",
+        ),
+    ];
+    for (name, spec) in cases {
+        yaml.push_str(&trigger(
+            name,
+            &format!(
+                "{spec}\n  subscriber: {{uri: \"{}\"}}",
+                sub.url(&format!("/{name}"))
+            ),
+        ));
+    }
+    let h = Harness::start(&yaml).await;
+    h.send("1", "order.created", "/shop/eu", &[("ce-region", "eu")])
+        .await;
+    h.send("2", "order.paid", "/shop/us", &[("ce-region", "us")])
+        .await;
+    h.send("3", "user.deleted", "/users/eu", &[]).await;
+
+    let want: [(&str, &[&str]); 9] = [
+        ("all-events", &["1", "2", "3"]),
+        ("attributes", &["1"]),
+        ("exact", &["1"]),
+        ("prefix", &["1", "2"]),
+        ("suffix", &["1", "3"]),
+        ("all", &["1"]),
+        ("any", &["1", "3"]),
+        ("not", &["3"]),
+        ("cesql", &["1"]),
+    ];
+    // Every trigger sees every event; wait for the one that gets all three, then the rest is done
+    // once each has its count.
+    for (name, expected) in want {
+        let got = sub.wait(&format!("/{name}"), expected.len()).await;
+        let mut got = ids(&got);
+        got.sort();
+        assert_eq!(got, expected, "trigger {name}");
+    }
+    // The subscriber sees binary mode, no TTL, and Prefer: reply.
+    let r = &sub.at("/exact")[0];
+    assert_eq!(r.header("ce-type"), "order.created");
+    assert_eq!(r.header("ce-region"), "eu");
+    assert_eq!(r.header("content-type"), "application/json");
+    assert_eq!(r.header("prefer"), "reply");
+    assert!(r.headers.get("ce-knativebrokerttl").is_none());
+    assert_eq!(r.body, "{\"n\":1}");
+}
+
+#[tokio::test]
+async fn failed_deliveries_are_retried_until_success() {
+    let sub = Subscriber::start(Arc::new(
+        |n, _| {
+            if n < 2 { status(503, "busy") } else { ok() }
+        },
+    ))
+    .await;
+    let yaml = format!(
+        "{BROKER}{}",
+        trigger(
+            "t",
+            &format!(
+                "  subscriber: {{uri: \"{}\"}}\n  delivery: {{retry: 3, backoffPolicy: linear, backoffDelay: PT0.05S, deadLetterSink: {{uri: \"{}\"}}}}",
+                sub.url("/sub"),
+                sub.url("/dls")
+            )
+        )
+    );
+    let h = Harness::start(&yaml).await;
+    h.send("1", "t", "/s", &[]).await;
+    let got = sub.wait("/sub", 3).await;
+    assert_eq!(ids(&got), ["1", "1", "1"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(sub.at("/dls").is_empty(), "delivered on the third attempt");
+    assert_eq!(sub.at("/sub").len(), 3);
+}
+
+#[tokio::test]
+async fn exhausted_retries_go_to_the_dead_letter_sink_with_error_extensions() {
+    let sub = Subscriber::start(Arc::new(|_, r| {
+        if r.path == "/sub" {
+            status(500, "boom")
+        } else {
+            ok()
+        }
+    }))
+    .await;
+    let yaml = format!(
+        "{BROKER}{}{}",
+        trigger(
+            "t",
+            &format!(
+                "  subscriber: {{uri: \"{}\"}}\n  delivery: {{retry: 2, deadLetterSink: {{uri: \"{}\"}}}}",
+                sub.url("/sub"),
+                sub.url("/dls")
+            )
+        ),
+        // No response at all (connection refused): retried, then dead-lettered.
+        trigger(
+            "refused",
+            &format!(
+                "  subscriber: {{uri: \"{}\"}}\n  delivery: {{retry: 5, deadLetterSink: {{uri: \"{}\"}}}}",
+                "http://127.0.0.1:1/nowhere",
+                sub.url("/dls-unreachable")
+            )
+        ),
+    );
+    let h = Harness::start(&yaml).await;
+    h.send("1", "t", "/s", &[]).await;
+    let dead = sub.wait("/dls", 1).await;
+    assert_eq!(sub.at("/sub").len(), 3, "first attempt and 2 retries");
+    let d = &dead[0];
+    assert_eq!(d.header("ce-id"), "1");
+    assert_eq!(d.header("ce-knativeerrordest"), sub.url("/sub"));
+    assert_eq!(d.header("ce-knativeerrorcode"), "500");
+    assert_eq!(d.header("ce-knativeerrordata"), "Ym9vbQ==");
+    // No response at all (connection refused): code 500 and Knative's "dispatch error" data.
+    let unreachable = sub.wait("/dls-unreachable", 1).await;
+    assert_eq!(unreachable[0].header("ce-knativeerrorcode"), "500");
+    assert_eq!(
+        unreachable[0].header("ce-knativeerrordest"),
+        "http://127.0.0.1:1/nowhere"
+    );
+}
+
+#[tokio::test]
+async fn client_errors_are_not_retried() {
+    let sub = Subscriber::start(Arc::new(|_, r| {
+        if r.path == "/sub" {
+            status(400, "no")
+        } else {
+            ok()
+        }
+    }))
+    .await;
+    let yaml = format!(
+        "{BROKER}{}",
+        trigger(
+            "t",
+            &format!(
+                "  subscriber: {{uri: \"{}\"}}\n  delivery: {{retry: 4, deadLetterSink: {{uri: \"{}\"}}}}",
+                sub.url("/sub"),
+                sub.url("/dls")
+            )
+        )
+    );
+    let h = Harness::start(&yaml).await;
+    h.send("1", "t", "/s", &[]).await;
+    let dead = sub.wait("/dls", 1).await;
+    assert_eq!(dead[0].header("ce-knativeerrorcode"), "400");
+    assert_eq!(sub.at("/sub").len(), 1);
+}
+
+fn reply_event(ty: &str, id: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(b"{\"reply\":true}")));
+    let h = r.headers_mut();
+    h.insert("ce-specversion", "1.0".parse().unwrap());
+    h.insert("ce-id", id.parse().unwrap());
+    h.insert("ce-type", ty.parse().unwrap());
+    h.insert("ce-source", "/replier".parse().unwrap());
+    h.insert("content-type", "application/json".parse().unwrap());
+    r
+}
+
+#[tokio::test]
+async fn replies_go_back_into_the_broker() {
+    let sub = Subscriber::start(Arc::new(|_, r| {
+        if r.path == "/replier" {
+            reply_event("greeting.reply", "r-1")
+        } else {
+            ok()
+        }
+    }))
+    .await;
+    let yaml = format!(
+        "{BROKER}{}{}",
+        trigger(
+            "replier",
+            &format!(
+                "  filter: {{attributes: {{type: greeting}}}}\n  subscriber: {{uri: \"{}\"}}",
+                sub.url("/replier")
+            )
+        ),
+        trigger(
+            "replies",
+            &format!(
+                "  filter: {{attributes: {{type: greeting.reply}}}}\n  subscriber: {{uri: \"{}\"}}",
+                sub.url("/replies")
+            )
+        ),
+    );
+    let h = Harness::start(&yaml).await;
+    h.send("1", "greeting", "/s", &[]).await;
+    let got = sub.wait("/replies", 1).await;
+    assert_eq!(got[0].header("ce-id"), "r-1");
+    assert_eq!(got[0].header("ce-source"), "/replier");
+    assert_eq!(got[0].body, "{\"reply\":true}");
+}
+
+#[tokio::test]
+async fn ttl_stops_a_reply_loop() {
+    // Every event is answered with a new event of the same type: without the TTL it would loop forever.
+    let sub = Subscriber::start(Arc::new(|n, _| reply_event("loop", &format!("r-{n}")))).await;
+    let yaml = format!(
+        "{BROKER}{}",
+        trigger(
+            "t",
+            &format!("  subscriber: {{uri: \"{}\"}}", sub.url("/loop"))
+        )
+    );
+    let h = Harness::start_with(&yaml, |o| o.default_ttl = 5).await;
+    h.send("1", "loop", "/s", &[]).await;
+    // TTL 5 at the ingress, then 4, 3, 2, 1 for the replies; the reply at 0 is dropped.
+    sub.wait("/loop", 5).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sub.at("/loop").len(), 5);
+}
+
+#[tokio::test]
+async fn ordered_trigger_delivers_in_log_order_one_at_a_time() {
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let overlap = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (f, o) = (in_flight.clone(), overlap.clone());
+    let sub = Subscriber::start(Arc::new(move |n, _| {
+        use std::sync::atomic::Ordering::SeqCst;
+        if f.fetch_add(1, SeqCst) > 0 {
+            o.store(true, SeqCst);
+        }
+        // Uneven service times would reorder an unordered trigger.
+        std::thread::sleep(Duration::from_millis(if n % 3 == 0 { 15 } else { 1 }));
+        f.fetch_sub(1, SeqCst);
+        ok()
+    }))
+    .await;
+    let yaml = format!(
+        "{BROKER}{}",
+        trigger(
+            "t",
+            &format!("  subscriber: {{uri: \"{}\"}}", sub.url("/o"))
+        )
+        .replace(
+            "namespace: ns}",
+            "namespace: ns, annotations: {kafka.eventing.knative.dev/delivery.order: ordered}}"
+        )
+    );
+    let h = Harness::start(&yaml).await;
+    let sent: Vec<String> = (0..40).map(|i| format!("e{i}")).collect();
+    for id in &sent {
+        h.send(id, "t", "/s", &[]).await;
+    }
+    let got = sub.wait("/o", sent.len()).await;
+    assert_eq!(ids(&got), sent);
+    assert!(!overlap.load(std::sync::atomic::Ordering::SeqCst));
+}
+
+#[tokio::test]
+async fn unordered_trigger_delivers_everything() {
+    let sub = Subscriber::start(Arc::new(|_, _| ok())).await;
+    let yaml = format!(
+        "{BROKER}{}",
+        trigger(
+            "t",
+            &format!("  subscriber: {{uri: \"{}\"}}", sub.url("/u"))
+        )
+    );
+    let h = Harness::start(&yaml).await;
+    let mut sent: Vec<String> = (0..200).map(|i| format!("e{i:03}")).collect();
+    let batch: Vec<String> = sent
+        .iter()
+        .map(|id| format!(r#"{{"specversion":"1.0","id":"{id}","type":"t","source":"/s"}}"#))
+        .collect();
+    let (code, body) = h
+        .post(
+            "/ns/default",
+            &[("content-type", "application/cloudevents-batch+json")],
+            &format!("[{}]", batch.join(",")),
+        )
+        .await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{body}");
+    let mut got = ids(&sub.wait("/u", sent.len()).await);
+    got.sort();
+    sent.sort();
+    assert_eq!(got, sent);
+}
+
+#[tokio::test]
+async fn removed_trigger_stops_receiving() {
+    let sub = Subscriber::start(Arc::new(|_, _| ok())).await;
+    let t = trigger(
+        "t",
+        &format!("  subscriber: {{uri: \"{}\"}}", sub.url("/r")),
+    );
+    let h = Harness::start(&format!("{BROKER}{t}")).await;
+    h.send("1", "t", "/s", &[]).await;
+    sub.wait("/r", 1).await;
+    h.apply(BROKER).await;
+    h.send("2", "t", "/s", &[]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ids(&sub.at("/r")), ["1"]);
+}
+
+#[tokio::test]
+async fn pingsource_fires_on_schedule_to_a_uri_and_to_a_broker() {
+    let sub = Subscriber::start(Arc::new(|_, _| ok())).await;
+    let yaml = format!(
+        r#"{BROKER}{}---
+apiVersion: sources.knative.dev/v1
+kind: PingSource
+metadata: {{name: direct, namespace: ns}}
+spec:
+  schedule: "* * * * * *"
+  contentType: application/json
+  data: '{{"message": "hello"}}'
+  ceOverrides: {{extensions: {{team: blue}}}}
+  sink: {{uri: "{}"}}
+---
+apiVersion: sources.knative.dev/v1
+kind: PingSource
+metadata: {{name: via-broker, namespace: ns}}
+spec:
+  schedule: "* * * * * *"
+  timezone: Europe/Paris
+  sink:
+    ref: {{apiVersion: eventing.knative.dev/v1, kind: Broker, name: default}}
+"#,
+        trigger(
+            "pings",
+            &format!(
+                "  filter: {{attributes: {{type: dev.knative.sources.ping}}}}\n  subscriber: {{uri: \"{}\"}}",
+                sub.url("/from-broker")
+            )
+        ),
+        sub.url("/direct"),
+    );
+    let h = Harness::start(&yaml).await;
+    let direct = sub.wait("/direct", 2).await;
+    let p = &direct[0];
+    assert_eq!(p.header("ce-type"), "dev.knative.sources.ping");
+    assert_eq!(
+        p.header("ce-source"),
+        "/apis/v1/namespaces/ns/pingsources/direct"
+    );
+    assert_eq!(p.header("ce-team"), "blue");
+    assert_eq!(p.header("content-type"), "application/json");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&p.body).unwrap(),
+        serde_json::json!({"message": "hello"})
+    );
+    assert_ne!(direct[0].header("ce-id"), direct[1].header("ce-id"));
+    let via = sub.wait("/from-broker", 1).await;
+    assert_eq!(
+        via[0].header("ce-source"),
+        "/apis/v1/namespaces/ns/pingsources/via-broker"
+    );
+    let status = h.service.status();
+    let ping = status
+        .pingsources
+        .iter()
+        .find(|p| p.metadata.name == "direct")
+        .unwrap();
+    assert_eq!(
+        ping.status.as_ref().unwrap().sink_uri.as_deref(),
+        Some(sub.url("/direct").as_str())
+    );
+}
+
+#[tokio::test]
+async fn events_survive_a_restart_and_resume_from_the_committed_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = Subscriber::start(Arc::new(|_, _| ok())).await;
+    let yaml = format!(
+        "{BROKER}{}",
+        trigger(
+            "t",
+            &format!("  subscriber: {{uri: \"{}\"}}", sub.url("/p"))
+        )
+    );
+    let objects = || {
+        EventingObjects::from_objects(
+            sluice_api::parse_documents(&yaml)
+                .into_iter()
+                .map(|r| r.unwrap()),
+        )
+    };
+    let options = BrokerOptions::new(dir.path(), "127.0.0.1:0".parse().unwrap());
+    let first = BrokerService::start(options.clone()).await.unwrap();
+    first.apply(objects()).await;
+    let binary = |id: &'static str| {
+        [
+            ("ce-specversion", "1.0"),
+            ("ce-id", id),
+            ("ce-type", "t"),
+            ("ce-source", "/s"),
+        ]
+    };
+    let addr = first.local_addr();
+    assert_eq!(
+        post(addr, Method::POST, "/ns/default", &binary("1"), "")
+            .await
+            .0,
+        StatusCode::ACCEPTED
+    );
+    sub.wait("/p", 1).await;
+    first.shutdown().await;
+    drop(first);
+
+    let second = BrokerService::start(options).await.unwrap();
+    second.apply(objects()).await;
+    assert_eq!(
+        post(
+            second.local_addr(),
+            Method::POST,
+            "/ns/default",
+            &binary("2"),
+            ""
+        )
+        .await
+        .0,
+        StatusCode::ACCEPTED
+    );
+    let got = sub.wait("/p", 2).await;
+    assert_eq!(
+        ids(&got),
+        ["1", "2"],
+        "event 1 was committed before the restart"
+    );
+    second.shutdown().await;
+}

@@ -1,0 +1,242 @@
+//! What to run for one revision: the runtime's own input types. The serving controller maps Knative's
+//! first container (command, args, env, workingDir, readinessProbe) into these.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::RuntimeError;
+
+/// How to start one instance of a revision, and how to tell it is ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchSpec {
+    /// The container's `command` (program first). Must not be empty.
+    pub command: Vec<String>,
+    /// The container's `args`, appended after `command[1..]`.
+    pub args: Vec<String>,
+    /// The container's `env`, in order. `PORT` and `K_*` are set by the runtime and override these
+    /// (Knative's webhook rejects them as reserved names anyway).
+    pub env: Vec<(String, String)>,
+    /// The container's `workingDir`; `None` runs in the runtime's current directory.
+    pub working_dir: Option<PathBuf>,
+    /// `K_SERVICE`: the Service owning the revision (empty for a bare Configuration).
+    pub service: String,
+    /// `K_CONFIGURATION`.
+    pub configuration: String,
+    /// `K_REVISION`.
+    pub revision: String,
+    /// The container's readinessProbe (Knative's default: TCP on PORT, see [`Probe::default`]).
+    pub readiness: Probe,
+    /// Time between SIGTERM and SIGKILL. Knative sets the pod's `terminationGracePeriodSeconds` to the
+    /// revision's `timeoutSeconds` (deploy.go `makePodSpec`), so map that here.
+    pub grace_period: Duration,
+}
+
+impl LaunchSpec {
+    /// A spec with Knative's defaults: TCP readiness on PORT and a 300 s grace period (Knative's default
+    /// revision `timeoutSeconds`, which becomes the pod's termination grace period).
+    pub fn new(
+        command: Vec<String>,
+        service: impl Into<String>,
+        configuration: impl Into<String>,
+        revision: impl Into<String>,
+    ) -> Self {
+        LaunchSpec {
+            command,
+            args: Vec::new(),
+            env: Vec::new(),
+            working_dir: None,
+            service: service.into(),
+            configuration: configuration.into(),
+            revision: revision.into(),
+            readiness: Probe::default(),
+            // Knative: revision-timeout-seconds defaults to 300 and is the termination grace period.
+            grace_period: Duration::from_secs(300),
+        }
+    }
+
+    /// The program and its full argument list (`command[1..]` then `args`).
+    pub fn argv(&self) -> (&str, Vec<&str>) {
+        let program = self.command.first().map(String::as_str).unwrap_or("");
+        let rest = self
+            .command
+            .iter()
+            .skip(1)
+            .chain(self.args.iter())
+            .map(String::as_str)
+            .collect();
+        (program, rest)
+    }
+
+    /// Checks what the runtime cannot run.
+    pub fn validate(&self) -> Result<(), RuntimeError> {
+        let fail = |reason: &str| RuntimeError::InvalidSpec {
+            revision: self.revision.clone(),
+            reason: reason.to_string(),
+        };
+        if self.command.first().is_none_or(|c| c.is_empty()) {
+            return Err(fail(
+                "command is empty: the local runtime needs the container's `command` (program to run)",
+            ));
+        }
+        if self.revision.is_empty() {
+            return Err(fail("revision name is empty (needed for K_REVISION)"));
+        }
+        if self.readiness.success_threshold == 0 {
+            return Err(fail("readinessProbe.successThreshold must be at least 1"));
+        }
+        if self.readiness.failure_threshold == 0 {
+            return Err(fail("readinessProbe.failureThreshold must be at least 1"));
+        }
+        if let ProbeAction::Exec { command } = &self.readiness.action
+            && command.first().is_none_or(|c| c.is_empty())
+        {
+            return Err(fail("readinessProbe.exec.command is empty"));
+        }
+        if let ProbeAction::Http { path, .. } = &self.readiness.action
+            && !path.is_empty()
+            && !path.starts_with('/')
+        {
+            return Err(fail("readinessProbe.httpGet.path must start with '/'"));
+        }
+        Ok(())
+    }
+}
+
+/// What a readiness probe does. Always against the instance's own PORT on 127.0.0.1 (Knative probes the
+/// user container's port; a probe `port` other than the container port is not supported locally).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ProbeAction {
+    /// Open a TCP connection to PORT. Knative's default (`tcpSocket: {}`).
+    #[default]
+    Tcp,
+    /// `GET path` over plain HTTP/1.1 to PORT; 200..=399 is success (Kubernetes and Knative).
+    Http {
+        path: String,
+        headers: Vec<(String, String)>,
+    },
+    /// Run a command (with the instance's env and working dir); exit status 0 is success.
+    Exec { command: Vec<String> },
+}
+
+/// A readiness probe (Kubernetes `Probe` fields the runtime uses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub action: ProbeAction,
+    /// `initialDelaySeconds`.
+    pub initial_delay: Duration,
+    /// `periodSeconds`; `None` means `periodSeconds: 0`, Knative's "aggressive" probing: probe fast until
+    /// the first success, then steadily (see [`crate::ProbeTiming::startup_interval`]).
+    pub period: Option<Duration>,
+    /// `timeoutSeconds` for one attempt (steady-state probing).
+    pub timeout: Duration,
+    /// `successThreshold`: consecutive successes to become Ready.
+    pub success_threshold: u32,
+    /// `failureThreshold`: consecutive failures to become NotReady again.
+    pub failure_threshold: u32,
+}
+
+impl Default for Probe {
+    /// Knative's defaulted readiness probe (revision_defaults.go `applyProbes`): `tcpSocket: {}`,
+    /// `successThreshold: 1`, `periodSeconds: 0` (aggressive); Kubernetes' `failureThreshold: 3` and
+    /// `timeoutSeconds: 1` for the steady state after the first success.
+    fn default() -> Self {
+        Probe {
+            action: ProbeAction::Tcp,
+            initial_delay: Duration::ZERO,
+            period: None,
+            timeout: Duration::from_secs(1),
+            success_threshold: 1,
+            failure_threshold: 3,
+        }
+    }
+}
+
+impl Probe {
+    /// An HTTP GET probe on `path`, otherwise Knative's defaults.
+    pub fn http(path: impl Into<String>) -> Self {
+        Probe {
+            action: ProbeAction::Http {
+                path: path.into(),
+                headers: Vec::new(),
+            },
+            ..Probe::default()
+        }
+    }
+
+    /// An exec probe running `command`, otherwise Knative's defaults.
+    pub fn exec(command: Vec<String>) -> Self {
+        Probe {
+            action: ProbeAction::Exec { command },
+            ..Probe::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(command: &[&str]) -> LaunchSpec {
+        LaunchSpec::new(
+            command.iter().map(|s| s.to_string()).collect(),
+            "svc",
+            "svc",
+            "svc-00001",
+        )
+    }
+
+    #[test]
+    fn argv_is_command_then_args() {
+        let mut s = spec(&["python3", "-u"]);
+        s.args = vec!["app.py".into(), "--x".into()];
+        assert_eq!(s.argv(), ("python3", vec!["-u", "app.py", "--x"]));
+    }
+
+    #[test]
+    fn validation_names_what_to_fix() {
+        let cases: Vec<(LaunchSpec, Option<&str>)> = vec![
+            (spec(&["sleep", "1"]), None),
+            (spec(&[]), Some("command is empty")),
+            (spec(&[""]), Some("command is empty")),
+            (
+                LaunchSpec {
+                    readiness: Probe {
+                        success_threshold: 0,
+                        ..Probe::default()
+                    },
+                    ..spec(&["x"])
+                },
+                Some("successThreshold"),
+            ),
+            (
+                LaunchSpec {
+                    readiness: Probe::exec(vec![]),
+                    ..spec(&["x"])
+                },
+                Some("exec.command"),
+            ),
+            (
+                LaunchSpec {
+                    readiness: Probe::http("healthz"),
+                    ..spec(&["x"])
+                },
+                Some("start with '/'"),
+            ),
+        ];
+        for (s, want) in cases {
+            match (s.validate(), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(w)) => assert!(e.to_string().contains(w), "{e} should mention {w}"),
+                (got, want) => panic!("{:?}: got {got:?}, want {want:?}", s.command),
+            }
+        }
+    }
+
+    #[test]
+    fn default_probe_is_knatives_tcp_aggressive() {
+        let p = Probe::default();
+        assert_eq!(p.action, ProbeAction::Tcp);
+        assert_eq!(p.period, None);
+        assert_eq!(p.success_threshold, 1);
+    }
+}

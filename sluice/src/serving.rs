@@ -1,0 +1,731 @@
+//! The serving plane of `sluice up`: wires Knative Serving's controller (`sluice-serving`), the process
+//! runtime, the autoscaler and the activator, and hands the xds-server the state they imply.
+//!
+//! It is a [`StateSource`] wrapped around the folder source: the folder's Knative objects go through
+//! [`sluice_serving::reconcile`]; the KIngresses, the per-revision Services and their Endpoints (the
+//! instances' sidecar listeners when the autoscaler says serve, else the activator), and one sidecar per
+//! instance are added to what the folder gave, and the whole is published to the xds controller. It
+//! re-syncs whenever the folder, the runtime's instances, the autoscaler's decisions or the KIngress
+//! statuses change.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use sluice_activator::{Activator, ActivatorOptions, ActivatorTasks, RevisionConfig};
+use sluice_api::Object;
+use sluice_api::autoscaling::RevisionKey;
+use sluice_api::core::{
+    ConfigMap, EndpointAddress, EndpointPort, EndpointSubset, Endpoints, Service as CoreService,
+};
+use sluice_api::ingress::Ingress;
+use sluice_api::serving::{self, Revision};
+use sluice_autoscaler::{
+    AutoscalerConfig, AutoscalerService, Mode, RevisionScaling, ScaleError, Scaler, ServiceOptions,
+};
+use sluice_runtime::{
+    InstanceState, LaunchSpec, ProbeAction, ProcessRuntime, RuntimeOptions, RuntimeSnapshot,
+};
+use sluice_serving::{
+    KNATIVE_SERVING_NAMESPACE, ReconcileInput, RevisionFacts, RevisionHealth, ServingConfig,
+    ServingState, reconcile,
+};
+use sluice_xds_server::controller::StatusReport;
+use sluice_xds_server::source::folder::FolderSource;
+use sluice_xds_server::source::{SourceError, SourceSnapshot, StateSource};
+use sluice_xds_server::state::InstanceSidecar;
+
+/// The ConfigMap of Knative's autoscaler settings (namespace knative-serving).
+const CONFIG_AUTOSCALER: &str = "config-autoscaler";
+/// Restarts without ever getting ready after which a revision is reported failed.
+const FAILED_AFTER_RESTARTS: u32 = 3;
+
+/// How the serving plane runs.
+pub struct ServingOptions {
+    /// The folder `sluice up` serves: a container's relative `workingDir` is taken from here.
+    pub dir: PathBuf,
+    /// Instance logs and other runtime files.
+    pub state_dir: PathBuf,
+    /// Where the activator listens (Envoy sends a revision's requests there while it has no capacity).
+    pub activator: tokio::net::TcpListener,
+    /// Envoy's admin address, where the autoscaler scrapes the queue-proxy filter's metrics.
+    pub envoy_admin: SocketAddr,
+    /// The address instance-side listeners bind to.
+    pub address: IpAddr,
+    /// Why instances cannot run, when the queue-proxy filter is not built.
+    pub wasm_missing: Option<String>,
+    /// The gateway's external port, shown in Service URLs unless it is 80.
+    pub external_port: u16,
+}
+
+/// What `sluice status` shows of serving: Knative's objects with their status.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ServingReport {
+    pub services: Vec<serving::Service>,
+    pub configurations: Vec<serving::Configuration>,
+    pub revisions: Vec<RevisionReport>,
+    pub routes: Vec<serving::Route>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionReport {
+    #[serde(flatten)]
+    pub revision: Revision,
+    /// Instances the autoscaler asked for, and the ones running and ready.
+    pub desired_instances: u32,
+    pub ready_instances: u32,
+    /// Whether requests go through the activator (Proxy) or straight to the instances (Serve).
+    pub mode: String,
+}
+
+/// A revision the runtime, the autoscaler and the activator know about.
+struct Launched {
+    container_concurrency: u32,
+    timeout_seconds: u64,
+    service: String,
+    http2: bool,
+    /// The port name of the revision's core Service (the Endpoints must use it).
+    port_name: String,
+    activator_config: Option<RevisionConfig>,
+    confirmed: Option<Mode>,
+}
+
+struct PlaneState {
+    serving: ServingState,
+    launched: BTreeMap<RevisionKey, Launched>,
+    /// Instance name -> its sidecar listener's port; kept while the instance lives.
+    sidecar_ports: BTreeMap<String, u16>,
+}
+
+pub struct ServingPlane {
+    runtime: Arc<ProcessRuntime>,
+    autoscaler: AutoscalerService,
+    activator: Activator,
+    _activator_tasks: ActivatorTasks,
+    activator_addr: SocketAddr,
+    dir: PathBuf,
+    address: IpAddr,
+    wasm_missing: Option<String>,
+    external_port: u16,
+    state: Mutex<PlaneState>,
+    report: watch::Sender<ServingReport>,
+}
+
+struct RuntimeScaler(Arc<ProcessRuntime>);
+
+impl Scaler for RuntimeScaler {
+    fn scale(&self, revision: &RevisionKey, desired: u32) -> BoxFuture<'_, Result<(), ScaleError>> {
+        let result = self.0.scale(revision, desired).map_err(|e| ScaleError {
+            revision: revision.clone(),
+            desired,
+            message: e.to_string(),
+        });
+        async move { result }.boxed()
+    }
+}
+
+impl ServingPlane {
+    /// Starts the runtime, the autoscaler and the activator (serving on `options.activator`).
+    pub fn start(
+        options: ServingOptions,
+    ) -> anyhow::Result<(Arc<ServingPlane>, watch::Receiver<ServingReport>)> {
+        let runtime = Arc::new(ProcessRuntime::new(RuntimeOptions::new(
+            &options.state_dir,
+        ))?);
+        let stats_url: http::Uri = format!(
+            "http://{}/stats/prometheus?usedonly&filter=^sluice_qp__",
+            options.envoy_admin
+        )
+        .parse()?;
+        let autoscaler = AutoscalerService::start(
+            ServiceOptions::new(stats_url),
+            Arc::new(RuntimeScaler(runtime.clone())),
+        );
+        let poke_to = autoscaler.clone();
+        let stats_to = autoscaler.clone();
+        let mut activator_options = ActivatorOptions::new(
+            move |key: &RevisionKey| poke_to.poke(key),
+            move |key: &RevisionKey, stat| stats_to.record_activator_stat(key, stat),
+        );
+        // A new instance is probed until it answers; locally that is cheap, and it is what a cold
+        // start waits on after the app is up.
+        activator_options.probe_interval = Duration::from_millis(10);
+        let (activator, activator_tasks) = Activator::new(activator_options);
+        let activator_addr = options.activator.local_addr()?;
+        tokio::spawn({
+            let activator = activator.clone();
+            let listener = options.activator;
+            async move {
+                if let Err(e) = activator.serve(listener).await {
+                    tracing::error!("activator stopped: {e}");
+                }
+            }
+        });
+        let (report, report_rx) = watch::channel(ServingReport::default());
+        let plane = Arc::new(ServingPlane {
+            runtime,
+            autoscaler,
+            activator,
+            _activator_tasks: activator_tasks,
+            activator_addr,
+            dir: options.dir,
+            address: options.address,
+            wasm_missing: options.wasm_missing,
+            external_port: options.external_port,
+            state: Mutex::new(PlaneState {
+                serving: ServingState::default(),
+                launched: BTreeMap::new(),
+                sidecar_ports: BTreeMap::new(),
+            }),
+            report,
+        });
+        Ok((plane, report_rx))
+    }
+
+    /// Stops every instance (SIGTERM, then SIGKILL after its grace period) and the autoscaler.
+    pub async fn shutdown(&self) {
+        self.autoscaler.shutdown().await;
+        self.runtime.shutdown().await;
+    }
+
+    /// One pass: reconcile the folder's Knative objects with what runs, act on the difference, and return
+    /// the state for the xds controller.
+    fn sync(&self, source: &SourceSnapshot, report: &StatusReport) -> SourceSnapshot {
+        let mut errors = source.errors.clone();
+        let mut input = ReconcileInput::default();
+        let mut config_maps: Vec<&ConfigMap> = Vec::new();
+        let mut autoscaler_data = BTreeMap::new();
+        for object in &source.objects {
+            match object {
+                Object::KnativeService(s) => input.services.push(s.clone()),
+                Object::Configuration(c) => input.configurations.push(c.clone()),
+                Object::Route(r) => input.routes.push(r.clone()),
+                Object::ConfigMap(cm) if cm.metadata.namespace == KNATIVE_SERVING_NAMESPACE => {
+                    if cm.metadata.name == CONFIG_AUTOSCALER {
+                        autoscaler_data = cm.data.clone();
+                    }
+                    config_maps.push(cm);
+                }
+                Object::Revision(r) => errors.push(SourceError {
+                    origin: format!("Revision {}", r.metadata.key()),
+                    message: "Revisions are created from Configurations (a Service's template); \
+                              this one is ignored"
+                        .to_string(),
+                }),
+                _ => {}
+            }
+        }
+        if let Some(why) = &self.wasm_missing
+            && !(input.services.is_empty() && input.configurations.is_empty())
+        {
+            errors.push(SourceError {
+                origin: "serving".to_string(),
+                message: format!("revisions cannot run: {why}"),
+            });
+            input.services.clear();
+            input.configurations.clear();
+        }
+        input.config = ServingConfig::from_config_maps(config_maps).unwrap_or_else(|e| {
+            errors.push(SourceError {
+                origin: format!("ConfigMap {KNATIVE_SERVING_NAMESPACE}"),
+                message: e.to_string(),
+            });
+            ServingConfig::default()
+        });
+        if self.external_port != 80 {
+            input.config.external_url_port = Some(self.external_port);
+        }
+        let autoscaler_config =
+            AutoscalerConfig::from_config_map(&autoscaler_data).unwrap_or_else(|e| {
+                errors.push(SourceError {
+                    origin: format!("ConfigMap {KNATIVE_SERVING_NAMESPACE}/{CONFIG_AUTOSCALER}"),
+                    message: e.to_string(),
+                });
+                AutoscalerConfig::default()
+            });
+        for ingress in &report.ingresses {
+            input
+                .ingress_statuses
+                .insert(ingress.metadata.key(), ingress.status.clone());
+        }
+
+        let runtime = self.runtime.snapshot();
+        let decisions = self.autoscaler.decisions().borrow().clone();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for key in state.launched.keys() {
+            input
+                .revision_facts
+                .insert(key.clone(), facts(&runtime, key, decisions.get(key)));
+        }
+        let out = reconcile(&input, &mut state.serving);
+        for warning in &out.warnings {
+            errors.push(SourceError {
+                origin: "serving".to_string(),
+                message: warning.clone(),
+            });
+        }
+
+        // Start what is new, stop what is gone.
+        let wanted: BTreeSet<RevisionKey> = out
+            .revisions
+            .iter()
+            .map(|r| RevisionKey::new(&r.metadata.namespace, &r.metadata.name))
+            .collect();
+        let gone: Vec<RevisionKey> = state
+            .launched
+            .keys()
+            .filter(|k| !wanted.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            tracing::info!(revision = %key, "revision removed: stopping its instances");
+            state.launched.remove(&key);
+            self.autoscaler.remove_revision(&key);
+            self.activator.remove_revision(&key);
+            if let Err(e) = self.runtime.remove_revision(&key) {
+                tracing::warn!(revision = %key, "{e}");
+            }
+        }
+        for rev in &out.revisions {
+            let key = RevisionKey::new(&rev.metadata.namespace, &rev.metadata.name);
+            if state.launched.contains_key(&key) {
+                continue;
+            }
+            match self.launch(rev, &key, &autoscaler_config, &out.revision_services) {
+                Ok(launched) => {
+                    tracing::info!(revision = %key, "revision created");
+                    state.launched.insert(key, launched);
+                }
+                Err(message) => errors.push(SourceError {
+                    origin: format!("Revision {key}"),
+                    message,
+                }),
+            }
+        }
+
+        // The derived networking state.
+        let mut derived = source.state.clone();
+        for ingress in &out.ingresses {
+            derived.ingresses.insert(
+                (
+                    ingress.metadata.namespace.clone(),
+                    ingress.metadata.name.clone(),
+                ),
+                ingress.clone(),
+            );
+        }
+        for svc in &out.revision_services {
+            derived.services.insert(
+                (svc.metadata.namespace.clone(), svc.metadata.name.clone()),
+                svc.clone(),
+            );
+        }
+        let mut live_instances = BTreeSet::new();
+        let mut revision_reports = Vec::new();
+        let PlaneState {
+            launched,
+            sidecar_ports,
+            ..
+        } = &mut *state;
+        for (key, l) in launched.iter_mut() {
+            let status = runtime.revision(key);
+            let instances = status.map(|s| s.instances.as_slice()).unwrap_or_default();
+            let mut ready_sidecars = Vec::new();
+            for inst in instances {
+                live_instances.insert(inst.name.clone());
+                let port = *sidecar_ports
+                    .entry(inst.name.clone())
+                    .or_insert_with(|| free_port(self.address));
+                let listen = SocketAddr::new(self.address, port);
+                derived.sidecars.insert(
+                    (key.namespace.clone(), inst.name.clone()),
+                    InstanceSidecar {
+                        namespace: key.namespace.clone(),
+                        revision: key.name.clone(),
+                        service: l.service.clone(),
+                        instance: inst.name.clone(),
+                        listen,
+                        app: inst.address,
+                        container_concurrency: l.container_concurrency,
+                        timeout_seconds: l.timeout_seconds,
+                        http2: l.http2,
+                    },
+                );
+                if inst.state == InstanceState::Ready {
+                    ready_sidecars.push(listen);
+                }
+            }
+            let decision = decisions.get(key);
+            let wants_serve = decision.is_some_and(|d| d.mode == Mode::Serve);
+            let mode = if wants_serve && !ready_sidecars.is_empty() {
+                Mode::Serve
+            } else {
+                Mode::Proxy
+            };
+            let endpoints = match mode {
+                Mode::Serve => ready_sidecars.clone(),
+                Mode::Proxy => vec![self.activator_addr],
+            };
+            derived.endpoints.insert(
+                (key.namespace.clone(), key.name.clone()),
+                revision_endpoints(key, &l.port_name, &endpoints),
+            );
+            if l.confirmed != Some(mode) {
+                self.autoscaler.confirm_mode(key, mode);
+                l.confirmed = Some(mode);
+            }
+            self.autoscaler
+                .set_instances(key, instances.iter().map(|i| i.name.clone()));
+            self.autoscaler
+                .set_ready_instances(key, ready_sidecars.len() as u32);
+            let config = RevisionConfig {
+                timeout: Duration::from_secs(l.timeout_seconds.max(1)),
+                ..RevisionConfig::new(l.container_concurrency, ready_sidecars.clone())
+            };
+            if l.activator_config.as_ref() != Some(&config) {
+                self.activator.update_revision(key.clone(), config.clone());
+                l.activator_config = Some(config);
+            }
+            if let Some(rev) = out.revision(&key.namespace, &key.name) {
+                revision_reports.push(RevisionReport {
+                    revision: rev.clone(),
+                    desired_instances: decision.map(|d| d.desired_scale).unwrap_or_default(),
+                    ready_instances: ready_sidecars.len() as u32,
+                    mode: format!("{mode:?}"),
+                });
+            }
+        }
+        sidecar_ports.retain(|name, _| live_instances.contains(name));
+        drop(state);
+
+        self.report.send_if_modified(|current| {
+            let next = ServingReport {
+                services: out.services.clone(),
+                configurations: out.configurations.clone(),
+                revisions: revision_reports,
+                routes: out.routes.clone(),
+            };
+            if *current == next {
+                return false;
+            }
+            *current = next;
+            true
+        });
+        SourceSnapshot {
+            state: derived,
+            errors,
+            objects: source.objects.clone(),
+        }
+    }
+
+    /// Registers a new revision with the runtime, the autoscaler and the activator.
+    fn launch(
+        &self,
+        rev: &Revision,
+        key: &RevisionKey,
+        autoscaler_config: &AutoscalerConfig,
+        services: &[CoreService],
+    ) -> Result<Launched, String> {
+        let container =
+            rev.spec.containers.first().ok_or_else(|| {
+                "spec.containers: a revision needs one container to run".to_string()
+            })?;
+        let labels = &rev.metadata.labels;
+        let service = labels
+            .get("serving.knative.dev/service")
+            .cloned()
+            .unwrap_or_default();
+        let configuration = labels
+            .get("serving.knative.dev/configuration")
+            .cloned()
+            .unwrap_or_default();
+        let mut spec = LaunchSpec::new(
+            container.command.clone(),
+            service.clone(),
+            configuration,
+            key.name.clone(),
+        );
+        spec.args = container.args.clone();
+        spec.env = container
+            .env
+            .iter()
+            .map(|e| (e.name.clone(), e.value.clone()))
+            .collect();
+        spec.working_dir = Some(working_dir(&self.dir, &container.working_dir));
+        if let Some(probe) = &container.readiness_probe {
+            spec.readiness = launch_probe(probe);
+        }
+        let timeout_seconds = rev.spec.timeout_seconds.unwrap_or(300).max(0) as u64;
+        // Knative: the pod's terminationGracePeriodSeconds is the revision timeout, so in-flight
+        // requests can finish; locally at most Kubernetes' default 30 s, so Ctrl-C does not hang.
+        spec.grace_period = Duration::from_secs(timeout_seconds.clamp(1, 30));
+        let cc = rev.spec.container_concurrency.unwrap_or(0).max(0) as u32;
+        let scaling = RevisionScaling::new(autoscaler_config, &rev.metadata.annotations, cc)
+            .map_err(|e| e.to_string())?;
+        self.runtime
+            .set_revision(key.clone(), spec)
+            .map_err(|e| e.to_string())?;
+        let _ = self.autoscaler.upsert_revision(key.clone(), scaling);
+        let core = services
+            .iter()
+            .find(|s| s.metadata.namespace == key.namespace && s.metadata.name == key.name);
+        let port_name = core
+            .and_then(|s| s.spec.ports.first())
+            .map(|p| p.name.clone())
+            .unwrap_or_else(|| "http".to_string());
+        Ok(Launched {
+            container_concurrency: cc,
+            timeout_seconds,
+            service,
+            http2: rev.spec.protocol() == serving::Protocol::H2c,
+            port_name,
+            activator_config: None,
+            confirmed: None,
+        })
+    }
+}
+
+/// What the runtime and the autoscaler observed of a revision, in the serving controller's words.
+fn facts(
+    runtime: &RuntimeSnapshot,
+    key: &RevisionKey,
+    decision: Option<&sluice_autoscaler::RevisionDecision>,
+) -> RevisionFacts {
+    let status = runtime.revision(key);
+    let ever_ready = status.is_some_and(|s| s.instances.iter().any(|i| i.ready_at.is_some()));
+    let ready = status.map(|s| s.ready_count()).unwrap_or_default();
+    let restarts = status.map(|s| s.restarts).unwrap_or_default();
+    let health = if ever_ready || ready > 0 {
+        RevisionHealth::Ready
+    } else if restarts >= FAILED_AFTER_RESTARTS {
+        let exit = status
+            .and_then(|s| s.last_exit.clone())
+            .unwrap_or_else(|| "exited".to_string());
+        RevisionHealth::Failed {
+            reason: "ExitCode".to_string(),
+            message: format!(
+                "the container exited before it was ready ({exit}), {restarts} times; see `sluice logs`"
+            ),
+        }
+    } else {
+        RevisionHealth::Deploying
+    };
+    RevisionFacts {
+        health,
+        actual_replicas: Some(ready as i32),
+        desired_replicas: decision.map(|d| d.desired_scale as i32),
+    }
+}
+
+fn working_dir(base: &Path, dir: &str) -> PathBuf {
+    if dir.is_empty() {
+        base.to_path_buf()
+    } else {
+        base.join(dir)
+    }
+}
+
+fn launch_probe(probe: &serving::Probe) -> sluice_runtime::Probe {
+    let mut out = sluice_runtime::Probe::default();
+    if let Some(http) = &probe.http_get {
+        out.action = ProbeAction::Http {
+            path: if http.path.is_empty() {
+                "/".to_string()
+            } else {
+                http.path.clone()
+            },
+            headers: http
+                .http_headers
+                .iter()
+                .map(|h| (h.name.clone(), h.value.clone()))
+                .collect(),
+        };
+    } else if let Some(exec) = &probe.exec {
+        out.action = ProbeAction::Exec {
+            command: exec.command.clone(),
+        };
+    }
+    let secs = |s: i32| Duration::from_secs(s.max(0) as u64);
+    out.initial_delay = secs(probe.initial_delay_seconds);
+    if probe.period_seconds > 0 {
+        out.period = Some(secs(probe.period_seconds));
+    }
+    if probe.timeout_seconds > 0 {
+        out.timeout = secs(probe.timeout_seconds);
+    }
+    if probe.success_threshold > 0 {
+        out.success_threshold = probe.success_threshold as u32;
+    }
+    if probe.failure_threshold > 0 {
+        out.failure_threshold = probe.failure_threshold as u32;
+    }
+    out
+}
+
+/// The revision's Endpoints: one subset per address, since each sidecar listens on its own port.
+fn revision_endpoints(key: &RevisionKey, port_name: &str, addrs: &[SocketAddr]) -> Endpoints {
+    let mut eps = Endpoints::default();
+    eps.metadata.namespace = key.namespace.clone();
+    eps.metadata.name = key.name.clone();
+    eps.subsets = addrs
+        .iter()
+        .map(|a| EndpointSubset {
+            addresses: vec![EndpointAddress {
+                ip: a.ip().to_string(),
+                ..Default::default()
+            }],
+            ports: vec![EndpointPort {
+                name: port_name.to_string(),
+                port: i32::from(a.port()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .collect();
+    eps
+}
+
+/// A free port for a sidecar listener (bind 0, close): Envoy binds it right after.
+fn free_port(address: IpAddr) -> u16 {
+    std::net::TcpListener::bind(SocketAddr::new(address, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// The folder source with the serving plane in front of it.
+pub struct ServingSource {
+    folder: FolderSource,
+    plane: Arc<ServingPlane>,
+    report: watch::Receiver<StatusReport>,
+}
+
+impl ServingSource {
+    pub fn new(
+        folder: FolderSource,
+        plane: Arc<ServingPlane>,
+        report: watch::Receiver<StatusReport>,
+    ) -> Self {
+        ServingSource {
+            folder,
+            plane,
+            report,
+        }
+    }
+}
+
+impl StateSource for ServingSource {
+    fn run(&self, tx: watch::Sender<SourceSnapshot>) -> BoxFuture<'_, Result<(), SourceError>> {
+        async move {
+            let (inner_tx, mut inner_rx) = watch::channel(SourceSnapshot::default());
+            let folder = self.folder.run(inner_tx);
+            tokio::pin!(folder);
+            let mut runtime_rx = self.plane.runtime.subscribe();
+            let mut decisions_rx = self.plane.autoscaler.decisions();
+            let mut report_rx = self.report.clone();
+            let mut read_once = false;
+            loop {
+                tokio::select! {
+                    res = &mut folder => return res,
+                    changed = inner_rx.changed() => {
+                        if changed.is_err() {
+                            return Ok(());
+                        }
+                        read_once = true;
+                    }
+                    _ = runtime_rx.changed() => {}
+                    _ = decisions_rx.changed() => {}
+                    _ = report_rx.changed() => {}
+                }
+                // Never publish before the folder was read: an empty state would wipe Envoy's config.
+                if !read_once {
+                    continue;
+                }
+                let source = inner_rx.borrow_and_update().clone();
+                runtime_rx.borrow_and_update();
+                decisions_rx.borrow_and_update();
+                let report = report_rx.borrow_and_update().clone();
+                let next = self.plane.sync(&source, &report);
+                tx.send_if_modified(|current| {
+                    if *current == next {
+                        return false;
+                    }
+                    *current = next;
+                    true
+                });
+            }
+        }
+        .boxed()
+    }
+
+    fn write_ingress_status<'a>(
+        &'a self,
+        ingress: &'a Ingress,
+    ) -> BoxFuture<'a, Result<(), SourceError>> {
+        self.folder.write_ingress_status(ingress)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_api::ingress::IntOrString;
+
+    #[test]
+    fn endpoints_have_one_subset_per_sidecar() {
+        let key = RevisionKey::new("default", "hello-00001");
+        let eps = revision_endpoints(
+            &key,
+            "http",
+            &[
+                "127.0.0.1:4001".parse().unwrap(),
+                "127.0.0.1:4002".parse().unwrap(),
+            ],
+        );
+        assert_eq!(eps.subsets.len(), 2);
+        assert_eq!(eps.subsets[1].ports[0].port, 4002);
+        assert_eq!(eps.subsets[0].ports[0].name, "http");
+    }
+
+    #[test]
+    fn relative_working_dirs_are_taken_from_the_folder() {
+        assert_eq!(
+            working_dir(Path::new("/srv/app"), ""),
+            PathBuf::from("/srv/app")
+        );
+        assert_eq!(
+            working_dir(Path::new("/srv/app"), "web"),
+            PathBuf::from("/srv/app/web")
+        );
+        assert_eq!(
+            working_dir(Path::new("/srv/app"), "/opt/x"),
+            PathBuf::from("/opt/x")
+        );
+    }
+
+    #[test]
+    fn probes_map_to_the_runtime() {
+        let probe = serving::Probe {
+            http_get: Some(serving::HttpGetAction {
+                path: "/healthz".into(),
+                port: Some(IntOrString::Int(8080)),
+                ..Default::default()
+            }),
+            period_seconds: 2,
+            failure_threshold: 5,
+            ..Default::default()
+        };
+        let p = launch_probe(&probe);
+        assert!(matches!(p.action, ProbeAction::Http { ref path, .. } if path == "/healthz"));
+        assert_eq!(p.period, Some(Duration::from_secs(2)));
+        assert_eq!(p.failure_threshold, 5);
+    }
+}
