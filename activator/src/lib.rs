@@ -192,6 +192,8 @@ pub(crate) struct Inner {
     reporter: Mutex<stats::ConcurrencyReporter>,
     pool: pool::Pool,
     closed: AtomicBool,
+    /// Probers are spawned here, so revisions can be updated from any thread.
+    runtime: tokio::runtime::Handle,
 }
 
 /// A poisoned lock only means another request panicked while holding it; the state is still usable.
@@ -200,7 +202,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Activator {
-    /// Creates the activator and starts its stat reporter. Must be called inside a tokio runtime.
+    /// Creates the activator and starts its stat reporter. Must be called inside a tokio runtime; the
+    /// other methods may be called from any thread.
     pub fn new(options: ActivatorOptions) -> (Activator, ActivatorTasks) {
         let inner = Arc::new(Inner {
             options,
@@ -208,6 +211,7 @@ impl Activator {
             reporter: Mutex::new(stats::ConcurrencyReporter::new()),
             pool: pool::Pool::default(),
             closed: AtomicBool::new(false),
+            runtime: tokio::runtime::Handle::current(),
         });
         let reporter = tokio::spawn(report_loop(inner.clone())).abort_handle();
         let tasks = ActivatorTasks {
@@ -226,12 +230,15 @@ impl Activator {
             None => {
                 let rev = revision::Revision::new(key.clone(), &config);
                 if !self.inner.closed.load(Ordering::SeqCst) {
-                    let handle = tokio::spawn(probe::run_prober(
-                        rev.clone(),
-                        self.inner.options.probe_interval,
-                        self.inner.options.probe_timeout,
-                    ))
-                    .abort_handle();
+                    let handle = self
+                        .inner
+                        .runtime
+                        .spawn(probe::run_prober(
+                            rev.clone(),
+                            self.inner.options.probe_interval,
+                            self.inner.options.probe_timeout,
+                        ))
+                        .abort_handle();
                     rev.set_prober(handle);
                 }
                 revisions.insert(key, rev);

@@ -458,8 +458,11 @@ async fn unknown_revisions_missing_headers_and_probes_are_answered_like_knative(
 async fn request_bodies_are_forwarded_and_responses_streamed_back() {
     let f = Fixture::start().await;
     let backend = Backend::start(true).await;
-    f.activator
-        .update_revision(key(), RevisionConfig::new(10, vec![backend.addr]));
+    // Revisions can be updated from a thread outside the runtime (a watcher, a controller).
+    let (act, addr) = (f.activator.clone(), backend.addr);
+    std::thread::spawn(move || act.update_revision(key(), RevisionConfig::new(10, vec![addr])))
+        .join()
+        .unwrap();
     let (status, body) = f.request(&key(), "ping").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, format!("hello from {} echo ping", backend.addr));
@@ -480,6 +483,14 @@ async fn a_dead_instance_is_skipped_and_the_request_retried_on_another() {
     let (dead, alive) = if a.addr < b.addr { (a, b) } else { (b, a) };
     let dead_addr = dead.addr;
     drop(dead); // its listener closes: connecting is refused
+    let start = tokio::time::Instant::now();
+    while tokio::net::TcpStream::connect(dead_addr).await.is_ok() {
+        assert!(
+            start.elapsed() < WAIT,
+            "the dead backend's listener never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     for _ in 0..3 {
         let (status, body) = f.request(&key(), "").await;
         assert_eq!(status, StatusCode::OK, "{body}");

@@ -179,9 +179,10 @@ impl WindowedBuckets {
             self.buckets[(i % n as u64) as usize] = v;
             self.window_total += v;
         }
+        // Knative: the oldest data still held is (kept buckets - 1) before the last write.
         if let Some(first) = self.first_write {
-            let earliest = last.saturating_sub(n as u64 - 1);
-            self.first_write = Some(first.max(earliest));
+            let kept = (n as u64).min(old_len);
+            self.first_write = Some(first.max(last.saturating_sub(kept - 1)));
         }
     }
 }
@@ -322,6 +323,76 @@ mod tests {
         assert_eq!(b.window_average(3), 3.5);
         b.resize(6);
         assert_eq!(b.window_average(3), 3.5);
+    }
+
+    #[test]
+    fn timed_float64_buckets_window_average() {
+        // Knative's TestTimedFloat64BucketsWindowAverage (window 5 s), bucket indices from 100.
+        let mut b = linear(5);
+        b.record(100, 1.0);
+        assert_eq!(b.window_average(100), 1.0, "first write, partial window");
+        for i in 1..5 {
+            b.record(100 + i, (i + 1) as f64);
+        }
+        assert_eq!(b.window_average(104), 15.0 / 5.0);
+        assert_eq!(b.window_average(103), 15.0 / 5.0, "now lags behind");
+        assert_eq!(
+            b.window_average(106),
+            (15.0 - 1.0 - 2.0) / 3.0,
+            "short hole"
+        );
+        assert_eq!(b.window_average(110), 0.0, "long hole");
+        b.record(106, 91.0);
+        assert_eq!(
+            b.window_average(106),
+            (15.0 - 1.0 - 2.0 + 91.0) / 5.0,
+            "write with holes"
+        );
+        b.record(160, 1984.0);
+        assert_eq!(b.window_average(160), 1984.0, "much farther");
+        b.record(157, 4.0);
+        assert_eq!(b.window_average(160), (4.0 + 1984.0) / 4.0, "earlier time");
+        b.record(161, 5.0);
+        assert_eq!(b.window_average(161), (4.0 + 1984.0 + 5.0) / 5.0);
+        b.record(158, 10.0);
+        assert_eq!(b.window_average(161), (4.0 + 10.0 + 1984.0 + 5.0) / 5.0);
+        b.record(155, 10.0);
+        assert_eq!(
+            b.window_average(161),
+            (4.0 + 10.0 + 1984.0 + 5.0) / 5.0,
+            "too early: ignored"
+        );
+    }
+
+    #[test]
+    fn descending_record() {
+        // Knative's TestDescendingRecord.
+        let mut b = linear(5);
+        for i in (0..=8).rev() {
+            b.record(100 + i, 5.0);
+        }
+        assert_eq!(b.window_average(105), 5.0);
+    }
+
+    #[test]
+    fn timed_float64_buckets_window_update() {
+        // Knative's TestTimedFloat64BucketsWindowUpdate (averages).
+        let mut b = linear(5);
+        for i in 0..6 {
+            b.record(100 + i, (i + 1) as f64);
+        }
+        let initial = 2.0 + 3.0 + 4.0 + 5.0 + 6.0;
+        assert_eq!(b.window_average(105), initial / 5.0);
+        b.resize(10);
+        assert_eq!(
+            b.window_average(105),
+            initial / 5.0,
+            "at most 5 buckets known"
+        );
+        b.record(106, 7.0);
+        assert_eq!(b.window_average(106), round_down((initial + 7.0) / 6.0));
+        b.resize(4);
+        assert_eq!(b.window_average(106), (initial + 7.0 - 2.0 - 3.0) / 4.0);
     }
 
     #[test]

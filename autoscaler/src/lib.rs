@@ -10,7 +10,8 @@
 //!   `set_ready_instances`, `record_activator_stat`, `poke`, `confirm_mode`, `remove_revision`;
 //!   `decisions()` watches all revisions at once.
 //! - [`Scaler`]: what the service drives (the runtime implements it).
-//! - [`RevisionDecision`]: desired scale, [`Mode`] (serve or proxy through the activator), activity.
+//! - [`RevisionDecision`]: desired scale, [`Mode`] (serve or proxy through the activator), activity,
+//!   ready count; `routes_to_activator()` is proxy mode or no ready instance (Knative's SKS rule).
 //! - Pure parts for tests and other edges: [`kpa::Autoscaler`] (the decider),
 //!   [`reconciler::scale_decision`] (scale to zero, serve/proxy mode), [`collector::Collector`]
 //!   (windows), [`scrape::parse_prometheus`] and [`scrape::EnvoyScraper`].

@@ -88,7 +88,7 @@ struct Revision {
     proxy_since: Option<Instant>,
     /// The mode the wiring confirmed (Envoy ACKed), and since when; overrides the published one.
     confirmed: Option<(Mode, Instant)>,
-    last_activator_bucket: Option<u64>,
+    last_activator_stat: Option<Instant>,
     decision: watch::Sender<RevisionDecision>,
 }
 
@@ -206,7 +206,7 @@ impl AutoscalerService {
             applied: None,
             proxy_since: (initial.mode == Mode::Proxy).then_some(now),
             confirmed: None,
-            last_activator_bucket: None,
+            last_activator_stat: None,
             decision: tx,
             scaling,
         };
@@ -290,15 +290,15 @@ impl AutoscalerService {
     pub fn record_activator_stat(&self, key: &RevisionKey, stat: Stat) {
         let now = now();
         if let Some(rev) = self.state().revisions.get_mut(key) {
-            rev.last_activator_bucket = Some(rev.collector.bucket(now));
+            rev.last_activator_stat = Some(now);
             rev.collector.record(now, &stat);
         }
     }
 
     /// The activator holds a request for the revision: when it is at (or not yet above) zero, decide now
     /// instead of at the next tick (Knative's multiscaler `Poke`). If the activator has not reported a
-    /// stat this second, a concurrency of 1 is recorded for it (Knative's activator reports the first
-    /// request of a revision at once).
+    /// stat within the last second, a concurrency of 1 is recorded for it (Knative's activator reports
+    /// the first request of a revision at once; report it before poking so it is not counted twice).
     pub fn poke(&self, key: &RevisionKey) {
         let now = now();
         let mut state = self.state();
@@ -308,9 +308,11 @@ impl AutoscalerService {
         if rev.decider.desired_scale > 0 {
             return;
         }
-        let bucket = rev.collector.bucket(now);
-        if rev.last_activator_bucket != Some(bucket) {
-            rev.last_activator_bucket = Some(bucket);
+        let reported_recently = rev
+            .last_activator_stat
+            .is_some_and(|t| now.saturating_duration_since(t) < crate::config::BUCKET_SIZE);
+        if !reported_recently {
+            rev.last_activator_stat = Some(now);
             rev.collector.record(
                 now,
                 &Stat {
@@ -730,9 +732,40 @@ mod tests {
         // Give the windows a few more decisions; the wanted scale must stay 1 (not 10).
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(decisions.borrow().want, 1, "{:?}", scaler.calls());
+        assert!(service.decisions().borrow().contains_key(&key));
         service.remove_revision(&key);
         assert!(service.subscribe(&key).is_none());
+        assert!(!service.decisions().borrow().contains_key(&key));
         service.shutdown().await;
+    }
+
+    #[test]
+    fn serve_mode_without_ready_instances_still_routes_to_the_activator() {
+        let d = RevisionDecision {
+            desired_scale: 1,
+            want: 1,
+            mode: Mode::Serve,
+            activity: Activity::Activating,
+            excess_burst_capacity: 0,
+            ready: 0,
+            panicking: false,
+        };
+        assert!(d.routes_to_activator());
+        assert!(
+            !RevisionDecision {
+                ready: 1,
+                ..d.clone()
+            }
+            .routes_to_activator()
+        );
+        assert!(
+            RevisionDecision {
+                ready: 3,
+                mode: Mode::Proxy,
+                ..d
+            }
+            .routes_to_activator()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,6 +20,7 @@
 //! ```
 
 mod backoff;
+mod expand;
 mod logs;
 mod plan;
 mod probe;
@@ -35,6 +36,7 @@ use std::time::{Instant, SystemTime};
 pub use sluice_api::autoscaling::RevisionKey;
 
 pub use backoff::{BackoffPolicy, RestartBackoff};
+pub use expand::{expand, expand_env};
 pub use logs::{
     LogFollower, LogQuery, LogSelector, SERVICE_FILE, instance_log_path, log_files, read_logs,
     revision_log_dir,

@@ -417,8 +417,20 @@ impl Shared {
         })?;
         let env = instance_env(&spec, port);
         let (program, args) = spec.argv();
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.args(args)
+        // Kubernetes expands $(VAR) in command and args from the container's environment.
+        let lookup = |name: &str| {
+            env.iter()
+                .rev()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let program = crate::expand::expand(program, lookup);
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| crate::expand::expand(a, lookup))
+            .collect();
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.args(&args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -725,7 +737,13 @@ async fn pump(
 /// The process environment: the spec's env, then Knative's (which wins, as Knative reserves these
 /// names). The runtime's own environment is inherited underneath (PATH, HOME, ...), unlike a container.
 fn instance_env(spec: &LaunchSpec, port: u16) -> Vec<(String, String)> {
-    let mut env = spec.env.clone();
+    // Knative's PORT comes first in the pod's env, so the user's values can refer to it.
+    let mut with_port = vec![("PORT".to_string(), port.to_string())];
+    with_port.extend(spec.env.iter().cloned());
+    let mut env: Vec<(String, String)> = crate::expand::expand_env(&with_port)
+        .into_iter()
+        .skip(1)
+        .collect();
     env.extend([
         ("PORT".to_string(), port.to_string()),
         ("K_SERVICE".to_string(), spec.service.clone()),

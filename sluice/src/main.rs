@@ -3,6 +3,7 @@
 
 mod broker_cmd;
 mod envoy;
+mod eventing;
 mod http;
 mod logs_cmd;
 mod serving;

@@ -84,6 +84,21 @@ pub struct RevisionReport {
     pub ready_instances: u32,
     /// Whether requests go through the activator (Proxy) or straight to the instances (Serve).
     pub mode: String,
+    pub instances: Vec<InstanceReport>,
+}
+
+/// One running instance of a revision.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceReport {
+    pub name: String,
+    pub state: String,
+    pub pid: Option<u32>,
+    /// The process's PORT, and the sidecar listener in front of it.
+    pub port: u16,
+    pub sidecar_port: u16,
+    /// From spawn to the first successful readiness probe: the app's own start-up time.
+    pub startup_ms: Option<f64>,
 }
 
 /// A revision the runtime, the autoscaler and the activator know about.
@@ -339,6 +354,7 @@ impl ServingPlane {
             let status = runtime.revision(key);
             let instances = status.map(|s| s.instances.as_slice()).unwrap_or_default();
             let mut ready_sidecars = Vec::new();
+            let mut instance_reports = Vec::new();
             for inst in instances {
                 live_instances.insert(inst.name.clone());
                 let port = *sidecar_ports
@@ -362,6 +378,16 @@ impl ServingPlane {
                 if inst.state == InstanceState::Ready {
                     ready_sidecars.push(listen);
                 }
+                instance_reports.push(InstanceReport {
+                    name: inst.name.clone(),
+                    state: format!("{:?}", inst.state),
+                    pid: inst.pid,
+                    port: inst.port,
+                    sidecar_port: port,
+                    startup_ms: inst
+                        .ready_at
+                        .map(|r| r.saturating_duration_since(inst.spawned_at).as_secs_f64() * 1e3),
+                });
             }
             let decision = decisions.get(key);
             let wants_serve = decision.is_some_and(|d| d.mode == Mode::Serve);
@@ -400,6 +426,7 @@ impl ServingPlane {
                     desired_instances: decision.map(|d| d.desired_scale).unwrap_or_default(),
                     ready_instances: ready_sidecars.len() as u32,
                     mode: format!("{mode:?}"),
+                    instances: instance_reports,
                 });
             }
         }
@@ -605,6 +632,7 @@ fn free_port(address: IpAddr) -> u16 {
 pub struct ServingSource {
     folder: FolderSource,
     plane: Arc<ServingPlane>,
+    eventing: Option<Arc<crate::eventing::EventingPlane>>,
     report: watch::Receiver<StatusReport>,
 }
 
@@ -612,11 +640,13 @@ impl ServingSource {
     pub fn new(
         folder: FolderSource,
         plane: Arc<ServingPlane>,
+        eventing: Option<Arc<crate::eventing::EventingPlane>>,
         report: watch::Receiver<StatusReport>,
     ) -> Self {
         ServingSource {
             folder,
             plane,
+            eventing,
             report,
         }
     }
@@ -653,7 +683,11 @@ impl StateSource for ServingSource {
                 runtime_rx.borrow_and_update();
                 decisions_rx.borrow_and_update();
                 let report = report_rx.borrow_and_update().clone();
-                let next = self.plane.sync(&source, &report);
+                let mut next = self.plane.sync(&source, &report);
+                if let Some(eventing) = &self.eventing {
+                    eventing.apply(&source.objects).await;
+                    eventing.add_routes(&mut next.state);
+                }
                 tx.send_if_modified(|current| {
                     if *current == next {
                         return false;

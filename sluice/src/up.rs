@@ -19,6 +19,7 @@ use sluice_xds_server::status::LoadBalancers;
 use sluice_xds_server::translate::GatewayConfig;
 
 use crate::envoy::{self, EnvoyOptions, EnvoyProcess, XdsProtocol};
+use crate::eventing::EventingPlane;
 use crate::serving::{ServingOptions, ServingPlane, ServingSource};
 
 pub const DEFAULT_CONTROL_PORT: u16 = 9900;
@@ -57,6 +58,9 @@ pub struct UpArgs {
     /// The activator's port (Envoy sends a revision's requests there while it has no capacity).
     #[arg(long, default_value_t = 8012)]
     activator_port: u16,
+    /// The broker ingress's own port (0: any free one); it is reached through the gateway.
+    #[arg(long, default_value_t = 0)]
+    broker_port: u16,
     /// Where instance logs and other run-time files go (`sluice logs` reads them there).
     #[arg(long, default_value = crate::logs_cmd::DEFAULT_STATE_DIR, env = "SLUICE_STATE_DIR")]
     state_dir: PathBuf,
@@ -141,9 +145,21 @@ pub async fn run(args: UpArgs) -> Result<()> {
         wasm_missing,
         external_port: args.external_port,
     })?;
+    let eventing = EventingPlane::start(
+        args.state_dir.join("broker"),
+        addr(args.broker_port),
+        addr(args.external_port),
+    )
+    .await?;
+    tracing::info!(
+        "broker ingress on http://{} (through the gateway: http://broker-ingress.knative-eventing.localhost:{}/<namespace>/<broker>)",
+        eventing.local_addr(),
+        args.external_port
+    );
     let source: Arc<dyn StateSource> = Arc::new(ServingSource::new(
         FolderSource::new(&dir),
         plane.clone(),
+        Some(eventing.clone()),
         report_rx.clone(),
     ));
     let mut controller_task = tokio::spawn(controller::run(
@@ -153,11 +169,17 @@ pub async fn run(args: UpArgs) -> Result<()> {
         acks,
         report_tx,
     ));
+    let status_eventing = eventing.clone();
     let control_task = tokio::spawn(crate::http::serve_control(control_listener, move || {
         let mut report = serde_json::to_value(&*report_rx.borrow()).unwrap_or_default();
         let serving = serde_json::to_value(&*serving_report.borrow()).unwrap_or_default();
-        if let (Some(report), Some(serving)) = (report.as_object_mut(), serving.as_object()) {
-            report.extend(serving.clone());
+        let eventing = serde_json::to_value(status_eventing.status()).unwrap_or_default();
+        if let Some(report) = report.as_object_mut() {
+            for part in [serving, eventing] {
+                if let Some(part) = part.as_object() {
+                    report.extend(part.clone());
+                }
+            }
         }
         report
     }));
@@ -211,6 +233,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
     tracing::info!("stopping");
     controller_task.abort();
     plane.shutdown().await;
+    eventing.shutdown().await;
     envoy.stop(Duration::from_secs(3)).await;
     let _ = shutdown_tx.send(true);
     controller_task.abort();

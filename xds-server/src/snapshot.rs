@@ -64,7 +64,11 @@ impl Snapshot {
         Snapshot::build(generation, resources, Some((self, previous)))
     }
 
-    fn build(generation: u64, resources: &Resources, reuse: Option<(&Snapshot, &Resources)>) -> Snapshot {
+    fn build(
+        generation: u64,
+        resources: &Resources,
+        reuse: Option<(&Snapshot, &Resources)>,
+    ) -> Snapshot {
         let mut snapshot = Snapshot {
             generation,
             ..Snapshot::default()
@@ -74,7 +78,9 @@ impl Snapshot {
             LISTENER_TYPE_URL,
             &resources.listeners,
             |r| &r.name,
-            reuse.map(|(_, p)| p.listeners.as_slice()).zip(old(LISTENER_TYPE_URL)),
+            reuse
+                .map(|(_, p)| p.listeners.as_slice())
+                .zip(old(LISTENER_TYPE_URL)),
         );
         snapshot.add(
             ROUTE_TYPE_URL,
@@ -96,7 +102,9 @@ impl Snapshot {
             CLUSTER_TYPE_URL,
             &resources.clusters,
             |r| &r.name,
-            reuse.map(|(_, p)| p.clusters.as_slice()).zip(old(CLUSTER_TYPE_URL)),
+            reuse
+                .map(|(_, p)| p.clusters.as_slice())
+                .zip(old(CLUSTER_TYPE_URL)),
         );
         snapshot.add(
             ENDPOINT_TYPE_URL,
@@ -110,7 +118,9 @@ impl Snapshot {
             SECRET_TYPE_URL,
             &resources.secrets,
             |r| &r.name,
-            reuse.map(|(_, p)| p.secrets.as_slice()).zip(old(SECRET_TYPE_URL)),
+            reuse
+                .map(|(_, p)| p.secrets.as_slice())
+                .zip(old(SECRET_TYPE_URL)),
         );
         snapshot
     }

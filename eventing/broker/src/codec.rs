@@ -10,6 +10,8 @@ use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 
 /// Knative: the Broker's TTL extension (pkg/broker/ttl.go).
 pub const TTL_EXTENSION: &str = "knativebrokerttl";
+/// Knative: broker.EventArrivalTime, set by the ingress on every event it accepts.
+pub const ARRIVAL_TIME_EXTENSION: &str = "knativearrivaltime";
 /// Knative: the TTL the ingress sets on an event without one.
 pub const DEFAULT_TTL: i64 = 255;
 

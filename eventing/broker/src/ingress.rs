@@ -90,7 +90,13 @@ impl Brokers {
             .get(key)
             .ok_or_else(|| IngestError::UnknownBroker(key.clone()))?;
         let mut records = Vec::with_capacity(events.len());
+        // Knative: the ingress stamps each event with its arrival time.
+        let arrival = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
         for mut event in events {
+            event.set_extension(
+                codec::ARRIVAL_TIME_EXTENSION,
+                cloudevents::event::ExtensionValue::from(arrival.clone()),
+            );
             match codec::apply_ttl(&mut event, self.default_ttl) {
                 Ok(_) => records.push(codec::encode(&event)),
                 Err(codec::TtlExhausted) => {

@@ -80,8 +80,9 @@ pub enum ServiceError {
     },
 }
 
-/// The objects with their Knative status, for `sluice status`.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// The objects with their Knative status, for `sluice status` (serializes as
+/// `{"brokers": [...], "triggers": [...], "pingsources": [...]}`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct EventingStatus {
     pub brokers: Vec<Broker>,
     pub triggers: Vec<Trigger>,
@@ -188,6 +189,7 @@ impl BrokerService {
     pub async fn apply(&self, objects: EventingObjects) -> EventingStatus {
         let mut state = self.state.lock().await;
         let mut status = EventingStatus::default();
+        let before = self.status();
 
         // Brokers.
         let mut wanted_brokers = HashMap::new();
@@ -238,8 +240,12 @@ impl BrokerService {
                     }
                 },
             };
+            let before = previous(&before.brokers, |o| &o.metadata, &b.metadata)
+                .and_then(|o| o.status.as_ref())
+                .map(|s| &s.status);
             set_conditions(
                 &mut out.status.get_or_insert_with(Default::default).status,
+                before,
                 b.metadata.generation,
                 conditions,
             );
@@ -265,14 +271,25 @@ impl BrokerService {
             let conditions =
                 self.plan_trigger(&state, t, &mut trigger_status, &mut wanted_triggers);
             trigger_status.status = Status::default();
+            let before = previous(&before.triggers, |o| &o.metadata, &t.metadata)
+                .and_then(|o| o.status.as_ref())
+                .map(|s| &s.status);
             set_conditions(
                 &mut trigger_status.status,
+                before,
                 t.metadata.generation,
                 conditions,
             );
             out.status = Some(trigger_status);
             status.triggers.push(out);
         }
+        // Only a Trigger that is gone loses its consumer offset; one that is merely not ready (its
+        // Broker or subscriber missing for a while) resumes where it was.
+        let present: std::collections::HashSet<BrokerKey> = objects
+            .triggers
+            .iter()
+            .map(|t| BrokerKey::new(&t.metadata.namespace, &t.metadata.name))
+            .collect();
         let running: Vec<BrokerKey> = state.triggers.keys().cloned().collect();
         for key in running {
             let keep =
@@ -283,7 +300,10 @@ impl BrokerService {
                     });
             if !keep && let Some(old) = state.triggers.remove(&key) {
                 old.dispatcher.stop().await;
-                if !wanted_triggers.contains_key(&key)
+                let moved = wanted_triggers
+                    .get(&key)
+                    .is_some_and(|(_, d)| d.broker != old.broker);
+                if (!present.contains(&key) || moved)
                     && let Some(log) = state.logs.get(&old.broker)
                 {
                     // Knative: a deleted Trigger's subscription goes; a new one starts afresh.
@@ -346,7 +366,15 @@ impl BrokerService {
                     }
                 },
             };
-            set_conditions(&mut ping_status.status, p.metadata.generation, conditions);
+            let before = previous(&before.pingsources, |o| &o.metadata, &p.metadata)
+                .and_then(|o| o.status.as_ref())
+                .map(|s| &s.status);
+            set_conditions(
+                &mut ping_status.status,
+                before,
+                p.metadata.generation,
+                conditions,
+            );
             out.status = Some(ping_status);
             status.pingsources.push(out);
         }
@@ -548,13 +576,32 @@ fn cond(type_: &str, ok: bool, reason: &str, message: &str) -> Condition {
     }
 }
 
-fn set_conditions(status: &mut Status, generation: i64, conditions: Vec<Condition>) {
+fn set_conditions(
+    status: &mut Status,
+    previous: Option<&Status>,
+    generation: i64,
+    conditions: Vec<Condition>,
+) {
     status.observed_generation = generation;
     let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     for mut c in conditions {
-        c.last_transition_time = Some(now.clone());
+        // Knative: lastTransitionTime changes only when the condition's status does.
+        c.last_transition_time = previous
+            .and_then(|p| p.condition(&c.type_))
+            .filter(|p| p.status == c.status)
+            .and_then(|p| p.last_transition_time.clone())
+            .or_else(|| Some(now.clone()));
         status.set_condition(c);
     }
+}
+
+fn previous<'a, T>(
+    list: &'a [T],
+    meta: impl Fn(&T) -> &sluice_api::ObjectMeta,
+    key: &sluice_api::ObjectMeta,
+) -> Option<&'a T> {
+    list.iter()
+        .find(|o| meta(o).namespace == key.namespace && meta(o).name == key.name)
 }
 
 /// Fires a PingSource on its schedule until aborted.

@@ -410,6 +410,7 @@ async fn filters_of_every_dialect_select_events() {
     assert_eq!(r.header("content-type"), "application/json");
     assert_eq!(r.header("prefer"), "reply");
     assert!(r.headers.get("ce-knativebrokerttl").is_none());
+    assert!(!r.header("ce-knativearrivaltime").is_empty());
     assert_eq!(r.body, "{\"n\":1}");
 }
 
@@ -791,4 +792,43 @@ async fn events_survive_a_restart_and_resume_from_the_committed_offset() {
         "event 1 was committed before the restart"
     );
     second.shutdown().await;
+}
+
+#[tokio::test]
+async fn trigger_that_is_not_ready_for_a_while_resumes_where_it_was() {
+    let sub = Subscriber::start(Arc::new(|_, _| ok())).await;
+    let good = format!(
+        "{BROKER}{}",
+        trigger(
+            "t",
+            &format!("  subscriber: {{uri: \"{}\"}}", sub.url("/r"))
+        )
+    );
+    let h = Harness::start(&good).await;
+    h.send("1", "t", "/s", &[]).await;
+    sub.wait("/r", 1).await;
+    // The subscriber cannot be resolved: the Trigger is not ready and nothing is delivered...
+    let unresolvable = format!(
+        "{BROKER}{}",
+        trigger(
+            "t",
+            "  subscriber: {ref: {apiVersion: v1, kind: Service, name: plain}}"
+        )
+    );
+    let objects = sluice_api::parse_documents(&unresolvable)
+        .into_iter()
+        .map(|r| r.unwrap());
+    let status = h
+        .service
+        .apply(EventingObjects::from_objects(objects))
+        .await;
+    let c = status.triggers[0].status.as_ref().unwrap();
+    let resolved = c.status.condition("SubscriberResolved").unwrap();
+    assert_eq!(resolved.status, sluice_api::ConditionStatus::False);
+    assert_eq!(resolved.reason, "NotAddressable");
+    h.send("2", "t", "/s", &[]).await;
+    // ...but once it is fixed, what was sent meanwhile is delivered.
+    h.apply(&good).await;
+    let got = sub.wait("/r", 2).await;
+    assert_eq!(ids(&got), ["1", "2"]);
 }

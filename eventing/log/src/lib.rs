@@ -18,6 +18,10 @@
 //! let mut head = log.subscribe_head(); head.wait_for(|h| *h > from).await;
 //! ```
 //!
+//! [`SegmentLog::open`] is blocking (it recovers the last segment): call it at startup or in
+//! `spawn_blocking`. Each `SegmentLog` runs two threads: the writer and a maintenance thread that
+//! flushes consumer offsets, preallocates the next segment and applies retention.
+//!
 //! The storage sits behind [`EventLog`] so that another backend (RabbitMQ) can follow; [`SegmentLog`]
 //! is the embedded default and [`MemoryLog`] a non-durable one for tests of other crates.
 

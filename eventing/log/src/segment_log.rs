@@ -82,6 +82,8 @@ pub struct LogStats {
     pub records: u64,
     /// Group commits (one write and one fdatasync each).
     pub syncs: u64,
+    /// A preallocated next segment is ready for the next roll.
+    pub preallocated_ready: bool,
 }
 
 struct Segment {
@@ -102,8 +104,7 @@ struct Segment {
 struct Consumers {
     /// What consumers committed.
     committed: BTreeMap<String, u64>,
-    /// What the offsets file holds.
-    durable: BTreeMap<String, u64>,
+    /// Changed since the last write of the offsets file.
     dirty: bool,
 }
 
@@ -224,11 +225,7 @@ impl SegmentLog {
                 bytes: 0,
                 capacity: options.read_cache_bytes,
             }),
-            consumers: Mutex::new(Consumers {
-                durable: committed.clone(),
-                committed,
-                dirty,
-            }),
+            consumers: Mutex::new(Consumers { committed, dirty }),
             offsets_io: Mutex::new(()),
             retention_io: Mutex::new(()),
             failed: Mutex::new(None),
@@ -288,6 +285,7 @@ impl SegmentLog {
         LogStats {
             records: self.shared.synced_records.load(Ordering::Relaxed),
             syncs: self.shared.syncs.load(Ordering::Relaxed),
+            preallocated_ready: self.shared.spare_ready.load(Ordering::SeqCst),
         }
     }
 
@@ -543,17 +541,9 @@ impl Shared {
         let _serial = lock(&self.retention_io);
         let (mut infos, active_bytes) = self.segment_infos();
         infos.pop(); // the active segment is never deleted
-        let min_committed = {
-            let consumers = lock(&self.consumers);
-            // A consumer holds back retention by what it committed and by what is on disk for it
-            // (a removal or rewind not yet flushed).
-            consumers
-                .committed
-                .values()
-                .chain(consumers.durable.values())
-                .min()
-                .copied()
-        };
+        // What consumers committed, flushed or not: a consumer that committed has delivered, so if
+        // a crash loses the commit it resumes at the start of what is left, having lost nothing.
+        let min_committed = lock(&self.consumers).committed.values().min().copied();
         let plan = plan_retention(
             &infos,
             active_bytes,
@@ -606,10 +596,7 @@ impl Shared {
             consumers.committed.clone()
         };
         match offsets::store(&self.dir, &snapshot) {
-            Ok(()) => {
-                lock(&self.consumers).durable = snapshot;
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(e) => {
                 lock(&self.consumers).dirty = true;
                 Err(e)
@@ -870,7 +857,7 @@ fn recover_active(
         },
     )?;
     if let Some((position, reason)) = &scanned.corrupt {
-        // Knative's broker acknowledges an event only once it is durable, so records past the first
+        // The broker acknowledges an event only once it is durable, so records past the first
         // bad one were never acknowledged unless the disk corrupted them later; like Kafka's log
         // recovery we keep the good prefix and append after it.
         warn!(segment = %path.display(), position, reason = %reason, dropped_bytes = len - position,

@@ -284,9 +284,8 @@ async fn preallocated_log(dir: &Path) -> (SegmentLog, u64) {
         ..preallocated_options()
     };
     let log = SegmentLog::open(dir, options).unwrap();
-    let spare = dir.join("next-segment.prealloc");
     let deadline = std::time::Instant::now() + PATIENCE;
-    while !spare.exists() {
+    while !log.stats().preallocated_ready {
         assert!(
             std::time::Instant::now() < deadline,
             "no preallocated segment prepared"
@@ -423,19 +422,33 @@ async fn record_with_a_bad_crc_and_everything_after_it_are_dropped() {
 
 #[tokio::test]
 async fn only_the_last_of_many_segments_is_recovered() {
-    // (name, how the last segment is damaged) -> the head is the last good record of that segment.
-    type Damage = fn(&Path);
-    let cases: Vec<(&str, Damage)> = vec![
-        ("crash while creating the segment left it empty", |f| {
-            cut(f, 0)
-        }),
-        ("torn last record", |f| {
-            let len = fs::metadata(f).unwrap().len();
-            cut(f, len - 1)
-        }),
-        ("garbage tail", |f| append_bytes(f, b"\xffgarbage")),
+    // (name, damage given the last segment and its data length, head: first offset of the last
+    // segment plus the records that survive)
+    type Damage = fn(&Path, u64);
+    type Head = fn(u64, u64) -> u64;
+    let cases: Vec<(&str, Damage, Head)> = vec![
+        (
+            "crash while creating the segment left it empty",
+            |f, _| cut(f, 0),
+            |base, _| base,
+        ),
+        (
+            "torn last record",
+            |f, data| cut(f, data - 1),
+            |_, end| end - 1,
+        ),
+        (
+            "garbage right after the data",
+            |f, data| write_at(f, data, b"\xffgarbage"),
+            |_, end| end,
+        ),
+        (
+            "garbage at the end of the file",
+            |f, _| append_bytes(f, b"\xffgarbage"),
+            |_, end| end,
+        ),
     ];
-    for (name, damage) in cases {
+    for (name, damage, expected_head) in cases {
         let dir = tempfile::tempdir().unwrap();
         let log = SegmentLog::open(dir.path(), small_segments()).unwrap();
         for i in 0..23 {
@@ -446,13 +459,9 @@ async fn only_the_last_of_many_segments_is_recovered() {
         let last = segments.last().unwrap().clone();
         log.close().await.unwrap();
         drop(log);
-        damage(segment_files(dir.path()).last().unwrap());
+        damage(segment_files(dir.path()).last().unwrap(), last.bytes);
         let log = SegmentLog::open(dir.path(), small_segments()).unwrap();
-        let expected_head = match name {
-            "crash while creating the segment left it empty" => last.base,
-            "torn last record" => last.end - 1,
-            _ => last.end,
-        };
+        let expected_head = expected_head(last.base, last.end);
         assert_eq!(log.head(), expected_head, "{name}");
         assert_records(&read_all(&log, 0).await, 0..expected_head);
         let appended = log
@@ -475,6 +484,16 @@ fn cut(file: &Path, len: u64) {
         .open(file)
         .unwrap()
         .set_len(len)
+        .unwrap();
+}
+
+fn write_at(file: &Path, pos: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    OpenOptions::new()
+        .write(true)
+        .open(file)
+        .unwrap()
+        .write_all_at(bytes, pos)
         .unwrap();
 }
 
@@ -532,6 +551,7 @@ async fn offsets_are_flushed_in_the_background() {
     let dir = tempfile::tempdir().unwrap();
     let options = LogOptions {
         offsets_flush_interval: Duration::from_millis(20),
+        preallocate: false,
         ..LogOptions::default()
     };
     let log = SegmentLog::open(dir.path(), options).unwrap();
@@ -727,8 +747,33 @@ async fn corrupt_offsets_file_is_an_error_naming_the_line() {
 async fn append_throughput_smoke() {
     // Not a benchmark and no assertion on speed: prints appends/s for the report
     // (`cargo test -p sluice-event-log --release -- --nocapture append_throughput`).
-    let dir = tempfile::tempdir().unwrap();
-    let log = Arc::new(SegmentLog::open(dir.path(), LogOptions::default()).unwrap());
+    // Segments of 4 MiB with the next one preallocated early, so that most appends go to
+    // preallocated segments as they do in steady state (the first segment of a new log grows).
+    for preallocate in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let options = LogOptions {
+            segment_bytes: 4 * 1024 * 1024,
+            offsets_flush_interval: Duration::from_millis(10),
+            preallocate,
+            ..LogOptions::default()
+        };
+        let log = Arc::new(SegmentLog::open(dir.path(), options).unwrap());
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while preallocate && !log.stats().preallocated_ready && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Fill the first (growing) segment.
+        let filler = Bytes::from(vec![b'f'; 64 * 1024]);
+        while log.segments().len() < 2 {
+            log.append(vec![filler.clone(); 8]).await.unwrap();
+        }
+        throughput(log, preallocate).await;
+    }
+}
+
+async fn throughput(log: Arc<SegmentLog>, preallocate: bool) {
+    let before = log.stats();
     let (tasks, per_task) = (200u64, 100u64);
     let started = std::time::Instant::now();
     let handles: Vec<_> = (0..tasks)
@@ -747,12 +792,12 @@ async fn append_throughput_smoke() {
         h.await.unwrap();
     }
     let elapsed = started.elapsed();
-    let stats = log.stats();
+    let after = log.stats();
+    let (records, syncs) = (after.records - before.records, after.syncs - before.syncs);
     println!(
-        "{} appends of 512 B from {tasks} concurrent appenders in {elapsed:?}: {:.0} appends/s, {:.1} records per fdatasync",
-        stats.records,
-        stats.records as f64 / elapsed.as_secs_f64(),
-        stats.records as f64 / stats.syncs as f64
+        "preallocate={preallocate}: {records} appends of 512 B from {tasks} concurrent appenders in {elapsed:?}: {:.0} appends/s, {:.1} records per fdatasync",
+        records as f64 / elapsed.as_secs_f64(),
+        records as f64 / syncs as f64
     );
     log.close().await.unwrap();
 }

@@ -473,7 +473,12 @@ fn route_configuration<'a>(
 
 /// One host's routing scope on one listener: `<listener>/<host>`, keyed by the host (repeated
 /// [`scope_rank`] times), with the host's virtual host inline.
-fn scope(listener: &str, host: &str, v: &VirtualHostPlan, redirect: bool) -> ScopedRouteConfiguration {
+fn scope(
+    listener: &str,
+    host: &str,
+    v: &VirtualHostPlan,
+    redirect: bool,
+) -> ScopedRouteConfiguration {
     use scoped_route_configuration::key::{Fragment, fragment};
     let name = format!("{listener}/{host}");
     let fragment = Fragment {
@@ -484,7 +489,11 @@ fn scope(listener: &str, host: &str, v: &VirtualHostPlan, redirect: bool) -> Sco
         route_configuration_name: name.clone(),
         route_configuration: Some(RouteConfiguration {
             name,
-            virtual_hosts: vec![virtual_host_for(v, std::slice::from_ref(&host.to_string()), redirect)],
+            virtual_hosts: vec![virtual_host_for(
+                v,
+                std::slice::from_ref(&host.to_string()),
+                redirect,
+            )],
             ..Default::default()
         }),
         key: Some(scoped_route_configuration::Key {

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use base64::Engine;
 use sluice_api::Ingress;
-use sluice_api::core::{EndpointSlice, Endpoints, SERVICE_NAME_LABEL, Secret, Service, ServicePort};
+use sluice_api::core::{
+    EndpointSlice, Endpoints, SERVICE_NAME_LABEL, Secret, Service, ServicePort,
+};
 use sluice_api::ingress::{
     HTTP_OPTION_REDIRECTED, HttpIngressPath, IntOrString, VISIBILITY_CLUSTER_LOCAL, insert_probe,
 };
@@ -128,12 +130,16 @@ enum DepKey {
 
 #[derive(Debug, PartialEq)]
 enum DepValue {
-    Service {
-        service: Option<Service>,
-        endpoints: Option<Endpoints>,
-        slices: Vec<EndpointSlice>,
-    },
-    Secret(Option<Secret>),
+    Service(Box<ServiceDeps>),
+    Secret(Option<Box<Secret>>),
+}
+
+#[derive(Debug, PartialEq)]
+struct ServiceDeps {
+    service: Option<Service>,
+    endpoints: Option<Endpoints>,
+    /// Only read when there are no Endpoints.
+    slices: Vec<EndpointSlice>,
 }
 
 /// EndpointSlices by (namespace, Service name), built once per translation.
@@ -152,16 +158,19 @@ fn slice_index(state: &ClusterState) -> SliceIndex<'_> {
     index
 }
 
-fn dep_matches(state: &ClusterState, slices: &SliceIndex<'_>, key: &DepKey, value: &DepValue) -> bool {
+fn dep_matches(
+    state: &ClusterState,
+    slices: &SliceIndex<'_>,
+    key: &DepKey,
+    value: &DepValue,
+) -> bool {
     match (key, value) {
-        (
-            DepKey::Service(k),
-            DepValue::Service {
+        (DepKey::Service(k), DepValue::Service(deps)) => {
+            let ServiceDeps {
                 service,
                 endpoints,
                 slices: old_slices,
-            },
-        ) => {
+            } = &**deps;
             state.services.get(k) == service.as_ref()
                 && state.endpoints.get(k) == endpoints.as_ref()
                 && (endpoints.is_some() || {
@@ -169,10 +178,11 @@ fn dep_matches(state: &ClusterState, slices: &SliceIndex<'_>, key: &DepKey, valu
                         .get(&(k.0.as_str(), k.1.as_str()))
                         .map(Vec::as_slice)
                         .unwrap_or(&[]);
-                    now.len() == old_slices.len() && now.iter().zip(old_slices).all(|(a, b)| *a == b)
+                    now.len() == old_slices.len()
+                        && now.iter().zip(old_slices).all(|(a, b)| *a == b)
                 })
         }
-        (DepKey::Secret(k), DepValue::Secret(secret)) => state.secrets.get(k) == secret.as_ref(),
+        (DepKey::Secret(k), DepValue::Secret(secret)) => state.secrets.get(k) == secret.as_deref(),
         _ => false,
     }
 }
@@ -181,7 +191,7 @@ fn dep_value(state: &ClusterState, slices: &SliceIndex<'_>, key: &DepKey) -> Dep
     match key {
         DepKey::Service(k) => {
             let endpoints = state.endpoints.get(k).cloned();
-            DepValue::Service {
+            DepValue::Service(Box::new(ServiceDeps {
                 service: state.services.get(k).cloned(),
                 slices: if endpoints.is_some() {
                     Vec::new()
@@ -192,9 +202,9 @@ fn dep_value(state: &ClusterState, slices: &SliceIndex<'_>, key: &DepKey) -> Dep
                         .unwrap_or_default()
                 },
                 endpoints,
-            }
+            }))
         }
-        DepKey::Secret(k) => DepValue::Secret(state.secrets.get(k).cloned()),
+        DepKey::Secret(k) => DepValue::Secret(state.secrets.get(k).cloned().map(Box::new)),
     }
 }
 
@@ -234,11 +244,7 @@ impl PlanCache {
     }
 }
 
-pub fn plan(state: &ClusterState) -> Plan {
-    plan_cached(state, &mut PlanCache::default())
-}
-
-/// [`plan`], re-planning only the Ingresses `cache` cannot answer for.
+/// The plan of the whole state, re-planning only the Ingresses `cache` cannot answer for.
 pub fn plan_cached(state: &ClusterState, cache: &mut PlanCache) -> Plan {
     let mut out = Plan::default();
     let slices = slice_index(state);
@@ -384,15 +390,12 @@ fn plan_ingress(
         let field = format!("spec.tls[{ti}]");
         let secret_key = (secret_ns.to_string(), tls.secret_name.clone());
         deps.insert(DepKey::Secret(secret_key.clone()));
-        let secret = state
-            .secrets
-            .get(&secret_key)
-            .ok_or_else(|| {
-                (
-                    REASON_SECRET_NOT_FOUND,
-                    format!("{field}: Secret {secret_ns}/{} not found", tls.secret_name),
-                )
-            })?;
+        let secret = state.secrets.get(&secret_key).ok_or_else(|| {
+            (
+                REASON_SECRET_NOT_FOUND,
+                format!("{field}: Secret {secret_ns}/{} not found", tls.secret_name),
+            )
+        })?;
         let (cert_chain, private_key) =
             tls_material(secret).map_err(|m| (REASON_SECRET_INVALID, format!("{field}: {m}")))?;
         tls_chains.push(TlsChainPlan {

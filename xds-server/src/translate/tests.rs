@@ -86,7 +86,12 @@ fn gateway() -> GatewayConfig {
 /// The route table listener `name` serves: its RouteConfiguration, or with scoped routing the virtual
 /// hosts of all its scopes (leaked: a test's tables live as long as the test).
 fn route_config<'a>(t: &'a Translation, name: &str) -> &'a RouteConfiguration {
-    if let Some(rc) = t.resources.route_configurations.iter().find(|r| r.name == name) {
+    if let Some(rc) = t
+        .resources
+        .route_configurations
+        .iter()
+        .find(|r| r.name == name)
+    {
         return rc;
     }
     let prefix = format!("{name}/");
@@ -104,7 +109,13 @@ fn route_config<'a>(t: &'a Translation, name: &str) -> &'a RouteConfiguration {
         name: name.to_string(),
         virtual_hosts: scopes
             .iter()
-            .flat_map(|s| s.route_configuration.as_ref().unwrap().virtual_hosts.clone())
+            .flat_map(|s| {
+                s.route_configuration
+                    .as_ref()
+                    .unwrap()
+                    .virtual_hosts
+                    .clone()
+            })
             .collect(),
         ..Default::default()
     }))
@@ -617,6 +628,141 @@ fn translation_is_deterministic() {
     rev.reverse();
     let b = translate(&state(&rev, &["a"]), &gateway());
     assert_eq!(a, b);
+}
+
+#[test]
+fn translator_replans_what_changed_and_matches_a_fresh_translation() {
+    let mut translator = Translator::new(gateway());
+    let mut s = state(
+        &[
+            simple("a", "a.example.com", "sa"),
+            simple("b", "b.example.com", "sb"),
+        ],
+        &["sa", "sb"],
+    );
+    let key = |n: &str| ("ns".to_string(), n.to_string());
+    type Step = (&'static str, Box<dyn Fn(&mut ClusterState)>);
+    let mut steps: Vec<Step> = vec![
+        ("unchanged", Box::new(|_| {})),
+        (
+            "endpoints move",
+            Box::new(move |s| {
+                s.endpoints
+                    .insert(key("sa"), endpoints("sa", "http", &["10.0.0.9"]));
+            }),
+        ),
+        (
+            "a Service goes away",
+            Box::new(move |s| {
+                s.services.remove(&key("sb"));
+            }),
+        ),
+        (
+            "and comes back",
+            Box::new(move |s| {
+                s.services.insert(key("sb"), service("sb", "http"));
+            }),
+        ),
+        (
+            "an Ingress gains a host",
+            Box::new(move |s| {
+                s.ingresses
+                    .insert(key("a"), simple("a", "new.example.com", "sa"));
+            }),
+        ),
+        (
+            "an Ingress goes away",
+            Box::new(move |s| {
+                s.ingresses.remove(&key("b"));
+            }),
+        ),
+        (
+            "a wildcard host switches to whole route tables",
+            Box::new(move |s| {
+                s.ingresses
+                    .insert(key("w"), simple("w", "'*.wild.example.com'", "sa"));
+            }),
+        ),
+    ];
+    for (what, change) in steps.drain(..) {
+        change(&mut s);
+        assert_eq!(
+            translator.translate(&s),
+            translate(&s, &gateway()),
+            "{what}"
+        );
+    }
+    let t = translator.translate(&s);
+    assert!(!t.ingresses.contains_key(&key("b")));
+    assert_eq!(
+        cla(&t, "ns/sa:80").endpoints[0].lb_endpoints.len(),
+        1,
+        "moved endpoints"
+    );
+    assert!(vhost(route_config(&t, "external"), "new.example.com").is_some());
+    assert!(vhost(route_config(&t, "external"), "*.wild.example.com").is_some());
+}
+
+#[test]
+fn exact_hosts_get_one_routing_scope_per_listener_and_host() {
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        HttpConnectionManager, http_connection_manager::RouteSpecifier,
+    };
+    use prost::Message;
+    let mut two_hosts = simple("m", "m.example.com", "a");
+    two_hosts.spec.rules[0].hosts.push("m.example.org".into());
+    let t = translate(&state(&[two_hosts], &["a"]), &GatewayConfig::default());
+    assert!(t.resources.route_configurations.is_empty());
+    let names: Vec<&str> = t
+        .resources
+        .scoped_route_configurations
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "external/m.example.com",
+            "external/m.example.org",
+            "internal/m.example.com",
+            "internal/m.example.org"
+        ]
+    );
+    // Keys are the host, once per listener rank, so the listeners' scopes never collide.
+    let key_len = |name: &str| {
+        let s = t
+            .resources
+            .scoped_route_configurations
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap();
+        s.key.as_ref().unwrap().fragments.len()
+    };
+    assert_eq!(key_len("external/m.example.com"), 1);
+    assert_eq!(key_len("internal/m.example.com"), 2);
+    for l in &t.resources.listeners {
+        let filter = &l.filter_chains[0].filters[0];
+        let Some(envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(
+            any,
+        )) = &filter.config_type
+        else {
+            panic!("typed config")
+        };
+        let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+        let Some(RouteSpecifier::ScopedRoutes(scoped)) = hcm.route_specifier else {
+            panic!("{} routes by scope", l.name)
+        };
+        let want = if l.name == "external" { 1 } else { 2 };
+        assert_eq!(scoped.scope_key_builder.unwrap().fragments.len(), want);
+    }
+    // Each scope's table still starts with the readiness probe route and serves host and host:*.
+    let rc = route_config(&t, "external");
+    let v = vhost(rc, "m.example.org").unwrap();
+    assert_eq!(v.domains, ["m.example.org", "m.example.org:*"]);
+    assert!(matches!(
+        v.routes[0].action,
+        Some(route::Action::DirectResponse(_))
+    ));
 }
 
 #[test]

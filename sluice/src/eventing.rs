@@ -1,0 +1,156 @@
+//! The eventing plane of `sluice up`: the broker service (ingress, logs, triggers, PingSource) fed from
+//! the folder's Broker, Trigger and PingSource objects, and the gateway route that makes the broker
+//! ingress answer at `http://broker-ingress.knative-eventing.localhost:<external port>/<ns>/<broker>`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use sluice_api::core::{EndpointAddress, EndpointPort, EndpointSubset, Endpoints, Service};
+use sluice_api::{Ingress, Object};
+use sluice_broker::{BrokerOptions, BrokerService, EventingObjects, EventingStatus};
+use sluice_xds_server::state::ClusterState;
+
+/// Knative's broker ingress Service, in namespace knative-eventing.
+pub const BROKER_INGRESS: &str = "broker-ingress";
+pub const KNATIVE_EVENTING_NAMESPACE: &str = "knative-eventing";
+
+pub struct EventingPlane {
+    service: Arc<BrokerService>,
+    applied: tokio::sync::Mutex<Option<EventingObjects>>,
+    status: Mutex<EventingStatus>,
+}
+
+impl EventingPlane {
+    /// Starts the broker service on `listen` (port 0 picks one); events persist under `data_dir`.
+    pub async fn start(
+        data_dir: PathBuf,
+        listen: SocketAddr,
+        gateway: SocketAddr,
+    ) -> anyhow::Result<Arc<EventingPlane>> {
+        let mut options = BrokerOptions::new(data_dir, listen);
+        options.gateway = gateway;
+        options.public_port = gateway.port();
+        options.ingress_url = format!(
+            "http://{BROKER_INGRESS}.{KNATIVE_EVENTING_NAMESPACE}.localhost{}",
+            if gateway.port() == 80 {
+                String::new()
+            } else {
+                format!(":{}", gateway.port())
+            }
+        );
+        let service = BrokerService::start(options).await?;
+        Ok(Arc::new(EventingPlane {
+            service,
+            applied: tokio::sync::Mutex::new(None),
+            status: Mutex::new(EventingStatus::default()),
+        }))
+    }
+
+    /// Applies the folder's eventing objects when they changed.
+    pub async fn apply(&self, objects: &[Object]) {
+        let wanted = EventingObjects::from_objects(objects.iter().cloned());
+        let mut applied = self.applied.lock().await;
+        if applied.as_ref() == Some(&wanted) {
+            return;
+        }
+        let status = self.service.apply(wanted.clone()).await;
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
+        *applied = Some(wanted);
+    }
+
+    /// The Brokers, Triggers and PingSources with their status.
+    pub fn status(&self) -> EventingStatus {
+        // Statuses change as deliveries succeed or fail, not only when objects are applied.
+        let status = self.service.status();
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status.clone();
+        status
+    }
+
+    /// Adds the KIngress, Service and Endpoints that route the broker ingress host to the broker.
+    pub fn add_routes(&self, state: &mut ClusterState) {
+        let addr = self.service.local_addr();
+        let key = (
+            KNATIVE_EVENTING_NAMESPACE.to_string(),
+            BROKER_INGRESS.to_string(),
+        );
+        state.ingresses.insert(key.clone(), ingress());
+        let mut svc = Service::default();
+        svc.metadata.namespace = key.0.clone();
+        svc.metadata.name = key.1.clone();
+        svc.spec.ports = vec![sluice_api::core::ServicePort {
+            name: "http".to_string(),
+            port: 80,
+            ..Default::default()
+        }];
+        state.services.insert(key.clone(), svc);
+        let mut eps = Endpoints::default();
+        eps.metadata.namespace = key.0.clone();
+        eps.metadata.name = key.1.clone();
+        eps.subsets = vec![EndpointSubset {
+            addresses: vec![EndpointAddress {
+                ip: addr.ip().to_string(),
+                ..Default::default()
+            }],
+            ports: vec![EndpointPort {
+                name: "http".to_string(),
+                port: i32::from(addr.port()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }];
+        state.endpoints.insert(key, eps);
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.service.local_addr()
+    }
+
+    pub async fn shutdown(&self) {
+        self.service.shutdown().await;
+    }
+}
+
+/// The broker ingress KIngress: external and cluster-local hosts, as Knative's broker-ingress Service.
+fn ingress() -> Ingress {
+    let yaml = format!(
+        "apiVersion: networking.internal.knative.dev/v1alpha1
+kind: Ingress
+metadata:
+  name: {BROKER_INGRESS}
+  namespace: {KNATIVE_EVENTING_NAMESPACE}
+  annotations:
+    networking.knative.dev/ingress.class: {class}
+spec:
+  rules:
+  - hosts: [{BROKER_INGRESS}.{KNATIVE_EVENTING_NAMESPACE}.localhost]
+    visibility: ExternalIP
+    http:
+      paths:
+      - splits:
+        - {{serviceName: {BROKER_INGRESS}, serviceNamespace: {KNATIVE_EVENTING_NAMESPACE}, servicePort: 80, percent: 100}}
+  - hosts: [{BROKER_INGRESS}.{KNATIVE_EVENTING_NAMESPACE}.svc.cluster.local]
+    visibility: ClusterLocal
+    http:
+      paths:
+      - splits:
+        - {{serviceName: {BROKER_INGRESS}, serviceNamespace: {KNATIVE_EVENTING_NAMESPACE}, servicePort: 80, percent: 100}}
+",
+        class = sluice_api::ingress::SLUICE_INGRESS_CLASS
+    );
+    match sluice_api::parse_documents(&yaml).into_iter().next() {
+        Some(Ok(Object::Ingress(ingress))) => ingress,
+        other => unreachable!("the broker ingress YAML is fixed and valid: {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn broker_ingress_kingress_is_valid() {
+        let mut ingress = super::ingress();
+        ingress.set_defaults();
+        ingress.validate().expect("valid");
+        assert_eq!(ingress.spec.rules.len(), 2);
+    }
+}

@@ -1,0 +1,369 @@
+//! Knative Serving end to end: `sluice up` on a folder with serving.knative.dev/v1 Services whose
+//! revisions run as real local processes (tests/src/bin/sluice-test-app.rs) behind a real Envoy with the
+//! queue-proxy filter, the activator and the autoscaler.
+
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use serde_json::Value;
+use sluice_e2e::{Req, Sluice};
+
+const READY: Duration = Duration::from_secs(90);
+const APP: &str = env!("CARGO_BIN_EXE_sluice-test-app");
+
+/// A Service running the test app. `template` is extra YAML under `spec.template.spec` (indented by 6),
+/// `annotations` extra lines under `spec.template.metadata.annotations` (indented by 8), `traffic` the
+/// whole `spec.traffic` list (indented by 2), `env` one `APP_VERSION` value (a template change).
+struct Svc<'a> {
+    name: &'a str,
+    version: &'a str,
+    template: &'a str,
+    annotations: &'a str,
+    traffic: &'a str,
+}
+
+impl<'a> Svc<'a> {
+    fn new(name: &'a str) -> Self {
+        Svc {
+            name,
+            version: "1",
+            template: "",
+            annotations: "",
+            traffic: "",
+        }
+    }
+
+    fn yaml(&self) -> String {
+        let annotations = if self.annotations.is_empty() {
+            String::new()
+        } else {
+            format!("    metadata:\n      annotations:\n{}\n", self.annotations)
+        };
+        let traffic = if self.traffic.is_empty() {
+            String::new()
+        } else {
+            format!("  traffic:\n{}\n", self.traffic)
+        };
+        format!(
+            "apiVersion: serving.knative.dev/v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  template:
+{annotations}    spec:
+{template}      containers:
+      - image: sluice-test-app
+        command: [\"{APP}\"]
+        env:
+        - name: APP_VERSION
+          value: \"{version}\"
+{traffic}",
+            name = self.name,
+            template = self.template,
+            version = self.version,
+        )
+    }
+}
+
+/// Small autoscaler windows so scale-to-zero happens within a test.
+const FAST_AUTOSCALER: &str = "apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: config-autoscaler
+  namespace: knative-serving
+data:
+  stable-window: 6s
+  scale-to-zero-grace-period: 2s
+";
+
+fn find<'a>(status: &'a Value, list: &str, name: &str) -> Option<&'a Value> {
+    status[list]
+        .as_array()?
+        .iter()
+        .find(|o| o["metadata"]["name"] == name && o["metadata"]["namespace"] == "default")
+}
+
+/// Waits until `pred` holds on the status, failing with the status and the log.
+async fn wait_status(
+    sluice: &mut Sluice,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        sluice.check_alive().expect("sluice up is running");
+        let status = sluice.status().await.expect("GET /status");
+        if pred(&status) {
+            return status;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "timed out waiting for {what}; status:\n{}\nlog:\n{}",
+                serde_json::to_string_pretty(&status).unwrap_or_default(),
+                sluice.logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits for the Service to be Ready at its current generation, with `latest` as latest ready revision.
+async fn wait_service(sluice: &mut Sluice, name: &str, latest: &str) -> Value {
+    wait_status(sluice, &format!("service {name} ready with {latest}"), READY, |s| {
+        find(s, "services", name).is_some_and(|svc| {
+            sluice_e2e::sluice::is_ready(svc)
+                && svc["status"]["latestReadyRevisionName"] == latest
+                && find(s, "routes", name).is_some_and(|r| {
+                    sluice_e2e::sluice::is_ready(r)
+                        && r["status"]["traffic"]
+                            .as_array()
+                            .is_some_and(|t| t.iter().all(|t| t["revisionName"].is_string()))
+                })
+        })
+    })
+    .await
+}
+
+async fn get(sluice: &Sluice, host: &str, path: &str) -> anyhow::Result<(StatusCode, String)> {
+    let resp = Req::get(host, path)
+        .timeout(Duration::from_secs(30))
+        .send(sluice.external())
+        .await?;
+    Ok((resp.status, resp.text()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_gets_a_revision_a_url_and_answers() {
+    let mut sluice = Sluice::start().await.expect("sluice up");
+    sluice
+        .write("hello.yaml", &Svc::new("hello").yaml())
+        .expect("writing the Service");
+    let status = wait_service(&mut sluice, "hello", "hello-00001").await;
+    let svc = find(&status, "services", "hello").expect("service");
+    let url = svc["status"]["url"].as_str().expect("url");
+    assert!(
+        url.starts_with("http://hello.default.localhost"),
+        "url {url}"
+    );
+    let (code, body) = get(&sluice, "hello.default.localhost", "/").await.expect("GET");
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body, "hello from hello-00001\n");
+    // Knative's environment for the process.
+    let (_, k_service) = get(&sluice, "hello.default.localhost", "/env/K_SERVICE")
+        .await
+        .expect("GET env");
+    assert_eq!(k_service, "hello");
+    let (_, k_config) = get(&sluice, "hello.default.localhost", "/env/K_CONFIGURATION")
+        .await
+        .expect("GET env");
+    assert_eq!(k_config, "hello");
+    // The cluster-local listener serves the cluster-local names.
+    let resp = Req::get("hello.default.svc.cluster.local", "/")
+        .send(sluice.internal())
+        .await
+        .expect("cluster-local GET");
+    assert_eq!(resp.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_split_80_20_across_two_revisions_and_a_tag_url() {
+    let mut sluice = Sluice::start().await.expect("sluice up");
+    sluice
+        .write("split.yaml", &Svc::new("split").yaml())
+        .expect("writing v1");
+    wait_service(&mut sluice, "split", "split-00001").await;
+    let v2 = Svc {
+        version: "2",
+        traffic: "  - revisionName: split-00001\n    percent: 80\n    tag: old\n  - latestRevision: true\n    percent: 20",
+        ..Svc::new("split")
+    };
+    sluice.write("split.yaml", &v2.yaml()).expect("writing v2");
+    let status = wait_service(&mut sluice, "split", "split-00002").await;
+    let svc = find(&status, "services", "split").expect("service");
+    let traffic = svc["status"]["traffic"].as_array().expect("traffic");
+    let old = traffic
+        .iter()
+        .find(|t| t["tag"] == "old")
+        .expect("tagged target");
+    assert!(
+        old["url"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("http://old-split.default.localhost")),
+        "{old}"
+    );
+
+    let mut first = 0;
+    let mut second = 0;
+    for _ in 0..200 {
+        let (code, body) = get(&sluice, "split.default.localhost", "/")
+            .await
+            .expect("GET");
+        assert_eq!(code, StatusCode::OK, "{body}");
+        match body.as_str() {
+            "hello from split-00001\n" => first += 1,
+            "hello from split-00002\n" => second += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    // 80/20 of 200: binomial standard deviation ~5.7; 6 sigmas either way.
+    assert!((126..=194).contains(&first), "{first} vs {second}");
+    // The tag URL always reaches its revision.
+    for _ in 0..10 {
+        let (code, body) = get(&sluice, "old-split.default.localhost", "/")
+            .await
+            .expect("GET tag");
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(body, "hello from split-00001\n");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scales_to_zero_after_the_grace_period_and_a_cold_request_succeeds() {
+    let mut sluice = Sluice::start().await.expect("sluice up");
+    sluice
+        .write("config-autoscaler.yaml", FAST_AUTOSCALER)
+        .expect("config map");
+    sluice
+        .write("cold.yaml", &Svc::new("cold").yaml())
+        .expect("writing the Service");
+    wait_service(&mut sluice, "cold", "cold-00001").await;
+    let (code, _) = get(&sluice, "cold.default.localhost", "/").await.expect("GET");
+    assert_eq!(code, StatusCode::OK);
+
+    // No traffic: after the stable window and the grace period the revision has no instance.
+    wait_status(&mut sluice, "cold-00001 at zero", Duration::from_secs(90), |s| {
+        find(s, "revisions", "cold-00001")
+            .is_some_and(|r| r["desiredInstances"] == 0 && r["readyInstances"] == 0)
+    })
+    .await;
+    let pids_before = std::fs::read_dir(sluice.state_dir().join("logs/default/cold-00001"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+
+    // A cold request is held by the activator while an instance starts, then answered.
+    let (code, body) = get(&sluice, "cold.default.localhost", "/")
+        .await
+        .expect("cold GET");
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body, "hello from cold-00001\n");
+    let pids_after = std::fs::read_dir(sluice.state_dir().join("logs/default/cold-00001"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(
+        pids_after > pids_before,
+        "a new instance should have started ({pids_before} -> {pids_after} log files)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_concurrency_is_respected_during_a_burst() {
+    let mut sluice = Sluice::start().await.expect("sluice up");
+    let svc = Svc {
+        template: "      containerConcurrency: 1\n",
+        annotations: "        autoscaling.knative.dev/max-scale: \"1\"",
+        ..Svc::new("burst")
+    };
+    sluice.write("burst.yaml", &svc.yaml()).expect("writing");
+    wait_service(&mut sluice, "burst", "burst-00001").await;
+
+    let requests = (0..12).map(|_| {
+        let external = sluice.external();
+        async move {
+            Req::get("burst.default.localhost", "/?sleep_ms=150")
+                .timeout(Duration::from_secs(60))
+                .send(external)
+                .await
+        }
+    });
+    let results = futures::future::join_all(requests).await;
+    for r in &results {
+        let resp = r.as_ref().expect("request");
+        assert_eq!(resp.status, StatusCode::OK, "{}", resp.text());
+    }
+    let (code, stats) = get(&sluice, "burst.default.localhost", "/stats")
+        .await
+        .expect("stats");
+    assert_eq!(code, StatusCode::OK);
+    let stats: Value = serde_json::from_str(&stats).expect("stats JSON");
+    assert_eq!(stats["max_in_flight"], 1, "{stats}");
+    assert!(stats["requests"].as_u64().unwrap_or(0) >= 12, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashing_instance_is_replaced() {
+    let mut sluice = Sluice::start().await.expect("sluice up");
+    sluice
+        .write("crash.yaml", &Svc::new("crash").yaml())
+        .expect("writing");
+    wait_service(&mut sluice, "crash", "crash-00001").await;
+    // The request that crashes the app fails (the connection drops); that is the app's doing.
+    let _ = get(&sluice, "crash.default.localhost", "/crash").await;
+    let deadline = Instant::now() + READY;
+    loop {
+        if let Ok((StatusCode::OK, body)) = get(&sluice, "crash.default.localhost", "/").await {
+            assert_eq!(body, "hello from crash-00001\n");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no instance came back:\n{}",
+            sluice.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // `sluice logs` shows what the crashed instance printed.
+    let bin = sluice_e2e::sluice::sluice_bin().expect("sluice binary");
+    let out = std::process::Command::new(bin)
+        .args(["logs", "crash", "--state-dir"])
+        .arg(sluice.state_dir())
+        .output()
+        .expect("sluice logs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("crashing on request"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_change_rolls_out_without_failed_requests() {
+    let mut sluice = Sluice::start().await.expect("sluice up");
+    sluice
+        .write("roll.yaml", &Svc::new("roll").yaml())
+        .expect("writing v1");
+    wait_service(&mut sluice, "roll", "roll-00001").await;
+
+    let external = sluice.external();
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(async move {
+        let mut ok = 0u32;
+        let mut failures = Vec::new();
+        while !*stop_rx.borrow_and_update() {
+            match Req::get("roll.default.localhost", "/")
+                .timeout(Duration::from_secs(30))
+                .send(external)
+                .await
+            {
+                Ok(r) if r.status == StatusCode::OK => ok += 1,
+                Ok(r) => failures.push(format!("{} {}", r.status, r.text())),
+                Err(e) => failures.push(format!("{e:#}")),
+            }
+        }
+        (ok, failures)
+    });
+    let v2 = Svc {
+        version: "2",
+        ..Svc::new("roll")
+    };
+    sluice.write("roll.yaml", &v2.yaml()).expect("writing v2");
+    wait_service(&mut sluice, "roll", "roll-00002").await;
+    // Let traffic flow on the new revision for a moment after the switch.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_tx.send(true).expect("stop");
+    let (ok, failures) = load.await.expect("load task");
+    assert!(failures.is_empty(), "{} failures of {}: {failures:?}", failures.len(), ok + failures.len() as u32);
+    assert!(ok > 10, "only {ok} requests were made");
+    let (_, body) = get(&sluice, "roll.default.localhost", "/").await.expect("GET");
+    assert_eq!(body, "hello from roll-00002\n");
+}
