@@ -41,7 +41,10 @@ pub fn expand_env(env: &[(String, String)]) -> Vec<(String, String)> {
     let mut done: Vec<(String, String)> = Vec::with_capacity(env.len());
     for (name, value) in env {
         let expanded = expand(value, |n| {
-            done.iter().rev().find(|(k, _)| k == n).map(|(_, v)| v.clone())
+            done.iter()
+                .rev()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.clone())
         });
         done.push((name.clone(), expanded));
     }

@@ -162,6 +162,41 @@ fn render_table(report: &serde_json::Value) -> String {
         out.push_str(&table(&rows));
         out.push('\n');
     }
+    for (list, title) in [
+        ("brokers", "BROKER"),
+        ("triggers", "TRIGGER"),
+        ("pingsources", "PINGSOURCE"),
+    ] {
+        let objects = report[list].as_array().cloned().unwrap_or_default();
+        if objects.is_empty() {
+            continue;
+        }
+        let mut rows = vec![header(&[title, "READY", "REASON", "ADDRESS / SINK"])];
+        for o in &objects {
+            let ready = condition(o, "Ready");
+            let target = [
+                &o["status"]["address"]["url"],
+                &o["status"]["subscriberUri"],
+                &o["status"]["sinkUri"],
+            ]
+            .into_iter()
+            .find_map(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+            rows.push(vec![
+                format!(
+                    "{}/{}",
+                    str_of(&o["metadata"]["namespace"]),
+                    str_of(&o["metadata"]["name"])
+                ),
+                ready_of(ready),
+                reason_of(ready),
+                target,
+            ]);
+        }
+        out.push_str(&table(&rows));
+        out.push('\n');
+    }
     let mut rows = vec![header(&["NAMESPACE", "NAME", "READY", "REASON", "HOSTS"])];
     for ing in report["ingresses"].as_array().into_iter().flatten() {
         let ready = condition(ing, "Ready");

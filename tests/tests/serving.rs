@@ -112,18 +112,23 @@ async fn wait_status(
 
 /// Waits for the Service to be Ready at its current generation, with `latest` as latest ready revision.
 async fn wait_service(sluice: &mut Sluice, name: &str, latest: &str) -> Value {
-    wait_status(sluice, &format!("service {name} ready with {latest}"), READY, |s| {
-        find(s, "services", name).is_some_and(|svc| {
-            sluice_e2e::sluice::is_ready(svc)
-                && svc["status"]["latestReadyRevisionName"] == latest
-                && find(s, "routes", name).is_some_and(|r| {
-                    sluice_e2e::sluice::is_ready(r)
-                        && r["status"]["traffic"]
-                            .as_array()
-                            .is_some_and(|t| t.iter().all(|t| t["revisionName"].is_string()))
-                })
-        })
-    })
+    wait_status(
+        sluice,
+        &format!("service {name} ready with {latest}"),
+        READY,
+        |s| {
+            find(s, "services", name).is_some_and(|svc| {
+                sluice_e2e::sluice::is_ready(svc)
+                    && svc["status"]["latestReadyRevisionName"] == latest
+                    && find(s, "routes", name).is_some_and(|r| {
+                        sluice_e2e::sluice::is_ready(r)
+                            && r["status"]["traffic"]
+                                .as_array()
+                                .is_some_and(|t| t.iter().all(|t| t["revisionName"].is_string()))
+                    })
+            })
+        },
+    )
     .await
 }
 
@@ -148,7 +153,9 @@ async fn service_gets_a_revision_a_url_and_answers() {
         url.starts_with("http://hello.default.localhost"),
         "url {url}"
     );
-    let (code, body) = get(&sluice, "hello.default.localhost", "/").await.expect("GET");
+    let (code, body) = get(&sluice, "hello.default.localhost", "/")
+        .await
+        .expect("GET");
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(body, "hello from hello-00001\n");
     // Knative's environment for the process.
@@ -230,14 +237,21 @@ async fn scales_to_zero_after_the_grace_period_and_a_cold_request_succeeds() {
         .write("cold.yaml", &Svc::new("cold").yaml())
         .expect("writing the Service");
     wait_service(&mut sluice, "cold", "cold-00001").await;
-    let (code, _) = get(&sluice, "cold.default.localhost", "/").await.expect("GET");
+    let (code, _) = get(&sluice, "cold.default.localhost", "/")
+        .await
+        .expect("GET");
     assert_eq!(code, StatusCode::OK);
 
     // No traffic: after the stable window and the grace period the revision has no instance.
-    wait_status(&mut sluice, "cold-00001 at zero", Duration::from_secs(90), |s| {
-        find(s, "revisions", "cold-00001")
-            .is_some_and(|r| r["desiredInstances"] == 0 && r["readyInstances"] == 0)
-    })
+    wait_status(
+        &mut sluice,
+        "cold-00001 at zero",
+        Duration::from_secs(90),
+        |s| {
+            find(s, "revisions", "cold-00001")
+                .is_some_and(|r| r["desiredInstances"] == 0 && r["readyInstances"] == 0)
+        },
+    )
     .await;
     let pids_before = std::fs::read_dir(sluice.state_dir().join("logs/default/cold-00001"))
         .map(|d| d.count())
@@ -322,7 +336,11 @@ async fn a_crashing_instance_is_replaced() {
         .output()
         .expect("sluice logs");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("crashing on request"), "{text}");
 }
 
@@ -362,8 +380,15 @@ async fn a_template_change_rolls_out_without_failed_requests() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop_tx.send(true).expect("stop");
     let (ok, failures) = load.await.expect("load task");
-    assert!(failures.is_empty(), "{} failures of {}: {failures:?}", failures.len(), ok + failures.len() as u32);
+    assert!(
+        failures.is_empty(),
+        "{} failures of {}: {failures:?}",
+        failures.len(),
+        ok + failures.len() as u32
+    );
     assert!(ok > 10, "only {ok} requests were made");
-    let (_, body) = get(&sluice, "roll.default.localhost", "/").await.expect("GET");
+    let (_, body) = get(&sluice, "roll.default.localhost", "/")
+        .await
+        .expect("GET");
     assert_eq!(body, "hello from roll-00002\n");
 }
