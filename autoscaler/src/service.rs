@@ -415,6 +415,14 @@ fn record_scrape(shared: &Shared, stats: &[InstanceStat], now: Instant) {
         total.request_count += s.stat.request_count;
         total.proxied_request_count += s.stat.proxied_request_count;
     }
+    // Envoy's Prometheus page leaves out stats that were never set: the queue-proxy filter sets its
+    // gauges when requests come, so an instance that served nothing yet is absent. It is idle, which is
+    // data (Knative's queue-proxy reports zeros): without it an unused revision never scales to zero.
+    for (key, rev) in &state.revisions {
+        if rev.instances.as_ref().is_some_and(|i| !i.is_empty()) {
+            totals.entry(key.clone()).or_default();
+        }
+    }
     for (key, total) in totals {
         if let Some(rev) = state.revisions.get_mut(&key) {
             rev.collector.record_scrape(now, &total);

@@ -92,7 +92,7 @@ metadata:
   namespace: knative-serving
 data:
   stable-window: 6s
-  scale-to-zero-grace-period: 1s
+  scale-to-zero-grace-period: 6s
 ";
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
