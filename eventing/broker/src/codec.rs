@@ -206,14 +206,19 @@ pub fn decode(record: &[u8]) -> Result<Event, serde_json::Error> {
 /// into `ce-` headers (CloudEvents HTTP binding 3.1.3: percent-encoding of values outside printable
 /// ASCII), datacontenttype into Content-Type, data into the body.
 pub fn to_binary(event: &Event) -> (HeaderMap, Bytes) {
-    let mut headers = HeaderMap::new();
+    // Room for the usual attributes, the arrival time and the headers the sender adds, without regrowing.
+    let mut headers = HeaderMap::with_capacity(16);
     for (name, value) in event.iter() {
         if name == "datacontenttype" {
             continue;
         }
         let text = value.to_string();
-        let Ok(header) = HeaderName::from_bytes(format!("ce-{name}").as_bytes()) else {
-            continue;
+        let header = match binary_header_name(name) {
+            Some(h) => h,
+            None => match HeaderName::from_bytes(format!("ce-{name}").as_bytes()) {
+                Ok(h) => h,
+                Err(_) => continue,
+            },
         };
         headers.insert(header, header_value(&text));
     }
@@ -227,6 +232,22 @@ pub fn to_binary(event: &Event) -> (HeaderMap, Bytes) {
         Some(Data::Json(v)) => Bytes::from(serde_json::to_vec(v).unwrap_or_default()),
     };
     (headers, body)
+}
+
+/// The `ce-` header of a context attribute every event carries, without formatting and parsing a
+/// name per delivery; None for the others.
+fn binary_header_name(attribute: &str) -> Option<HeaderName> {
+    Some(HeaderName::from_static(match attribute {
+        "specversion" => "ce-specversion",
+        "id" => "ce-id",
+        "source" => "ce-source",
+        "type" => "ce-type",
+        "time" => "ce-time",
+        "subject" => "ce-subject",
+        "dataschema" => "ce-dataschema",
+        ARRIVAL_TIME_EXTENSION => "ce-knativearrivaltime",
+        _ => return None,
+    }))
 }
 
 fn header_value(text: &str) -> HeaderValue {

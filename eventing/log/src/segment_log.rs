@@ -474,10 +474,10 @@ impl Shared {
                 && from >= first.offset
             {
                 let skip = (from - first.offset) as usize;
+                // `range` starts at `skip` directly; `iter().skip()` would walk the cache from its front.
                 return Ok(cache
                     .records
-                    .iter()
-                    .skip(skip)
+                    .range(skip.min(cache.records.len())..)
                     .take(max_records)
                     .cloned()
                     .collect());
