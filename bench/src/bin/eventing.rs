@@ -346,6 +346,40 @@ async fn closed_loop(
     Ok(out)
 }
 
+/// One closed-loop throughput phase (binary events when `batch` is 0, else batch POSTs), drained and
+/// checked; prints its line and returns the delivered events/s.
+async fn throughput(
+    broker: &BrokerProcess,
+    subscriber: &Subscriber,
+    addr: SocketAddr,
+    connections: usize,
+    duration: f64,
+    batch: usize,
+) -> anyhow::Result<f64> {
+    let phase = if batch == 0 { b't' } else { b'b' };
+    let cpu0 = broker.cpu_seconds();
+    let run = closed_loop(addr, connections, Duration::from_secs_f64(duration), batch).await?;
+    let waited = drain(
+        subscriber,
+        phase,
+        run.accepted.len(),
+        Duration::from_secs(60),
+    )
+    .await;
+    let cpu = broker.cpu_seconds() - cpu0;
+    let arrivals = subscriber.of_phase(phase);
+    let mode = if batch == 0 {
+        "binary".to_string()
+    } else {
+        format!("batch of {batch}")
+    };
+    let label = format!(
+        "throughput ({mode}, {connections} connections, drained in {:.2} s)",
+        waited.as_secs_f64()
+    );
+    Ok(report_throughput(&label, &run, &arrivals, cpu))
+}
+
 fn report_throughput(label: &str, run: &Closed, arrivals: &[Arrival], cpu: f64) -> f64 {
     let secs = run.elapsed.as_secs_f64();
     let accepted_rate = run.accepted.len() as f64 / secs;
@@ -449,29 +483,17 @@ spec:
 
     let mut headline = None;
     if !args.latency_only {
-        let cpu0 = broker.cpu_seconds();
-        let run = closed_loop(
-            addr,
-            args.connections,
-            Duration::from_secs_f64(args.duration),
-            0,
-        )
-        .await?;
-        let waited = drain(
-            &subscriber,
-            b't',
-            run.accepted.len(),
-            Duration::from_secs(60),
-        )
-        .await;
-        let cpu = broker.cpu_seconds() - cpu0;
-        let arrivals = subscriber.of_phase(b't');
-        let label = format!(
-            "throughput (binary, {} connections, drained in {:.2} s)",
-            args.connections,
-            waited.as_secs_f64()
+        headline = Some(
+            throughput(
+                &broker,
+                &subscriber,
+                addr,
+                args.connections,
+                args.duration,
+                0,
+            )
+            .await?,
         );
-        headline = Some(report_throughput(&label, &run, &arrivals, cpu));
     }
 
     let mut p99 = None;
@@ -574,30 +596,16 @@ spec:
     }
 
     if args.batch > 0 && !args.latency_only {
-        let cpu0 = broker.cpu_seconds();
         let connections = (args.connections / 4).max(1);
-        let run = closed_loop(
+        throughput(
+            &broker,
+            &subscriber,
             addr,
             connections,
-            Duration::from_secs_f64(args.duration),
+            args.duration,
             args.batch,
         )
         .await?;
-        let waited = drain(
-            &subscriber,
-            b'b',
-            run.accepted.len(),
-            Duration::from_secs(60),
-        )
-        .await;
-        let cpu = broker.cpu_seconds() - cpu0;
-        let arrivals = subscriber.of_phase(b'b');
-        let label = format!(
-            "throughput (batch of {}, {connections} connections, drained in {:.2} s)",
-            args.batch,
-            waited.as_secs_f64()
-        );
-        report_throughput(&label, &run, &arrivals, cpu);
     }
 
     if let Some(rate) = headline {

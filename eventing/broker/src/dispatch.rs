@@ -18,6 +18,7 @@ use futures::StreamExt;
 use sluice_event_filter::Filter;
 use sluice_event_log::{EventLog, Record};
 use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::codec;
 use crate::config::{BrokerKey, Target};
@@ -187,8 +188,9 @@ async fn run(
             let offset = record.offset;
             // Each delivery is a task of its own so that decoding, encoding and HTTP work spread over
             // the runtime's worker threads (futures inside one `buffered` stream all run on the
-            // dispatcher's one task, which capped a Trigger at one core).
-            let delivery = AbortOnDrop(tokio::spawn(async move {
+            // dispatcher's one task, which capped a Trigger at one core). Dropping the handle aborts
+            // the task, as dropping the future did (stop, Trigger removed).
+            let delivery = AbortOnDropHandle::new(tokio::spawn(async move {
                 deliver(&config, &brokers, &sender, record.data).await;
             }));
             async move {
@@ -204,27 +206,6 @@ async fn run(
             futures::future::ready(())
         })
         .await;
-}
-
-/// A spawned delivery that is aborted when the dispatcher drops it (stop, Trigger removed), as the
-/// delivery future itself was before it became a task.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl std::future::Future for AbortOnDrop {
-    type Output = Result<(), tokio::task::JoinError>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0).poll(cx)
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Filters and delivers one record; returns when it is delivered, dead-lettered or dropped.
