@@ -76,7 +76,8 @@ pub struct BreakerState {
     waiting: VecDeque<Waiter>,
 }
 
-const FORMAT_VERSION: u8 = 2;
+/// The encoding's version (its first byte).
+pub const FORMAT_VERSION: u8 = 2;
 
 impl BreakerState {
     pub fn in_flight(&self) -> u32 {

@@ -5,8 +5,9 @@
 //! while nobody waits, a worker admits and releases against the slots it leased, without shared data
 //! (see `breaker`). A slot handed to a waiting stream, and a request to give leased slots back, are
 //! announced on the worker's shared queue; streams are resumed and timed out only from root callbacks
-//! (`on_queue_ready`, `on_tick`), never from inside another stream's callback, so no stream callback runs re-entrantly inside another, and no `RefCell` borrow is held
-//! across a host call that can call back into the VM (resume, local reply).
+//! (`on_queue_ready`, `on_tick`), never from inside another stream's callback, so no stream callback
+//! runs re-entrantly inside another, and no `RefCell` borrow is held across a host call that can call
+//! back into the VM (resume, local reply).
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -18,8 +19,8 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType, Status};
 
 use crate::breaker::{
-    Arrival, BreakerState, Effects, Finish, Grant, Lease, LeasePolicy, Message, QUEUE_FULL_BODY,
-    QUEUE_TIMEOUT_BODY, Streams, Waiter,
+    self, Arrival, BreakerState, Effects, Finish, Grant, Lease, LeasePolicy, Message,
+    QUEUE_FULL_BODY, QUEUE_TIMEOUT_BODY, Streams, Waiter,
 };
 use crate::config::{Config, Limits, Readiness};
 use crate::names::{self, Names};
@@ -143,6 +144,8 @@ struct Worker {
     unreleased: u32,
     /// Slots handed to waiters of workers that could not be told; given back on every tick.
     undelivered: u32,
+    /// A Reclaim could not be carried out yet; retried on every tick.
+    give_back_due: bool,
 }
 
 /// One configured plugin on one worker.
@@ -163,7 +166,9 @@ impl Plugin {
     fn configure(root_id: u32, config: Config) -> Result<Plugin, String> {
         let names = Names::new(&config.identity);
         let metrics = Metrics::define(&names)?;
-        let breaker_key = names.shared_key("breaker");
+        // The format version is in the key: a filter build with another format (Envoy shares data by
+        // vm_id, across code versions) keeps its own breaker instead of misreading this one.
+        let breaker_key = names.shared_key(&format!("breaker-v{}", breaker::FORMAT_VERSION));
         let ready_key = names.shared_key("ready");
         let mut queue = 0;
         if config.limits.is_some() {
@@ -212,6 +217,7 @@ impl Plugin {
                 prober,
                 unreleased: 0,
                 undelivered: 0,
+                give_back_due: false,
                 lease: Lease::default(),
                 pending: Pending::default(),
             }),
@@ -348,8 +354,12 @@ impl Plugin {
         let queue = self.queue;
         match self.update_lease(|lease, state| lease.give_back(state, limits, queue)) {
             Ok(granted) => self.deliver(granted),
-            // The next trim on the tick tries again (this worker is no longer a listed lender).
-            Err(e) => error!("sluice queue-proxy: giving leased slots back: {e}"),
+            Err(e) => {
+                error!(
+                    "sluice queue-proxy: giving leased slots back: {e}; retrying on the next tick"
+                );
+                self.worker.borrow_mut().give_back_due = true;
+            }
         }
     }
 
@@ -463,6 +473,9 @@ impl Plugin {
                     Err(_) => self.worker.borrow_mut().undelivered += 1,
                 }
             }
+        }
+        if std::mem::take(&mut self.worker.borrow_mut().give_back_due) {
+            self.give_back();
         }
         self.trim();
 
