@@ -151,6 +151,50 @@ async fn breaker_holds_container_concurrency_3_under_a_burst() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lending_workers_hold_container_concurrency_16_and_give_every_slot_back() {
+    // containerConcurrency 16: each worker leases slots in batches of 2 and admits from them without
+    // shared data while nobody waits; a burst of 64 makes requests queue, which calls the idle slots
+    // back from the other worker.
+    let (backend, envoy) = start(plugin_config(16)).await.unwrap();
+    let burst = |n: usize, sleep_ms: u64| -> Vec<_> {
+        (0..n)
+            .map(|_| {
+                let addr = envoy.addr();
+                tokio::spawn(async move { get(&format!("/?sleep={sleep_ms}")).send(addr).await })
+            })
+            .collect()
+    };
+    for request in burst(64, 100) {
+        let resp = request.await.unwrap().unwrap();
+        assert_eq!(resp.status, StatusCode::OK, "{}", resp.text());
+    }
+    assert_eq!(backend.requests(), 64);
+    assert!(
+        backend.max_in_flight() <= 16,
+        "max in flight {}",
+        backend.max_in_flight()
+    );
+    wait_metric(&envoy, &instance("in_flight"), 0).await;
+    wait_metric(&envoy, &instance("queued"), 0).await;
+
+    // Every slot came back, whichever worker leased it: 16 long requests all run at once.
+    let long = burst(16, 2000);
+    wait_metric(&envoy, &instance("in_flight"), 16).await;
+    assert_eq!(envoy.metric(&instance("queued")).await.unwrap(), Some(0));
+    for request in long {
+        let resp = request.await.unwrap().unwrap();
+        assert_eq!(resp.status, StatusCode::OK, "{}", resp.text());
+    }
+    assert!(backend.max_in_flight() <= 16);
+    let port = envoy.addr().port();
+    for worker in 0..2 {
+        let stat = format!("listener.127.0.0.1_{port}.worker_{worker}.downstream_cx_total");
+        let connections = envoy.stat(&stat).await.unwrap().unwrap_or(0);
+        assert!(connections > 0, "worker {worker} had no connection");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_requests_are_served_in_arrival_order() {
     let (_backend, envoy) = start(plugin_config(1)).await.unwrap();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();

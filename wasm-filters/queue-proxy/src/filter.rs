@@ -1,11 +1,13 @@
 //! The proxy-wasm glue: feeds host events to the pure modules and carries out their answers.
 //!
 //! One root context per plugin per worker VM owns a [`Plugin`]; each HTTP stream holds an `Rc` to it.
-//! Cross-worker state (the breaker, readiness) lives in Envoy's shared data, changed by compare-and-swap.
-//! A slot handed to a waiting stream is announced on its worker's shared queue; streams are resumed and
-//! timed out only from root callbacks (`on_queue_ready`, `on_tick`), never from inside another stream's
-//! callback, so no stream callback runs re-entrantly inside another, and no `RefCell` borrow is held
-//! across a host call that can call back into the VM (resume, local reply).
+//! Cross-worker state (the breaker, readiness) lives in Envoy's shared data, changed by compare-and-swap;
+//! while nobody waits, a worker admits and releases against the slots it leased, without shared data
+//! (see `breaker`). A slot handed to a waiting stream, and a request to give leased slots back, are
+//! announced on the worker's shared queue; streams are resumed and timed out only from root callbacks
+//! (`on_queue_ready`, `on_tick`), never from inside another stream's callback, so no stream callback
+//! runs re-entrantly inside another, and no `RefCell` borrow is held across a host call that can call
+//! back into the VM (resume, local reply).
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -17,7 +19,8 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType, Status};
 
 use crate::breaker::{
-    Arrival, BreakerState, Finish, Grant, QUEUE_FULL_BODY, QUEUE_TIMEOUT_BODY, Streams, Waiter,
+    self, Arrival, BreakerState, Effects, Finish, Grant, Lease, LeasePolicy, Message,
+    QUEUE_FULL_BODY, QUEUE_TIMEOUT_BODY, Streams, Waiter,
 };
 use crate::config::{Config, Limits, Readiness};
 use crate::names::{self, Names};
@@ -132,11 +135,17 @@ struct Pending {
 struct Worker {
     pending: Pending,
     streams: Streams,
+    /// The slots this worker owns in the shared breaker state.
+    lease: Lease,
     windows: Windows,
     published: Published,
     prober: Option<Prober>,
     /// Slot releases that could not be written to shared data yet; retried on every tick.
     unreleased: u32,
+    /// Slots handed to waiters of workers that could not be told; given back on every tick.
+    undelivered: u32,
+    /// A Reclaim could not be carried out yet; retried on every tick.
+    give_back_due: bool,
 }
 
 /// One configured plugin on one worker.
@@ -145,8 +154,10 @@ struct Plugin {
     config: Config,
     breaker_key: String,
     ready_key: String,
-    /// This worker's shared queue, where it hears that one of its streams was handed a slot.
+    /// This worker's shared queue, where it hears that one of its streams was handed a slot, or that
+    /// it must give its leased slots back.
     queue: u32,
+    policy: LeasePolicy,
     metrics: Metrics,
     worker: RefCell<Worker>,
 }
@@ -155,7 +166,9 @@ impl Plugin {
     fn configure(root_id: u32, config: Config) -> Result<Plugin, String> {
         let names = Names::new(&config.identity);
         let metrics = Metrics::define(&names)?;
-        let breaker_key = names.shared_key("breaker");
+        // The format version is in the key: a filter build with another format (Envoy shares data by
+        // vm_id, across code versions) keeps its own breaker instead of misreading this one.
+        let breaker_key = names.shared_key(&format!("breaker-v{}", breaker::FORMAT_VERSION));
         let ready_key = names.shared_key("ready");
         let mut queue = 0;
         if config.limits.is_some() {
@@ -176,6 +189,11 @@ impl Plugin {
             queue = hostcalls::register_shared_queue(&name)
                 .map_err(|e| format!("registering shared queue {name}: {e:?}"))?;
         }
+        // Without limits there is no breaker, and the policy is never asked.
+        let policy = LeasePolicy::new(config.limits.unwrap_or(Limits {
+            capacity: 0,
+            queue_depth: 0,
+        }));
         let now = now_nanos();
         let prober = match &config.readiness {
             Readiness::Static(ready) => {
@@ -190,6 +208,7 @@ impl Plugin {
             breaker_key,
             ready_key,
             queue,
+            policy,
             metrics,
             worker: RefCell::new(Worker {
                 streams: Streams::default(),
@@ -197,6 +216,9 @@ impl Plugin {
                 published: Published::default(),
                 prober,
                 unreleased: 0,
+                undelivered: 0,
+                give_back_due: false,
+                lease: Lease::default(),
                 pending: Pending::default(),
             }),
         })
@@ -247,41 +269,113 @@ impl Plugin {
         ))
     }
 
+    /// Changes this worker's lease and the shared breaker state together, by compare-and-swap; the
+    /// lease is kept only when the swap succeeds.
+    fn update_lease<R>(
+        &self,
+        mut change: impl FnMut(&mut Lease, &mut BreakerState) -> R,
+    ) -> Result<R, String> {
+        let start = self.worker.borrow().lease;
+        let (lease, result) = self.update_breaker(|state| {
+            let mut lease = start;
+            let result = change(&mut lease, state);
+            (lease, result)
+        })?;
+        self.worker.borrow_mut().lease = lease;
+        Ok(result)
+    }
+
+    /// Sends the messages a change of the breaker state calls for.
+    fn carry_out(&self, effects: Effects) {
+        for queue in effects.reclaim {
+            if let Err(e) = hostcalls::enqueue_shared_queue(queue, Some(&Message::Reclaim.encode()))
+            {
+                // Only a worker that is gone has no queue; what it held is lost with it.
+                warn!("sluice queue-proxy: asking queue {queue} for its idle slots: {e:?}");
+            }
+        }
+        self.deliver(effects.granted);
+    }
+
     /// Tells each waiter's worker that it holds a slot. A waiter whose worker is gone (its plugin was
     /// replaced) gives the slot back at once, so it moves on to the next waiter.
     fn deliver(&self, granted: Vec<Waiter>) {
         let mut pending = granted;
         // Each failed delivery releases one slot, which grants at most one waiter: this ends.
         while let Some(waiter) = pending.pop() {
-            let message = waiter.context.to_le_bytes();
+            let message = Message::Granted(waiter.context).encode();
             if let Err(e) = hostcalls::enqueue_shared_queue(waiter.queue, Some(&message)) {
                 warn!(
                     "sluice queue-proxy: telling queue {} about a slot for stream {}: {e:?}; releasing it",
                     waiter.queue, waiter.context
                 );
-                if let Some(more) = self.try_release() {
-                    pending.extend(more);
+                let Some(limits) = self.limits() else {
+                    continue;
+                };
+                match self.update_breaker(|state| state.release_undelivered(limits)) {
+                    Ok(more) => pending.extend(more),
+                    Err(e) => {
+                        error!(
+                            "sluice queue-proxy: releasing a slot: {e}; retrying on the next tick"
+                        );
+                        self.worker.borrow_mut().undelivered += 1;
+                    }
                 }
             }
         }
     }
 
-    /// Releases one slot in shared data; on failure remembers it for the next tick.
+    /// A stream's slot is free: a lender keeps it idle; otherwise it goes back to shared data (on
+    /// failure, remembered for the next tick).
     fn release_slot(&self) {
-        if let Some(granted) = self.try_release() {
-            self.deliver(granted);
+        if self.worker.borrow_mut().lease.release_local() {
+            return;
         }
-    }
-
-    fn try_release(&self) -> Option<Vec<Waiter>> {
-        let limits = self.limits()?;
-        match self.update_breaker(|state| state.release(limits)) {
-            Ok(granted) => Some(granted),
+        let Some(limits) = self.limits() else {
+            return;
+        };
+        match self.update_lease(|lease, state| lease.release(state, limits)) {
+            Ok(effects) => self.carry_out(effects),
             Err(e) => {
                 error!("sluice queue-proxy: releasing a slot: {e}; retrying on the next tick");
                 self.worker.borrow_mut().unreleased += 1;
-                None
             }
+        }
+    }
+
+    /// Stops lending and gives the idle slots back (asked by a waiter, or the plugin goes away).
+    fn give_back(&self) {
+        let Some(limits) = self.limits() else {
+            return;
+        };
+        if !self.worker.borrow().lease.lending() {
+            return;
+        }
+        let queue = self.queue;
+        match self.update_lease(|lease, state| lease.give_back(state, limits, queue)) {
+            Ok(granted) => self.deliver(granted),
+            Err(e) => {
+                error!(
+                    "sluice queue-proxy: giving leased slots back: {e}; retrying on the next tick"
+                );
+                self.worker.borrow_mut().give_back_due = true;
+            }
+        }
+    }
+
+    /// A lender's tick: idle slots past one batch go back to the pool.
+    fn trim(&self) {
+        let Some(limits) = self.limits() else {
+            return;
+        };
+        let lease = self.worker.borrow().lease;
+        if !lease.lending() || lease.idle() <= self.policy.batch() {
+            return;
+        }
+        let (queue, policy) = (self.queue, self.policy);
+        match self.update_lease(|lease, state| lease.trim(state, limits, policy, queue)) {
+            Ok(granted) => self.deliver(granted),
+            Err(e) => error!("sluice queue-proxy: trimming leased slots: {e}"),
         }
     }
 
@@ -371,6 +465,19 @@ impl Plugin {
         for _ in 0..unreleased {
             self.release_slot();
         }
+        let undelivered = std::mem::take(&mut self.worker.borrow_mut().undelivered);
+        if let Some(limits) = self.limits() {
+            for _ in 0..undelivered {
+                match self.update_breaker(|state| state.release_undelivered(limits)) {
+                    Ok(granted) => self.deliver(granted),
+                    Err(_) => self.worker.borrow_mut().undelivered += 1,
+                }
+            }
+        }
+        if std::mem::take(&mut self.worker.borrow_mut().give_back_due) {
+            self.give_back();
+        }
+        self.trim();
 
         let expired = self.worker.borrow().streams.expired(now);
         for context in expired {
@@ -398,14 +505,15 @@ impl Plugin {
         self.flush();
     }
 
-    /// Slots handed to this worker's streams, read from its shared queue.
-    fn slots_arrived(&self, queue_id: u32) {
-        let mut contexts = Vec::new();
+    /// Messages on this worker's shared queue: slots handed to its streams, requests to give its
+    /// leased slots back.
+    fn messages_arrived(&self, queue_id: u32) {
+        let mut messages = Vec::new();
         loop {
             match hostcalls::dequeue_shared_queue(queue_id) {
-                Ok(Some(bytes)) => match <[u8; 4]>::try_from(bytes.as_slice()) {
-                    Ok(raw) => contexts.push(u32::from_le_bytes(raw)),
-                    Err(_) => error!(
+                Ok(Some(bytes)) => match Message::decode(&bytes) {
+                    Some(message) => messages.push(message),
+                    None => error!(
                         "sluice queue-proxy: a {}-byte message on queue {queue_id}",
                         bytes.len()
                     ),
@@ -417,8 +525,19 @@ impl Plugin {
                 }
             }
         }
-        for context in contexts {
-            let grant = self.worker.borrow_mut().streams.grant(context);
+        for message in messages {
+            let context = match message {
+                Message::Granted(context) => context,
+                Message::Reclaim => {
+                    self.give_back();
+                    continue;
+                }
+            };
+            let grant = {
+                let mut worker = self.worker.borrow_mut();
+                worker.lease.granted();
+                worker.streams.grant(context)
+            };
             match grant {
                 Grant::Resume => {
                     self.count(|p| {
@@ -553,6 +672,8 @@ impl Context for QueueProxyRoot {
     fn on_done(&mut self) -> bool {
         if let Some(plugin) = &self.plugin {
             plugin.unpublish();
+            // Streams still holding a slot release it through shared data from now on.
+            plugin.give_back();
         }
         true
     }
@@ -592,7 +713,7 @@ impl RootContext for QueueProxyRoot {
 
     fn on_queue_ready(&mut self, queue_id: u32) {
         if let Some(plugin) = &self.plugin {
-            plugin.slots_arrived(queue_id);
+            plugin.messages_arrived(queue_id);
         }
     }
 
@@ -656,15 +777,22 @@ impl QueueProxyStream {
         let Some(limits) = plugin.limits() else {
             return Action::Continue;
         };
-        let me = plugin.waiter(self.context_id);
-        let (arrival, granted) = match plugin.update_breaker(|state| state.arrive(limits, me)) {
-            Ok(answer) => answer,
-            Err(e) => {
-                error!("sluice queue-proxy: breaker: {e}");
-                return self.reply(503, vec![], "queue-proxy breaker unavailable\n");
+        let arrival = if plugin.worker.borrow_mut().lease.admit_local() {
+            Arrival::Admitted
+        } else {
+            let me = plugin.waiter(self.context_id);
+            let policy = plugin.policy;
+            match plugin.update_lease(|lease, state| lease.arrive(state, limits, policy, me)) {
+                Ok((arrival, effects)) => {
+                    plugin.carry_out(effects);
+                    arrival
+                }
+                Err(e) => {
+                    error!("sluice queue-proxy: breaker: {e}");
+                    return self.reply(503, vec![], "queue-proxy breaker unavailable\n");
+                }
             }
         };
-        plugin.deliver(granted);
         match arrival {
             Arrival::Admitted => {
                 plugin.worker.borrow_mut().streams.admitted(self.context_id);
