@@ -25,7 +25,7 @@ pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_NETWORK_CONFIGURED: &str = "NetworkConfigured";
 pub const CONDITION_LOAD_BALANCER_READY: &str = "LoadBalancerReady";
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Ingress {
     #[serde(default = "default_api_version")]
@@ -47,7 +47,7 @@ fn default_kind() -> String {
     KIND.to_string()
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IngressSpec {
     /// TLS configuration; hosts are multiplexed on one port by SNI.
@@ -78,7 +78,7 @@ pub struct IngressTls {
 pub const VISIBILITY_EXTERNAL_IP: &str = "ExternalIP";
 pub const VISIBILITY_CLUSTER_LOCAL: &str = "ClusterLocal";
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IngressRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -90,14 +90,14 @@ pub struct IngressRule {
     pub http: Option<HttpIngressRuleValue>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpIngressRuleValue {
     #[serde(default)]
     pub paths: Vec<HttpIngressPath>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpIngressPath {
     /// A literal path prefix starting with '/'; empty is the catch-all.

@@ -74,7 +74,7 @@ impl EventingPlane {
             KNATIVE_EVENTING_NAMESPACE.to_string(),
             BROKER_INGRESS.to_string(),
         );
-        state.ingresses.insert(key.clone(), ingress());
+        state.ingresses.insert(key.clone(), ingress().into());
         let mut svc = Service::default();
         svc.metadata.namespace = key.0.clone();
         svc.metadata.name = key.1.clone();
@@ -83,7 +83,7 @@ impl EventingPlane {
             port: 80,
             ..Default::default()
         }];
-        state.services.insert(key.clone(), svc);
+        state.services.insert(key.clone(), svc.into());
         let mut eps = Endpoints::default();
         eps.metadata.namespace = key.0.clone();
         eps.metadata.name = key.1.clone();
@@ -99,7 +99,7 @@ impl EventingPlane {
             }],
             ..Default::default()
         }];
-        state.endpoints.insert(key, eps);
+        state.endpoints.insert(key, eps.into());
     }
 
     pub fn local_addr(&self) -> SocketAddr {

@@ -25,7 +25,7 @@ use sluice_api::autoscaling::RevisionKey;
 use sluice_api::core::{
     ConfigMap, EndpointAddress, EndpointPort, EndpointSubset, Endpoints, Service as CoreService,
 };
-use sluice_api::ingress::Ingress;
+use sluice_api::ingress::{Ingress, IngressStatus};
 use sluice_api::serving::{self, Revision};
 use sluice_autoscaler::{
     AutoscalerConfig, AutoscalerService, Mode, RevisionScaling, ScaleError, Scaler, ServiceOptions,
@@ -118,6 +118,9 @@ struct PlaneState {
     launched: BTreeMap<RevisionKey, Launched>,
     /// Instance name -> its sidecar listener's port; kept while the instance lives.
     sidecar_ports: BTreeMap<String, u16>,
+    /// The KIngresses the serving controller made (`namespace/name`): the only ones whose status it
+    /// reads.
+    owned_ingresses: BTreeSet<String>,
 }
 
 pub struct ServingPlane {
@@ -199,6 +202,7 @@ impl ServingPlane {
                 serving: ServingState::default(),
                 launched: BTreeMap::new(),
                 sidecar_ports: BTreeMap::new(),
+                owned_ingresses: BTreeSet::new(),
             }),
             report,
         });
@@ -213,7 +217,30 @@ impl ServingPlane {
 
     /// One pass: reconcile the folder's Knative objects with what runs, act on the difference, and return
     /// the state for the xds controller.
-    fn sync(&self, source: &SourceSnapshot, report: &StatusReport) -> SourceSnapshot {
+    /// The statuses of the KIngresses this plane made, from the xds controller's report.
+    fn owned_ingress_statuses(&self, report: &StatusReport) -> BTreeMap<String, IngressStatus> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.owned_ingresses.is_empty() {
+            return BTreeMap::new();
+        }
+        report
+            .ingresses
+            .iter()
+            .filter_map(|i| {
+                let key = i.metadata.key();
+                state
+                    .owned_ingresses
+                    .contains(&key)
+                    .then(|| (key, i.status.clone()))
+            })
+            .collect()
+    }
+
+    fn sync(
+        &self,
+        source: &SourceSnapshot,
+        ingress_statuses: &BTreeMap<String, IngressStatus>,
+    ) -> SourceSnapshot {
         let mut errors = source.errors.clone();
         let mut input = ReconcileInput::default();
         let mut config_maps: Vec<&ConfigMap> = Vec::new();
@@ -266,11 +293,7 @@ impl ServingPlane {
                 });
                 AutoscalerConfig::default()
             });
-        for ingress in &report.ingresses {
-            input
-                .ingress_statuses
-                .insert(ingress.metadata.key(), ingress.status.clone());
-        }
+        input.ingress_statuses = ingress_statuses.clone();
 
         let runtime = self.runtime.snapshot();
         let decisions = self.autoscaler.decisions().borrow().clone();
@@ -281,6 +304,7 @@ impl ServingPlane {
                 .insert(key.clone(), facts(&runtime, key, decisions.get(key)));
         }
         let out = reconcile(&input, &mut state.serving);
+        state.owned_ingresses = out.ingresses.iter().map(|i| i.metadata.key()).collect();
         for warning in &out.warnings {
             errors.push(SourceError {
                 origin: "serving".to_string(),
@@ -334,13 +358,13 @@ impl ServingPlane {
                     ingress.metadata.namespace.clone(),
                     ingress.metadata.name.clone(),
                 ),
-                ingress.clone(),
+                ingress.clone().into(),
             );
         }
         for svc in &out.revision_services {
             derived.services.insert(
                 (svc.metadata.namespace.clone(), svc.metadata.name.clone()),
-                svc.clone(),
+                svc.clone().into(),
             );
         }
         let mut live_instances = BTreeSet::new();
@@ -373,7 +397,8 @@ impl ServingPlane {
                         container_concurrency: l.container_concurrency,
                         timeout_seconds: l.timeout_seconds,
                         http2: l.http2,
-                    },
+                    }
+                    .into(),
                 );
                 if inst.state == InstanceState::Ready {
                     ready_sidecars.push(listen);
@@ -402,7 +427,7 @@ impl ServingPlane {
             };
             derived.endpoints.insert(
                 (key.namespace.clone(), key.name.clone()),
-                revision_endpoints(key, &l.port_name, &endpoints),
+                revision_endpoints(key, &l.port_name, &endpoints).into(),
             );
             if l.confirmed != Some(mode) {
                 self.autoscaler.confirm_mode(key, mode);
@@ -662,7 +687,9 @@ impl StateSource for ServingSource {
             let mut decisions_rx = self.plane.autoscaler.decisions();
             let mut report_rx = self.report.clone();
             let mut read_once = false;
+            let mut statuses = BTreeMap::new();
             loop {
+                let mut report_only = false;
                 tokio::select! {
                     res = &mut folder => return res,
                     changed = inner_rx.changed() => {
@@ -673,17 +700,25 @@ impl StateSource for ServingSource {
                     }
                     _ = runtime_rx.changed() => {}
                     _ = decisions_rx.changed() => {}
-                    _ = report_rx.changed() => {}
+                    _ = report_rx.changed() => report_only = true,
                 }
                 // Never publish before the folder was read: an empty state would wipe Envoy's config.
                 if !read_once {
                     continue;
                 }
+                // The report changes with every Ingress status; only those of our own KIngresses
+                // matter here (a folder of thousands of plain KIngresses must not re-sync on each).
+                let now = self
+                    .plane
+                    .owned_ingress_statuses(&report_rx.borrow_and_update());
+                if report_only && now == statuses {
+                    continue;
+                }
+                statuses = now;
                 let source = inner_rx.borrow_and_update().clone();
                 runtime_rx.borrow_and_update();
                 decisions_rx.borrow_and_update();
-                let report = report_rx.borrow_and_update().clone();
-                let mut next = self.plane.sync(&source, &report);
+                let mut next = self.plane.sync(&source, &statuses);
                 if let Some(eventing) = &self.eventing {
                     eventing.apply(&source.objects).await;
                     eventing.add_routes(&mut next.state);

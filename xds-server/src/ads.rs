@@ -1081,19 +1081,19 @@ mod tests {
 
     fn snapshot(generation: u64, cluster_timeout: i64, stat_prefix: &str) -> Snapshot {
         let resources = Resources {
-            clusters: vec![Cluster {
+            clusters: vec![Arc::new(Cluster {
                 name: "c".to_string(),
                 connect_timeout: Some(envoy_types::pb::google::protobuf::Duration {
                     seconds: cluster_timeout,
                     nanos: 0,
                 }),
                 ..Default::default()
-            }],
-            listeners: vec![Listener {
+            })],
+            listeners: vec![Arc::new(Listener {
                 name: "l".to_string(),
                 stat_prefix: stat_prefix.to_string(),
                 ..Default::default()
-            }],
+            })],
             ..Default::default()
         };
         Snapshot::from_resources(generation, &resources)

@@ -42,20 +42,21 @@ pub struct ControllerConfig {
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusReport {
-    /// Every Ingress of Sluice's class, with its status.
-    pub ingresses: Vec<Ingress>,
+    /// Every Ingress of Sluice's class, with its status (shared: the report is rebuilt on every status
+    /// change, and only the changed Ingresses are new).
+    pub ingresses: Vec<Arc<Ingress>>,
     /// Problems with files or objects, each naming where it is.
     pub errors: Vec<ReportedError>,
     pub envoy: EnvoyReport,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ReportedError {
     pub origin: String,
     pub message: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EnvoyReport {
     /// The newest configuration generation the xds-server serves.
@@ -116,8 +117,8 @@ pub async fn run(
             } => {
                 report_due = None;
                 let ack = acks.borrow().clone();
-                let rep = r.report(&ack);
-                for ingress in &rep.ingresses {
+                let (rep, changed) = r.report(&ack);
+                for ingress in &changed {
                     let key = (
                         ingress.metadata.namespace.clone(),
                         ingress.metadata.name.clone(),
@@ -125,19 +126,40 @@ pub async fn run(
                     if written.get(&key) != Some(&ingress.status) {
                         if let Err(e) = source.write_ingress_status(ingress).await {
                             tracing::warn!(ingress = %ingress.metadata.key(), "writing status: {e}");
+                            // Retried at the next report.
+                            r.dirty.insert(key);
                             continue;
                         }
                         written.insert(key, ingress.status.clone());
                     }
                 }
-                written.retain(|k, _| r.known(k));
-                report.send_replace(rep);
+                if written.len() > rep.ingresses.len() {
+                    written.retain(|k, _| r.known(k));
+                }
+                // Subscribers (the serving plane, `sluice status`) only hear of real changes.
+                report.send_if_modified(|current| {
+                    let modified = !changed.is_empty()
+                        || current.ingresses.len() != rep.ingresses.len()
+                        || current.errors != rep.errors
+                        || current.envoy != rep.envoy;
+                    if modified {
+                        *current = rep;
+                    }
+                    modified
+                });
                 continue;
             }
             changed = source_rx.changed() => {
                 if changed.is_err() { return Ok(()); }
                 let snap = source_rx.borrow_and_update().clone();
-                if let Some(new) = r.apply_source(snap) {
+                let started = std::time::Instant::now();
+                let new = r.apply_source(snap);
+                tracing::debug!(
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                    generation = new.as_ref().map(|s| s.generation()),
+                    "translated the source's state"
+                );
+                if let Some(new) = new {
                     let _ = snapshots.send(new);
                 }
             }
@@ -237,9 +259,16 @@ struct Reconciler {
     /// For each programmed Ingress: its hash and the first generation that carried it.
     programmed: BTreeMap<ObjectKey, (String, u64)>,
     probes: BTreeMap<ObjectKey, (String, Probe)>,
+    /// Programmed Ingresses whose current hash has no successful probe yet: the only ones whose
+    /// status can change without a change of their own (an ACK, a NACK, a probe), and the only ones
+    /// probes are started for. Small once things settle, so an event costs what is in flight.
+    unprobed: BTreeSet<ObjectKey>,
     in_flight: BTreeSet<ObjectKey>,
     attempts: BTreeMap<ObjectKey, u32>,
-    statuses: BTreeMap<ObjectKey, IngressStatus>,
+    /// The Ingresses of the last report, with their status.
+    reported: BTreeMap<ObjectKey, Arc<Ingress>>,
+    /// Ingresses whose status must be recomputed at the next report (besides `unprobed`).
+    dirty: BTreeSet<ObjectKey>,
 }
 
 impl Reconciler {
@@ -255,9 +284,11 @@ impl Reconciler {
             outcomes: BTreeMap::new(),
             programmed: BTreeMap::new(),
             probes: BTreeMap::new(),
+            unprobed: BTreeSet::new(),
             in_flight: BTreeSet::new(),
             attempts: BTreeMap::new(),
-            statuses: BTreeMap::new(),
+            reported: BTreeMap::new(),
+            dirty: BTreeSet::new(),
         }
     }
 
@@ -268,7 +299,7 @@ impl Reconciler {
     /// Translates the new state; returns a snapshot to serve when the Envoy resources changed.
     fn apply_source(&mut self, source: SourceSnapshot) -> Option<Arc<Snapshot>> {
         let translation = self.translator.translate(&source.state);
-        self.source = source;
+        let previous = std::mem::replace(&mut self.source, source);
         let mut resources = translation.resources;
         // Cloned only when clusters are dropped (rare; the clone is O(config)).
         self.without_removed = None;
@@ -289,20 +320,38 @@ impl Reconciler {
             self.generation += 1;
         }
         let generation = self.generation;
-        let mut programmed = BTreeMap::new();
+        // Only what changed costs more than a lookup: thousands of Ingresses stay as they are.
         for (key, outcome) in &translation.ingresses {
-            if let Some(hash) = outcome.hash() {
-                let first = match self.programmed.get(key) {
-                    Some((h, g)) if h == hash => *g,
-                    _ => generation,
-                };
-                programmed.insert(key.clone(), (hash.to_string(), first));
+            let object_changed =
+                previous.state.ingresses.get(key) != self.source.state.ingresses.get(key);
+            if object_changed || self.outcomes.get(key) != Some(outcome) {
+                self.dirty.insert(key.clone());
+            }
+            match outcome.hash() {
+                Some(hash) => {
+                    if self.programmed.get(key).is_none_or(|(h, _)| h != hash) {
+                        self.programmed
+                            .insert(key.clone(), (hash.to_string(), generation));
+                        self.unprobed.insert(key.clone());
+                    }
+                }
+                None => {
+                    self.programmed.remove(key);
+                    self.unprobed.remove(key);
+                }
             }
         }
+        if self.programmed.len() > translation.ingresses.len() {
+            self.programmed
+                .retain(|k, _| translation.ingresses.contains_key(k));
+        }
+        self.unprobed.retain(|k| self.programmed.contains_key(k));
         self.probes
-            .retain(|k, (h, _)| programmed.get(k).is_some_and(|(ph, _)| ph == h));
+            .retain(|k, (h, _)| self.programmed.get(k).is_some_and(|(ph, _)| ph == h));
         self.attempts.retain(|k, _| self.probes.contains_key(k));
-        self.programmed = programmed;
+        self.reported
+            .retain(|k, _| translation.ingresses.contains_key(k));
+        self.dirty.retain(|k| translation.ingresses.contains_key(k));
         self.outcomes = translation.ingresses;
         if changed {
             Some(self.publish(candidate, resources))
@@ -342,9 +391,15 @@ impl Reconciler {
             Ok(()) => Probe::Succeeded,
             Err(e) => Probe::Failed(e),
         };
-        if matches!(probe, Probe::Failed(_)) {
-            self.attempts.insert(p.key.clone(), p.attempt + 1);
+        match probe {
+            Probe::Failed(_) => {
+                self.attempts.insert(p.key.clone(), p.attempt + 1);
+            }
+            _ => {
+                self.unprobed.remove(&p.key);
+            }
         }
+        self.dirty.insert(p.key.clone());
         self.probes.insert(p.key, (p.hash, probe));
     }
 
@@ -361,14 +416,10 @@ impl Reconciler {
         // Called on every event: select without cloning, so thousands of settled Ingresses cost
         // only lookups.
         let keys: Vec<ObjectKey> = self
-            .programmed
+            .unprobed
             .iter()
-            .filter(|(key, (hash, _))| {
-                !self.in_flight.contains(*key)
-                    && self.acked(key, ack)
-                    && !matches!(self.probes.get(*key), Some((h, Probe::Succeeded)) if h == hash)
-            })
-            .map(|(key, _)| key.clone())
+            .filter(|key| !self.in_flight.contains(*key) && self.acked(key, ack))
+            .cloned()
             .collect();
         for key in keys {
             let (hash, _) = &self.programmed[&key];
@@ -407,12 +458,20 @@ impl Reconciler {
         targets.into_iter().collect()
     }
 
-    fn report(&mut self, ack: &ConfigStatus) -> StatusReport {
+    /// The report, recomputing only the Ingresses that may have changed; also returns those whose
+    /// status did change.
+    fn report(&mut self, ack: &ConfigStatus) -> (StatusReport, Vec<Arc<Ingress>>) {
         let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         let nack = ack.last_nack();
-        let mut ingresses = Vec::new();
-        for (key, outcome) in &self.outcomes {
-            let Some(ingress) = self.source.state.ingresses.get(key) else {
+        let mut changed = Vec::new();
+        let mut keys = std::mem::take(&mut self.dirty);
+        keys.extend(self.unprobed.iter().cloned());
+        for key in keys {
+            let (Some(outcome), Some(ingress)) = (
+                self.outcomes.get(&key),
+                self.source.state.ingresses.get(&key),
+            ) else {
+                self.reported.remove(&key);
                 continue;
             };
             let progress = match outcome.rejection() {
@@ -421,9 +480,9 @@ impl Reconciler {
                     message: message.to_string(),
                 },
                 None => {
-                    let acked = self.acked(key, ack);
-                    let hash = self.programmed.get(key).map(|(h, _)| h.as_str());
-                    let probe = match self.probes.get(key) {
+                    let acked = self.acked(&key, ack);
+                    let hash = self.programmed.get(&key).map(|(h, _)| h.as_str());
+                    let probe = match self.probes.get(&key) {
                         Some((h, p)) if Some(h.as_str()) == hash => p.clone(),
                         _ => Probe::NotYet,
                     };
@@ -434,19 +493,22 @@ impl Reconciler {
                     }
                 }
             };
-            let mut with_status = ingress.clone();
-            if let Some(prev) = self.statuses.get(key) {
-                with_status.status = prev.clone();
+            let mut with_status = Ingress::clone(ingress);
+            let previous = self.reported.get(&key);
+            if let Some(prev) = previous {
+                with_status.status = prev.status.clone();
             }
-            let st =
+            with_status.status =
                 status::ingress_status(&with_status, &progress, &self.config.load_balancers, &now);
-            self.statuses.insert(key.clone(), st.clone());
-            with_status.status = st;
-            ingresses.push(with_status);
+            if previous.is_some_and(|p| **p == with_status) {
+                continue;
+            }
+            let with_status = Arc::new(with_status);
+            changed.push(with_status.clone());
+            self.reported.insert(key, with_status);
         }
-        self.statuses.retain(|k, _| self.outcomes.contains_key(k));
-        StatusReport {
-            ingresses,
+        let report = StatusReport {
+            ingresses: self.reported.values().cloned().collect(),
             errors: self
                 .source
                 .errors
@@ -461,7 +523,8 @@ impl Reconciler {
                 acked_generation: ack.acked_generation(),
                 last_nack: nack,
             },
-        }
+        };
+        (report, changed)
     }
 }
 
@@ -476,16 +539,20 @@ mod tests {
         Resources {
             clusters: clusters
                 .iter()
-                .map(|n| Cluster {
-                    name: n.to_string(),
-                    ..Default::default()
+                .map(|n| {
+                    Arc::new(Cluster {
+                        name: n.to_string(),
+                        ..Default::default()
+                    })
                 })
                 .collect(),
             cluster_load_assignments: clusters
                 .iter()
-                .map(|n| ClusterLoadAssignment {
-                    cluster_name: n.to_string(),
-                    ..Default::default()
+                .map(|n| {
+                    Arc::new(ClusterLoadAssignment {
+                        cluster_name: n.to_string(),
+                        ..Default::default()
+                    })
                 })
                 .collect(),
             ..Default::default()

@@ -43,7 +43,7 @@ static NO_RESOURCES: BTreeMap<String, Arc<VersionedResource>> = BTreeMap::new();
 
 /// Resources of one type by name, with the prost message they were made from: what lets
 /// [`Snapshot::update`] reuse the packed bytes and version of an unchanged resource.
-type Reuse<'a, M> = Option<(&'a [M], &'a BTreeMap<String, Arc<VersionedResource>>)>;
+type Reuse<'a, M> = Option<(&'a [Arc<M>], &'a BTreeMap<String, Arc<VersionedResource>>)>;
 
 impl Snapshot {
     /// Packs and versions every resource. The version of a resource is a short hex sha256 of its
@@ -128,18 +128,21 @@ impl Snapshot {
     fn add<M: Message + PartialEq>(
         &mut self,
         type_url: &str,
-        messages: &[M],
+        messages: &[Arc<M>],
         name_of: impl Fn(&M) -> &String,
         reuse: Reuse<'_, M>,
     ) {
-        let previous: HashMap<&str, &M> = reuse
+        let previous: HashMap<&str, &Arc<M>> = reuse
             .map(|(msgs, _)| msgs.iter().map(|m| (name_of(m).as_str(), m)).collect())
             .unwrap_or_default();
         let mut set = BTreeMap::new();
         for message in messages {
             let name = name_of(message);
             let reused = reuse.and_then(|(_, packed)| {
-                let same = previous.get(name.as_str()).is_some_and(|p| *p == message);
+                // The same Arc is the same content; only re-rendered resources are compared.
+                let same = previous
+                    .get(name.as_str())
+                    .is_some_and(|p| Arc::ptr_eq(p, message) || **p == *message);
                 same.then(|| packed.get(name)).flatten().cloned()
             });
             let resource = reused.unwrap_or_else(|| {
@@ -242,15 +245,21 @@ mod tests {
 
     fn resources() -> Resources {
         Resources {
-            clusters: vec![cluster("a", 1), cluster("b", 1)],
-            route_configurations: vec![RouteConfiguration {
-                name: "routes".to_string(),
-                ..Default::default()
-            }],
-            cluster_load_assignments: vec![ClusterLoadAssignment {
-                cluster_name: "a".to_string(),
-                ..Default::default()
-            }],
+            clusters: vec![cluster("a", 1).into(), cluster("b", 1).into()],
+            route_configurations: vec![
+                RouteConfiguration {
+                    name: "routes".to_string(),
+                    ..Default::default()
+                }
+                .into(),
+            ],
+            cluster_load_assignments: vec![
+                ClusterLoadAssignment {
+                    cluster_name: "a".to_string(),
+                    ..Default::default()
+                }
+                .into(),
+            ],
             ..Default::default()
         }
     }
@@ -283,7 +292,7 @@ mod tests {
     fn changing_one_resource_changes_only_its_version_and_its_type_version() {
         let before = Snapshot::from_resources(1, &resources());
         let mut changed = resources();
-        changed.clusters[1] = cluster("b", 2);
+        changed.clusters[1] = cluster("b", 2).into();
         let after = Snapshot::from_resources(2, &changed);
         assert!(!before.same_content(&after));
         let (b, a) = (
@@ -311,8 +320,8 @@ mod tests {
         let before = resources();
         let first = Snapshot::from_resources(1, &before);
         let mut changed = resources();
-        changed.clusters[1] = cluster("b", 2);
-        changed.clusters.push(cluster("c", 1));
+        changed.clusters[1] = cluster("b", 2).into();
+        changed.clusters.push(cluster("c", 1).into());
         changed.route_configurations.clear();
         let updated = first.update(2, &changed, &before);
         let fresh = Snapshot::from_resources(2, &changed);
@@ -364,7 +373,7 @@ mod tests {
     #[test]
     fn renaming_a_resource_changes_its_type_version() {
         let mut renamed = resources();
-        renamed.route_configurations[0].name = "other".to_string();
+        Arc::make_mut(&mut renamed.route_configurations[0]).name = "other".to_string();
         let a = Snapshot::from_resources(1, &resources());
         let b = Snapshot::from_resources(1, &renamed);
         assert_ne!(

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use sluice_api::Ingress;
 use sluice_api::core::{EndpointSlice, Endpoints, Secret, Service};
@@ -10,16 +11,20 @@ use sluice_api::core::{EndpointSlice, Endpoints, Secret, Service};
 /// `(namespace, name)`.
 pub type ObjectKey = (String, String);
 
-#[derive(Debug, Clone, Default, PartialEq)]
+///
+/// Objects are shared (`Arc`): sources, the serving plane and the controller each hold a copy of the
+/// state, and with thousands of objects a change must cost what changed, not a deep copy and a deep
+/// comparison of everything (`Arc<T: Eq>` compares by pointer first).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClusterState {
-    pub ingresses: BTreeMap<ObjectKey, Ingress>,
-    pub services: BTreeMap<ObjectKey, Service>,
-    pub endpoints: BTreeMap<ObjectKey, Endpoints>,
+    pub ingresses: BTreeMap<ObjectKey, Arc<Ingress>>,
+    pub services: BTreeMap<ObjectKey, Arc<Service>>,
+    pub endpoints: BTreeMap<ObjectKey, Arc<Endpoints>>,
     /// Keyed by the slice's own name; the Service is its `kubernetes.io/service-name` label.
-    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
-    pub secrets: BTreeMap<ObjectKey, Secret>,
+    pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
+    pub secrets: BTreeMap<ObjectKey, Arc<Secret>>,
     /// Keyed by (namespace, instance name).
-    pub sidecars: BTreeMap<ObjectKey, InstanceSidecar>,
+    pub sidecars: BTreeMap<ObjectKey, Arc<InstanceSidecar>>,
 }
 
 /// A revision instance's sidecar: an instance-side Envoy listener carrying the queue-proxy wasm filter in

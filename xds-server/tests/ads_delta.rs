@@ -60,7 +60,7 @@ async fn change_sends_only_the_changed_resource() {
     envoy.quiet().await;
 
     let mut changed = base();
-    changed.clusters[1] = cluster("b", 700);
+    changed.clusters[1] = cluster("b", 700).into();
     ads.publish(&changed);
     let push = envoy.recv().await;
     assert_eq!(push.type_url, CDS);
@@ -156,7 +156,7 @@ async fn unsubscribe_stops_updates() {
     envoy.quiet().await;
 
     let mut changed = base();
-    changed.cluster_load_assignments[0] = load_assignment("a", 9001);
+    changed.cluster_load_assignments[0] = load_assignment("a", 9001).into();
     ads.publish(&changed);
     envoy.quiet().await;
 
@@ -186,7 +186,7 @@ async fn subscribing_to_a_missing_resource_answers_removed() {
     // Once it exists, it is sent.
     let mut more = base();
     more.cluster_load_assignments
-        .push(load_assignment("later", 8009));
+        .push(load_assignment("later", 8009).into());
     ads.publish(&more);
     let push = envoy.recv().await;
     assert_eq!(delta_names(&push), ["later"]);
@@ -207,7 +207,7 @@ async fn nack_and_ack_drive_config_status() {
         .await;
 
     let mut bad = base();
-    bad.listeners[0] = listener("http", 0);
+    bad.listeners[0] = listener("http", 0).into();
     ads.publish(&bad);
     let push = envoy.recv().await;
     assert_eq!(push.type_url, LDS);
@@ -224,7 +224,7 @@ async fn nack_and_ack_drive_config_status() {
     envoy.quiet().await;
 
     let mut fixed = base();
-    fixed.listeners[0] = listener("http", 8181);
+    fixed.listeners[0] = listener("http", 8181).into();
     let g = ads.publish(&fixed);
     let push = envoy.recv().await;
     assert_eq!(delta_names(&push), ["http"]);
@@ -254,7 +254,7 @@ async fn sotw_and_delta_envoys_must_both_ack() {
     assert_eq!(status.connected(), 2);
 
     let mut changed = base();
-    changed.clusters[0] = cluster("a", 1234);
+    changed.clusters[0] = cluster("a", 1234).into();
     let g2 = ads.publish(&changed);
     let d = delta.recv().await;
     let s = sotw.recv().await;

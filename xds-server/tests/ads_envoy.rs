@@ -149,10 +149,10 @@ fn gateway(port: u16, body: &str, broken: bool) -> Resources {
         ..Default::default()
     };
     Resources {
-        clusters: vec![backend],
-        cluster_load_assignments: vec![load_assignment("backend", 9)],
-        listeners: vec![listener],
-        route_configurations: vec![routes],
+        clusters: vec![backend.into()],
+        cluster_load_assignments: vec![load_assignment("backend", 9).into()],
+        listeners: vec![listener.into()],
+        route_configurations: vec![routes.into()],
         ..Default::default()
     }
 }

@@ -44,7 +44,7 @@ async fn changing_one_cluster_pushes_clusters_but_not_unchanged_routes() {
     envoy.quiet().await;
 
     let mut changed = base();
-    changed.clusters[1] = cluster("b", 250);
+    changed.clusters[1] = cluster("b", 250).into();
     ads.publish(&changed);
     let push = envoy.recv().await;
     assert_eq!(push.type_url, CDS);
@@ -79,9 +79,10 @@ async fn routes_and_endpoints_are_served_by_name() {
 
     // Resources nobody asked for do not cause pushes.
     let mut more = base();
-    more.route_configurations.push(route_config("other", "b"));
+    more.route_configurations
+        .push(route_config("other", "b").into());
     more.cluster_load_assignments
-        .push(load_assignment("c", 8003));
+        .push(load_assignment("c", 8003).into());
     ads.publish(&more);
     envoy.quiet().await;
 
@@ -97,7 +98,7 @@ async fn stale_nonce_is_ignored() {
     let mut envoy = ads.sotw("envoy-1").await;
     let first = envoy.fetch(RDS, &["routes"]).await;
     let mut changed = base();
-    changed.route_configurations[0] = route_config("routes", "b");
+    changed.route_configurations[0] = route_config("routes", "b").into();
     ads.publish(&changed);
     let second = envoy.recv().await;
     assert_eq!(second.type_url, RDS);
@@ -126,10 +127,10 @@ async fn pushes_go_clusters_endpoints_listeners_routes() {
     envoy.quiet().await;
 
     let mut changed = base();
-    changed.clusters[0] = cluster("a", 300);
-    changed.cluster_load_assignments[0] = load_assignment("a", 9001);
-    changed.listeners[0] = listener("http", 9080);
-    changed.route_configurations[0] = route_config("routes", "b");
+    changed.clusters[0] = cluster("a", 300).into();
+    changed.cluster_load_assignments[0] = load_assignment("a", 9001).into();
+    changed.listeners[0] = listener("http", 9080).into();
+    changed.route_configurations[0] = route_config("routes", "b").into();
     ads.publish(&changed);
     let mut order = Vec::new();
     // Make before break: listeners and routes wait until the new clusters and endpoints are ACKed.
@@ -180,7 +181,7 @@ async fn acked_generation_waits_for_every_subscribed_type() {
 
     // A change to one type: the generation counts once that type is ACKed.
     let mut changed = base();
-    changed.route_configurations[0] = route_config("routes", "b");
+    changed.route_configurations[0] = route_config("routes", "b").into();
     let g2 = ads.publish(&changed);
     let push = envoy.recv().await;
     assert_eq!(push.type_url, RDS);
@@ -191,7 +192,9 @@ async fn acked_generation_waits_for_every_subscribed_type() {
 
     // A change no subscription sees is in sync at once.
     let mut unseen = changed.clone();
-    unseen.route_configurations.push(route_config("other", "a"));
+    unseen
+        .route_configurations
+        .push(route_config("other", "a").into());
     let g3 = ads.publish(&unseen);
     ads.status_until("generation 3 needs no ACK", |s| {
         s.acked_generation() == Some(g3)
@@ -228,7 +231,7 @@ async fn nack_is_reported_until_a_newer_config_is_acked() {
 
     let kept = ads.snapshot().type_version(CDS);
     let mut bad = base();
-    bad.clusters[0] = cluster("a", 0);
+    bad.clusters[0] = cluster("a", 0).into();
     ads.publish(&bad);
     let push = envoy.recv().await;
     assert_eq!(push.type_url, CDS);
@@ -250,7 +253,7 @@ async fn nack_is_reported_until_a_newer_config_is_acked() {
 
     // Another change (routes) keeps the NACK: clusters are still rejected.
     let mut fixed = bad.clone();
-    fixed.route_configurations[0] = route_config("routes", "b");
+    fixed.route_configurations[0] = route_config("routes", "b").into();
     ads.publish(&fixed);
     let routes = envoy.recv().await;
     assert_eq!(routes.type_url, RDS);
@@ -260,7 +263,7 @@ async fn nack_is_reported_until_a_newer_config_is_acked() {
     assert_eq!(status.acked_generation(), Some(1));
 
     // The fix is pushed and ACKed: the NACK clears and the generation advances.
-    fixed.clusters[0] = cluster("a", 500);
+    fixed.clusters[0] = cluster("a", 500).into();
     let g = ads.publish(&fixed);
     let clusters = envoy.recv().await;
     assert_eq!(clusters.type_url, CDS);
@@ -291,7 +294,7 @@ async fn two_envoys_must_both_ack() {
     .await;
 
     let mut changed = base();
-    changed.clusters[1] = cluster("b", 999);
+    changed.clusters[1] = cluster("b", 999).into();
     let g2 = ads.publish(&changed);
     let push1 = one.recv().await;
     let push2 = two.recv().await;

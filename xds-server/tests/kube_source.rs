@@ -376,7 +376,7 @@ async fn status_write_is_a_merge_patch_of_the_status_subresource() {
         .until("ingress", |s| s.state.ingresses.contains_key(&key("web")))
         .await;
 
-    let mut web: Ingress = snapshot.state.ingresses[&key("web")].clone();
+    let mut web: Ingress = Ingress::clone(&snapshot.state.ingresses[&key("web")]);
     web.status.status.observed_generation = 1;
     web.status.status.set_condition(Condition {
         type_: CONDITION_READY.to_string(),

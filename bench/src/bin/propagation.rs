@@ -123,11 +123,17 @@ async fn get(addr: SocketAddr, host: &str, path: &str) -> Result<(u16, Bytes)> {
     Ok((status, resp.into_body().collect().await?.to_bytes()))
 }
 
-/// (ready, total) Ingresses in `sluice status`.
+/// (ready, total) of the benchmark's Ingresses (namespace `bench`) in `sluice status`; `sluice up`
+/// adds Ingresses of its own (the broker's).
 async fn ready_count(control: SocketAddr) -> Result<(usize, usize)> {
     let (_, body) = get(control, "localhost", "/status").await?;
     let v: serde_json::Value = serde_json::from_slice(&body)?;
-    let ingresses = v["ingresses"].as_array().cloned().unwrap_or_default();
+    let ingresses: Vec<&serde_json::Value> = v["ingresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|i| i["metadata"]["namespace"] == "bench")
+        .collect();
     let ready = ingresses
         .iter()
         .filter(|i| {
@@ -226,7 +232,10 @@ async fn main() -> Result<()> {
         .args(["--xds-port", &ports[4].to_string()])
         .args(["--control-port", &control.to_string()])
         .args(["--xds-protocol", &args.xds_protocol])
-        .env("SLUICE_LOG", "warn")
+        .env(
+            "SLUICE_LOG",
+            std::env::var("SLUICE_LOG").unwrap_or_else(|_| "warn".to_string()),
+        )
         .stdin(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", args.sluice.display()))?;
@@ -246,9 +255,17 @@ async fn main() -> Result<()> {
         if Instant::now() > deadline {
             bail!("the Ingresses were not all Ready within 10 minutes");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Not faster: each poll has sluice serialize thousands of statuses, which would slow the
+        // very start-up it measures.
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let all_ready = started.elapsed();
+    eprintln!(
+        "{} Ingresses Ready after {:.2} s; measuring {} changes",
+        args.ingresses,
+        all_ready.as_secs_f64(),
+        args.changes
+    );
     let (cpu_start, rss_start, _) = usage(pid);
     let envoy = children(pid);
     let envoy_cpu_start: f64 = envoy.iter().map(|p| usage(*p).0).sum();

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -275,10 +276,10 @@ impl StateSource for KubeSource {
 /// One kind's objects, converted; an object that failed to convert is kept as its error.
 #[derive(Debug)]
 struct Store<T> {
-    live: BTreeMap<ObjectKey, Result<T, SourceError>>,
+    live: BTreeMap<ObjectKey, Result<Arc<T>, SourceError>>,
     /// Filled between a (re)list's `Init` and `InitDone`, then swapped in whole, so objects deleted
     /// while the watch was down disappear.
-    relist: Option<BTreeMap<ObjectKey, Result<T, SourceError>>>,
+    relist: Option<BTreeMap<ObjectKey, Result<Arc<T>, SourceError>>>,
     listed: bool,
 }
 
@@ -303,7 +304,7 @@ impl<T: DeserializeOwned> Store<T> {
             Event::InitApply(obj) => {
                 if kind.keeps(&obj) {
                     let key = object_key(&obj);
-                    let converted = convert(kind, &key, &obj);
+                    let converted = convert(kind, &key, &obj).map(Arc::new);
                     self.relist
                         .get_or_insert_with(BTreeMap::new)
                         .insert(key, converted);
@@ -318,7 +319,7 @@ impl<T: DeserializeOwned> Store<T> {
             Event::Apply(obj) => {
                 let key = object_key(&obj);
                 if kind.keeps(&obj) {
-                    let converted = convert(kind, &key, &obj);
+                    let converted = convert(kind, &key, &obj).map(Arc::new);
                     self.live.insert(key, converted);
                     true
                 } else {
@@ -330,10 +331,7 @@ impl<T: DeserializeOwned> Store<T> {
         }
     }
 
-    fn collect(&self, into: &mut BTreeMap<ObjectKey, T>, errors: &mut Vec<SourceError>)
-    where
-        T: Clone,
-    {
+    fn collect(&self, into: &mut BTreeMap<ObjectKey, Arc<T>>, errors: &mut Vec<SourceError>) {
         for (key, entry) in &self.live {
             match entry {
                 Ok(obj) => {

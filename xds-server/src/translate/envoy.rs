@@ -3,8 +3,10 @@
 //! Map-typed proto fields are avoided (or hold one entry) because resource versions are hashes of the
 //! prost encoding, which is only deterministic without maps.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::{
     CircuitBreakers, Cluster, circuit_breakers, cluster,
@@ -96,27 +98,52 @@ fn scope_rank(listener: &str) -> usize {
     }
 }
 
-pub fn render(plan: &Plan, gateway: &GatewayConfig) -> Resources {
+/// What the last render made of each plan piece. Plan pieces of unchanged Ingresses are the same
+/// `Arc`s as last time (see [`Plan`]), so their Envoy resources are reused as they are: with thousands of
+/// Ingresses a change renders what changed, and [`crate::snapshot::Snapshot::update`] recognises the
+/// reused resources by pointer instead of comparing them.
+#[derive(Default)]
+pub struct RenderCache {
+    /// By scope name: the virtual host plan and redirect flag it was made from.
+    scopes: HashMap<String, (Arc<VirtualHostPlan>, bool, Arc<ScopedRouteConfiguration>)>,
+    clusters: HashMap<String, RenderedCluster>,
+    sidecars: HashMap<String, RenderedSidecar>,
+}
+
+struct RenderedCluster {
+    plan: Arc<ClusterPlan>,
+    cluster: Arc<Cluster>,
+    assignment: Option<Arc<ClusterLoadAssignment>>,
+}
+
+struct RenderedSidecar {
+    plan: Arc<InstanceSidecar>,
+    listener: Arc<Listener>,
+    cluster: Arc<Cluster>,
+}
+
+pub fn render(plan: &Plan, gateway: &GatewayConfig, cache: &mut RenderCache) -> Resources {
     let mut r = Resources::default();
+    let mut next = RenderCache::default();
     let routing = routing(plan);
     let tls = gateway.tls_address.filter(|_| !plan.tls_chains.is_empty());
 
-    r.listeners.push(http_listener(
+    r.listeners.push(Arc::new(http_listener(
         EXTERNAL_LISTENER,
         gateway.external_address,
         routing,
-    ));
-    r.listeners.push(http_listener(
+    )));
+    r.listeners.push(Arc::new(http_listener(
         INTERNAL_LISTENER,
         gateway.internal_address,
         routing,
-    ));
+    )));
     if let Some(addr) = tls {
         r.listeners
-            .push(tls_listener(addr, &plan.tls_chains, routing));
+            .push(Arc::new(tls_listener(addr, &plan.tls_chains, routing)));
     }
     // (listener, its virtual hosts, whether plain-HTTP redirects apply)
-    let mut tables: Vec<(&str, Vec<&VirtualHostPlan>, bool)> = vec![
+    let mut tables: Vec<(&str, Vec<&Arc<VirtualHostPlan>>, bool)> = vec![
         (
             EXTERNAL_LISTENER,
             plan.vhosts.iter().filter(|v| !v.cluster_local).collect(),
@@ -133,17 +160,26 @@ pub fn render(plan: &Plan, gateway: &GatewayConfig) -> Resources {
     }
     for (listener, vhosts, plain_external) in tables {
         match routing {
-            Routing::Whole => r.route_configurations.push(route_configuration(
+            Routing::Whole => r.route_configurations.push(Arc::new(route_configuration(
                 listener,
-                vhosts.into_iter(),
+                vhosts.into_iter().map(|v| &**v),
                 plain_external,
-            )),
+            ))),
             Routing::Scoped => {
                 for v in vhosts {
                     let redirect = plain_external && v.redirect_plain;
                     for host in &v.hosts {
-                        r.scoped_route_configurations
-                            .push(scope(listener, host, v, redirect));
+                        let name = scope_name(listener, host);
+                        let rendered = match cache.scopes.remove(&name) {
+                            Some((plan, was_redirect, rendered))
+                                if Arc::ptr_eq(&plan, v) && was_redirect == redirect =>
+                            {
+                                rendered
+                            }
+                            _ => Arc::new(scope(listener, host, v, redirect)),
+                        };
+                        r.scoped_route_configurations.push(rendered.clone());
+                        next.scopes.insert(name, (v.clone(), redirect, rendered));
                     }
                 }
             }
@@ -152,21 +188,44 @@ pub fn render(plan: &Plan, gateway: &GatewayConfig) -> Resources {
 
     for sidecar in &plan.sidecars {
         let name = sidecar_name(sidecar);
-        r.listeners.push(sidecar_listener(
-            &name,
-            sidecar,
-            gateway.queue_proxy_wasm.as_deref(),
-        ));
-        r.clusters.push(sidecar_cluster(&name, sidecar));
+        let rendered = match cache.sidecars.remove(&name) {
+            Some(done) if done.plan == *sidecar => done,
+            _ => RenderedSidecar {
+                plan: sidecar.clone(),
+                listener: Arc::new(sidecar_listener(
+                    &name,
+                    sidecar,
+                    gateway.queue_proxy_wasm.as_deref(),
+                )),
+                cluster: Arc::new(sidecar_cluster(&name, sidecar)),
+            },
+        };
+        r.listeners.push(rendered.listener.clone());
+        r.clusters.push(rendered.cluster.clone());
+        next.sidecars.insert(name, rendered);
     }
 
     for c in plan.clusters.values() {
-        r.clusters.push(cluster(c));
-        if let ClusterKind::Eds { endpoints } = &c.kind {
-            r.cluster_load_assignments
-                .push(load_assignment(&c.name, endpoints));
+        let rendered = match cache.clusters.remove(&c.name) {
+            Some(done) if done.plan == *c => done,
+            _ => RenderedCluster {
+                plan: c.clone(),
+                cluster: Arc::new(cluster(c)),
+                assignment: match &c.kind {
+                    ClusterKind::Eds { endpoints } => {
+                        Some(Arc::new(load_assignment(&c.name, endpoints)))
+                    }
+                    ClusterKind::Dns { .. } => None,
+                },
+            },
+        };
+        r.clusters.push(rendered.cluster.clone());
+        if let Some(a) = &rendered.assignment {
+            r.cluster_load_assignments.push(a.clone());
         }
+        next.clusters.insert(c.name.clone(), rendered);
     }
+    *cache = next;
     r
 }
 
@@ -471,6 +530,10 @@ fn route_configuration<'a>(
     }
 }
 
+fn scope_name(listener: &str, host: &str) -> String {
+    format!("{listener}/{host}")
+}
+
 /// One host's routing scope on one listener: `<listener>/<host>`, keyed by the host (repeated
 /// [`scope_rank`] times), with the host's virtual host inline.
 fn scope(
@@ -480,7 +543,7 @@ fn scope(
     redirect: bool,
 ) -> ScopedRouteConfiguration {
     use scoped_route_configuration::key::{Fragment, fragment};
-    let name = format!("{listener}/{host}");
+    let name = scope_name(listener, host);
     let fragment = Fragment {
         r#type: Some(fragment::Type::StringKey(host.to_string())),
     };

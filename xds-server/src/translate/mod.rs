@@ -97,6 +97,7 @@ pub fn translate(state: &ClusterState, gateway: &GatewayConfig) -> Translation {
 pub struct Translator {
     gateway: GatewayConfig,
     plans: plan::PlanCache,
+    rendered: envoy::RenderCache,
 }
 
 impl Translator {
@@ -104,12 +105,13 @@ impl Translator {
         Translator {
             gateway,
             plans: plan::PlanCache::default(),
+            rendered: envoy::RenderCache::default(),
         }
     }
 
     pub fn translate(&mut self, state: &ClusterState) -> Translation {
         let plan = plan::plan_cached(state, &mut self.plans);
-        let resources = envoy::render(&plan, &self.gateway);
+        let resources = envoy::render(&plan, &self.gateway, &mut self.rendered);
         Translation {
             resources,
             ingresses: plan.outcomes,

@@ -2,6 +2,7 @@
 //! hosts, routes, backends and certificates, and why the others are not.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use base64::Engine;
 use sluice_api::Ingress;
@@ -23,16 +24,18 @@ pub const REASON_SERVICE_PORT_NOT_FOUND: &str = "ServicePortNotFound";
 pub const REASON_SECRET_NOT_FOUND: &str = "SecretNotFound";
 pub const REASON_SECRET_INVALID: &str = "SecretInvalid";
 
+/// The decided configuration. Pieces are shared with the plan cache, so an Ingress that did not change
+/// brings the very same `Arc`s as last time, which lets rendering reuse what it made of them.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Plan {
     pub outcomes: BTreeMap<ObjectKey, IngressOutcome>,
     /// Sorted by name.
-    pub vhosts: Vec<VirtualHostPlan>,
-    pub clusters: BTreeMap<String, ClusterPlan>,
+    pub vhosts: Vec<Arc<VirtualHostPlan>>,
+    pub clusters: BTreeMap<String, Arc<ClusterPlan>>,
     /// In Ingress order; server names are unique across chains.
     pub tls_chains: Vec<TlsChainPlan>,
     /// Instance-side listeners, by (namespace, instance).
-    pub sidecars: Vec<InstanceSidecar>,
+    pub sidecars: Vec<Arc<InstanceSidecar>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -99,11 +102,10 @@ pub struct TlsChainPlan {
 type Rejection = (&'static str, String);
 
 /// What one valid Ingress needs, before host conflicts are settled.
-#[derive(Clone)]
 struct IngressPlan {
     hash: String,
-    vhosts: Vec<VirtualHostPlan>,
-    clusters: Vec<ClusterPlan>,
+    vhosts: Vec<Arc<VirtualHostPlan>>,
+    clusters: Vec<Arc<ClusterPlan>>,
     tls_chains: Vec<TlsChainPlan>,
 }
 
@@ -115,9 +117,9 @@ pub struct PlanCache {
 }
 
 struct Cached {
-    ingress: Ingress,
+    ingress: Arc<Ingress>,
     deps: Vec<(DepKey, DepValue)>,
-    result: Result<IngressPlan, Rejection>,
+    result: Result<Arc<IngressPlan>, Rejection>,
 }
 
 /// An object a plan looked up (found or not).
@@ -128,22 +130,24 @@ enum DepKey {
     Secret(ObjectKey),
 }
 
+/// The objects as they were looked up; shared with the state, so an unchanged object compares by
+/// pointer.
 #[derive(Debug, PartialEq)]
 enum DepValue {
     Service(Box<ServiceDeps>),
-    Secret(Option<Box<Secret>>),
+    Secret(Option<Arc<Secret>>),
 }
 
 #[derive(Debug, PartialEq)]
 struct ServiceDeps {
-    service: Option<Service>,
-    endpoints: Option<Endpoints>,
+    service: Option<Arc<Service>>,
+    endpoints: Option<Arc<Endpoints>>,
     /// Only read when there are no Endpoints.
-    slices: Vec<EndpointSlice>,
+    slices: Vec<Arc<EndpointSlice>>,
 }
 
 /// EndpointSlices by (namespace, Service name), built once per translation.
-type SliceIndex<'a> = HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>;
+type SliceIndex<'a> = HashMap<(&'a str, &'a str), Vec<&'a Arc<EndpointSlice>>>;
 
 fn slice_index(state: &ClusterState) -> SliceIndex<'_> {
     let mut index: SliceIndex<'_> = HashMap::new();
@@ -182,7 +186,7 @@ fn dep_matches(
                         && now.iter().zip(old_slices).all(|(a, b)| *a == b)
                 })
         }
-        (DepKey::Secret(k), DepValue::Secret(secret)) => state.secrets.get(k) == secret.as_deref(),
+        (DepKey::Secret(k), DepValue::Secret(secret)) => state.secrets.get(k) == secret.as_ref(),
         _ => false,
     }
 }
@@ -204,7 +208,7 @@ fn dep_value(state: &ClusterState, slices: &SliceIndex<'_>, key: &DepKey) -> Dep
                 endpoints,
             }))
         }
-        DepKey::Secret(k) => DepValue::Secret(state.secrets.get(k).cloned().map(Box::new)),
+        DepKey::Secret(k) => DepValue::Secret(state.secrets.get(k).cloned()),
     }
 }
 
@@ -215,8 +219,8 @@ impl PlanCache {
         state: &ClusterState,
         slices: &SliceIndex<'_>,
         key: &ObjectKey,
-        ingress: &Ingress,
-    ) -> Result<IngressPlan, Rejection> {
+        ingress: &Arc<Ingress>,
+    ) -> Result<Arc<IngressPlan>, Rejection> {
         if let Some(c) = self.entries.get(key)
             && c.ingress == *ingress
             && c.deps.iter().all(|(k, v)| dep_matches(state, slices, k, v))
@@ -224,7 +228,7 @@ impl PlanCache {
             return c.result.clone();
         }
         let mut keys = BTreeSet::new();
-        let result = plan_ingress(state, ingress, &mut keys);
+        let result = plan_ingress(state, ingress, &mut keys).map(Arc::new);
         let deps = keys
             .into_iter()
             .map(|k| {
@@ -249,7 +253,7 @@ pub fn plan_cached(state: &ClusterState, cache: &mut PlanCache) -> Plan {
     let mut out = Plan::default();
     let slices = slice_index(state);
     // Oldest first, so on a host conflict the Ingress that had the host keeps it (Knative's rule).
-    let mut ingresses: Vec<(&ObjectKey, &Ingress)> = state
+    let mut ingresses: Vec<(&ObjectKey, &Arc<Ingress>)> = state
         .ingresses
         .iter()
         .filter(|(_, ing)| ing.is_sluice_class())
@@ -285,12 +289,14 @@ pub fn plan_cached(state: &ClusterState, cache: &mut PlanCache) -> Plan {
                     for h in hosts {
                         claimed.insert(h, key.clone());
                     }
-                    out.vhosts.extend(p.vhosts);
-                    for c in p.clusters {
-                        out.clusters.insert(c.name.clone(), c);
+                    out.vhosts.extend(p.vhosts.iter().cloned());
+                    for c in &p.clusters {
+                        out.clusters.insert(c.name.clone(), c.clone());
                     }
-                    out.tls_chains.extend(p.tls_chains);
-                    IngressOutcome::Programmed { hash: p.hash }
+                    out.tls_chains.extend(p.tls_chains.iter().cloned());
+                    IngressOutcome::Programmed {
+                        hash: p.hash.clone(),
+                    }
                 }
             }
         };
@@ -370,14 +376,14 @@ fn plan_ingress(
         }
         // Longest prefix first; stable, so probe copies stay ahead of their originals.
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-        vhosts.push(VirtualHostPlan {
+        vhosts.push(Arc::new(VirtualHostPlan {
             name: format!("{ns}/{name}/rules[{ri}]"),
             hosts,
             cluster_local: rule.visibility == VISIBILITY_CLUSTER_LOCAL,
             redirect_plain: redirect,
             hash: hash.clone(),
             routes,
-        });
+        }));
     }
 
     let mut tls_chains = Vec::new();
@@ -409,7 +415,7 @@ fn plan_ingress(
     Ok(IngressPlan {
         hash,
         vhosts,
-        clusters: clusters.into_values().collect(),
+        clusters: clusters.into_values().map(Arc::new).collect(),
         tls_chains,
     })
 }

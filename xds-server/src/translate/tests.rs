@@ -62,15 +62,17 @@ fn state(ingresses: &[Ingress], services: &[&str]) -> ClusterState {
     for i in ingresses {
         s.ingresses.insert(
             (i.metadata.namespace.clone(), i.metadata.name.clone()),
-            i.clone(),
+            i.clone().into(),
         );
     }
     for name in services {
-        s.services
-            .insert(("ns".into(), name.to_string()), service(name, "http"));
+        s.services.insert(
+            ("ns".into(), name.to_string()),
+            service(name, "http").into(),
+        );
         s.endpoints.insert(
             ("ns".into(), name.to_string()),
-            endpoints(name, "http", &["10.0.0.1"]),
+            endpoints(name, "http", &["10.0.0.1"]).into(),
         );
     }
     s
@@ -427,7 +429,7 @@ fn h2c_ports_get_http2_upstreams() {
         let mut s = state(&[i], &[]);
         let mut svc = service("h", port_name);
         svc.spec.ports[0].app_protocol = app_protocol.map(String::from);
-        s.services.insert(("ns".into(), "h".into()), svc);
+        s.services.insert(("ns".into(), "h".into()), svc.into());
         let t = translate(&s, &gateway());
         let c = cluster(&t, "ns/h:80");
         assert_eq!(
@@ -476,7 +478,8 @@ fn tls_hosts_get_an_sni_filter_chain_with_the_secret() {
         "metadata: {{name: cert, namespace: ns}}\nstringData:\n  tls.crt: {CERT:?}\n  tls.key: {KEY:?}\n"
     ))
     .unwrap();
-    s.secrets.insert(("ns".into(), "cert".into()), secret);
+    s.secrets
+        .insert(("ns".into(), "cert".into()), secret.into());
     let t = translate(&s, &gateway());
     assert!(t.ingresses[&("ns".into(), "t".into())].hash().is_some());
     let l = t
@@ -587,13 +590,13 @@ fn endpoint_slices_supply_ready_addresses_when_there_are_no_endpoints() {
     let i = simple("sl", "sl.example.com", "sl");
     let mut s = state(&[i], &[]);
     s.services
-        .insert(("ns".into(), "sl".into()), service("sl", "http"));
+        .insert(("ns".into(), "sl".into()), service("sl", "http").into());
     let slice: EndpointSlice = serde_yaml::from_str(
         "metadata:\n  name: sl-abc\n  namespace: ns\n  labels: {kubernetes.io/service-name: sl}\naddressType: IPv4\nendpoints:\n- addresses: [10.0.0.2]\n  conditions: {ready: true}\n- addresses: [10.0.0.3]\n  conditions: {ready: false}\n- addresses: [10.0.0.4]\nports:\n- {name: http, port: 9000}\n",
     )
     .unwrap();
     s.endpoint_slices
-        .insert(("ns".into(), "sl-abc".into()), slice);
+        .insert(("ns".into(), "sl-abc".into()), slice.into());
     let t = translate(&s, &gateway());
     let got: Vec<String> = cla(&t, "ns/sl:80").endpoints[0]
         .lb_endpoints
@@ -612,7 +615,7 @@ fn no_endpoints_is_not_an_error() {
     let i = simple("zero", "zero.example.com", "zero");
     let mut s = state(&[i], &[]);
     s.services
-        .insert(("ns".into(), "zero".into()), service("zero", "http"));
+        .insert(("ns".into(), "zero".into()), service("zero", "http").into());
     let t = translate(&s, &gateway());
     assert!(t.ingresses[&("ns".into(), "zero".into())].hash().is_some());
     assert!(cla(&t, "ns/zero:80").endpoints.is_empty());
@@ -648,7 +651,7 @@ fn translator_replans_what_changed_and_matches_a_fresh_translation() {
             "endpoints move",
             Box::new(move |s| {
                 s.endpoints
-                    .insert(key("sa"), endpoints("sa", "http", &["10.0.0.9"]));
+                    .insert(key("sa"), endpoints("sa", "http", &["10.0.0.9"]).into());
             }),
         ),
         (
@@ -660,14 +663,14 @@ fn translator_replans_what_changed_and_matches_a_fresh_translation() {
         (
             "and comes back",
             Box::new(move |s| {
-                s.services.insert(key("sb"), service("sb", "http"));
+                s.services.insert(key("sb"), service("sb", "http").into());
             }),
         ),
         (
             "an Ingress gains a host",
             Box::new(move |s| {
                 s.ingresses
-                    .insert(key("a"), simple("a", "new.example.com", "sa"));
+                    .insert(key("a"), simple("a", "new.example.com", "sa").into());
             }),
         ),
         (
@@ -680,7 +683,7 @@ fn translator_replans_what_changed_and_matches_a_fresh_translation() {
             "a wildcard host switches to whole route tables",
             Box::new(move |s| {
                 s.ingresses
-                    .insert(key("w"), simple("w", "'*.wild.example.com'", "sa"));
+                    .insert(key("w"), simple("w", "'*.wild.example.com'", "sa").into());
             }),
         ),
     ];
@@ -786,7 +789,8 @@ fn sidecars_get_a_listener_with_the_queue_proxy_and_a_static_cluster() {
             container_concurrency: 1,
             timeout_seconds: 300,
             http2: false,
-        },
+        }
+        .into(),
     );
     let gw = GatewayConfig {
         queue_proxy_wasm: Some("/tmp/qp.wasm".into()),

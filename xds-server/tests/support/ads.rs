@@ -124,10 +124,13 @@ pub fn listener(name: &str, port: u32) -> Listener {
 /// Two clusters, endpoints for both, one route configuration and one listener.
 pub fn base() -> Resources {
     Resources {
-        clusters: vec![cluster("a", 100), cluster("b", 100)],
-        cluster_load_assignments: vec![load_assignment("a", 8001), load_assignment("b", 8002)],
-        route_configurations: vec![route_config("routes", "a")],
-        listeners: vec![listener("http", 8080)],
+        clusters: vec![cluster("a", 100).into(), cluster("b", 100).into()],
+        cluster_load_assignments: vec![
+            load_assignment("a", 8001).into(),
+            load_assignment("b", 8002).into(),
+        ],
+        route_configurations: vec![route_config("routes", "a").into()],
+        listeners: vec![listener("http", 8080).into()],
         ..Default::default()
     }
 }
