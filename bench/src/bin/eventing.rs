@@ -84,10 +84,20 @@ struct Arrival {
     at_ns: u64,
 }
 
-#[derive(Default)]
 struct Subscriber {
     arrivals: Mutex<Vec<Arrival>>,
-    count: AtomicU64,
+    /// Arrivals per phase byte, so that waiting for a phase to drain does not scan (and lock) the
+    /// whole arrival list every 20 ms while the subscriber is receiving.
+    per_phase: Vec<AtomicU64>,
+}
+
+impl Default for Subscriber {
+    fn default() -> Self {
+        Subscriber {
+            arrivals: Mutex::new(Vec::new()),
+            per_phase: (0..256).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
 }
 
 impl Subscriber {
@@ -108,7 +118,7 @@ impl Subscriber {
             sent_ns,
             at_ns,
         });
-        self.count.fetch_add(1, Ordering::Relaxed);
+        self.per_phase[phase as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     fn of_phase(&self, phase: u8) -> Vec<Arrival> {
@@ -122,12 +132,7 @@ impl Subscriber {
     }
 
     fn count_phase(&self, phase: u8) -> usize {
-        self.arrivals
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|a| a.phase == phase)
-            .count()
+        self.per_phase[phase as usize].load(Ordering::Relaxed) as usize
     }
 }
 
