@@ -640,7 +640,7 @@ async fn run_ping(config: PingConfig, sink: Target, brokers: Arc<Brokers>, sende
                             uri,
                             host: host.as_deref(),
                         },
-                        &headers,
+                        headers,
                         body,
                         &retry,
                     )

@@ -73,7 +73,7 @@ impl Sender {
     pub async fn attempt(
         &self,
         endpoint: Endpoint<'_>,
-        headers: &HeaderMap,
+        headers: HeaderMap,
         body: Bytes,
         timeout: Option<Duration>,
     ) -> Result<Response, String> {
@@ -82,7 +82,7 @@ impl Sender {
             .uri(endpoint.uri.clone())
             .body(Full::new(body))
             .map_err(|e| e.to_string())?;
-        *request.headers_mut() = headers.clone();
+        *request.headers_mut() = headers;
         if let Some(host) = endpoint.host
             && let Ok(value) = HeaderValue::from_str(host)
         {
@@ -119,15 +119,21 @@ impl Sender {
     pub async fn send(
         &self,
         endpoint: Endpoint<'_>,
-        headers: &HeaderMap,
+        mut headers: HeaderMap,
         body: Bytes,
         policy: &RetryPolicy,
     ) -> Outcome {
         let mut attempts = 0;
         loop {
             attempts += 1;
+            // The headers are copied only while another attempt may follow.
+            let attempt_headers = if attempts <= policy.retry {
+                headers.clone()
+            } else {
+                std::mem::take(&mut headers)
+            };
             let result = self
-                .attempt(endpoint, headers, body.clone(), policy.timeout)
+                .attempt(endpoint, attempt_headers, body.clone(), policy.timeout)
                 .await;
             let (attempt, retry_after, failed_body) = match result {
                 Ok(response) if (200..300).contains(&response.status) => {
