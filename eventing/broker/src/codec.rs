@@ -433,7 +433,10 @@ pub fn delivery_message(record: &Bytes) -> Result<DeliveryMessage, RecordError> 
     }
     let parsed = parse_binary(record)?;
     let mut headers = HeaderMap::with_capacity(16);
-    headers.insert("ce-specversion", HeaderValue::from_static("1.0"));
+    headers.insert(
+        HeaderName::from_static("ce-specversion"),
+        HeaderValue::from_static("1.0"),
+    );
     let mut ttl = None;
     for a in &parsed.attributes {
         let bytes = &record[a.value.clone()];

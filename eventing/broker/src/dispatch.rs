@@ -26,6 +26,9 @@ use crate::delivery::sender::{Endpoint, Outcome, Sender};
 use crate::delivery::{RetryPolicy, error_extensions};
 use crate::ingress::{Brokers, IngestError};
 
+/// Knative: every delivery carries `Prefer: reply`.
+static PREFER: http::HeaderName = http::HeaderName::from_static("prefer");
+
 /// How many records one read takes from the log.
 const READ_BATCH: usize = 256;
 /// How often the delivered offset is committed.
@@ -180,9 +183,14 @@ async fn run(
     } else {
         config.parallelism.max(1)
     };
+    let subscriber = Arc::new(match &config.subscriber {
+        Target::Http { uri, host, .. } => Some(Endpoint::new(uri, host.as_deref())),
+        Target::Broker(_) => None,
+    });
     records(log, from)
         .map(|record| {
             let config = config.clone();
+            let subscriber = subscriber.clone();
             let brokers = brokers.clone();
             let sender = sender.clone();
             let offset = record.offset;
@@ -191,7 +199,14 @@ async fn run(
             // dispatcher's one task, which capped a Trigger at one core). Dropping the handle aborts
             // the task, as dropping the future did (stop, Trigger removed).
             let delivery = AbortOnDropHandle::new(tokio::spawn(async move {
-                deliver(&config, &brokers, &sender, record.data).await;
+                deliver(
+                    &config,
+                    &brokers,
+                    &sender,
+                    subscriber.as_ref().as_ref(),
+                    record.data,
+                )
+                .await;
             }));
             async move {
                 let _ = delivery.await;
@@ -213,7 +228,15 @@ async fn run(
 /// The event itself is only built when something needs its attributes: a Trigger with filters, a
 /// Broker subscriber, a reply or a dead letter. Delivering to an HTTP subscriber otherwise goes
 /// straight from the log record to the request (see [`codec::delivery_message`]).
-pub async fn deliver(config: &DispatchConfig, brokers: &Brokers, sender: &Sender, record: Bytes) {
+///
+/// `subscriber` is the endpoint of an HTTP subscriber, worked out once per dispatcher.
+pub async fn deliver(
+    config: &DispatchConfig,
+    brokers: &Brokers,
+    sender: &Sender,
+    subscriber: Option<&Endpoint>,
+    record: Bytes,
+) {
     let unreadable = |e: codec::RecordError| {
         tracing::error!(trigger = %config.trigger, error = %e, "unreadable log record skipped");
     };
@@ -232,17 +255,17 @@ pub async fn deliver(config: &DispatchConfig, brokers: &Brokers, sender: &Sender
             };
             let mut headers = message.headers;
             // Knative: every delivery asks for a reply.
-            headers.insert("prefer", http::HeaderValue::from_static("reply"));
+            headers.insert(&PREFER, http::HeaderValue::from_static("reply"));
+            let resolved;
+            let endpoint = match subscriber {
+                Some(e) => e,
+                None => {
+                    resolved = Endpoint::new(uri, host.as_deref());
+                    &resolved
+                }
+            };
             let outcome = sender
-                .send(
-                    Endpoint {
-                        uri,
-                        host: host.as_deref(),
-                    },
-                    headers,
-                    message.body,
-                    &config.retry,
-                )
+                .send(endpoint, headers, message.body, &config.retry)
                 .await;
             (outcome, message.ttl)
         }
@@ -368,10 +391,7 @@ async fn dead_letter(
             let (headers, body) = codec::to_binary(&dead);
             sender
                 .send(
-                    Endpoint {
-                        uri,
-                        host: host.as_deref(),
-                    },
+                    &Endpoint::new(uri, host.as_deref()),
                     headers,
                     body,
                     &config.retry,
