@@ -194,6 +194,16 @@ impl BrokerProcess {
     }
 }
 
+/// User+system CPU seconds this process (producers and subscriber) used so far.
+fn own_cpu_seconds() -> f64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -363,6 +373,7 @@ async fn throughput(
 ) -> anyhow::Result<f64> {
     let phase = if batch == 0 { b't' } else { b'b' };
     let cpu0 = broker.cpu_seconds();
+    let own0 = own_cpu_seconds();
     let run = closed_loop(addr, connections, Duration::from_secs_f64(duration), batch).await?;
     let waited = drain(
         subscriber,
@@ -372,6 +383,7 @@ async fn throughput(
     )
     .await;
     let cpu = broker.cpu_seconds() - cpu0;
+    let own = own_cpu_seconds() - own0;
     let arrivals = subscriber.of_phase(phase);
     let mode = if batch == 0 {
         "binary".to_string()
@@ -382,10 +394,12 @@ async fn throughput(
         "throughput ({mode}, {connections} connections, drained in {:.2} s)",
         waited.as_secs_f64()
     );
-    Ok(report_throughput(&label, &run, &arrivals, cpu))
+    Ok(report_throughput(&label, &run, &arrivals, cpu, own))
 }
 
-fn report_throughput(label: &str, run: &Closed, arrivals: &[Arrival], cpu: f64) -> f64 {
+/// Prints a throughput line; `cpu` and `own` are the CPU seconds of the broker and of this process
+/// (producers and subscriber share the machine with the broker, so both are shown).
+fn report_throughput(label: &str, run: &Closed, arrivals: &[Arrival], cpu: f64, own: f64) -> f64 {
     let secs = run.elapsed.as_secs_f64();
     let accepted_rate = run.accepted.len() as f64 / secs;
     // Delivered rate: over the span from the first send to the last arrival (includes the drain).
@@ -400,11 +414,12 @@ fn report_throughput(label: &str, run: &Closed, arrivals: &[Arrival], cpu: f64) 
     let (missing, duplicates) = check_delivery(&run.accepted, arrivals);
     println!(
         "{label}: accepted {} in {secs:.1} s = {accepted_rate:.0} events/s; delivered {} = {delivered_rate:.0} events/s; \
-         missing {missing}, duplicates {duplicates}, non-202 {}; broker CPU {:.2} cores",
+         missing {missing}, duplicates {duplicates}, non-202 {}; broker CPU {:.2} cores, bench CPU {:.2} cores",
         run.accepted.len(),
         arrivals.len(),
         run.errors,
         cpu / span.max(secs),
+        own / span.max(secs),
     );
     delivered_rate.min(accepted_rate)
 }
