@@ -84,10 +84,20 @@ struct Arrival {
     at_ns: u64,
 }
 
-#[derive(Default)]
 struct Subscriber {
     arrivals: Mutex<Vec<Arrival>>,
-    count: AtomicU64,
+    /// Arrivals per phase byte, so that waiting for a phase to drain does not scan (and lock) the
+    /// whole arrival list every 20 ms while the subscriber is receiving.
+    per_phase: Vec<AtomicU64>,
+}
+
+impl Default for Subscriber {
+    fn default() -> Self {
+        Subscriber {
+            arrivals: Mutex::new(Vec::new()),
+            per_phase: (0..256).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
 }
 
 impl Subscriber {
@@ -108,7 +118,7 @@ impl Subscriber {
             sent_ns,
             at_ns,
         });
-        self.count.fetch_add(1, Ordering::Relaxed);
+        self.per_phase[phase as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     fn of_phase(&self, phase: u8) -> Vec<Arrival> {
@@ -122,12 +132,7 @@ impl Subscriber {
     }
 
     fn count_phase(&self, phase: u8) -> usize {
-        self.arrivals
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|a| a.phase == phase)
-            .count()
+        self.per_phase[phase as usize].load(Ordering::Relaxed) as usize
     }
 }
 
@@ -187,6 +192,16 @@ impl BrokerProcess {
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         (ticks(11) + ticks(12)) / hz
     }
+}
+
+/// User+system CPU seconds this process (producers and subscriber) used so far.
+fn own_cpu_seconds() -> f64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -358,6 +373,7 @@ async fn throughput(
 ) -> anyhow::Result<f64> {
     let phase = if batch == 0 { b't' } else { b'b' };
     let cpu0 = broker.cpu_seconds();
+    let own0 = own_cpu_seconds();
     let run = closed_loop(addr, connections, Duration::from_secs_f64(duration), batch).await?;
     let waited = drain(
         subscriber,
@@ -367,6 +383,7 @@ async fn throughput(
     )
     .await;
     let cpu = broker.cpu_seconds() - cpu0;
+    let own = own_cpu_seconds() - own0;
     let arrivals = subscriber.of_phase(phase);
     let mode = if batch == 0 {
         "binary".to_string()
@@ -377,10 +394,12 @@ async fn throughput(
         "throughput ({mode}, {connections} connections, drained in {:.2} s)",
         waited.as_secs_f64()
     );
-    Ok(report_throughput(&label, &run, &arrivals, cpu))
+    Ok(report_throughput(&label, &run, &arrivals, cpu, own))
 }
 
-fn report_throughput(label: &str, run: &Closed, arrivals: &[Arrival], cpu: f64) -> f64 {
+/// Prints a throughput line; `cpu` and `own` are the CPU seconds of the broker and of this process
+/// (producers and subscriber share the machine with the broker, so both are shown).
+fn report_throughput(label: &str, run: &Closed, arrivals: &[Arrival], cpu: f64, own: f64) -> f64 {
     let secs = run.elapsed.as_secs_f64();
     let accepted_rate = run.accepted.len() as f64 / secs;
     // Delivered rate: over the span from the first send to the last arrival (includes the drain).
@@ -395,11 +414,12 @@ fn report_throughput(label: &str, run: &Closed, arrivals: &[Arrival], cpu: f64) 
     let (missing, duplicates) = check_delivery(&run.accepted, arrivals);
     println!(
         "{label}: accepted {} in {secs:.1} s = {accepted_rate:.0} events/s; delivered {} = {delivered_rate:.0} events/s; \
-         missing {missing}, duplicates {duplicates}, non-202 {}; broker CPU {:.2} cores",
+         missing {missing}, duplicates {duplicates}, non-202 {}; broker CPU {:.2} cores, bench CPU {:.2} cores",
         run.accepted.len(),
         arrivals.len(),
         run.errors,
         cpu / span.max(secs),
+        own / span.max(secs),
     );
     delivered_rate.min(accepted_rate)
 }

@@ -1,10 +1,15 @@
 //! CloudEvents in and out: reading HTTP messages (binary, structured, batch) with the `cloudevents-sdk`,
-//! the checks the ingress makes, log records (structured JSON), binary-mode requests to subscribers,
-//! and Knative's TTL extension.
+//! the checks the ingress makes, log records, binary-mode requests to subscribers, and Knative's TTL
+//! extension.
+//!
+//! Log records of CloudEvents 1.0 events are a small binary layout (see [`encode`]) that the
+//! dispatcher turns into a binary-mode request without building an [`Event`]: header values and the
+//! body are slices of the record. Other events (0.3), and records written before this layout, are
+//! structured JSON; [`decode`] and [`delivery_message`] read both.
 
 use bytes::Bytes;
 use cloudevents::event::{ExtensionValue, SpecVersion};
-use cloudevents::{AttributesReader, Data, Event};
+use cloudevents::{AttributesReader, AttributesWriter, Data, Event};
 use http::HeaderMap;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 
@@ -192,14 +197,287 @@ pub fn apply_ttl(event: &mut Event, default: i64) -> Result<i64, TtlExhausted> {
     }
 }
 
-/// A log record: the event in structured JSON.
+/// The first byte of a binary log record. A JSON record starts with `{`.
+const RECORD_V1: u8 = 1;
+
+/// What the data of a binary record was in the [`Event`] (so that it reads back the same).
+const DATA_NONE: u8 = 0;
+const DATA_BINARY: u8 = 1;
+const DATA_STRING: u8 = 2;
+const DATA_JSON: u8 = 3;
+
+/// The kind of one attribute of a binary record.
+const ATTRIBUTE: u8 = 0;
+const EXTENSION_STRING: u8 = 1;
+const EXTENSION_INTEGER: u8 = 2;
+const EXTENSION_BOOLEAN: u8 = 3;
+
+/// Why a log record cannot be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("JSON record: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("binary record: {0}")]
+    Binary(String),
+}
+
+/// A log record. A CloudEvents 1.0 event is written as
+///
+/// ```text
+/// [1] version (1)   [1] data kind (none, binary, string, json)   [2] attribute count (big endian)
+/// per attribute:    [1] kind (context attribute, string/integer/boolean extension)
+///                   [2] name length, name   [4] value length, value (the text of its ce- header)
+/// the data (JSON data serialized) to the end
+/// ```
+///
+/// so that delivery reads attributes as header values and the data as the body without parsing
+/// JSON. Other spec versions are written as structured JSON.
 pub fn encode(event: &Event) -> Bytes {
+    if event.specversion() != SpecVersion::V10 {
+        return encode_json(event);
+    }
+    let (kind, data): (u8, std::borrow::Cow<'_, [u8]>) = match event.data() {
+        None => (DATA_NONE, Default::default()),
+        Some(Data::Binary(b)) => (DATA_BINARY, b.as_slice().into()),
+        Some(Data::String(s)) => (DATA_STRING, s.as_bytes().into()),
+        Some(Data::Json(v)) => (
+            DATA_JSON,
+            serde_json::to_vec(v)
+                .expect("a JSON value always serializes")
+                .into(),
+        ),
+    };
+    let mut out = Vec::with_capacity(256 + data.len());
+    out.extend_from_slice(&[RECORD_V1, kind, 0, 0]);
+    let mut count: usize = 0;
+    let mut text = String::new();
+    let mut push = |out: &mut Vec<u8>, kind: u8, name: &str, value: &dyn std::fmt::Display| {
+        use std::fmt::Write;
+        text.clear();
+        let _ = write!(text, "{value}");
+        out.push(kind);
+        out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&(text.len() as u32).to_be_bytes());
+        out.extend_from_slice(text.as_bytes());
+    };
+    for (name, value) in event.iter_attributes() {
+        if name != "specversion" {
+            push(&mut out, ATTRIBUTE, name, &value);
+            count += 1;
+        }
+    }
+    for (name, value) in event.iter_extensions() {
+        let kind = match value {
+            ExtensionValue::String(_) => EXTENSION_STRING,
+            ExtensionValue::Integer(_) => EXTENSION_INTEGER,
+            ExtensionValue::Boolean(_) => EXTENSION_BOOLEAN,
+        };
+        push(&mut out, kind, name, value);
+        count += 1;
+    }
+    let too_long = |n: &str| n.len() > u16::MAX as usize;
+    if count > u16::MAX as usize || event.iter_extensions().any(|(n, _)| too_long(n)) {
+        return encode_json(event);
+    }
+    out[2..4].copy_from_slice(&(count as u16).to_be_bytes());
+    out.extend_from_slice(&data);
+    Bytes::from(out)
+}
+
+fn encode_json(event: &Event) -> Bytes {
     Bytes::from(serde_json::to_vec(event).expect("a CloudEvent always serializes to JSON"))
 }
 
-/// Reads back a record written by [`encode`].
-pub fn decode(record: &[u8]) -> Result<Event, serde_json::Error> {
-    serde_json::from_slice(record)
+/// One attribute of a binary record: its kind, name and where its value is in the record.
+struct RecordAttribute<'a> {
+    kind: u8,
+    name: &'a str,
+    value: std::ops::Range<usize>,
+}
+
+/// The parts of a binary record: data kind, attributes, and where the data is.
+struct BinaryRecord<'a> {
+    data_kind: u8,
+    attributes: Vec<RecordAttribute<'a>>,
+    data: std::ops::Range<usize>,
+}
+
+fn parse_binary(record: &[u8]) -> Result<BinaryRecord<'_>, RecordError> {
+    let short = || RecordError::Binary("truncated".into());
+    let take = |pos: &mut usize, n: usize| -> Result<std::ops::Range<usize>, RecordError> {
+        let end = pos
+            .checked_add(n)
+            .filter(|e| *e <= record.len())
+            .ok_or_else(short)?;
+        let range = *pos..end;
+        *pos = end;
+        Ok(range)
+    };
+    let mut pos = 0;
+    let header = take(&mut pos, 4)?;
+    let data_kind = record[header.start + 1];
+    let count = u16::from_be_bytes([record[header.start + 2], record[header.start + 3]]) as usize;
+    let mut attributes = Vec::with_capacity(count);
+    for _ in 0..count {
+        let kind = record[take(&mut pos, 1)?.start];
+        let len = take(&mut pos, 2)?;
+        let name = take(
+            &mut pos,
+            u16::from_be_bytes([record[len.start], record[len.start + 1]]) as usize,
+        )?;
+        let name = std::str::from_utf8(&record[name])
+            .map_err(|_| RecordError::Binary("attribute name is not UTF-8".into()))?;
+        let len = take(&mut pos, 4)?;
+        let len = u32::from_be_bytes(record[len].try_into().expect("4 bytes")) as usize;
+        let value = take(&mut pos, len)?;
+        attributes.push(RecordAttribute { kind, name, value });
+    }
+    Ok(BinaryRecord {
+        data_kind,
+        attributes,
+        data: pos..record.len(),
+    })
+}
+
+/// Reads back a record written by [`encode`] (or a structured JSON record of an older log).
+pub fn decode(record: &[u8]) -> Result<Event, RecordError> {
+    if record.first() != Some(&RECORD_V1) {
+        return Ok(serde_json::from_slice(record)?);
+    }
+    let parsed = parse_binary(record)?;
+    let text = |r: &std::ops::Range<usize>| {
+        std::str::from_utf8(&record[r.clone()])
+            .map_err(|_| RecordError::Binary("attribute value is not UTF-8".into()))
+    };
+    let bad = |name: &str, e: &dyn std::fmt::Display| RecordError::Binary(format!("{name}: {e}"));
+    let mut event = Event::default();
+    event.set_time(None::<chrono::DateTime<chrono::Utc>>);
+    for a in &parsed.attributes {
+        let value = text(&a.value)?;
+        match (a.kind, a.name) {
+            (ATTRIBUTE, "id") => {
+                event.set_id(value);
+            }
+            (ATTRIBUTE, "source") => {
+                event.set_source(value);
+            }
+            (ATTRIBUTE, "type") => {
+                event.set_type(value);
+            }
+            (ATTRIBUTE, "subject") => {
+                event.set_subject(Some(value));
+            }
+            (ATTRIBUTE, "datacontenttype") => {
+                event.set_datacontenttype(Some(value));
+            }
+            (ATTRIBUTE, "dataschema") => {
+                event.set_dataschema(Some(url::Url::parse(value).map_err(|e| bad(a.name, &e))?));
+            }
+            (ATTRIBUTE, "time") => {
+                let time =
+                    chrono::DateTime::parse_from_rfc3339(value).map_err(|e| bad(a.name, &e))?;
+                event.set_time(Some(time.with_timezone(&chrono::Utc)));
+            }
+            (ATTRIBUTE, other) => return Err(bad(other, &"unknown context attribute")),
+            (EXTENSION_STRING, name) => {
+                event.set_extension(name, ExtensionValue::from(value));
+            }
+            (EXTENSION_INTEGER, name) => {
+                let i = value.parse::<i64>().map_err(|e| bad(name, &e))?;
+                event.set_extension(name, ExtensionValue::Integer(i));
+            }
+            (EXTENSION_BOOLEAN, name) => {
+                event.set_extension(name, ExtensionValue::Boolean(value == "true"));
+            }
+            (kind, name) => return Err(bad(name, &format!("unknown attribute kind {kind}"))),
+        }
+    }
+    let data = &record[parsed.data];
+    let data = match parsed.data_kind {
+        DATA_NONE => None,
+        DATA_BINARY => Some(Data::Binary(data.to_vec())),
+        DATA_STRING => Some(Data::String(
+            String::from_utf8(data.to_vec()).map_err(|e| bad("data", &e))?,
+        )),
+        DATA_JSON => Some(Data::Json(serde_json::from_slice(data)?)),
+        other => return Err(bad("data", &format!("unknown data kind {other}"))),
+    };
+    if let Some(data) = data {
+        event.set_data_unchecked(data);
+    }
+    Ok(event)
+}
+
+/// A binary-mode request for a subscriber, read from a log record.
+#[derive(Debug)]
+pub struct DeliveryMessage {
+    /// ce- headers and Content-Type, without the TTL extension (Knative: the TTL is the broker's
+    /// business, the subscriber does not see it).
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// The event's TTL, which a reply gets back.
+    pub ttl: Option<i64>,
+}
+
+/// The binary-mode request carrying the event of a log record, as [`to_binary`] makes it from the
+/// event without its TTL extension. For a binary record this builds no [`Event`]: header values and
+/// the body share the record's memory.
+pub fn delivery_message(record: &Bytes) -> Result<DeliveryMessage, RecordError> {
+    if record.first() != Some(&RECORD_V1) {
+        let mut event = decode(record)?;
+        let ttl = ttl(&event);
+        event.remove_extension(TTL_EXTENSION);
+        let (headers, body) = to_binary(&event);
+        return Ok(DeliveryMessage { headers, body, ttl });
+    }
+    let parsed = parse_binary(record)?;
+    let mut headers = HeaderMap::with_capacity(16);
+    headers.insert(
+        HeaderName::from_static("ce-specversion"),
+        HeaderValue::from_static("1.0"),
+    );
+    let mut ttl = None;
+    for a in &parsed.attributes {
+        let bytes = &record[a.value.clone()];
+        if a.kind != ATTRIBUTE && a.name == TTL_EXTENSION {
+            ttl = match a.kind {
+                EXTENSION_INTEGER | EXTENSION_STRING => std::str::from_utf8(bytes)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok()),
+                _ => None,
+            };
+            continue;
+        }
+        let header = if a.kind == ATTRIBUTE && a.name == "datacontenttype" {
+            CONTENT_TYPE
+        } else {
+            match binary_header_name(a.name) {
+                Some(h) => h,
+                None => match HeaderName::from_bytes(format!("ce-{}", a.name).as_bytes()) {
+                    Ok(h) => h,
+                    Err(_) => continue,
+                },
+            }
+        };
+        // The same value `header_value` gives for the text, without copying when it needs no
+        // percent-encoding (printable ASCII and tab, what HeaderValue::from_str accepts).
+        let value = if bytes
+            .iter()
+            .all(|b| (0x20..0x7f).contains(b) || *b == b'\t')
+        {
+            HeaderValue::from_maybe_shared(record.slice(a.value.clone()))
+                .expect("printable ASCII is a valid header value")
+        } else {
+            header_value(&String::from_utf8_lossy(bytes))
+        };
+        headers.insert(header, value);
+    }
+    Ok(DeliveryMessage {
+        headers,
+        body: record.slice(parsed.data),
+        ttl,
+    })
 }
 
 /// The headers and body of a binary-mode HTTP request or response carrying `event`. Attributes go
@@ -436,6 +714,81 @@ mod tests {
             .unwrap()
             .remove(0);
         assert_eq!(decode(&encode(&e)).unwrap(), e);
+    }
+
+    /// Events covering every attribute, extension kind and data kind.
+    fn varied_events() -> Vec<Event> {
+        let mut events = Vec::new();
+        for (content_type, body) in [
+            (
+                "application/octet-stream",
+                Bytes::from_static(&[0, 159, 255]),
+            ),
+            ("text/plain", Bytes::from("hello")),
+            ("application/json", Bytes::from(r#"{"a":[1,2],"b":"é"}"#)),
+        ] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.push(("ce-time", "2024-01-02T03:04:05.123456789Z"));
+            pairs.push(("ce-subject", "sub"));
+            pairs.push(("ce-dataschema", "https://example.com/schema"));
+            pairs.push(("ce-ext1", "x"));
+            pairs.push(("content-type", content_type));
+            let mut e = events_from_http(&binary_headers(&pairs), body)
+                .unwrap()
+                .remove(0);
+            e.set_extension(TTL_EXTENSION, ExtensionValue::Integer(7));
+            e.set_extension("flag", ExtensionValue::Boolean(true));
+            e.set_extension("utf", ExtensionValue::from("naïve \"quoted\" 100%"));
+            events.push(e);
+        }
+        let structured = r#"{"specversion":"1.0","id":"j","source":"/s","type":"t","data":{"x":1},"datacontenttype":"application/json"}"#;
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, STRUCTURED_CONTENT_TYPE.parse().unwrap());
+        events.extend(events_from_http(&h, Bytes::from(structured)).unwrap());
+        events.extend(events_from_http(&binary_headers(&MINIMAL), Bytes::new()).unwrap());
+        let v03 =
+            r#"{"specversion":"0.3","id":"old","source":"/s","type":"t","knativebrokerttl":3}"#;
+        events.extend(events_from_http(&h, Bytes::from(v03)).unwrap());
+        events
+    }
+
+    #[test]
+    fn binary_and_json_log_records_round_trip() {
+        for e in varied_events() {
+            let record = encode(&e);
+            let binary = e.specversion() == SpecVersion::V10;
+            assert_eq!(record[0] == RECORD_V1, binary, "{e}");
+            assert_eq!(decode(&record).unwrap(), e);
+            // Records of a log written before the binary layout are structured JSON (which reads
+            // binary data with a JSON content type back as JSON data, as it always did).
+            let json = encode_json(&e);
+            let old: Event = serde_json::from_slice(&json).unwrap();
+            assert_eq!(decode(&json).unwrap(), old);
+        }
+    }
+
+    #[test]
+    fn delivery_message_is_the_binary_request_without_the_ttl() {
+        for e in varied_events() {
+            for record in [encode(&e), encode_json(&e)] {
+                let mut without_ttl = decode(&record).unwrap();
+                without_ttl.remove_extension(TTL_EXTENSION);
+                let (want_headers, want_body) = to_binary(&without_ttl);
+                let message = delivery_message(&record).unwrap();
+                assert_eq!(message.headers, want_headers, "{e}");
+                assert_eq!(message.body, want_body, "{e}");
+                assert_eq!(message.ttl, ttl(&e), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_binary_records_are_refused() {
+        let record = encode(&varied_events().remove(0));
+        for len in [1, 3, 5, 12] {
+            assert!(decode(&record[..len]).is_err(), "{len}");
+            assert!(delivery_message(&record.slice(..len)).is_err(), "{len}");
+        }
     }
 
     #[test]

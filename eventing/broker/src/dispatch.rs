@@ -26,6 +26,9 @@ use crate::delivery::sender::{Endpoint, Outcome, Sender};
 use crate::delivery::{RetryPolicy, error_extensions};
 use crate::ingress::{Brokers, IngestError};
 
+/// Knative: every delivery carries `Prefer: reply`.
+static PREFER: http::HeaderName = http::HeaderName::from_static("prefer");
+
 /// How many records one read takes from the log.
 const READ_BATCH: usize = 256;
 /// How often the delivered offset is committed.
@@ -180,9 +183,14 @@ async fn run(
     } else {
         config.parallelism.max(1)
     };
+    let subscriber = Arc::new(match &config.subscriber {
+        Target::Http { uri, host, .. } => Some(Endpoint::new(uri, host.as_deref())),
+        Target::Broker(_) => None,
+    });
     records(log, from)
         .map(|record| {
             let config = config.clone();
+            let subscriber = subscriber.clone();
             let brokers = brokers.clone();
             let sender = sender.clone();
             let offset = record.offset;
@@ -191,7 +199,14 @@ async fn run(
             // dispatcher's one task, which capped a Trigger at one core). Dropping the handle aborts
             // the task, as dropping the future did (stop, Trigger removed).
             let delivery = AbortOnDropHandle::new(tokio::spawn(async move {
-                deliver(&config, &brokers, &sender, record.data).await;
+                deliver(
+                    &config,
+                    &brokers,
+                    &sender,
+                    subscriber.as_ref().as_ref(),
+                    record.data,
+                )
+                .await;
             }));
             async move {
                 let _ = delivery.await;
@@ -209,51 +224,68 @@ async fn run(
 }
 
 /// Filters and delivers one record; returns when it is delivered, dead-lettered or dropped.
-pub async fn deliver(config: &DispatchConfig, brokers: &Brokers, sender: &Sender, record: Bytes) {
-    let mut event = match codec::decode(&record) {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::error!(trigger = %config.trigger, error = %e, "unreadable log record skipped");
-            return;
-        }
+///
+/// The event itself is only built when something needs its attributes: a Trigger with filters, a
+/// Broker subscriber, a reply or a dead letter. Delivering to an HTTP subscriber otherwise goes
+/// straight from the log record to the request (see [`codec::delivery_message`]).
+///
+/// `subscriber` is the endpoint of an HTTP subscriber, worked out once per dispatcher.
+pub async fn deliver(
+    config: &DispatchConfig,
+    brokers: &Brokers,
+    sender: &Sender,
+    subscriber: Option<&Endpoint>,
+    record: Bytes,
+) {
+    let unreadable = |e: codec::RecordError| {
+        tracing::error!(trigger = %config.trigger, error = %e, "unreadable log record skipped");
     };
-    if !config.filter.matches(&event) {
-        return;
+    if !config.filter.passes_everything() {
+        match codec::decode(&record) {
+            Ok(event) if config.filter.matches(&event) => {}
+            Ok(_) => return,
+            Err(e) => return unreadable(e),
+        }
     }
-    // Knative: the TTL is the broker's business; the subscriber does not see it, a reply gets it back.
-    let ttl = codec::ttl(&event);
-    event.remove_extension(codec::TTL_EXTENSION);
-    let (headers, body) = codec::to_binary(&event);
-    let destination = config.subscriber.display(&*config.broker_url);
-    let outcome = match &config.subscriber {
+    let (outcome, ttl) = match &config.subscriber {
         Target::Http { uri, host, .. } => {
-            let mut headers = headers;
+            let message = match codec::delivery_message(&record) {
+                Ok(m) => m,
+                Err(e) => return unreadable(e),
+            };
+            let mut headers = message.headers;
             // Knative: every delivery asks for a reply.
-            headers.insert("prefer", http::HeaderValue::from_static("reply"));
-            sender
-                .send(
-                    Endpoint {
-                        uri,
-                        host: host.as_deref(),
-                    },
-                    &headers,
-                    body,
-                    &config.retry,
-                )
-                .await
+            headers.insert(&PREFER, http::HeaderValue::from_static("reply"));
+            let resolved;
+            let endpoint = match subscriber {
+                Some(e) => e,
+                None => {
+                    resolved = Endpoint::new(uri, host.as_deref());
+                    &resolved
+                }
+            };
+            let outcome = sender
+                .send(endpoint, headers, message.body, &config.retry)
+                .await;
+            (outcome, message.ttl)
         }
         Target::Broker(key) => {
-            let mut forwarded = event.clone();
-            if let Some(ttl) = ttl {
-                forwarded.set_extension(codec::TTL_EXTENSION, ExtensionValue::Integer(ttl));
-            }
-            ingest_outcome(brokers.ingest(key, vec![forwarded]).await)
+            // The TTL goes on as it is: the ingress of the target Broker decrements it.
+            let forwarded = match codec::decode(&record) {
+                Ok(e) => e,
+                Err(e) => return unreadable(e),
+            };
+            let ttl = codec::ttl(&forwarded);
+            (
+                ingest_outcome(brokers.ingest(key, vec![forwarded]).await),
+                ttl,
+            )
         }
     };
     match outcome {
         Outcome::Delivered(response) => {
             if codec::is_cloudevent_message(&response.headers) {
-                handle_reply(config, brokers, &event, ttl, response).await;
+                handle_reply(config, brokers, ttl, response).await;
             }
         }
         Outcome::Failed {
@@ -261,6 +293,13 @@ pub async fn deliver(config: &DispatchConfig, brokers: &Brokers, sender: &Sender
             body,
             attempts,
         } => {
+            // Knative: the subscriber did not see the TTL extension and neither does the dead letter.
+            let mut event = match codec::decode(&record) {
+                Ok(e) => e,
+                Err(e) => return unreadable(e),
+            };
+            event.remove_extension(codec::TTL_EXTENSION);
+            let destination = config.subscriber.display(&*config.broker_url);
             tracing::info!(
                 trigger = %config.trigger, id = event.id(), %destination, ?status, attempts,
                 "delivery failed"
@@ -296,7 +335,6 @@ fn ingest_outcome(result: Result<usize, IngestError>) -> Outcome {
 async fn handle_reply(
     config: &DispatchConfig,
     brokers: &Brokers,
-    original: &Event,
     ttl: Option<i64>,
     response: crate::delivery::sender::Response,
 ) {
@@ -307,7 +345,7 @@ async fn handle_reply(
             return;
         }
         Err(e) => {
-            tracing::warn!(trigger = %config.trigger, id = original.id(), error = %e, "invalid reply ignored");
+            tracing::warn!(trigger = %config.trigger, error = %e, "invalid reply ignored");
             return;
         }
     };
@@ -353,11 +391,8 @@ async fn dead_letter(
             let (headers, body) = codec::to_binary(&dead);
             sender
                 .send(
-                    Endpoint {
-                        uri,
-                        host: host.as_deref(),
-                    },
-                    &headers,
+                    &Endpoint::new(uri, host.as_deref()),
+                    headers,
                     body,
                     &config.retry,
                 )

@@ -635,15 +635,7 @@ async fn run_ping(config: PingConfig, sink: Target, brokers: Arc<Brokers>, sende
             Target::Http { uri, host, .. } => {
                 let (headers, body) = codec::to_binary(&event);
                 match sender
-                    .send(
-                        Endpoint {
-                            uri,
-                            host: host.as_deref(),
-                        },
-                        &headers,
-                        body,
-                        &retry,
-                    )
+                    .send(&Endpoint::new(uri, host.as_deref()), headers, body, &retry)
                     .await
                 {
                     Outcome::Delivered(_) => Ok(()),

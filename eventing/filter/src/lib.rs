@@ -107,6 +107,12 @@ impl Filter {
         }
     }
 
+    /// Whether every event passes without being looked at (a Trigger without filters), so that a
+    /// dispatcher need not read the event's attributes.
+    pub fn passes_everything(&self) -> bool {
+        matches!(self.root, Node::NoFilter)
+    }
+
     /// Knative's filter result for this event.
     pub fn evaluate(&self, event: &Event) -> FilterResult {
         self.root.evaluate(event)

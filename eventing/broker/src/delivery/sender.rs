@@ -38,11 +38,42 @@ pub enum Outcome {
     },
 }
 
-/// Where one request goes: the URI to connect to and an optional Host header.
-#[derive(Debug, Clone, Copy)]
-pub struct Endpoint<'a> {
-    pub uri: &'a http::Uri,
-    pub host: Option<&'a str>,
+/// Where requests go: the URI to connect to and the Host header, worked out once per destination
+/// rather than per request (hyper's client would format it from the URI for every request).
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub uri: http::Uri,
+    host: HeaderValue,
+}
+
+impl Endpoint {
+    /// `host` overrides the URI's authority (a Knative Service reached through the gateway). Without
+    /// it, or when it is not a valid header value, Host is the URI's host and port unless the port is
+    /// the scheme's default, as hyper's client sets it.
+    pub fn new(uri: &http::Uri, host: Option<&str>) -> Endpoint {
+        let from_uri = || {
+            let name = uri.host().unwrap_or("");
+            let default_port = if uri.scheme_str() == Some("https") {
+                443
+            } else {
+                80
+            };
+            let value = match uri.port_u16() {
+                Some(port) if port != default_port => {
+                    HeaderValue::from_str(&format!("{name}:{port}"))
+                }
+                _ => HeaderValue::from_str(name),
+            };
+            value.unwrap_or_else(|_| HeaderValue::from_static(""))
+        };
+        let host = host
+            .and_then(|h| HeaderValue::from_str(h).ok())
+            .unwrap_or_else(from_uri);
+        Endpoint {
+            uri: uri.clone(),
+            host,
+        }
+    }
 }
 
 /// Sends events over a shared connection pool.
@@ -72,8 +103,8 @@ impl Sender {
     /// One POST; Err is a text saying why there was no (complete) response.
     pub async fn attempt(
         &self,
-        endpoint: Endpoint<'_>,
-        headers: &HeaderMap,
+        endpoint: &Endpoint,
+        headers: HeaderMap,
         body: Bytes,
         timeout: Option<Duration>,
     ) -> Result<Response, String> {
@@ -82,12 +113,8 @@ impl Sender {
             .uri(endpoint.uri.clone())
             .body(Full::new(body))
             .map_err(|e| e.to_string())?;
-        *request.headers_mut() = headers.clone();
-        if let Some(host) = endpoint.host
-            && let Ok(value) = HeaderValue::from_str(host)
-        {
-            request.headers_mut().insert(HOST, value);
-        }
+        *request.headers_mut() = headers;
+        request.headers_mut().insert(HOST, endpoint.host.clone());
         let exchange = async {
             let response = self
                 .client
@@ -118,16 +145,22 @@ impl Sender {
     /// waiting the policy's backoff (and Retry-After when allowed) between attempts.
     pub async fn send(
         &self,
-        endpoint: Endpoint<'_>,
-        headers: &HeaderMap,
+        endpoint: &Endpoint,
+        mut headers: HeaderMap,
         body: Bytes,
         policy: &RetryPolicy,
     ) -> Outcome {
         let mut attempts = 0;
         loop {
             attempts += 1;
+            // The headers are copied only while another attempt may follow.
+            let attempt_headers = if attempts <= policy.retry {
+                headers.clone()
+            } else {
+                std::mem::take(&mut headers)
+            };
             let result = self
-                .attempt(endpoint, headers, body.clone(), policy.timeout)
+                .attempt(endpoint, attempt_headers, body.clone(), policy.timeout)
                 .await;
             let (attempt, retry_after, failed_body) = match result {
                 Ok(response) if (200..300).contains(&response.status) => {
@@ -163,6 +196,29 @@ impl Sender {
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_header_is_the_override_or_the_uri_authority_without_default_port() {
+        for (uri, host, want) in [
+            ("http://127.0.0.1:8080/", None, "127.0.0.1:8080"),
+            ("http://example.com/path", None, "example.com"),
+            ("http://example.com:80/", None, "example.com"),
+            (
+                "http://gw:8080/",
+                Some("web.default.example.com:8080"),
+                "web.default.example.com:8080",
+            ),
+            ("http://gw:8080/", Some("bad\nhost"), "gw:8080"),
+        ] {
+            let endpoint = Endpoint::new(&uri.parse().unwrap(), host);
+            assert_eq!(endpoint.host, want, "{uri} {host:?}");
         }
     }
 }
