@@ -4,7 +4,7 @@
 //! derived from its content (like go-control-plane's linear cache), so the ADS server can tell exactly
 //! which resources changed between two generations and push only those.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use envoy_types::pb::google::protobuf::Any;
@@ -26,6 +26,8 @@ pub struct VersionedResource {
     pub version: String,
     /// The resource packed with its type URL.
     pub resource: Any,
+    /// 64 bits of a digest of (name, version): what the type version sums.
+    entry_digest: u64,
 }
 
 /// One generation of the gateway's configuration, every resource versioned by its content.
@@ -57,8 +59,8 @@ impl Snapshot {
     }
 
     /// The snapshot of `resources`, reusing this snapshot's packed bytes and versions for every
-    /// resource equal to its namesake in `previous` (the resources this snapshot was made from).
-    /// Comparing messages is much cheaper than encoding and hashing them, so a change costs what
+    /// resource that is the same `Arc` as in `previous` (the resources this snapshot was made from).
+    /// Others are encoded and hashed (an equal copy gets the same version), so a change costs what
     /// changed, as in go-control-plane's linear cache.
     pub fn update(&self, generation: u64, resources: &Resources, previous: &Resources) -> Snapshot {
         Snapshot::build(generation, resources, Some((self, previous)))
@@ -132,24 +134,25 @@ impl Snapshot {
         name_of: impl Fn(&M) -> &String,
         reuse: Reuse<'_, M>,
     ) {
-        let previous: HashMap<&str, &Arc<M>> = reuse
-            .map(|(msgs, _)| msgs.iter().map(|m| (name_of(m).as_str(), m)).collect())
+        // By address: translation hands out the same Arc for what it did not re-render. Anything else
+        // is encoded and hashed, which gives an unchanged resource its old version anyway.
+        let previous: HashSet<*const M> = reuse
+            .map(|(msgs, _)| msgs.iter().map(Arc::as_ptr).collect())
             .unwrap_or_default();
         let mut set = BTreeMap::new();
         for message in messages {
             let name = name_of(message);
             let reused = reuse.and_then(|(_, packed)| {
-                // The same Arc is the same content; only re-rendered resources are compared.
-                let same = previous
-                    .get(name.as_str())
-                    .is_some_and(|p| Arc::ptr_eq(p, message) || **p == *message);
+                let same = previous.contains(&Arc::as_ptr(message));
                 same.then(|| packed.get(name)).flatten().cloned()
             });
             let resource = reused.unwrap_or_else(|| {
                 let bytes = message.encode_to_vec();
+                let version = short_digest(&bytes);
                 Arc::new(VersionedResource {
+                    entry_digest: entry_digest(name, &version),
                     name: name.clone(),
-                    version: short_digest(&bytes),
+                    version,
                     resource: Any {
                         type_url: type_url.to_string(),
                         value: bytes,
@@ -206,17 +209,24 @@ impl Snapshot {
     }
 }
 
+/// The sum of the entries' digests (names are unique within a type, so this identifies the set of
+/// (name, version) pairs). A sum rather than a digest of the whole list: with thousands of resources,
+/// each change would otherwise hash them all again.
 fn type_version_of(set: &BTreeMap<String, Arc<VersionedResource>>) -> String {
+    let sum = set
+        .values()
+        .fold(set.len() as u64, |acc, r| acc.wrapping_add(r.entry_digest));
+    format!("{sum:0width$x}", width = VERSION_HEX_LEN)
+}
+
+fn entry_digest(name: &str, version: &str) -> u64 {
     let mut hasher = Sha256::new();
-    for (name, r) in set {
-        // Separators keep ("ab","c") and ("a","bc") apart; names and versions never contain NUL.
-        hasher.update(name.as_bytes());
-        hasher.update([0]);
-        hasher.update(r.version.as_bytes());
-        hasher.update([0]);
-    }
+    // The separator keeps ("ab","c") and ("a","bc") apart; names and versions never contain NUL.
+    hasher.update(name.as_bytes());
+    hasher.update([0]);
+    hasher.update(version.as_bytes());
     let digest = hasher.finalize();
-    hex::encode(digest)[..VERSION_HEX_LEN].to_string()
+    u64::from_be_bytes(digest[..8].try_into().expect("sha256 is 32 bytes"))
 }
 
 fn short_digest(bytes: &[u8]) -> String {
@@ -319,7 +329,8 @@ mod tests {
     fn update_reuses_unchanged_resources_and_matches_a_fresh_build() {
         let before = resources();
         let first = Snapshot::from_resources(1, &before);
-        let mut changed = resources();
+        // As translation does: what did not change is the same Arc.
+        let mut changed = before.clone();
         changed.clusters[1] = cluster("b", 2).into();
         changed.clusters.push(cluster("c", 1).into());
         changed.route_configurations.clear();

@@ -55,7 +55,7 @@ enum Shared {
     EndpointSlice(Arc<EndpointSlice>),
     Secret(Arc<Secret>),
     /// Knative Serving/Eventing objects and ConfigMaps, for the controllers that read them.
-    Other(Object),
+    Other(Box<Object>),
 }
 
 impl Shared {
@@ -66,7 +66,7 @@ impl Shared {
             Object::Endpoints(o) => Shared::Endpoints(Arc::new(o)),
             Object::EndpointSlice(o) => Shared::EndpointSlice(Arc::new(o)),
             Object::Secret(o) => Shared::Secret(Arc::new(o)),
-            other => Shared::Other(other),
+            other => Shared::Other(Box::new(other)),
         }
     }
 
@@ -89,6 +89,9 @@ pub struct FolderScan {
     files: BTreeMap<PathBuf, FileEntry>,
     /// Folders the last full walk could not read.
     walk_errors: Vec<SourceError>,
+    /// The last snapshot, when no object in it was defined twice: an edit that keeps every file's
+    /// objects (kinds and names) patches it instead of rebuilding it from every file.
+    last: Option<SourceSnapshot>,
 }
 
 impl FolderScan {
@@ -127,9 +130,11 @@ impl FolderScan {
     /// folder (created or moved in: its files were never named), so the caller walks everything.
     /// With thousands of files, a change then costs one `stat` instead of one per file.
     pub fn update(&mut self, root: &Path, touched: &BTreeSet<PathBuf>) -> Option<SourceSnapshot> {
+        let mut patch = true;
+        let mut patched = Vec::new();
         for path in touched {
             let Ok(relative) = path.strip_prefix(root) else {
-                continue; // not ours (the watch is on `root`)
+                return None; // spelled differently from `root` (a symlink?): walk to be sure
             };
             if relative.as_os_str().is_empty() {
                 return None; // the folder itself
@@ -144,23 +149,41 @@ impl FolderScan {
                 Ok(m) if m.is_dir() => return None,
                 Ok(m) if is_yaml(path) => {
                     let entry = read_file(path, m.len(), m.modified().ok());
-                    self.files.insert(path.clone(), entry);
+                    if let Some(old) = self.files.insert(path.clone(), entry) {
+                        patch &= same_objects(&old, &self.files[path]);
+                    } else {
+                        patch = false;
+                    }
+                    patched.push(path);
                 }
                 Ok(_) => {}
                 // Gone: a file, or a folder with everything below it.
-                Err(_) => self.files.retain(|p, _| p != path && !p.starts_with(path)),
+                Err(_) => {
+                    let before = self.files.len();
+                    self.files.retain(|p, _| p != path && !p.starts_with(path));
+                    patch &= self.files.len() == before;
+                }
             }
+        }
+        if patch && let Some(last) = &mut self.last {
+            for path in patched {
+                for (_, object) in &self.files[path].objects {
+                    last.replace(object);
+                }
+            }
+            return Some(last.clone());
         }
         Some(self.snapshot())
     }
 
-    fn snapshot(&self) -> SourceSnapshot {
+    fn snapshot(&mut self) -> SourceSnapshot {
         let mut errors = self.walk_errors.clone();
         let mut state = ClusterState::default();
         // Where each object was first defined, to name both files when one is defined twice.
         // (Origins are formatted only when reported: this runs over every object on every change.)
         let mut defined_at: BTreeMap<(&'static str, &str, &str), (&Path, usize)> = BTreeMap::new();
         let mut snapshot_objects = Vec::new();
+        let mut duplicates = false;
         let origin = |path: &Path, doc: usize| format!("{} (document {})", path.display(), doc + 1);
         for (path, entry) in &self.files {
             errors.extend(entry.errors.iter().cloned());
@@ -170,6 +193,7 @@ impl FolderScan {
                 };
                 let id = (kind, meta.namespace.as_str(), meta.name.as_str());
                 if let Some((first_path, first_doc)) = defined_at.get(&id) {
+                    duplicates = true;
                     errors.push(SourceError {
                         origin: origin(path, *doc),
                         message: format!(
@@ -199,15 +223,73 @@ impl FolderScan {
                     Shared::Secret(o) => {
                         state.secrets.insert(key, o.clone());
                     }
-                    Shared::Other(Object::Other { .. }) => {}
-                    Shared::Other(other) => snapshot_objects.push(other.clone()),
+                    Shared::Other(other) => {
+                        if !matches!(**other, Object::Other { .. }) {
+                            snapshot_objects.push(Object::clone(other));
+                        }
+                    }
                 }
             }
         }
-        SourceSnapshot {
+        let snapshot = SourceSnapshot {
             state,
             errors,
             objects: snapshot_objects,
+        };
+        self.last = (!duplicates).then(|| snapshot.clone());
+        snapshot
+    }
+}
+
+/// Whether a re-read file defines the same objects (kinds and names, in order) and the same errors as
+/// before, so the snapshot only needs the objects replaced.
+fn same_objects(old: &FileEntry, new: &FileEntry) -> bool {
+    old.errors == new.errors
+        && old.objects.len() == new.objects.len()
+        && old
+            .objects
+            .iter()
+            .zip(&new.objects)
+            .all(|((_, a), (_, b))| {
+                let (a, b) = (a.identity(), b.identity());
+                a.map(|(k, m)| (k, &m.namespace, &m.name))
+                    == b.map(|(k, m)| (k, &m.namespace, &m.name))
+            })
+}
+
+impl SourceSnapshot {
+    /// Puts a re-read object in place of its namesake.
+    fn replace(&mut self, object: &Shared) {
+        let Some((_, meta)) = object.identity() else {
+            return;
+        };
+        let key = (meta.namespace.clone(), meta.name.clone());
+        match object {
+            Shared::Ingress(o) => {
+                self.state.ingresses.insert(key, o.clone());
+            }
+            Shared::Service(o) => {
+                self.state.services.insert(key, o.clone());
+            }
+            Shared::Endpoints(o) => {
+                self.state.endpoints.insert(key, o.clone());
+            }
+            Shared::EndpointSlice(o) => {
+                self.state.endpoint_slices.insert(key, o.clone());
+            }
+            Shared::Secret(o) => {
+                self.state.secrets.insert(key, o.clone());
+            }
+            Shared::Other(other) => {
+                let same = |o: &Object| {
+                    o.kind() == other.kind()
+                        && o.metadata().map(|m| (&m.namespace, &m.name))
+                            == Some((&meta.namespace, &meta.name))
+                };
+                if let Some(slot) = self.objects.iter_mut().find(|o| same(o)) {
+                    *slot = Object::clone(other);
+                }
+            }
         }
     }
 }
@@ -569,6 +651,24 @@ spec:
         std::fs::remove_dir_all(&sub).unwrap();
         let snap = scan.update(dir.path(), &BTreeSet::from([sub])).unwrap();
         assert_eq!(snap.state.services.len(), 1);
+    }
+
+    #[test]
+    fn an_edit_that_keeps_the_objects_patches_the_snapshot_like_a_full_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+        std::fs::write(&a, INGRESS).unwrap();
+        std::fs::write(&b, SERVICE).unwrap();
+        let mut scan = FolderScan::default();
+        scan.rescan(dir.path(), &BTreeSet::new());
+        std::fs::write(&a, INGRESS.replace("hello.example.com", "hi.example.com")).unwrap();
+        let patched = scan.update(dir.path(), &BTreeSet::from([a])).unwrap();
+        assert_eq!(
+            patched,
+            FolderScan::default().rescan(dir.path(), &BTreeSet::new())
+        );
+        let ingress = patched.state.ingresses.values().next().unwrap();
+        assert_eq!(ingress.spec.rules[0].hosts, ["hi.example.com"]);
     }
 
     #[tokio::test]

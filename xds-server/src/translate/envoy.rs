@@ -102,12 +102,21 @@ fn scope_rank(listener: &str) -> usize {
 /// `Arc`s as last time (see [`Plan`]), so their Envoy resources are reused as they are: with thousands of
 /// Ingresses a change renders what changed, and [`crate::snapshot::Snapshot::update`] recognises the
 /// reused resources by pointer instead of comparing them.
+///
+/// Keyed by the plan piece's address: the cache holds the `Arc`, so the address stays its own, and
+/// looking it up costs no string formatting or hashing.
 #[derive(Default)]
 pub struct RenderCache {
-    /// By scope name: the virtual host plan and redirect flag it was made from.
-    scopes: HashMap<String, (Arc<VirtualHostPlan>, bool, Arc<ScopedRouteConfiguration>)>,
-    clusters: HashMap<String, RenderedCluster>,
+    vhosts: HashMap<usize, RenderedVirtualHost>,
+    clusters: HashMap<usize, RenderedCluster>,
     sidecars: HashMap<String, RenderedSidecar>,
+}
+
+/// A virtual host's scopes on every listener that serves it.
+struct RenderedVirtualHost {
+    plan: Arc<VirtualHostPlan>,
+    tls: bool,
+    scopes: Vec<Arc<ScopedRouteConfiguration>>,
 }
 
 struct RenderedCluster {
@@ -142,46 +151,58 @@ pub fn render(plan: &Plan, gateway: &GatewayConfig, cache: &mut RenderCache) -> 
         r.listeners
             .push(Arc::new(tls_listener(addr, &plan.tls_chains, routing)));
     }
-    // (listener, its virtual hosts, whether plain-HTTP redirects apply)
-    let mut tables: Vec<(&str, Vec<&Arc<VirtualHostPlan>>, bool)> = vec![
-        (
-            EXTERNAL_LISTENER,
-            plan.vhosts.iter().filter(|v| !v.cluster_local).collect(),
-            true,
-        ),
-        (INTERNAL_LISTENER, plan.vhosts.iter().collect(), false),
-    ];
-    if tls.is_some() {
-        tables.push((
-            TLS_LISTENER,
-            plan.vhosts.iter().filter(|v| !v.cluster_local).collect(),
-            false,
-        ));
-    }
-    for (listener, vhosts, plain_external) in tables {
-        match routing {
-            Routing::Whole => r.route_configurations.push(Arc::new(route_configuration(
-                listener,
-                vhosts.into_iter().map(|v| &**v),
-                plain_external,
-            ))),
-            Routing::Scoped => {
-                for v in vhosts {
-                    let redirect = plain_external && v.redirect_plain;
-                    for host in &v.hosts {
-                        let name = scope_name(listener, host);
-                        let rendered = match cache.scopes.remove(&name) {
-                            Some((plan, was_redirect, rendered))
-                                if Arc::ptr_eq(&plan, v) && was_redirect == redirect =>
-                            {
-                                rendered
-                            }
-                            _ => Arc::new(scope(listener, host, v, redirect)),
-                        };
-                        r.scoped_route_configurations.push(rendered.clone());
-                        next.scopes.insert(name, (v.clone(), redirect, rendered));
-                    }
-                }
+    match routing {
+        Routing::Whole => {
+            // (listener, its virtual hosts, whether plain-HTTP redirects apply)
+            let mut tables: Vec<(&str, Vec<&VirtualHostPlan>, bool)> = vec![
+                (
+                    EXTERNAL_LISTENER,
+                    plan.vhosts
+                        .iter()
+                        .map(|v| &**v)
+                        .filter(|v| !v.cluster_local)
+                        .collect(),
+                    true,
+                ),
+                (
+                    INTERNAL_LISTENER,
+                    plan.vhosts.iter().map(|v| &**v).collect(),
+                    false,
+                ),
+            ];
+            if tls.is_some() {
+                tables.push((
+                    TLS_LISTENER,
+                    plan.vhosts
+                        .iter()
+                        .map(|v| &**v)
+                        .filter(|v| !v.cluster_local)
+                        .collect(),
+                    false,
+                ));
+            }
+            for (listener, vhosts, plain_external) in tables {
+                r.route_configurations.push(Arc::new(route_configuration(
+                    listener,
+                    vhosts.into_iter(),
+                    plain_external,
+                )));
+            }
+        }
+        Routing::Scoped => {
+            for v in &plan.vhosts {
+                let key = Arc::as_ptr(v) as usize;
+                let rendered = match cache.vhosts.remove(&key) {
+                    Some(done) if Arc::ptr_eq(&done.plan, v) && done.tls == tls.is_some() => done,
+                    _ => RenderedVirtualHost {
+                        plan: v.clone(),
+                        tls: tls.is_some(),
+                        scopes: scopes(v, tls.is_some()),
+                    },
+                };
+                r.scoped_route_configurations
+                    .extend(rendered.scopes.iter().cloned());
+                next.vhosts.insert(key, rendered);
             }
         }
     }
@@ -206,8 +227,9 @@ pub fn render(plan: &Plan, gateway: &GatewayConfig, cache: &mut RenderCache) -> 
     }
 
     for c in plan.clusters.values() {
-        let rendered = match cache.clusters.remove(&c.name) {
-            Some(done) if done.plan == *c => done,
+        let key = Arc::as_ptr(c) as usize;
+        let rendered = match cache.clusters.remove(&key) {
+            Some(done) if Arc::ptr_eq(&done.plan, c) => done,
             _ => RenderedCluster {
                 plan: c.clone(),
                 cluster: Arc::new(cluster(c)),
@@ -223,7 +245,7 @@ pub fn render(plan: &Plan, gateway: &GatewayConfig, cache: &mut RenderCache) -> 
         if let Some(a) = &rendered.assignment {
             r.cluster_load_assignments.push(a.clone());
         }
-        next.clusters.insert(c.name.clone(), rendered);
+        next.clusters.insert(key, rendered);
     }
     *cache = next;
     r
@@ -528,6 +550,27 @@ fn route_configuration<'a>(
             .collect(),
         ..Default::default()
     }
+}
+
+/// A virtual host's scopes: one per host on each listener that serves it (cluster-local rules only
+/// on the internal one), in listener order.
+fn scopes(v: &VirtualHostPlan, tls: bool) -> Vec<Arc<ScopedRouteConfiguration>> {
+    let mut listeners = Vec::new();
+    if !v.cluster_local {
+        listeners.push((EXTERNAL_LISTENER, v.redirect_plain));
+    }
+    listeners.push((INTERNAL_LISTENER, false));
+    if tls && !v.cluster_local {
+        listeners.push((TLS_LISTENER, false));
+    }
+    listeners
+        .into_iter()
+        .flat_map(|(listener, redirect)| {
+            v.hosts
+                .iter()
+                .map(move |host| Arc::new(scope(listener, host, v, redirect)))
+        })
+        .collect()
 }
 
 fn scope_name(listener: &str, host: &str) -> String {

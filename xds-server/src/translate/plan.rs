@@ -104,6 +104,8 @@ type Rejection = (&'static str, String);
 /// What one valid Ingress needs, before host conflicts are settled.
 struct IngressPlan {
     hash: String,
+    /// The host keys its virtual hosts claim, sorted and unique.
+    claims: Vec<String>,
     vhosts: Vec<Arc<VirtualHostPlan>>,
     clusters: Vec<Arc<ClusterPlan>>,
     tls_chains: Vec<TlsChainPlan>,
@@ -264,30 +266,31 @@ pub fn plan_cached(state: &ClusterState, cache: &mut PlanCache) -> Plan {
         (ta.is_none(), ta, ka).cmp(&(tb.is_none(), tb, kb))
     });
 
-    let mut claimed: BTreeMap<String, ObjectKey> = BTreeMap::new();
-    for (key, ingress) in ingresses {
-        let outcome = match cache.plan(state, &slices, key, ingress) {
+    let planned: Vec<_> = ingresses
+        .into_iter()
+        .map(|(key, ingress)| (key, cache.plan(state, &slices, key, ingress)))
+        .collect();
+    // Borrowed from the plans: this runs over every Ingress on every change.
+    let mut claimed: HashMap<&str, &ObjectKey> = HashMap::new();
+    for (key, result) in &planned {
+        let outcome = match result {
             Err((reason, message)) => IngressOutcome::Rejected {
                 reason: reason.to_string(),
-                message,
+                message: message.clone(),
             },
             Ok(p) => {
-                let hosts: BTreeSet<String> = p
-                    .vhosts
+                let conflict = p
+                    .claims
                     .iter()
-                    .flat_map(|v| host_claims(&v.hosts))
-                    .collect();
-                let conflict = hosts
-                    .iter()
-                    .find_map(|h| claimed.get(h).map(|owner| (h, owner)));
+                    .find_map(|h| claimed.get(h.as_str()).map(|owner| (h, owner)));
                 if let Some((host, (ns, name))) = conflict {
                     IngressOutcome::Rejected {
                         reason: REASON_DOMAIN_CONFLICT.to_string(),
                         message: format!("host {host} is already served by Ingress {ns}/{name}"),
                     }
                 } else {
-                    for h in hosts {
-                        claimed.insert(h, key.clone());
+                    for h in &p.claims {
+                        claimed.insert(h, key);
                     }
                     out.vhosts.extend(p.vhosts.iter().cloned());
                     for c in &p.clusters {
@@ -300,9 +303,11 @@ pub fn plan_cached(state: &ClusterState, cache: &mut PlanCache) -> Plan {
                 }
             }
         };
-        out.outcomes.insert(key.clone(), outcome);
+        out.outcomes.insert((*key).clone(), outcome);
     }
-    cache.entries.retain(|k, _| out.outcomes.contains_key(k));
+    if cache.entries.len() > out.outcomes.len() {
+        cache.entries.retain(|k, _| out.outcomes.contains_key(k));
+    }
     out.vhosts.sort_by(|a, b| a.name.cmp(&b.name));
     dedupe_server_names(&mut out.tls_chains);
     out.sidecars = state.sidecars.values().cloned().collect();
@@ -412,8 +417,10 @@ fn plan_ingress(
         });
     }
 
+    let claims: BTreeSet<String> = vhosts.iter().flat_map(|v| host_claims(&v.hosts)).collect();
     Ok(IngressPlan {
         hash,
+        claims: claims.into_iter().collect(),
         vhosts,
         clusters: clusters.into_values().map(Arc::new).collect(),
         tls_chains,
