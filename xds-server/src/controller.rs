@@ -126,7 +126,8 @@ pub async fn run(
                     if written.get(&key) != Some(&ingress.status) {
                         if let Err(e) = source.write_ingress_status(ingress).await {
                             tracing::warn!(ingress = %ingress.metadata.key(), "writing status: {e}");
-                            // Retried at the next report.
+                            // Retried at the next report (forgotten, so it counts as changed).
+                            r.reported.remove(&key);
                             r.dirty.insert(key);
                             continue;
                         }
