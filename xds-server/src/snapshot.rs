@@ -127,7 +127,7 @@ impl Snapshot {
         snapshot
     }
 
-    fn add<M: Message + PartialEq>(
+    fn add<M: Message>(
         &mut self,
         type_url: &str,
         messages: &[Arc<M>],

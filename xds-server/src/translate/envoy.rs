@@ -153,38 +153,21 @@ pub fn render(plan: &Plan, gateway: &GatewayConfig, cache: &mut RenderCache) -> 
     }
     match routing {
         Routing::Whole => {
+            let all: Vec<&VirtualHostPlan> = plan.vhosts.iter().map(|v| &**v).collect();
+            let external: Vec<&VirtualHostPlan> =
+                all.iter().copied().filter(|v| !v.cluster_local).collect();
             // (listener, its virtual hosts, whether plain-HTTP redirects apply)
-            let mut tables: Vec<(&str, Vec<&VirtualHostPlan>, bool)> = vec![
-                (
-                    EXTERNAL_LISTENER,
-                    plan.vhosts
-                        .iter()
-                        .map(|v| &**v)
-                        .filter(|v| !v.cluster_local)
-                        .collect(),
-                    true,
-                ),
-                (
-                    INTERNAL_LISTENER,
-                    plan.vhosts.iter().map(|v| &**v).collect(),
-                    false,
-                ),
+            let mut tables = vec![
+                (EXTERNAL_LISTENER, &external, true),
+                (INTERNAL_LISTENER, &all, false),
             ];
             if tls.is_some() {
-                tables.push((
-                    TLS_LISTENER,
-                    plan.vhosts
-                        .iter()
-                        .map(|v| &**v)
-                        .filter(|v| !v.cluster_local)
-                        .collect(),
-                    false,
-                ));
+                tables.push((TLS_LISTENER, &external, false));
             }
             for (listener, vhosts, plain_external) in tables {
                 r.route_configurations.push(Arc::new(route_configuration(
                     listener,
-                    vhosts.into_iter(),
+                    vhosts.iter().copied(),
                     plain_external,
                 )));
             }
