@@ -93,33 +93,46 @@ fn waits_for_clusters(type_url: &str) -> bool {
     type_url == LISTENER_TYPE_URL || type_url == ROUTE_TYPE_URL || type_url == SCOPED_ROUTE_TYPE_URL
 }
 
-fn clusters_warm(
-    snap: &Snapshot,
-    cds: Option<(&Subscription, &BTreeMap<String, String>, bool, bool)>,
-    eds: Option<(&Subscription, &BTreeMap<String, String>, bool, bool)>,
-) -> bool {
-    // (subscription, acked, settled: no response awaiting an answer, rejected)
-    let Some((sub, acked, settled, rejected)) = cds else {
+/// What [`clusters_warm`] needs to know of one type of a stream.
+struct TypeView<'a> {
+    sub: &'a Subscription,
+    acked: &'a BTreeMap<String, String>,
+    /// No response awaits an answer.
+    settled: bool,
+    rejected: bool,
+    /// Known without looking: `acked` is exactly what the snapshot holds for `sub`.
+    exact: bool,
+}
+
+fn clusters_warm(snap: &Snapshot, cds: Option<TypeView<'_>>, eds: Option<TypeView<'_>>) -> bool {
+    let Some(cds) = cds else {
         return true;
     };
-    if rejected {
+    if cds.rejected {
         return true;
     }
-    if !settled || !sub.matches(snap, CLUSTER_TYPE_URL, acked) {
+    if !cds.settled || !(cds.exact || cds.sub.matches(snap, CLUSTER_TYPE_URL, cds.acked)) {
         return false;
     }
     let endpoints = snap.resources(ENDPOINT_TYPE_URL);
     if endpoints.is_empty() {
         return true;
     }
-    let Some((sub, acked, settled, rejected)) = eds else {
+    let Some(eds) = eds else {
         return false;
     };
-    rejected
-        || (settled
-            && endpoints
+    if eds.rejected {
+        return true;
+    }
+    // Exact: acked is the snapshot's selection, so it has every endpoint iff it has as many.
+    eds.settled
+        && if eds.exact {
+            eds.acked.len() == endpoints.len()
+        } else {
+            endpoints
                 .values()
-                .all(|r| sub.covers(&r.name) && acked.get(&r.name) == Some(&r.version)))
+                .all(|r| eds.sub.covers(&r.name) && eds.acked.get(&r.name) == Some(&r.version))
+        }
 }
 
 /// Notes the node id from the first request that carries one (Envoy sends it only once), and whether
@@ -574,13 +587,12 @@ struct SotwType {
 impl SotwStream {
     fn clusters_warm(&self, snap: &Snapshot) -> bool {
         let view = |t: &str| {
-            self.types.get(t).map(|st| {
-                (
-                    &st.sub,
-                    &st.acked,
-                    st.answered,
-                    st.answered && st.nack.is_some(),
-                )
+            self.types.get(t).map(|st| TypeView {
+                sub: &st.sub,
+                acked: &st.acked,
+                settled: st.answered,
+                rejected: st.answered && st.nack.is_some(),
+                exact: false,
             })
         };
         clusters_warm(snap, view(CLUSTER_TYPE_URL), view(ENDPOINT_TYPE_URL))
@@ -764,6 +776,12 @@ struct DeltaType {
     /// An answer Envoy is owed (first request, widened or new names) but that waits for clusters.
     owed: bool,
     owed_names: Vec<String>,
+    /// The snapshot `known` was last made equal to (for this subscription): the next snapshot made
+    /// from it needs only its recorded changes diffed. None after the subscription changed.
+    base: Option<u64>,
+    /// `acked` may differ from `known` even once every response is answered (a NACK, or responses
+    /// answered out of order). Until then, no pending responses means `acked` equals `known`.
+    diverged: bool,
 }
 
 struct Sent {
@@ -774,6 +792,11 @@ struct Sent {
 }
 
 impl DeltaType {
+    /// Known without looking: what Envoy runs is exactly what `snap` holds for the subscription.
+    fn exact(&self, snap: &Snapshot) -> bool {
+        self.pending.is_empty() && !self.diverged && self.base == Some(snap.id())
+    }
+
     /// Forgets resources Envoy no longer subscribes to (Envoy drops them itself).
     fn forget_uncovered(&mut self) {
         let sub = &self.sub;
@@ -785,13 +808,12 @@ impl DeltaType {
 impl DeltaStream {
     fn clusters_warm(&self, snap: &Snapshot) -> bool {
         let view = |t: &str| {
-            self.types.get(t).map(|st| {
-                (
-                    &st.sub,
-                    &st.acked,
-                    st.pending.is_empty(),
-                    st.pending.is_empty() && st.nack.is_some(),
-                )
+            self.types.get(t).map(|st| TypeView {
+                sub: &st.sub,
+                acked: &st.acked,
+                settled: st.pending.is_empty(),
+                rejected: st.pending.is_empty() && st.nack.is_some(),
+                exact: st.exact(snap),
             })
         };
         clusters_warm(snap, view(CLUSTER_TYPE_URL), view(ENDPOINT_TYPE_URL))
@@ -829,18 +851,42 @@ impl DeltaStream {
             return;
         };
         let all = snap.resources(type_url);
-        let updated: Vec<&VersionedResource> = st
-            .sub
-            .select(snap, type_url)
-            .into_iter()
-            .filter(|r| st.known.get(&r.name) != Some(&r.version))
-            .collect();
-        let mut removed: Vec<String> = st
-            .known
-            .keys()
-            .filter(|n| st.sub.covers(n) && !all.contains_key(*n))
-            .cloned()
-            .collect();
+        let since_base = st.base.and_then(|base| {
+            if base == snap.id() {
+                Some(&[][..])
+            } else {
+                snap.changes_since(base, type_url)
+            }
+        });
+        let (updated, mut removed): (Vec<&VersionedResource>, Vec<String>) = match since_base {
+            // `known` is the base snapshot's selection: only the names changed since can differ.
+            Some(changed) => {
+                let mut updated = Vec::new();
+                let mut removed = Vec::new();
+                for name in changed.iter().filter(|n| st.sub.covers(n)) {
+                    match all.get(name) {
+                        Some(r) if st.known.get(name) != Some(&r.version) => updated.push(&**r),
+                        Some(_) => {}
+                        None if st.known.contains_key(name) => removed.push(name.clone()),
+                        None => {}
+                    }
+                }
+                (updated, removed)
+            }
+            None => (
+                st.sub
+                    .select(snap, type_url)
+                    .into_iter()
+                    .filter(|r| st.known.get(&r.name) != Some(&r.version))
+                    .collect(),
+                st.known
+                    .keys()
+                    .filter(|n| st.sub.covers(n) && !all.contains_key(*n))
+                    .cloned()
+                    .collect(),
+            ),
+        };
+        st.base = Some(snap.id());
         for name in new_names {
             if !all.contains_key(name) && !st.known.contains_key(name) && !removed.contains(name) {
                 removed.push(name.clone());
@@ -934,7 +980,10 @@ impl XdsStream for DeltaStream {
                 .iter()
                 .position(|s| s.nonce == req.response_nonce)
                 .and_then(|i| {
-                    st.pending.drain(..i);
+                    if i > 0 {
+                        st.pending.drain(..i);
+                        st.diverged = true;
+                    }
                     st.pending.pop_front()
                 });
             match (answered, &req.error_detail) {
@@ -947,6 +996,7 @@ impl XdsStream for DeltaStream {
                     let nack = Nack::new(type_url, &self.node, &sent.version, &error.message);
                     tracing::warn!("{}", nack.message);
                     st.nack = Some(nack);
+                    st.diverged = true;
                 }
                 (Some(sent), None) => {
                     for (name, version) in sent.updated {
@@ -959,6 +1009,10 @@ impl XdsStream for DeltaStream {
                     tracing::debug!(type_url, nonce = sent.nonce, "ACK");
                 }
             }
+        }
+
+        if st.diverged && st.pending.is_empty() && st.acked == st.known {
+            st.diverged = false;
         }
 
         let mut new_names = Vec::new();
@@ -981,7 +1035,13 @@ impl XdsStream for DeltaStream {
                 st.sub.names.remove(name);
             }
         }
-        st.forget_uncovered();
+        if first || !req.resource_names_unsubscribe.is_empty() {
+            st.forget_uncovered();
+        }
+        if widened || !new_names.is_empty() || !req.resource_names_unsubscribe.is_empty() {
+            // What the subscription selects changed: the next diff looks at everything.
+            st.base = None;
+        }
         st.owed |= first || widened;
         st.owed_names.extend(new_names);
         self.flush(snap, out);
@@ -994,7 +1054,7 @@ impl XdsStream for DeltaStream {
     fn sync(&self, snap: &Snapshot) -> StreamSync {
         StreamSync {
             synced: stream_sync(snap, &self.types, |t, st: &DeltaType| {
-                st.pending.is_empty() && st.sub.matches(snap, t, &st.acked)
+                st.exact(snap) || (st.pending.is_empty() && st.sub.matches(snap, t, &st.acked))
             }),
             nacks: self.types.values().filter_map(|t| t.nack.clone()).collect(),
         }
@@ -1179,5 +1239,94 @@ mod tests {
         let st = &stream.types[CLUSTER_TYPE_URL];
         assert_eq!(st.acked["c"], two.resources(CLUSTER_TYPE_URL)["c"].version);
         assert!(st.pending.is_empty());
+    }
+
+    /// Envoy's side of a delta stream: the resources it runs, by name.
+    fn apply(envoy: &mut BTreeMap<String, String>, response: &DeltaDiscoveryResponse) {
+        for r in &response.resources {
+            envoy.insert(r.name.clone(), r.version.clone());
+        }
+        for name in &response.removed_resources {
+            envoy.remove(name);
+        }
+    }
+
+    #[test]
+    fn delta_incremental_diffs_keep_envoy_exactly_in_step() {
+        use crate::snapshot::tests::{Rng, edit};
+        let mut rng = Rng(0x2545f4914f6cdd1d);
+        let mut next = 0;
+        let mut resources = Resources::default();
+        for _ in 0..30 {
+            edit(&mut rng, &mut resources.clusters, &mut next);
+        }
+        let mut snap = Snapshot::from_resources(1, &resources);
+        let mut stream = DeltaStream::default();
+        let mut envoy = BTreeMap::new();
+        let mut out = Vec::new();
+        stream.on_request(
+            DeltaDiscoveryRequest {
+                type_url: CLUSTER_TYPE_URL.to_string(),
+                ..Default::default()
+            },
+            &snap,
+            &mut out,
+        );
+        let mut nacks = 0;
+        for generation in 2..400 {
+            let mut changed = resources.clone();
+            for _ in 0..=rng.below(3) {
+                edit(&mut rng, &mut changed.clusters, &mut next);
+            }
+            let updated = snap.update(generation, &changed, &resources);
+            snap = updated;
+            resources = changed;
+            // Sometimes the stream misses a snapshot (the watch channel keeps only the newest).
+            if rng.below(6) != 0 {
+                stream.on_snapshot(&snap, &mut out);
+            }
+            while !out.is_empty() {
+                let response = out.remove(0);
+                let rejected = rng.below(25) == 0;
+                if rejected {
+                    nacks += 1;
+                } else {
+                    apply(&mut envoy, &response);
+                }
+                let reply = DeltaDiscoveryRequest {
+                    type_url: CLUSTER_TYPE_URL.to_string(),
+                    response_nonce: response.nonce.clone(),
+                    error_detail: rejected.then(|| RpcStatus {
+                        code: 13,
+                        message: "rejected".to_string(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                stream.on_request(reply, &snap, &mut out);
+            }
+            let want: BTreeMap<String, String> = snap
+                .resources(CLUSTER_TYPE_URL)
+                .values()
+                .map(|r| (r.name.clone(), r.version.clone()))
+                .collect();
+            let st = &stream.types[CLUSTER_TYPE_URL];
+            assert_eq!(
+                st.acked, envoy,
+                "generation {generation}: acked is what Envoy runs"
+            );
+            let synced = stream.sync(&snap).synced;
+            assert_eq!(
+                synced == Some(generation),
+                envoy == want,
+                "generation {generation}: synced {synced:?}"
+            );
+            // A rejected resource is not sent again until it changes (as go-control-plane does);
+            // until the first rejection, everything sent is what Envoy runs.
+            if nacks == 0 && st.base == Some(snap.id()) {
+                assert_eq!(envoy, want, "generation {generation}");
+            }
+        }
+        assert!(nacks > 0, "the run covered rejections");
     }
 }

@@ -15,7 +15,7 @@ use sluice_api::ingress::{IngressStatus, VISIBILITY_CLUSTER_LOCAL};
 
 use crate::ads::ConfigStatus;
 use crate::prober::{self, CATCH_ALL_PROBE_HOST};
-use crate::resources::Resources;
+use crate::resources::{CLUSTER_TYPE_URL, Resources};
 use crate::snapshot::Snapshot;
 use crate::source::{SourceError, SourceSnapshot, StateSource};
 use crate::state::ObjectKey;
@@ -235,13 +235,40 @@ fn keep_removed_clusters(new: &mut Resources, previous: &Resources) -> bool {
     true
 }
 
-/// Whether `new` lacks a cluster that `previous` has.
-fn drops_clusters(new: &Resources, previous: &Resources) -> bool {
-    let names: BTreeSet<&str> = new.clusters.iter().map(|c| c.name.as_str()).collect();
-    previous
-        .clusters
-        .iter()
-        .any(|c| !names.contains(c.name.as_str()))
+/// Whether `new`, made from `previous`, lacks a cluster that `previous` has.
+fn drops_clusters(new: &Snapshot, previous: &Snapshot) -> bool {
+    let (now, before) = (
+        new.resources(CLUSTER_TYPE_URL),
+        previous.resources(CLUSTER_TYPE_URL),
+    );
+    match new.changes_since(previous.id(), CLUSTER_TYPE_URL) {
+        Some(changed) => changed
+            .iter()
+            .any(|n| !now.contains_key(n) && before.contains_key(n)),
+        None => before.keys().any(|n| !now.contains_key(n)),
+    }
+}
+
+/// Walks a sorted map along with ascending keys.
+struct Cursor<'a, K, V> {
+    entries: std::iter::Peekable<std::collections::btree_map::Iter<'a, K, V>>,
+}
+
+impl<'a, K: Ord, V> Cursor<'a, K, V> {
+    fn new(map: &'a BTreeMap<K, V>) -> Self {
+        Cursor {
+            entries: map.iter().peekable(),
+        }
+    }
+
+    /// The value at `key`; keys must be asked for in ascending order.
+    fn seek(&mut self, key: &K) -> Option<&'a V> {
+        while self.entries.next_if(|(k, _)| *k < key).is_some() {}
+        self.entries
+            .peek()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+    }
 }
 
 /// The controller's memory between events; no I/O.
@@ -302,17 +329,35 @@ impl Reconciler {
         let translation = self.translator.translate(&source.state);
         let previous = std::mem::replace(&mut self.source, source);
         let mut resources = translation.resources;
-        // Cloned only when clusters are dropped (rare; the clone is O(config)).
+        let build =
+            |resources: &Resources, last: &Option<Arc<Snapshot>>, generation, last_resources| {
+                match last {
+                    Some(last) => last.update(generation, resources, last_resources),
+                    None => Snapshot::from_resources(generation, resources),
+                }
+            };
+        let mut candidate = build(
+            &resources,
+            &self.last,
+            self.generation + 1,
+            &self.last_resources,
+        );
         self.without_removed = None;
-        if drops_clusters(&resources, &self.last_resources) {
+        // The snapshot knows what changed since the last one: a dropped cluster is among that.
+        if let Some(last) = &self.last
+            && drops_clusters(&candidate, last)
+        {
+            // Cloned only when clusters are dropped (rare; the clone is O(config)).
             let mut kept = resources.clone();
             keep_removed_clusters(&mut kept, &self.last_resources);
             self.without_removed = Some(std::mem::replace(&mut resources, kept));
+            candidate = build(
+                &resources,
+                &self.last,
+                self.generation + 1,
+                &self.last_resources,
+            );
         }
-        let candidate = match &self.last {
-            Some(last) => last.update(self.generation + 1, &resources, &self.last_resources),
-            None => Snapshot::from_resources(self.generation + 1, &resources),
-        };
         let changed = self
             .last
             .as_ref()
@@ -321,38 +366,55 @@ impl Reconciler {
             self.generation += 1;
         }
         let generation = self.generation;
-        // Only what changed costs more than a lookup: thousands of Ingresses stay as they are.
+        // One walk over maps sorted by the same key, instead of lookups: thousands of Ingresses stay
+        // as they are, and each costs a few key comparisons.
+        let mut before = Cursor::new(&previous.state.ingresses);
+        let mut now = Cursor::new(&self.source.state.ingresses);
+        let mut programmed = Cursor::new(&self.programmed);
+        let mut old_outcomes = self.outcomes.iter().peekable();
+        let mut gone = Vec::new();
+        let mut reprogrammed: Vec<(ObjectKey, Option<String>)> = Vec::new();
         for (key, outcome) in &translation.ingresses {
-            let object_changed =
-                previous.state.ingresses.get(key) != self.source.state.ingresses.get(key);
-            if object_changed || self.outcomes.get(key) != Some(outcome) {
+            while let Some((old, _)) = old_outcomes.next_if(|(k, _)| *k < key) {
+                gone.push(old.clone());
+            }
+            let old_outcome = old_outcomes.next_if(|(k, _)| *k == key).map(|(_, o)| o);
+            if before.seek(key) != now.seek(key) || old_outcome != Some(outcome) {
                 self.dirty.insert(key.clone());
             }
+            let current = programmed.seek(key).map(|(h, _)| h.as_str());
             match outcome.hash() {
+                Some(hash) if current != Some(hash) => {
+                    reprogrammed.push((key.clone(), Some(hash.to_string())))
+                }
+                None if current.is_some() => reprogrammed.push((key.clone(), None)),
+                _ => {}
+            }
+        }
+        gone.extend(old_outcomes.map(|(k, _)| k.clone()));
+        for (key, hash) in reprogrammed {
+            // A probe or its attempts count only for the hash they were made for.
+            self.probes.remove(&key);
+            self.attempts.remove(&key);
+            match hash {
                 Some(hash) => {
-                    if self.programmed.get(key).is_none_or(|(h, _)| h != hash) {
-                        self.programmed
-                            .insert(key.clone(), (hash.to_string(), generation));
-                        self.unprobed.insert(key.clone());
-                    }
+                    self.programmed.insert(key.clone(), (hash, generation));
+                    self.unprobed.insert(key);
                 }
                 None => {
-                    self.programmed.remove(key);
-                    self.unprobed.remove(key);
+                    self.programmed.remove(&key);
+                    self.unprobed.remove(&key);
                 }
             }
         }
-        if self.programmed.len() > translation.ingresses.len() {
-            self.programmed
-                .retain(|k, _| translation.ingresses.contains_key(k));
+        for key in &gone {
+            self.programmed.remove(key);
+            self.unprobed.remove(key);
+            self.probes.remove(key);
+            self.attempts.remove(key);
+            self.reported.remove(key);
+            self.dirty.remove(key);
         }
-        self.unprobed.retain(|k| self.programmed.contains_key(k));
-        self.probes
-            .retain(|k, (h, _)| self.programmed.get(k).is_some_and(|(ph, _)| ph == h));
-        self.attempts.retain(|k, _| self.probes.contains_key(k));
-        self.reported
-            .retain(|k, _| translation.ingresses.contains_key(k));
-        self.dirty.retain(|k| translation.ingresses.contains_key(k));
         self.outcomes = translation.ingresses;
         if changed {
             Some(self.publish(candidate, resources))

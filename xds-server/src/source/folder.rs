@@ -7,6 +7,7 @@
 //! its file and field and left out; everything else keeps working.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -159,9 +160,18 @@ impl FolderScan {
                 Ok(_) => {}
                 // Gone: a file, or a folder with everything below it.
                 Err(_) => {
-                    let before = self.files.len();
-                    self.files.retain(|p, _| p != path && !p.starts_with(path));
-                    patch &= self.files.len() == before;
+                    // Paths order by component, so what lies below `path` follows it.
+                    let gone: Vec<PathBuf> = self
+                        .files
+                        .range::<Path, _>((Bound::Included(path.as_path()), Bound::Unbounded))
+                        .map(|(p, _)| p)
+                        .take_while(|p| p.starts_with(path))
+                        .cloned()
+                        .collect();
+                    patch &= gone.is_empty();
+                    for p in gone {
+                        self.files.remove(&p);
+                    }
                 }
             }
         }
@@ -647,10 +657,14 @@ spec:
             2
         );
 
-        // A deleted folder takes its files with it.
+        // A deleted folder takes its files with it, and only them.
+        let sibling = dir.path().join("sub-x.yaml");
+        std::fs::write(&sibling, SERVICE.replace("hello", "sibling")).unwrap();
+        scan.update(dir.path(), &BTreeSet::from([sibling])).unwrap();
         std::fs::remove_dir_all(&sub).unwrap();
         let snap = scan.update(dir.path(), &BTreeSet::from([sub])).unwrap();
-        assert_eq!(snap.state.services.len(), 1);
+        let names: Vec<_> = snap.state.services.keys().cloned().collect();
+        assert_eq!(names, vec![svc("other"), svc("sibling")]);
     }
 
     #[test]

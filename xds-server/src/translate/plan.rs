@@ -113,9 +113,12 @@ struct IngressPlan {
 
 /// Each Ingress's plan from the last translation with what it was made from, so the next translation
 /// re-plans only Ingresses that changed or whose Services, Endpoints or Secrets changed.
+/// Hashes are only for lookups within the process: a fast hasher (no DoS to fear from our own keys).
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 pub struct PlanCache {
-    entries: HashMap<ObjectKey, Cached>,
+    entries: FastMap<ObjectKey, Cached>,
 }
 
 struct Cached {
@@ -271,7 +274,11 @@ pub fn plan_cached(state: &ClusterState, cache: &mut PlanCache) -> Plan {
         .map(|(key, ingress)| (key, cache.plan(state, &slices, key, ingress)))
         .collect();
     // Borrowed from the plans: this runs over every Ingress on every change.
-    let mut claimed: HashMap<&str, &ObjectKey> = HashMap::new();
+    let mut claimed: FastMap<&str, &ObjectKey> = FastMap::default();
+    // Collected, then sorted once (mostly already in order): inserting thousands of entries one by
+    // one into maps would compare their names again and again.
+    let mut outcomes = Vec::with_capacity(planned.len());
+    let mut clusters = Vec::new();
     for (key, result) in &planned {
         let outcome = match result {
             Err((reason, message)) => IngressOutcome::Rejected {
@@ -293,9 +300,7 @@ pub fn plan_cached(state: &ClusterState, cache: &mut PlanCache) -> Plan {
                         claimed.insert(h, key);
                     }
                     out.vhosts.extend(p.vhosts.iter().cloned());
-                    for c in &p.clusters {
-                        out.clusters.insert(c.name.clone(), c.clone());
-                    }
+                    clusters.extend(p.clusters.iter());
                     out.tls_chains.extend(p.tls_chains.iter().cloned());
                     IngressOutcome::Programmed {
                         hash: p.hash.clone(),
@@ -303,8 +308,23 @@ pub fn plan_cached(state: &ClusterState, cache: &mut PlanCache) -> Plan {
                 }
             }
         };
-        out.outcomes.insert((*key).clone(), outcome);
+        outcomes.push(((*key).clone(), outcome));
     }
+    out.outcomes = outcomes.into_iter().collect();
+    // Ingresses may share a cluster (the same Service port): the last one planned wins, as a map
+    // insert would have it.
+    clusters.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut deduped: Vec<&Arc<ClusterPlan>> = Vec::with_capacity(clusters.len());
+    for c in clusters {
+        match deduped.last_mut() {
+            Some(last) if last.name == c.name => *last = c,
+            _ => deduped.push(c),
+        }
+    }
+    out.clusters = deduped
+        .into_iter()
+        .map(|c| (c.name.clone(), c.clone()))
+        .collect();
     if cache.entries.len() > out.outcomes.len() {
         cache.entries.retain(|k, _| out.outcomes.contains_key(k));
     }

@@ -182,6 +182,8 @@ pub struct Ads {
     pub status: watch::Receiver<ConfigStatus>,
     pub generation: u64,
     current: Arc<Snapshot>,
+    /// What `current` was built from: the next snapshot is made from it, as the controller does.
+    resources: Resources,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
 }
@@ -204,6 +206,7 @@ impl Ads {
             status,
             generation: 1,
             current: first,
+            resources: resources.clone(),
             shutdown: Some(shutdown_tx),
             task: Some(task),
         }
@@ -212,7 +215,11 @@ impl Ads {
     /// Serves `resources` as the next generation; returns the generation.
     pub fn publish(&mut self, resources: &Resources) -> u64 {
         self.generation += 1;
-        self.current = Arc::new(Snapshot::from_resources(self.generation, resources));
+        self.current = Arc::new(
+            self.current
+                .update(self.generation, resources, &self.resources),
+        );
+        self.resources = resources.clone();
         self.snapshots
             .as_ref()
             .expect("snapshots open")
