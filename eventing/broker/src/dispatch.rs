@@ -77,6 +77,8 @@ impl Dispatcher {
             Some(offset) => offset,
             None => {
                 let head = log.head();
+                // Registers the consumer durably: after a crash the Trigger resumes from here
+                // rather than from the head of the restarted log.
                 if let Err(e) = log.commit(&consumer, head).await {
                     tracing::warn!(trigger = %config.trigger, error = %e, "registering the consumer failed");
                 }

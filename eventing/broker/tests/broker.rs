@@ -794,6 +794,89 @@ async fn events_survive_a_restart_and_resume_from_the_committed_offset() {
     second.shutdown().await;
 }
 
+/// A subscriber that accepts connections and never answers: what it is sent stays in flight.
+async fn silent_subscriber() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    (addr, task)
+}
+
+/// Copies the folder `from` into `to`, as a `kill -9` would leave it: a killed process loses only
+/// what it kept in memory, never what it had written to its files.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn accepted_events_are_delivered_after_a_crash_before_any_offsets_flush() {
+    let data = tempfile::tempdir().unwrap();
+    let image = tempfile::tempdir().unwrap();
+    let (silent, silent_task) = silent_subscriber().await;
+    let objects = |uri: &str| {
+        let yaml = format!(
+            "{BROKER}{}",
+            trigger("t", &format!("  subscriber: {{uri: \"{uri}\"}}"))
+        );
+        EventingObjects::from_objects(
+            sluice_api::parse_documents(&yaml)
+                .into_iter()
+                .map(|r| r.unwrap()),
+        )
+    };
+    let options = |dir: &std::path::Path| {
+        let mut o = BrokerOptions::new(dir, "127.0.0.1:0".parse().unwrap());
+        // The crash comes before the first periodic write of the consumer offsets.
+        o.log.offsets_flush_interval = Duration::from_secs(3600);
+        o
+    };
+    let first = BrokerService::start(options(data.path())).await.unwrap();
+    first.apply(objects(&format!("http://{silent}/"))).await;
+    for id in ["1", "2", "3"] {
+        let headers = [
+            ("ce-specversion", "1.0"),
+            ("ce-id", id),
+            ("ce-type", "t"),
+            ("ce-source", "/s"),
+        ];
+        let (status, body) = post(
+            first.local_addr(),
+            Method::POST,
+            "/ns/default",
+            &headers,
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    // kill -9 now: the 202s were sent, the deliveries are in flight.
+    copy_tree(data.path(), image.path());
+
+    let sub = Subscriber::start(Arc::new(|_, _| ok())).await;
+    let second = BrokerService::start(options(image.path())).await.unwrap();
+    second.apply(objects(&sub.url("/after"))).await;
+    let mut got = ids(&sub.wait("/after", 3).await);
+    got.sort();
+    assert_eq!(got, ["1", "2", "3"]);
+    second.shutdown().await;
+    first.shutdown().await;
+    silent_task.abort();
+}
+
 #[tokio::test]
 async fn trigger_that_is_not_ready_for_a_while_resumes_where_it_was() {
     let sub = Subscriber::start(Arc::new(|_, _| ok())).await;

@@ -84,7 +84,9 @@ pub trait EventLog: Send + Sync {
     /// Records that `consumer` (a trigger's uid or `namespace/name`) has delivered everything below
     /// `offset`, i.e. `offset` is the next one to deliver. Creates the consumer if it is new: a new
     /// trigger should commit `head()` (or the offset it wants to start from) so that retention keeps
-    /// its records. Durable within [`LogOptions::offsets_flush_interval`] (at-least-once: after a
+    /// its records. A new consumer is durable when the future resolves (so that after a crash its
+    /// trigger resumes where it registered rather than at the head of the restarted log); later
+    /// commits are durable within [`LogOptions::offsets_flush_interval`] (at-least-once: after a
     /// crash a consumer may see again what it delivered in the last interval), and at close.
     /// Moving a consumer backwards (replay) is allowed. Errors if `offset > head()` or the name is
     /// empty or has a line break.

@@ -393,13 +393,28 @@ impl EventLog for SegmentLog {
                 });
             }
             let mut consumers = lock(&self.shared.consumers);
-            if consumers.committed.get(consumer) != Some(&offset) {
-                consumers.committed.insert(consumer.to_string(), offset);
+            let previous = consumers.committed.insert(consumer.to_string(), offset);
+            if previous != Some(offset) {
                 consumers.dirty = true;
             }
-            Ok(())
+            Ok(previous.is_none())
         })();
-        Box::pin(std::future::ready(result))
+        Box::pin(async move {
+            if result? {
+                // A new consumer is written to disk before its commit resolves. Were it lost in a
+                // crash, its trigger would be new again at restart and start at the head, skipping
+                // what was accepted (202) but not yet delivered. One fsync per new consumer; later
+                // commits stay in memory until the periodic flush (a crash replays them).
+                let shared = self.shared.clone();
+                match tokio::task::spawn_blocking(move || shared.flush_offsets()).await {
+                    Ok(flushed) => flushed?,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    // The runtime is shutting down.
+                    Err(_) => return Err(LogError::Closed),
+                }
+            }
+            Ok(())
+        })
     }
 
     fn committed(&self, consumer: &str) -> Option<u64> {

@@ -546,6 +546,51 @@ async fn consumer_offsets_survive_reopen_and_removal_is_durable() {
     log.close().await.unwrap();
 }
 
+/// The files a `kill -9` would leave behind, copied while `dir`'s log is still open: a killed process
+/// loses only what it kept in memory, never what it had written to its files.
+fn crash_image(dir: &Path) -> tempfile::TempDir {
+    let image = tempfile::tempdir().unwrap();
+    for entry in fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            fs::copy(entry.path(), image.path().join(entry.file_name())).unwrap();
+        }
+    }
+    image
+}
+
+#[tokio::test]
+async fn a_new_consumer_is_on_disk_once_its_first_commit_resolves() {
+    let dir = tempfile::tempdir().unwrap();
+    // No periodic flush during the test: only what commit itself makes durable is on disk.
+    let options = LogOptions {
+        offsets_flush_interval: Duration::from_secs(3600),
+        retention_check_interval: Duration::from_secs(3600),
+        preallocate: false,
+        ..LogOptions::default()
+    };
+    let log = SegmentLog::open(dir.path(), options.clone()).unwrap();
+    log.append(payloads(0..3)).await.unwrap();
+    // A new trigger registers at the head; then events are accepted that it has not delivered yet.
+    log.commit("default/t", log.head()).await.unwrap();
+    log.append(payloads(3..8)).await.unwrap();
+    // Its later commits may stay in memory (at-least-once: a crash replays them).
+    log.commit("default/t", 5).await.unwrap();
+
+    let image = crash_image(dir.path());
+    let recovered = SegmentLog::open(image.path(), options).unwrap();
+    assert_eq!(recovered.head(), 8);
+    // Without its registration the trigger would be new again after the crash and start at the
+    // head, skipping 3..8, which were acknowledged as durable.
+    assert_eq!(
+        recovered.committed("default/t"),
+        Some(3),
+        "the consumer registered before the crash"
+    );
+    recovered.close().await.unwrap();
+    log.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn offsets_are_flushed_in_the_background() {
     let dir = tempfile::tempdir().unwrap();
