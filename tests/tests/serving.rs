@@ -227,6 +227,24 @@ async fn traffic_split_80_20_across_two_revisions_and_a_tag_url() {
     }
 }
 
+/// One of Envoy's stats, from its admin port (None while Envoy does not have it).
+async fn envoy_stat(sluice: &Sluice, name: &str) -> Option<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(sluice.admin())
+        .await
+        .expect("Envoy admin");
+    let request =
+        format!("GET /stats?filter=^{name}$ HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.expect("writing");
+    let mut response = String::new();
+    conn.read_to_string(&mut response).await.expect("reading");
+    let prefix = format!("{name}: ");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scales_to_zero_after_the_grace_period_and_a_cold_request_succeeds() {
     let mut sluice = Sluice::start().await.expect("sluice up");
@@ -256,6 +274,22 @@ async fn scales_to_zero_after_the_grace_period_and_a_cold_request_succeeds() {
     let pids_before = std::fs::read_dir(sluice.state_dir().join("logs/default/cold-00001"))
         .map(|d| d.count())
         .unwrap_or(0);
+    // No instance listener is left (once the removed one has drained), yet Envoy keeps the
+    // queue-proxy VM (sluice's bootstrap keeper), so the next instance's listener does not wait for
+    // the module to compile again (about 300 ms here).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while envoy_stat(&sluice, "listener_manager.total_listeners_draining").await != Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "the instance listener never drained"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let active_vms = envoy_stat(&sluice, "wasm.envoy.wasm.runtime.v8.active").await;
+    assert!(
+        active_vms.unwrap_or(0) > 0,
+        "Envoy freed the queue-proxy VM with the last instance listener"
+    );
 
     // A cold request is held by the activator while an instance starts, then answered.
     let (code, body) = get(&sluice, "cold.default.localhost", "/")

