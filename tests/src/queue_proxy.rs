@@ -352,16 +352,7 @@ impl QueueProxyEnvoy {
     }
 
     async fn admin_get(&self, path: &str) -> Result<String> {
-        let resp = Req::get("127.0.0.1", path)
-            .timeout(Duration::from_secs(10))
-            .send(self.admin)
-            .await?;
-        anyhow::ensure!(
-            resp.status == StatusCode::OK,
-            "admin GET {path}: {}",
-            resp.status
-        );
-        Ok(resp.text())
+        admin_get(self.admin, path).await
     }
 
     /// GET /stats/prometheus on the admin port.
@@ -371,11 +362,7 @@ impl QueueProxyEnvoy {
 
     /// One stat from /stats (Envoy's own names, e.g. `listener.127.0.0.1_8080.worker_0.downstream_cx_total`).
     pub async fn stat(&self, name: &str) -> Result<Option<i64>> {
-        let text = self.admin_get("/stats").await?;
-        Ok(text.lines().find_map(|line| {
-            let (stat, value) = line.split_once(": ")?;
-            (stat == name).then(|| value.trim().parse().ok())?
-        }))
+        admin_stat(self.admin, name).await
     }
 
     /// One sample from /stats/prometheus, by exact metric name (labels ignored).
@@ -396,6 +383,29 @@ impl Drop for QueueProxyEnvoy {
             );
         }
     }
+}
+
+/// GET `path` on an Envoy admin port; the body of a 200.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> Result<String> {
+    let resp = Req::get("127.0.0.1", path)
+        .timeout(Duration::from_secs(10))
+        .send(admin)
+        .await?;
+    anyhow::ensure!(
+        resp.status == StatusCode::OK,
+        "admin GET {path}: {}",
+        resp.status
+    );
+    Ok(resp.text())
+}
+
+/// One stat from an Envoy's /stats (Envoy's own names); None while Envoy does not have it.
+pub async fn admin_stat(admin: SocketAddr, name: &str) -> Result<Option<i64>> {
+    let text = admin_get(admin, "/stats").await?;
+    Ok(text.lines().find_map(|line| {
+        let (stat, value) = line.split_once(": ")?;
+        (stat == name).then(|| value.trim().parse().ok())?
+    }))
 }
 
 /// The value of `name` in a Prometheus text exposition (`name{labels} value` or `name value`).

@@ -227,22 +227,11 @@ async fn traffic_split_80_20_across_two_revisions_and_a_tag_url() {
     }
 }
 
-/// One of Envoy's stats, from its admin port (None while Envoy does not have it).
-async fn envoy_stat(sluice: &Sluice, name: &str) -> Option<u64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(sluice.admin())
+/// One of the gateway Envoy's stats (None while Envoy does not have it).
+async fn envoy_stat(sluice: &Sluice, name: &str) -> Option<i64> {
+    sluice_e2e::queue_proxy::admin_stat(sluice.admin(), name)
         .await
-        .expect("Envoy admin");
-    let request =
-        format!("GET /stats?filter=^{name}$ HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
-    conn.write_all(request.as_bytes()).await.expect("writing");
-    let mut response = String::new();
-    conn.read_to_string(&mut response).await.expect("reading");
-    let prefix = format!("{name}: ");
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+        .expect("Envoy admin /stats")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

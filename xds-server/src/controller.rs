@@ -329,19 +329,7 @@ impl Reconciler {
         let translation = self.translator.translate(&source.state);
         let previous = std::mem::replace(&mut self.source, source);
         let mut resources = translation.resources;
-        let build =
-            |resources: &Resources, last: &Option<Arc<Snapshot>>, generation, last_resources| {
-                match last {
-                    Some(last) => last.update(generation, resources, last_resources),
-                    None => Snapshot::from_resources(generation, resources),
-                }
-            };
-        let mut candidate = build(
-            &resources,
-            &self.last,
-            self.generation + 1,
-            &self.last_resources,
-        );
+        let mut candidate = self.next_snapshot(self.generation + 1, &resources);
         self.without_removed = None;
         // The snapshot knows what changed since the last one: a dropped cluster is among that.
         if let Some(last) = &self.last
@@ -351,12 +339,7 @@ impl Reconciler {
             let mut kept = resources.clone();
             keep_removed_clusters(&mut kept, &self.last_resources);
             self.without_removed = Some(std::mem::replace(&mut resources, kept));
-            candidate = build(
-                &resources,
-                &self.last,
-                self.generation + 1,
-                &self.last_resources,
-            );
+            candidate = self.next_snapshot(self.generation + 1, &resources);
         }
         let changed = self
             .last
@@ -423,6 +406,15 @@ impl Reconciler {
         }
     }
 
+    /// The snapshot of `resources`, made from the last one so that it reuses what is unchanged and
+    /// records what changed.
+    fn next_snapshot(&self, generation: u64, resources: &Resources) -> Snapshot {
+        match &self.last {
+            Some(last) => last.update(generation, resources, &self.last_resources),
+            None => Snapshot::from_resources(generation, resources),
+        }
+    }
+
     fn publish(&mut self, snapshot: Snapshot, resources: Resources) -> Arc<Snapshot> {
         let snapshot = Arc::new(snapshot);
         self.last = Some(snapshot.clone());
@@ -437,10 +429,7 @@ impl Reconciler {
         }
         let resources = self.without_removed.take()?;
         self.generation += 1;
-        let snapshot = match &self.last {
-            Some(last) => last.update(self.generation, &resources, &self.last_resources),
-            None => Snapshot::from_resources(self.generation, &resources),
-        };
+        let snapshot = self.next_snapshot(self.generation, &resources);
         Some(self.publish(snapshot, resources))
     }
 
