@@ -50,6 +50,14 @@ fn sh_spec(revision: &str, script: &str) -> LaunchSpec {
     spec
 }
 
+/// Ready only once the script has installed its TERM trap: a stop that races the shell's start-up
+/// would otherwise end it with the default SIGTERM action.
+fn trapping_spec(revision: &str, script: &str, armed: &Path) -> LaunchSpec {
+    let mut spec = sh_spec(revision, script);
+    spec.readiness = Probe::exec(strings(&["test", "-f", &armed.display().to_string()]));
+    spec
+}
+
 fn runtime(dir: &Path) -> ProcessRuntime {
     ProcessRuntime::new(RuntimeOptions::new(dir.join("state"))).expect("runtime")
 }
@@ -300,11 +308,13 @@ async fn sigterm_is_honoured() {
     let rt = runtime(dir.path());
     let out = dir.path().join("term.txt");
     let key = RevisionKey::new("default", "term-00001");
+    let armed = dir.path().join("armed");
     let script = format!(
-        "trap 'echo got TERM > {}; exit 0' TERM; while true; do sleep 0.05; done",
-        out.display()
+        "trap 'echo got TERM > {}; exit 0' TERM; touch {}; while true; do sleep 0.05; done",
+        out.display(),
+        armed.display()
     );
-    let mut spec = sh_spec("term-00001", &script);
+    let mut spec = trapping_spec("term-00001", &script, &armed);
     // Long grace: the test would stall if SIGTERM were ignored, and the log tells which signal ended it.
     spec.grace_period = Duration::from_secs(120);
     rt.set_revision(key.clone(), spec).unwrap();
@@ -335,10 +345,12 @@ async fn sigkill_follows_the_grace_period_when_sigterm_is_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime(dir.path());
     let key = RevisionKey::new("default", "stubborn-00001");
-    let mut spec = sh_spec(
-        "stubborn-00001",
-        "trap '' TERM; while true; do sleep 0.05; done",
+    let armed = dir.path().join("armed");
+    let script = format!(
+        "trap '' TERM; touch {}; while true; do sleep 0.05; done",
+        armed.display()
     );
+    let mut spec = trapping_spec("stubborn-00001", &script, &armed);
     spec.grace_period = Duration::from_millis(300);
     rt.set_revision(key.clone(), spec).unwrap();
     rt.scale(&key, 1).unwrap();
