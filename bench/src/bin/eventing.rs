@@ -12,7 +12,12 @@
 //!    the intended send time to the subscriber's receipt (so a stalled producer counts against the
 //!    broker, no coordinated omission), and the ingress 202 latency;
 //! 3. (with `--batch N`) the closed loop again with `application/cloudevents-batch+json` POSTs of N
-//!    events each.
+//!    events each;
+//! 4. (with `--relay`) the closed loop of phase 1 through a minimal relay instead of the broker: a
+//!    separate process (this binary with `--relay-listen`), with the broker's thread count, that
+//!    forwards each POST over its own keep-alive connection to the same subscriber and answers 202
+//!    when the subscriber has. No log, no fsync, no CloudEvents parsing: the ceiling of any broker
+//!    that takes one HTTP/1.1 request per event and makes one per delivery, on this machine.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -63,6 +68,15 @@ struct Args {
     /// Keep the data folder (printed) instead of removing it.
     #[arg(long)]
     keep: bool,
+    /// Also measure the relay ceiling (phase 4).
+    #[arg(long)]
+    relay: bool,
+    /// Internal: run as the relay, listening here...
+    #[arg(long, hide = true, requires = "relay_to")]
+    relay_listen: Option<SocketAddr>,
+    /// Internal: ...and forwarding to this subscriber.
+    #[arg(long, hide = true)]
+    relay_to: Option<SocketAddr>,
 }
 
 /// Targets from the issue.
@@ -313,6 +327,7 @@ async fn closed_loop(
     connections: usize,
     duration: Duration,
     batch: usize,
+    phase: char,
 ) -> anyhow::Result<Closed> {
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -328,7 +343,7 @@ async fn closed_loop(
                 let n = batch.max(1) as u64;
                 let first = next.fetch_add(n, Ordering::Relaxed);
                 let req = if batch == 0 {
-                    binary_event(addr, 't', first, now_ns())
+                    binary_event(addr, phase, first, now_ns())
                 } else {
                     batch_events(addr, first, batch, now_ns())
                 };
@@ -363,18 +378,27 @@ async fn closed_loop(
 
 /// One closed-loop throughput phase (binary events when `batch` is 0, else batch POSTs), drained and
 /// checked; prints its line and returns the delivered events/s.
+#[allow(clippy::too_many_arguments)]
 async fn throughput(
-    broker: &BrokerProcess,
+    broker: Option<&BrokerProcess>,
     subscriber: &Subscriber,
     addr: SocketAddr,
     connections: usize,
     duration: f64,
     batch: usize,
+    phase: u8,
+    name: &str,
 ) -> anyhow::Result<f64> {
-    let phase = if batch == 0 { b't' } else { b'b' };
-    let cpu0 = broker.cpu_seconds();
+    let cpu0 = broker.map_or(0.0, |b| b.cpu_seconds());
     let own0 = own_cpu_seconds();
-    let run = closed_loop(addr, connections, Duration::from_secs_f64(duration), batch).await?;
+    let run = closed_loop(
+        addr,
+        connections,
+        Duration::from_secs_f64(duration),
+        batch,
+        phase as char,
+    )
+    .await?;
     let waited = drain(
         subscriber,
         phase,
@@ -382,7 +406,7 @@ async fn throughput(
         Duration::from_secs(60),
     )
     .await;
-    let cpu = broker.cpu_seconds() - cpu0;
+    let cpu = broker.map_or(0.0, |b| b.cpu_seconds()) - cpu0;
     let own = own_cpu_seconds() - own0;
     let arrivals = subscriber.of_phase(phase);
     let mode = if batch == 0 {
@@ -391,7 +415,7 @@ async fn throughput(
         format!("batch of {batch}")
     };
     let label = format!(
-        "throughput ({mode}, {connections} connections, drained in {:.2} s)",
+        "{name} ({mode}, {connections} connections, drained in {:.2} s)",
         waited.as_secs_f64()
     );
     Ok(report_throughput(&label, &run, &arrivals, cpu, own))
@@ -414,7 +438,7 @@ fn report_throughput(label: &str, run: &Closed, arrivals: &[Arrival], cpu: f64, 
     let (missing, duplicates) = check_delivery(&run.accepted, arrivals);
     println!(
         "{label}: accepted {} in {secs:.1} s = {accepted_rate:.0} events/s; delivered {} = {delivered_rate:.0} events/s; \
-         missing {missing}, duplicates {duplicates}, non-202 {}; broker CPU {:.2} cores, bench CPU {:.2} cores",
+         missing {missing}, duplicates {duplicates}, non-202 {}; server CPU {:.2} cores, bench CPU {:.2} cores",
         run.accepted.len(),
         arrivals.len(),
         run.errors,
@@ -427,11 +451,93 @@ fn report_throughput(label: &str, run: &Closed, arrivals: &[Arrival], cpu: f64, 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     BASE.get_or_init(Instant::now);
+    if let (Some(listen), Some(to)) = (args.relay_listen, args.relay_to) {
+        // The broker's runtime: tokio's default of one worker per core.
+        return tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(relay(listen, to));
+    }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads)
         .enable_all()
         .build()?
         .block_on(run(args))
+}
+
+/// The relay of phase 4: per producer connection, one upstream connection to the subscriber.
+async fn relay(listen: SocketAddr, to: SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        tokio::spawn(async move {
+            let Ok(upstream) = connect(to).await else {
+                return;
+            };
+            // HTTP/1.1 serves one request at a time per connection: the lock is never contended.
+            let upstream = Arc::new(tokio::sync::Mutex::new(upstream));
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let upstream = upstream.clone();
+                async move {
+                    let (parts, body) = req.into_parts();
+                    let body = body.collect().await?.to_bytes();
+                    let mut forward = Request::post("/")
+                        .body(Full::new(body))
+                        .expect("a valid request");
+                    *forward.headers_mut() = parts.headers;
+                    let status = match send(&mut *upstream.lock().await, forward).await {
+                        Ok(s) if s.is_success() => StatusCode::ACCEPTED,
+                        _ => StatusCode::BAD_GATEWAY,
+                    };
+                    let mut r = Response::new(Full::new(Bytes::new()));
+                    *r.status_mut() = status;
+                    Ok::<_, hyper::Error>(r)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Phase 4: the closed loop through the relay; the relay's delivered events/s.
+async fn relay_ceiling(
+    subscriber: &Subscriber,
+    sub_addr: SocketAddr,
+    connections: usize,
+    duration: f64,
+) -> anyhow::Result<f64> {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let relay = BrokerProcess(
+        Command::new(std::env::current_exe()?)
+            .arg("--relay-listen")
+            .arg(addr.to_string())
+            .arg("--relay-to")
+            .arg(sub_addr.to_string())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the relay")?,
+    );
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("the relay did not listen within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    throughput(
+        Some(&relay),
+        subscriber,
+        addr,
+        connections,
+        duration,
+        0,
+        b'r',
+        "relay ceiling",
+    )
+    .await
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -505,12 +611,14 @@ spec:
     if !args.latency_only {
         headline = Some(
             throughput(
-                &broker,
+                Some(&broker),
                 &subscriber,
                 addr,
                 args.connections,
                 args.duration,
                 0,
+                b't',
+                "throughput",
             )
             .await?,
         );
@@ -618,14 +726,39 @@ spec:
     if args.batch > 0 && !args.latency_only {
         let connections = (args.connections / 4).max(1);
         throughput(
-            &broker,
+            Some(&broker),
             &subscriber,
             addr,
             connections,
             args.duration,
             args.batch,
+            b'b',
+            "throughput",
         )
         .await?;
+    }
+
+    let mut ceiling = None;
+    if args.relay && !args.latency_only {
+        ceiling =
+            Some(relay_ceiling(&subscriber, sub_addr, args.connections, args.duration).await?);
+        // One hop: what the subscriber takes straight from the producers, the ceiling of delivery
+        // alone (one POST per event) whatever the ingress does.
+        let direct = throughput(
+            None,
+            &subscriber,
+            sub_addr,
+            args.connections,
+            args.duration,
+            0,
+            b'd',
+            "direct to the subscriber",
+        )
+        .await?;
+        println!(
+            "ceilings on this machine: two HTTP/1.1 hops per event (relay) {:.0} events/s, one hop {direct:.0} events/s",
+            ceiling.unwrap_or(0.0)
+        );
     }
 
     if let Some(rate) = headline {
@@ -634,6 +767,13 @@ spec:
             TARGET_EVENTS_PER_SEC,
             rate / TARGET_EVENTS_PER_SEC
         );
+        if let Some(ceiling) = ceiling {
+            println!(
+                "throughput vs relay ceiling: {rate:.0} / {ceiling:.0} events/s = {:.2}x; ceiling vs target: {:.2}x",
+                rate / ceiling,
+                ceiling / TARGET_EVENTS_PER_SEC
+            );
+        }
     }
     if let Some(p99) = p99 {
         println!(
