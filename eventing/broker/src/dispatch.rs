@@ -1,6 +1,7 @@
 //! One dispatcher per Trigger: a consumer of its broker's log that reads from its committed offset,
-//! filters, delivers (with bounded parallelism, or one at a time when ordered), dead-letters what
-//! cannot be delivered, sends replies back into the broker and commits what it has finished.
+//! filters, delivers (a pool of workers with a connection each, or one at a time when ordered),
+//! dead-letters what cannot be delivered, sends replies back into the broker and commits what it has
+//! finished.
 //!
 //! Delivery is at-least-once: the committed offset only passes an event once its delivery (or
 //! dead-lettering, or dropping) is over, and commits are written periodically, so a crash replays at
@@ -17,12 +18,13 @@ use cloudevents::{AttributesReader, Event};
 use futures::StreamExt;
 use sluice_event_filter::Filter;
 use sluice_event_log::{EventLog, Record};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::codec;
 use crate::config::{BrokerKey, Target};
-use crate::delivery::sender::{Endpoint, Outcome, Sender};
+use crate::delivery::sender::{self, Connection, Endpoint, Outcome, Sender};
 use crate::delivery::{RetryPolicy, error_extensions};
 use crate::ingress::{Brokers, IngestError};
 
@@ -172,6 +174,75 @@ fn records(log: Arc<dyn EventLog>, from: u64) -> impl futures::Stream<Item = Rec
     )
 }
 
+/// The records between the delivered offset and the newest one read: those waiting for a worker
+/// and, in log order, whether each is finished.
+#[derive(Default)]
+struct WindowState {
+    queue: VecDeque<Record>,
+    pending: VecDeque<(u64, bool)>,
+}
+
+/// Hands records to the workers and moves the delivered offset past what they finished, in order.
+struct Window {
+    state: std::sync::Mutex<WindowState>,
+    /// One permit per queued record.
+    queued: Semaphore,
+    /// Room for records not yet passed by the delivered offset: a slow event holds back at most
+    /// this many behind it (what a crash replays, at most).
+    room: Semaphore,
+    delivered: Arc<AtomicU64>,
+}
+
+impl Window {
+    async fn feed(&self, record: Record) {
+        if let Ok(permit) = self.room.acquire().await {
+            permit.forget();
+        }
+        {
+            let mut state = self.state.lock().expect("window lock");
+            state.pending.push_back((record.offset, false));
+            state.queue.push_back(record);
+        }
+        self.queued.add_permits(1);
+    }
+
+    async fn take(&self) -> Record {
+        loop {
+            if let Ok(permit) = self.queued.acquire().await {
+                permit.forget();
+            }
+            if let Some(record) = self.state.lock().expect("window lock").queue.pop_front() {
+                return record;
+            }
+        }
+    }
+
+    fn finish(&self, offset: u64) {
+        let (passed, next) = {
+            let mut state = self.state.lock().expect("window lock");
+            // Offsets are fed in increasing order.
+            if let Ok(i) = state.pending.binary_search_by_key(&offset, |(o, _)| *o) {
+                state.pending[i].1 = true;
+            }
+            let mut passed = 0;
+            let mut next = None;
+            while let Some(&(o, true)) = state.pending.front() {
+                state.pending.pop_front();
+                passed += 1;
+                next = Some(o + 1);
+            }
+            (passed, next)
+        };
+        if let Some(next) = next {
+            self.delivered.store(next, Ordering::Release);
+            self.room.add_permits(passed);
+        }
+    }
+}
+
+/// Room in the window per worker (see [`Window::room`]).
+const WINDOW_PER_WORKER: usize = 4;
+
 async fn run(
     config: Arc<DispatchConfig>,
     log: Arc<dyn EventLog>,
@@ -180,49 +251,49 @@ async fn run(
     from: u64,
     delivered: Arc<AtomicU64>,
 ) {
-    let parallelism = if config.ordered {
-        1
+    // Ordered: one worker and a window of one, so an event is sent only once the one before it is
+    // finished.
+    let (workers, room) = if config.ordered {
+        (1, 1)
     } else {
-        config.parallelism.max(1)
+        let p = config.parallelism.max(1);
+        (p, p * WINDOW_PER_WORKER)
     };
-    let subscriber = Arc::new(match &config.subscriber {
+    let window = Arc::new(Window {
+        state: Default::default(),
+        queued: Semaphore::new(0),
+        room: Semaphore::new(room),
+        delivered,
+    });
+    let subscriber = match &config.subscriber {
         Target::Http { uri, host, .. } => Some(Endpoint::new(uri, host.as_deref())),
         Target::Broker(_) => None,
-    });
-    records(log, from)
-        .map(|record| {
-            let config = config.clone();
-            let subscriber = subscriber.clone();
-            let brokers = brokers.clone();
-            let sender = sender.clone();
-            let offset = record.offset;
-            // Each delivery is a task of its own so that decoding, encoding and HTTP work spread over
-            // the runtime's worker threads (futures inside one `buffered` stream all run on the
-            // dispatcher's one task, which capped a Trigger at one core). Dropping the handle aborts
-            // the task, as dropping the future did (stop, Trigger removed).
-            let delivery = AbortOnDropHandle::new(tokio::spawn(async move {
-                deliver(
-                    &config,
-                    &brokers,
-                    &sender,
-                    subscriber.as_ref().as_ref(),
-                    record.data,
-                )
-                .await;
-            }));
-            async move {
-                let _ = delivery.await;
-                offset
-            }
+    };
+    // A pool of workers, each with its own connection to the subscriber, rather than a task per
+    // event over a shared client: the connection's work stays on the worker's task. Dropping the
+    // handles (stop, Trigger removed) aborts the workers.
+    let _workers: Vec<AbortOnDropHandle<()>> = (0..workers)
+        .map(|_| {
+            let (config, brokers, sender, window) = (
+                config.clone(),
+                brokers.clone(),
+                sender.clone(),
+                window.clone(),
+            );
+            let mut connection = subscriber.clone().map(Connection::new);
+            AbortOnDropHandle::new(tokio::spawn(async move {
+                loop {
+                    let record = window.take().await;
+                    deliver(&config, &brokers, &sender, connection.as_mut(), record.data).await;
+                    window.finish(record.offset);
+                }
+            }))
         })
-        // `buffered` runs up to `parallelism` deliveries at once and yields them in log order, so the
-        // delivered offset only moves past an event once everything before it is done.
-        .buffered(parallelism)
-        .for_each(|offset| {
-            delivered.store(offset + 1, Ordering::Release);
-            futures::future::ready(())
-        })
-        .await;
+        .collect();
+    let mut records = std::pin::pin!(records(log, from));
+    while let Some(record) = records.next().await {
+        window.feed(record).await;
+    }
 }
 
 /// Filters and delivers one record; returns when it is delivered, dead-lettered or dropped.
@@ -231,12 +302,12 @@ async fn run(
 /// Broker subscriber, a reply or a dead letter. Delivering to an HTTP subscriber otherwise goes
 /// straight from the log record to the request (see [`codec::delivery_message`]).
 ///
-/// `subscriber` is the endpoint of an HTTP subscriber, worked out once per dispatcher.
+/// `subscriber` is the worker's connection to an HTTP subscriber.
 pub async fn deliver(
     config: &DispatchConfig,
     brokers: &Brokers,
     sender: &Sender,
-    subscriber: Option<&Endpoint>,
+    subscriber: Option<&mut Connection>,
     record: Bytes,
 ) {
     let unreadable = |e: codec::RecordError| {
@@ -258,17 +329,17 @@ pub async fn deliver(
             let mut headers = message.headers;
             // Knative: every delivery asks for a reply.
             headers.insert(&PREFER, http::HeaderValue::from_static("reply"));
-            let resolved;
-            let endpoint = match subscriber {
-                Some(e) => e,
+            let outcome = match subscriber {
+                Some(connection) => {
+                    sender::send(connection, headers, message.body, &config.retry).await
+                }
                 None => {
-                    resolved = Endpoint::new(uri, host.as_deref());
-                    &resolved
+                    let endpoint = Endpoint::new(uri, host.as_deref());
+                    sender
+                        .send(&endpoint, headers, message.body, &config.retry)
+                        .await
                 }
             };
-            let outcome = sender
-                .send(endpoint, headers, message.body, &config.retry)
-                .await;
             (outcome, message.ttl)
         }
         Target::Broker(key) => {

@@ -915,3 +915,91 @@ async fn trigger_that_is_not_ready_for_a_while_resumes_where_it_was() {
     let got = sub.wait("/r", 2).await;
     assert_eq!(ids(&got), ["1", "2"]);
 }
+
+/// A subscriber that answers one request per connection and then closes it, without saying so
+/// (no `Connection: close`), as a server whose keep-alive timeout is shorter than the gaps between
+/// events does. Returns the ce-ids it received and the number of connections it accepted.
+async fn one_shot_subscriber() -> (SocketAddr, Arc<Mutex<Vec<String>>>, Arc<Mutex<usize>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ids: Arc<Mutex<Vec<String>>> = Arc::default();
+    let connections: Arc<Mutex<usize>> = Arc::default();
+    let (ids2, connections2) = (ids.clone(), connections.clone());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            *connections2.lock().unwrap() += 1;
+            let ids = ids2.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Head, then a body of content-length bytes.
+                let (head_end, length) = loop {
+                    let Ok(n) = stream.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        break (i + 4, length);
+                    }
+                };
+                while buf.len() < head_end + length {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                if let Some(id) = head.lines().find_map(|l| {
+                    l.to_lowercase()
+                        .starts_with("ce-id:")
+                        .then(|| l[6..].trim().to_string())
+                }) {
+                    ids.lock().unwrap().push(id);
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+                // Dropping the stream closes the connection the broker may keep for the next event.
+            });
+        }
+    });
+    (addr, ids, connections)
+}
+
+#[tokio::test]
+async fn a_connection_the_subscriber_closed_while_idle_is_reopened_without_losing_events() {
+    let (addr, ids, connections) = one_shot_subscriber().await;
+    // No retries: an event sent on the closed connection would be lost.
+    let yaml = format!(
+        "{BROKER}{}",
+        trigger("t", &format!("  subscriber: {{uri: \"http://{addr}/\"}}"))
+    );
+    let h = Harness::start(&yaml).await;
+    let sent: Vec<String> = (0..10).map(|i| format!("idle-{i}")).collect();
+    for id in &sent {
+        h.send(id, "t", "/s", &[]).await;
+        let deadline = Instant::now() + WAIT;
+        while !ids.lock().unwrap().contains(id) {
+            assert!(
+                Instant::now() < deadline,
+                "{id} not delivered: {:?}",
+                ids.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Idle long enough for the close to reach the broker.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(*ids.lock().unwrap(), sent);
+    assert_eq!(*connections.lock().unwrap(), sent.len());
+}
