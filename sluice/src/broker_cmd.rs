@@ -18,6 +18,9 @@ pub struct BrokerArgs {
     /// Address of the broker ingress.
     #[arg(long, default_value = "127.0.0.1:8090")]
     pub listen: SocketAddr,
+    /// Deliveries in flight at once per unordered Trigger (each over a connection of its own).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    pub delivery_parallelism: u16,
 }
 
 /// How often the folder is read again for changes.
@@ -27,6 +30,7 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     let mut options = BrokerOptions::new(&args.data_dir, args.listen);
     // Standalone: no gateway in front, so Brokers are addressed at the ingress itself.
     options.ingress_url = format!("http://{}", args.listen);
+    options.parallelism = args.delivery_parallelism.into();
     let service = BrokerService::start(options).await?;
     let mut applied = None;
     let mut ticker = tokio::time::interval(RESCAN);

@@ -68,6 +68,9 @@ struct Args {
     /// Keep the data folder (printed) instead of removing it.
     #[arg(long)]
     keep: bool,
+    /// The broker's deliveries in flight per Trigger (its default when not given).
+    #[arg(long)]
+    delivery_parallelism: Option<u16>,
     /// Also measure the relay ceiling (phase 4).
     #[arg(long)]
     relay: bool,
@@ -567,9 +570,13 @@ spec:
         ),
     )?;
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let mut command = Command::new(&args.sluice);
+    command.arg("broker");
+    if let Some(p) = args.delivery_parallelism {
+        command.arg(format!("--delivery-parallelism={p}"));
+    }
     let broker = BrokerProcess(
-        Command::new(&args.sluice)
-            .arg("broker")
+        command
             .arg(&config)
             .arg("--data-dir")
             .arg(&data)

@@ -193,12 +193,13 @@ impl BrokerService {
 
         // Brokers.
         let mut wanted_brokers = HashMap::new();
+        let mut opened = Vec::new();
         for b in &objects.brokers {
             let mut out = b.clone();
             let key = BrokerKey::new(&b.metadata.namespace, &b.metadata.name);
             let conditions = match config::broker(b) {
                 Err(e) => vec![cond("Ready", false, "InvalidSpec", &e.to_string())],
-                Ok(c) => match self.open_log(&mut state, &key) {
+                Ok(c) => match self.open_log(&mut state, &key, &mut opened) {
                     Err(message) => vec![cond("Ready", false, "LogFailed", &message)],
                     Ok(()) => {
                         let mut conds = vec![
@@ -335,6 +336,11 @@ impl BrokerService {
                 },
             );
         }
+        // New Brokers become reachable now that their Triggers consume from the head.
+        for key in opened {
+            tracing::info!(broker = %key, "broker ready");
+            self.brokers.insert(key.clone(), state.logs[&key].clone());
+        }
         for key in removed {
             if let Some(log) = state.logs.remove(&key)
                 && let Err(e) = log.close().await
@@ -404,18 +410,27 @@ impl BrokerService {
         status
     }
 
-    fn open_log(&self, state: &mut State, key: &BrokerKey) -> Result<(), String> {
+    /// Opens the log of a Broker. A Broker seen for the first time is not made reachable here but
+    /// by [`Self::apply`] once its Triggers' consumers are registered: an event accepted in between
+    /// would be behind the head they start at, and so never delivered to them.
+    fn open_log(
+        &self,
+        state: &mut State,
+        key: &BrokerKey,
+        opened: &mut Vec<BrokerKey>,
+    ) -> Result<(), String> {
         if state.logs.contains_key(key) {
-            self.brokers.insert(key.clone(), state.logs[key].clone());
+            if !opened.contains(key) {
+                self.brokers.insert(key.clone(), state.logs[key].clone());
+            }
             return Ok(());
         }
         let dir = self.options.data_dir.join(&key.namespace).join(&key.name);
         let log = SegmentLog::open(&dir, self.options.log.clone())
             .map_err(|e| format!("opening the event log in {}: {e}", dir.display()))?;
-        let log = Arc::new(log);
-        state.logs.insert(key.clone(), log.clone());
-        self.brokers.insert(key.clone(), log);
-        tracing::info!(broker = %key, dir = %dir.display(), "broker ready");
+        state.logs.insert(key.clone(), Arc::new(log));
+        opened.push(key.clone());
+        tracing::info!(broker = %key, dir = %dir.display(), "broker log open");
         Ok(())
     }
 

@@ -1003,3 +1003,52 @@ async fn a_connection_the_subscriber_closed_while_idle_is_reopened_without_losin
     assert_eq!(*ids.lock().unwrap(), sent);
     assert_eq!(*connections.lock().unwrap(), sent.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_broker_accepts_events_only_once_its_triggers_receive_them() {
+    let sub = Subscriber::start(Arc::new(|_, _| ok())).await;
+    let h = Harness::start("").await;
+    let addr = h.service.local_addr();
+    // A producer that keeps posting while the Broker and its Trigger are applied: 404 until the
+    // Broker exists, then 202s, every one of which the Trigger must deliver.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) || accepted.len() < 20 {
+                let id = format!("early-{n}");
+                n += 1;
+                let headers = [
+                    ("ce-specversion", "1.0"),
+                    ("ce-id", id.as_str()),
+                    ("ce-type", "t"),
+                    ("ce-source", "/s"),
+                ];
+                let (status, _) = post(addr, Method::POST, "/ns/default", &headers, "{}").await;
+                if status == StatusCode::ACCEPTED {
+                    accepted.push(id);
+                }
+            }
+            accepted
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.apply(&format!(
+        "{BROKER}{}",
+        trigger(
+            "t",
+            &format!("  subscriber: {{uri: \"{}\"}}", sub.url("/early"))
+        )
+    ))
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let accepted = producer.await.unwrap();
+    let got = ids(&sub.wait("/early", accepted.len()).await);
+    let missing: Vec<&String> = accepted.iter().filter(|id| !got.contains(id)).collect();
+    assert!(
+        missing.is_empty(),
+        "accepted but never delivered: {missing:?}"
+    );
+}

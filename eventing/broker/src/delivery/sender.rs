@@ -152,7 +152,7 @@ enum Failure {
 /// A keep-alive HTTP/1.1 connection to one endpoint, owned by one delivery worker, (re)opened when
 /// needed. Unlike the pooled client, hyper's connection state machine runs inside the worker's own
 /// task while an exchange is in flight: no pool lock, no hand-over to a connection task and back,
-/// which roughly halved the broker's CPU per delivered event (`bash scripts/bench-eventing`).
+/// which cut the broker's CPU per delivered event by about a quarter (`bash scripts/bench-eventing`).
 pub struct Connection {
     endpoint: Endpoint,
     open: Option<Open>,
