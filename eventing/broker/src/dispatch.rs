@@ -480,3 +480,56 @@ async fn dead_letter(
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+
+    fn record(offset: u64) -> Record {
+        Record {
+            offset,
+            data: Bytes::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_delivered_offset_passes_only_what_is_finished_in_order_and_the_window_is_bounded()
+    {
+        let delivered = Arc::new(AtomicU64::new(10));
+        let window = Window {
+            state: Default::default(),
+            queued: Semaphore::new(0),
+            room: Semaphore::new(3),
+            delivered: delivered.clone(),
+        };
+        for offset in 10..13 {
+            window.feed(record(offset)).await;
+        }
+        // The window is full: a fourth record waits for room.
+        assert!(window.feed(record(13)).now_or_never().is_none());
+        let taken: Vec<u64> = [(); 3]
+            .iter()
+            .map(|_| window.take().now_or_never().expect("queued").offset)
+            .collect();
+        assert_eq!(taken, [10, 11, 12]);
+        assert!(
+            window.take().now_or_never().is_none(),
+            "nothing else queued"
+        );
+
+        // Finished out of order: the offset stays before the oldest unfinished record.
+        window.finish(12);
+        window.finish(11);
+        assert_eq!(delivered.load(Ordering::Acquire), 10);
+        assert!(window.feed(record(13)).now_or_never().is_none());
+        window.finish(10);
+        assert_eq!(delivered.load(Ordering::Acquire), 13);
+        // All three places are free again.
+        for offset in 13..16 {
+            assert!(window.feed(record(offset)).now_or_never().is_some());
+        }
+        assert!(window.feed(record(16)).now_or_never().is_none());
+    }
+}
