@@ -181,17 +181,17 @@ async fn serve_subscriber(listener: tokio::net::TcpListener, subscriber: Arc<Sub
     }
 }
 
-/// Kills the broker on Drop, even when the bench fails.
-struct BrokerProcess(Child);
+/// The broker (or the relay) process; killed on Drop, even when the bench fails.
+struct ServerProcess(Child);
 
-impl Drop for BrokerProcess {
+impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
-impl BrokerProcess {
+impl ServerProcess {
     /// User+system CPU seconds used so far (from /proc).
     fn cpu_seconds(&self) -> f64 {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())) else {
@@ -383,7 +383,7 @@ async fn closed_loop(
 /// checked; prints its line and returns the delivered events/s.
 #[allow(clippy::too_many_arguments)]
 async fn throughput(
-    broker: Option<&BrokerProcess>,
+    broker: Option<&ServerProcess>,
     subscriber: &Subscriber,
     addr: SocketAddr,
     connections: usize,
@@ -513,7 +513,7 @@ async fn relay_ceiling(
     duration: f64,
 ) -> anyhow::Result<f64> {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let relay = BrokerProcess(
+    let relay = ServerProcess(
         Command::new(std::env::current_exe()?)
             .arg("--relay-listen")
             .arg(addr.to_string())
@@ -575,7 +575,7 @@ spec:
     if let Some(p) = args.delivery_parallelism {
         command.arg(format!("--delivery-parallelism={p}"));
     }
-    let broker = BrokerProcess(
+    let broker = ServerProcess(
         command
             .arg(&config)
             .arg("--data-dir")

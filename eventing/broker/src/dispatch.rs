@@ -265,10 +265,6 @@ async fn run(
         room: Semaphore::new(room),
         delivered,
     });
-    let subscriber = match &config.subscriber {
-        Target::Http { uri, host, .. } => Some(Endpoint::new(uri, host.as_deref())),
-        Target::Broker(_) => None,
-    };
     // A pool of workers, each with its own connection to the subscriber, rather than a task per
     // event over a shared client: the connection's work stays on the worker's task. Dropping the
     // handles (stop, Trigger removed) aborts the workers.
@@ -280,11 +276,11 @@ async fn run(
                 sender.clone(),
                 window.clone(),
             );
-            let mut connection = subscriber.clone().map(Connection::new);
+            let mut connection = None;
             AbortOnDropHandle::new(tokio::spawn(async move {
                 loop {
                     let record = window.take().await;
-                    deliver(&config, &brokers, &sender, connection.as_mut(), record.data).await;
+                    deliver(&config, &brokers, &sender, &mut connection, record.data).await;
                     window.finish(record.offset);
                 }
             }))
@@ -302,12 +298,12 @@ async fn run(
 /// Broker subscriber, a reply or a dead letter. Delivering to an HTTP subscriber otherwise goes
 /// straight from the log record to the request (see [`codec::delivery_message`]).
 ///
-/// `subscriber` is the worker's connection to an HTTP subscriber.
+/// `connection` is the worker's connection to an HTTP subscriber, opened on first use.
 pub async fn deliver(
     config: &DispatchConfig,
     brokers: &Brokers,
     sender: &Sender,
-    subscriber: Option<&mut Connection>,
+    connection: &mut Option<Connection>,
     record: Bytes,
 ) {
     let unreadable = |e: codec::RecordError| {
@@ -329,17 +325,9 @@ pub async fn deliver(
             let mut headers = message.headers;
             // Knative: every delivery asks for a reply.
             headers.insert(&PREFER, http::HeaderValue::from_static("reply"));
-            let outcome = match subscriber {
-                Some(connection) => {
-                    sender::send(connection, headers, message.body, &config.retry).await
-                }
-                None => {
-                    let endpoint = Endpoint::new(uri, host.as_deref());
-                    sender
-                        .send(&endpoint, headers, message.body, &config.retry)
-                        .await
-                }
-            };
+            let connection = connection
+                .get_or_insert_with(|| Connection::new(Endpoint::new(uri, host.as_deref())));
+            let outcome = sender::send(connection, headers, message.body, &config.retry).await;
             (outcome, message.ttl)
         }
         Target::Broker(key) => {

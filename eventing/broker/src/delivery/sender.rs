@@ -115,9 +115,9 @@ pub trait Transport {
 }
 
 /// The shared pooled [`Sender`] towards one endpoint.
-pub struct Pooled<'a> {
-    pub sender: &'a Sender,
-    pub endpoint: &'a Endpoint,
+struct Pooled<'a> {
+    sender: &'a Sender,
+    endpoint: &'a Endpoint,
 }
 
 impl Transport for Pooled<'_> {
@@ -242,10 +242,8 @@ impl Connection {
                     request = *unsent;
                     reconnected = true;
                 }
-                Err(Failure::Unsent(_, why) | Failure::Other(why)) => {
-                    self.open = None;
-                    return Err(why);
-                }
+                // `attempt` drops the connection.
+                Err(Failure::Unsent(_, why) | Failure::Other(why)) => return Err(why),
             }
         }
     }
@@ -272,7 +270,7 @@ impl Transport for Connection {
             None => self.exchange(request).await,
         };
         if result.is_err() {
-            // A timed-out exchange leaves the connection mid-message.
+            // A failed or timed-out exchange leaves the connection in an unknown state.
             self.open = None;
         }
         result
