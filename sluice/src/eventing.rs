@@ -8,8 +8,11 @@ use std::sync::{Arc, Mutex};
 
 use sluice_api::core::{EndpointAddress, EndpointPort, EndpointSubset, Endpoints, Service};
 use sluice_api::{Ingress, Object};
+use sluice_broker::gateway::GatewayPaths;
 use sluice_broker::{BrokerOptions, BrokerService, EventingObjects, EventingStatus};
+use sluice_xds_server::controller::StatusReport;
 use sluice_xds_server::state::ClusterState;
+use tokio::sync::watch;
 
 /// Knative's broker ingress Service, in namespace knative-eventing.
 pub const BROKER_INGRESS: &str = "broker-ingress";
@@ -23,12 +26,33 @@ pub struct EventingPlane {
 
 impl EventingPlane {
     /// Starts the broker service on `listen` (port 0 picks one); events persist under `data_dir`.
+    ///
+    /// `report` is the xds-server's status report: deliveries through the gateway wait until the
+    /// KIngress of their destination is Ready in it (see [`gateway_paths`]).
     pub async fn start(
         data_dir: PathBuf,
         listen: SocketAddr,
         gateway: SocketAddr,
+        mut report: watch::Receiver<StatusReport>,
     ) -> anyhow::Result<Arc<EventingPlane>> {
         let mut options = BrokerOptions::new(data_dir, listen);
+        let (paths_tx, paths_rx) = watch::channel(GatewayPaths::default());
+        options.gateway_paths = Some(paths_rx);
+        // Ends with the report's sender (the controller) or when the broker no longer listens.
+        tokio::spawn(async move {
+            loop {
+                let paths = gateway_paths(&report.borrow_and_update().ingresses);
+                paths_tx.send_if_modified(|current| {
+                    let changed = *current != paths;
+                    *current = paths;
+                    changed
+                });
+                tokio::select! {
+                    changed = report.changed() => if changed.is_err() { return },
+                    _ = paths_tx.closed() => return,
+                }
+            }
+        });
         options.gateway = gateway;
         options.public_port = gateway.port();
         options.ingress_url = format!(
@@ -111,6 +135,39 @@ impl EventingPlane {
     }
 }
 
+/// Which hosts the gateway serves, from the KIngress statuses: a Ready KIngress was probed through
+/// the gateway's listener after Envoy ACKed its routes. The gateway counts as live once the broker
+/// ingress's own KIngress is Ready.
+pub fn gateway_paths(ingresses: &[Arc<Ingress>]) -> GatewayPaths {
+    let mut paths = GatewayPaths::default();
+    for ingress in ingresses {
+        let ready = ingress
+            .status
+            .status
+            .condition("Ready")
+            .is_some_and(|c| c.status == sluice_api::ConditionStatus::True);
+        if ingress.metadata.namespace == KNATIVE_EVENTING_NAMESPACE
+            && ingress.metadata.name == BROKER_INGRESS
+        {
+            paths.live = ready;
+        }
+        for rule in &ingress.spec.rules {
+            if rule.visibility == sluice_api::ingress::VISIBILITY_CLUSTER_LOCAL {
+                continue;
+            }
+            for host in &rule.hosts {
+                // A host two Ingresses claim is served if either is Ready.
+                let entry = paths
+                    .hosts
+                    .entry(host.to_ascii_lowercase())
+                    .or_insert(false);
+                *entry |= ready;
+            }
+        }
+    }
+    paths
+}
+
 /// The broker ingress KIngress: external and cluster-local hosts, as Knative's broker-ingress Service.
 fn ingress() -> Ingress {
     let yaml = format!(
@@ -146,6 +203,49 @@ spec:
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn gateway_paths_follow_the_ready_kingresses_and_the_broker_ingress_means_live() {
+        use std::sync::Arc;
+        let with_ready = |mut ingress: sluice_api::Ingress, ready: bool| {
+            ingress.status.status.set_condition(sluice_api::Condition {
+                type_: "Ready".into(),
+                status: if ready {
+                    sluice_api::ConditionStatus::True
+                } else {
+                    sluice_api::ConditionStatus::Unknown
+                },
+                ..Default::default()
+            });
+            Arc::new(ingress)
+        };
+        let mut web = super::ingress();
+        web.metadata.namespace = "default".into();
+        web.metadata.name = "web".into();
+        web.spec.rules[0].hosts = vec!["web.default.localhost".into()];
+        web.spec.rules[1].hosts = vec!["web.default.svc.cluster.local".into()];
+
+        let starting = super::gateway_paths(&[
+            with_ready(super::ingress(), false),
+            with_ready(web.clone(), true),
+        ]);
+        assert!(!starting.live);
+        assert!(!starting.serves("web.default.localhost:8080", true));
+
+        let up = super::gateway_paths(&[
+            with_ready(super::ingress(), true),
+            with_ready(web.clone(), true),
+        ]);
+        assert!(up.live);
+        assert!(up.serves("web.default.localhost:8080", true));
+        assert!(
+            !up.hosts.contains_key("web.default.svc.cluster.local"),
+            "cluster-local hosts are not on the external listener"
+        );
+        let not_ready =
+            super::gateway_paths(&[with_ready(super::ingress(), true), with_ready(web, false)]);
+        assert!(!not_ready.serves("web.default.localhost:8080", true));
+    }
+
     #[test]
     fn broker_ingress_kingress_is_valid() {
         let mut ingress = super::ingress();

@@ -150,6 +150,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         args.state_dir.join("broker"),
         addr(args.broker_port),
         addr(args.external_port),
+        report_rx.clone(),
     )
     .await?;
     tracing::info!(
@@ -234,8 +235,9 @@ pub async fn run(args: UpArgs) -> Result<()> {
     };
     tracing::info!("stopping");
     controller_task.abort();
-    plane.shutdown().await;
+    // Deliveries stop before their subscribers do: the reverse fails them on the way out.
     eventing.shutdown().await;
+    plane.shutdown().await;
     envoy.stop(Duration::from_secs(3)).await;
     let _ = shutdown_tx.send(true);
     controller_task.abort();

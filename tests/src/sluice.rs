@@ -178,7 +178,16 @@ pub struct Sluice {
     root: tempfile::TempDir,
     config_dir: PathBuf,
     log_path: PathBuf,
+    /// The binaries it was started with, to start it again ([`Sluice::restart`]).
+    binaries: Binaries,
     _slot: SemaphorePermit<'static>,
+}
+
+#[derive(Clone)]
+struct Binaries {
+    sluice: PathBuf,
+    envoy: Option<PathBuf>,
+    wasm: Option<PathBuf>,
 }
 
 struct Launched {
@@ -196,7 +205,29 @@ fn launch(bin: &Path, envoy: Option<&Path>, wasm: Option<&Path>) -> Result<Launc
     std::fs::create_dir(&config_dir)?;
     let log_path = root.path().join("sluice.log");
     let ports = Ports::pick();
-    let log = File::create(&log_path)?;
+    let process = spawn_up(bin, envoy, wasm, root.path(), &ports)?;
+    Ok(Launched {
+        process,
+        ports,
+        root,
+        config_dir,
+        log_path,
+    })
+}
+
+/// `sluice up` on `<root>/config` with state in `<root>/state`, appending to `<root>/sluice.log`.
+fn spawn_up(
+    bin: &Path,
+    envoy: Option<&Path>,
+    wasm: Option<&Path>,
+    root: &Path,
+    ports: &Ports,
+) -> Result<ProcessGuard> {
+    let config_dir = root.join("config");
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(root.join("sluice.log"))?;
     let mut cmd = Command::new(bin);
     cmd.arg("up")
         .arg(&config_dir)
@@ -208,7 +239,7 @@ fn launch(bin: &Path, envoy: Option<&Path>, wasm: Option<&Path>) -> Result<Launc
         .args(["--control-port", &ports.control.to_string()])
         .args(["--activator-port", &ports.activator.to_string()])
         .arg("--state-dir")
-        .arg(root.path().join("state"))
+        .arg(root.join("state"))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -221,14 +252,7 @@ fn launch(bin: &Path, envoy: Option<&Path>, wasm: Option<&Path>) -> Result<Launc
     if let Some(wasm) = wasm {
         cmd.env("SLUICE_QUEUE_PROXY_WASM", wasm);
     }
-    let process = ProcessGuard::spawn(cmd, STOP_GRACE)?;
-    Ok(Launched {
-        process,
-        ports,
-        root,
-        config_dir,
-        log_path,
-    })
+    ProcessGuard::spawn(cmd, STOP_GRACE)
 }
 
 impl Launched {
@@ -307,6 +331,11 @@ impl Sluice {
                         root,
                         config_dir,
                         log_path,
+                        binaries: Binaries {
+                            sluice: bin,
+                            envoy,
+                            wasm,
+                        },
                         _slot: slot,
                     });
                 }
@@ -323,6 +352,36 @@ impl Sluice {
                     )));
                 }
             }
+        }
+    }
+
+    /// Starts `sluice up` again on the same folder, state folder and ports, after
+    /// [`Sluice::terminate`]: whatever the previous run left behind (its Envoy, its apps) is killed
+    /// first. Waits until the control API answers.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.process.stop();
+        let b = self.binaries.clone();
+        self.process = spawn_up(
+            &b.sluice,
+            b.envoy.as_deref(),
+            b.wasm.as_deref(),
+            self.root.path(),
+            &self.ports,
+        )?;
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            self.check_alive()?;
+            if get_status(self.ports.control).await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "sluice up did not answer on its control API within {STARTUP_TIMEOUT:?} after a \
+                     restart; its log:\n{}",
+                    tail(&self.logs(), 80)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

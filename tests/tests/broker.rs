@@ -237,3 +237,239 @@ spec:
     }
     let _ = broker.signal_and_wait(libc::SIGTERM, Duration::from_secs(10));
 }
+
+// ---- `sluice up`: the broker behind the real gateway ----
+
+use sluice_e2e::Sluice;
+
+const APP: &str = env!("CARGO_BIN_EXE_sluice-test-app");
+const READY: Duration = Duration::from_secs(90);
+
+/// The broker ingress's host on the gateway.
+fn ingress_host(sluice: &Sluice) -> String {
+    format!(
+        "broker-ingress.knative-eventing.localhost:{}",
+        sluice.ports.external
+    )
+}
+
+/// Waits until `pred` holds on `sluice status`, failing with the status and the log.
+async fn wait_status(
+    sluice: &mut Sluice,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + READY;
+    loop {
+        sluice.check_alive().expect("sluice up is running");
+        if let Ok(status) = sluice.status().await {
+            if pred(&status) {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; status:\n{}",
+                    serde_json::to_string_pretty(&status).unwrap_or_default()
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn ready_in(status: &serde_json::Value, list: &str, namespace: &str, name: &str) -> bool {
+    status[list].as_array().is_some_and(|objects| {
+        objects.iter().any(|o| {
+            o["metadata"]["name"] == name
+                && o["metadata"]["namespace"] == namespace
+                && sluice_e2e::sluice::is_ready(o)
+        })
+    })
+}
+
+/// A Broker `default/default` whose Trigger (no `delivery`) goes to the Knative Service `sink`,
+/// which takes `sleep_ms` per event and appends each ce-id it answers to `record`.
+fn broker_to_service(record: &Path, sleep_ms: u64) -> String {
+    format!(
+        r#"apiVersion: serving.knative.dev/v1
+kind: Service
+metadata: {{name: sink, namespace: default}}
+spec:
+  template:
+    spec:
+      containers:
+      - image: sluice-test-app
+        command: ["{APP}"]
+        env:
+        - {{name: APP_SLEEP_MS, value: "{sleep_ms}"}}
+        - {{name: APP_RECORD_FILE, value: "{record}"}}
+---
+apiVersion: eventing.knative.dev/v1
+kind: Broker
+metadata: {{name: default, namespace: default}}
+---
+apiVersion: eventing.knative.dev/v1
+kind: Trigger
+metadata: {{name: to-sink, namespace: default}}
+spec:
+  broker: default
+  subscriber:
+    ref: {{apiVersion: serving.knative.dev/v1, kind: Service, name: sink}}
+"#,
+        record = record.display()
+    )
+}
+
+fn recorded(record: &Path) -> HashSet<String> {
+    std::fs::read_to_string(record)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+async fn post_through_gateway(
+    sluice: &Sluice,
+    id: &str,
+    body: Bytes,
+) -> anyhow::Result<sluice_e2e::Resp> {
+    Req::new(Method::POST, &ingress_host(sluice), "/default/default")
+        .header("ce-specversion", "1.0")
+        .header("ce-id", id)
+        .header("ce-type", "restart.test")
+        .header("ce-source", "/producer")
+        .header("content-type", "application/octet-stream")
+        .body(body)
+        .timeout(Duration::from_secs(20))
+        .send(sluice.external())
+        .await
+}
+
+/// Events accepted (202) before `sluice up` is stopped with `signal`, for a slow Service subscriber
+/// whose Trigger has no `delivery`: after a restart on the same state folder, every one of them is
+/// delivered (at least once).
+async fn every_accepted_event_is_delivered_across_a_restart(signal: libc::c_int) {
+    const EVENTS: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("delivered.txt");
+    let mut sluice = Sluice::start().await.unwrap();
+    sluice
+        .write("eventing.yaml", &broker_to_service(&record, 1000))
+        .unwrap();
+    wait_status(
+        &mut sluice,
+        "the sink Service, the Broker and the Trigger ready",
+        |s| {
+            ready_in(s, "services", "default", "sink")
+                && ready_in(s, "brokers", "default", "default")
+                && ready_in(s, "triggers", "default", "to-sink")
+        },
+    )
+    .await;
+    sluice
+        .wait_ready("knative-eventing", "broker-ingress", READY)
+        .await
+        .unwrap();
+
+    let accepted: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let sluice = Arc::new(tokio::sync::Mutex::new(sluice));
+    let mut producers = Vec::new();
+    for p in 0..4 {
+        let (accepted, sluice) = (accepted.clone(), sluice.clone());
+        producers.push(tokio::spawn(async move {
+            let sluice = sluice.lock().await;
+            for n in (p..EVENTS).step_by(4) {
+                let id = format!("e{n}");
+                let resp = post_through_gateway(&sluice, &id, Bytes::from_static(b"x"))
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status, StatusCode::ACCEPTED, "{}", resp.text());
+                accepted.lock().unwrap().insert(id);
+            }
+        }));
+    }
+    for p in producers {
+        p.await.unwrap();
+    }
+    let mut sluice = Arc::try_unwrap(sluice).ok().unwrap().into_inner();
+    let accepted = accepted.lock().unwrap().clone();
+    assert_eq!(accepted.len(), EVENTS);
+
+    // The subscriber takes 1 s per event: most are still queued when sluice up stops.
+    assert!(
+        sluice.terminate(signal, Duration::from_secs(30)).is_some(),
+        "sluice up did not stop on signal {signal}"
+    );
+    let before = recorded(&record).len();
+    assert!(
+        before < EVENTS,
+        "all {EVENTS} events were delivered before the stop: the test proves nothing"
+    );
+    sluice.restart().await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let got = recorded(&record);
+        let missing: Vec<&String> = accepted.iter().filter(|id| !got.contains(*id)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {EVENTS} accepted events never delivered ({before} before the stop), e.g. {:?}\nlog:\n{}",
+            missing.len(),
+            &missing[..missing.len().min(10)],
+            sluice.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sluice_up_sigterm_restart_delivers_every_accepted_event() {
+    every_accepted_event_is_delivered_across_a_restart(libc::SIGTERM).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sluice_up_kill_9_restart_delivers_every_accepted_event() {
+    every_accepted_event_is_delivered_across_a_restart(libc::SIGKILL).await;
+}
+
+/// An event larger than the ingress's limit (4 MiB), sent through the gateway: always 413 with the
+/// reason, never a 503 from a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_events_through_the_gateway_get_413_with_the_reason() {
+    let mut sluice = Sluice::start().await.unwrap();
+    sluice
+        .write(
+            "broker.yaml",
+            "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata: {name: default, namespace: default}\n",
+        )
+        .unwrap();
+    wait_status(&mut sluice, "the Broker ready", |s| {
+        ready_in(s, "brokers", "default", "default")
+    })
+    .await;
+    sluice
+        .wait_ready("knative-eventing", "broker-ingress", READY)
+        .await
+        .unwrap();
+    let body = Bytes::from(vec![b'x'; 5 * 1024 * 1024]);
+    let mut answers = Vec::new();
+    for i in 0..20 {
+        let answer = match post_through_gateway(&sluice, &format!("big-{i}"), body.clone()).await {
+            Ok(resp) => format!("{} {}", resp.status.as_u16(), resp.text().trim()),
+            Err(e) => format!("error: {e:#}"),
+        };
+        answers.push(answer);
+    }
+    let wrong: Vec<&String> = answers
+        .iter()
+        .filter(|a| !(a.starts_with("413 ") && a.contains("larger than")))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of 20 not 413 with the reason: {wrong:?}",
+        wrong.len()
+    );
+}

@@ -20,6 +20,9 @@ pub struct EventingObjects {
     pub brokers: Vec<Broker>,
     pub triggers: Vec<Trigger>,
     pub pingsources: Vec<PingSource>,
+    /// `config-br-defaults` in knative-eventing, when the folder has one (else Knative's shipped
+    /// defaults apply, see [`crate::defaults`]).
+    pub br_defaults: Option<sluice_api::core::ConfigMap>,
 }
 
 impl EventingObjects {
@@ -31,6 +34,12 @@ impl EventingObjects {
                 sluice_api::Object::Broker(b) => out.brokers.push(b),
                 sluice_api::Object::Trigger(t) => out.triggers.push(t),
                 sluice_api::Object::PingSource(p) => out.pingsources.push(p),
+                sluice_api::Object::ConfigMap(cm)
+                    if cm.metadata.namespace == crate::defaults::NAMESPACE
+                        && cm.metadata.name == crate::defaults::CONFIG_MAP =>
+                {
+                    out.br_defaults = Some(cm)
+                }
                 _ => {}
             }
         }
@@ -336,13 +345,29 @@ pub struct BrokerConfig {
     pub delivery: Option<Delivery>,
 }
 
-pub fn broker(b: &Broker) -> Result<BrokerConfig, ConfigError> {
+///
+/// Knative: a Broker without `spec.delivery` gets the delivery of `config-br-defaults` for its
+/// namespace (the webhook's SetDefaults); an error there is reported with the ConfigMap's path.
+pub fn broker(
+    b: &Broker,
+    defaults: &crate::defaults::BrokerDefaults,
+) -> Result<BrokerConfig, ConfigError> {
     let mut errors = Vec::new();
-    let delivery = b
-        .spec
-        .delivery
-        .as_ref()
-        .map(|d| delivery("spec.delivery", d, &mut errors));
+    let delivery = match &b.spec.delivery {
+        Some(d) => Some(delivery("spec.delivery", d, &mut errors)),
+        None => defaults.delivery(&b.metadata.namespace).map(|d| {
+            delivery(
+                &format!(
+                    "{}/{}: data.{}: delivery",
+                    crate::defaults::NAMESPACE,
+                    crate::defaults::CONFIG_MAP,
+                    crate::defaults::KEY
+                ),
+                d,
+                &mut errors,
+            )
+        }),
+    };
     if !errors.is_empty() {
         return Err(ConfigError {
             kind: "broker",

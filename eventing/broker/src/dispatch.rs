@@ -26,6 +26,7 @@ use crate::codec;
 use crate::config::{BrokerKey, Target};
 use crate::delivery::sender::{self, Connection, Endpoint, Outcome, Sender};
 use crate::delivery::{RetryPolicy, error_extensions};
+use crate::gateway::{Gateway, PathGate};
 use crate::ingress::{Brokers, IngestError};
 
 /// Knative: every delivery carries `Prefer: reply`.
@@ -49,6 +50,15 @@ pub struct DispatchConfig {
     pub parallelism: usize,
     /// The URL shown for a Broker target (status, knativeerrordest).
     pub broker_url: Arc<dyn Fn(&BrokerKey) -> String + Send + Sync>,
+    /// Sluice's gateway, when deliveries to Services go through it (`sluice up`).
+    pub gateway: Option<Gateway>,
+}
+
+/// A worker's way to its Trigger's HTTP subscriber, made on first use: its connections (shared with
+/// every Trigger that delivers to the same host) and, behind the gateway, the gate to wait on.
+pub struct Link {
+    connection: Connection,
+    gate: Option<PathGate>,
 }
 
 /// The log consumer name of a Trigger.
@@ -276,11 +286,11 @@ async fn run(
                 sender.clone(),
                 window.clone(),
             );
-            let mut connection = None;
+            let mut link = None;
             AbortOnDropHandle::new(tokio::spawn(async move {
                 loop {
                     let record = window.take().await;
-                    deliver(&config, &brokers, &sender, &mut connection, record.data).await;
+                    deliver(&config, &brokers, &sender, &mut link, record.data).await;
                     window.finish(record.offset);
                 }
             }))
@@ -298,12 +308,12 @@ async fn run(
 /// Broker subscriber, a reply or a dead letter. Delivering to an HTTP subscriber otherwise goes
 /// straight from the log record to the request (see [`codec::delivery_message`]).
 ///
-/// `connection` is the worker's connection to an HTTP subscriber, opened on first use.
+/// `link` is the worker's way to an HTTP subscriber, made on first use.
 pub async fn deliver(
     config: &DispatchConfig,
     brokers: &Brokers,
     sender: &Sender,
-    connection: &mut Option<Connection>,
+    link: &mut Option<Link>,
     record: Bytes,
 ) {
     let unreadable = |e: codec::RecordError| {
@@ -325,9 +335,21 @@ pub async fn deliver(
             let mut headers = message.headers;
             // Knative: every delivery asks for a reply.
             headers.insert(&PREFER, http::HeaderValue::from_static("reply"));
-            let connection = connection
-                .get_or_insert_with(|| Connection::new(Endpoint::new(uri, host.as_deref())));
-            let outcome = sender::send(connection, headers, message.body, &config.retry).await;
+            let link = link.get_or_insert_with(|| Link {
+                connection: Connection::new(Endpoint::new(uri, host.as_deref()), sender.pools()),
+                gate: config
+                    .gateway
+                    .as_ref()
+                    .and_then(|g| g.gate(&config.subscriber)),
+            });
+            let outcome = sender::send(
+                &mut link.connection,
+                headers,
+                message.body,
+                &config.retry,
+                link.gate.as_mut(),
+            )
+            .await;
             (outcome, message.ttl)
         }
         Target::Broker(key) => {
@@ -450,12 +472,14 @@ async fn dead_letter(
     let outcome = match dls {
         Target::Http { uri, host, .. } => {
             let (headers, body) = codec::to_binary(&dead);
+            let mut gate = config.gateway.as_ref().and_then(|g| g.gate(dls));
             sender
                 .send(
                     &Endpoint::new(uri, host.as_deref()),
                     headers,
                     body,
                     &config.retry,
+                    gate.as_mut(),
                 )
                 .await
         }

@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use cloudevents::{AttributesReader, Event};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -238,18 +238,20 @@ async fn handle(
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > options.max_body_bytes) {
-        return too_large(options);
-    }
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, options.max_body_bytes).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                return too_large(options);
+    let body = match read_body(body, declared, options.max_body_bytes).await {
+        BodyRead::Complete(body) => body,
+        BodyRead::TooLarge { drained } => {
+            let mut response = too_large(options);
+            if !drained {
+                // The rest was not read: the connection cannot carry another request.
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             }
+            return response;
+        }
+        BodyRead::Failed(e) => {
             return reply(StatusCode::BAD_REQUEST, format!("reading the body: {e}"));
         }
     };
@@ -267,6 +269,65 @@ async fn handle(
             tracing::error!(error = %e, "broker ingress: append failed");
             reply(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         }
+    }
+}
+
+/// How much of an oversized body is read (and dropped) before answering 413. Answering before the
+/// body is read makes the server close a connection with unread data, i.e. reset it, and a proxy in
+/// front (the gateway) then reports the reset as a 503 instead of our 413 (issue 12).
+pub const DRAIN_MAX_BYTES: usize = 64 * 1024 * 1024;
+
+/// A request body as the ingress reads it.
+enum BodyRead {
+    Complete(Bytes),
+    /// Over the limit; `drained` when the rest was read to its end (at most [`DRAIN_MAX_BYTES`]),
+    /// so the connection stays usable and the answer is not lost in a reset.
+    TooLarge {
+        drained: bool,
+    },
+    Failed(String),
+}
+
+async fn read_body(mut body: Incoming, declared: Option<usize>, max: usize) -> BodyRead {
+    // Usually one frame: kept as it came, without a copy.
+    let mut kept: Vec<Bytes> = Vec::new();
+    let mut seen = 0usize;
+    // Refused from the start when Content-Length says so: nothing is kept, only drained.
+    let mut too_large = declared.is_some_and(|n| n > max);
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) if too_large => {
+                tracing::debug!(error = %e, "broker ingress: oversized body ended early");
+                return BodyRead::TooLarge { drained: false };
+            }
+            Some(Err(e)) => return BodyRead::Failed(e.to_string()),
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                seen = seen.saturating_add(data.len());
+                if too_large {
+                    if seen > DRAIN_MAX_BYTES {
+                        return BodyRead::TooLarge { drained: false };
+                    }
+                } else if seen > max {
+                    too_large = true;
+                    kept = Vec::new();
+                } else {
+                    kept.push(data);
+                }
+            }
+        }
+    }
+    if too_large {
+        BodyRead::TooLarge { drained: true }
+    } else {
+        BodyRead::Complete(match kept.len() {
+            0 => Bytes::new(),
+            1 => kept.pop().unwrap_or_default(),
+            _ => Bytes::from(kept.concat()),
+        })
     }
 }
 

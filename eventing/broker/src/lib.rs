@@ -12,14 +12,19 @@
 //! - [`dispatch`]: one consumer per Trigger reading the log from its committed offset: filter, deliver
 //!   (bounded parallelism, or ordered), retry, dead-letter, reply back into the broker, commit.
 //! - [`delivery`]: Knative's retry policy (pure) and the pooled HTTP sender.
+//! - [`gateway`]: the path to subscribers through Sluice's gateway: wait until it is served; its
+//!   own failures are not delivery attempts.
 //! - [`ping`]: PingSource schedules.
-//! - [`config`]: Knative objects validated into the broker's own types.
+//! - [`config`]: Knative objects validated into the broker's own types; [`defaults`]:
+//!   `config-br-defaults`.
 //! - [`codec`]: CloudEvents <-> HTTP messages and log records; the TTL extension.
 
 pub mod codec;
 pub mod config;
+pub mod defaults;
 pub mod delivery;
 pub mod dispatch;
+pub mod gateway;
 pub mod ingress;
 pub mod ping;
 pub mod service;

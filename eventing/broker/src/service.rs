@@ -21,9 +21,11 @@ use tokio::task::JoinHandle;
 
 use crate::codec;
 use crate::config::{self, BrokerKey, Delivery, EventingObjects, PingConfig, Resolver, Target};
+use crate::defaults::BrokerDefaults;
 use crate::delivery::RetryPolicy;
 use crate::delivery::sender::{Endpoint, Outcome, Sender};
 use crate::dispatch::{DispatchConfig, Dispatcher, consumer_name};
+use crate::gateway::{Gateway, GatewayPaths};
 use crate::ingress::{self, Brokers, IngressOptions};
 use crate::ping;
 
@@ -47,6 +49,16 @@ pub struct BrokerOptions {
     pub max_body_bytes: usize,
     /// Deliveries in flight per unordered Trigger. Default 64.
     pub parallelism: usize,
+    /// Connections to one subscriber host (address and Host) at most, shared by all Triggers that
+    /// deliver there. Default 64.
+    pub connections_per_host: usize,
+    /// How long connecting to a subscriber may take when the delivery has no `timeout` (which
+    /// bounds connect and exchange together). Default 30 s.
+    pub connect_timeout: Duration,
+    /// Which paths Sluice's gateway serves (`sluice up` feeds it): deliveries to Services wait for
+    /// theirs, and the gateway's own failures are not delivery attempts. None (`sluice broker`):
+    /// nothing to wait for.
+    pub gateway_paths: Option<tokio::sync::watch::Receiver<GatewayPaths>>,
     /// TTL given to events without one. Default 255 (Knative).
     pub default_ttl: i64,
     /// Options of each Broker's log.
@@ -64,6 +76,9 @@ impl BrokerOptions {
             public_port: 8080,
             max_body_bytes: 4 * 1024 * 1024,
             parallelism: 64,
+            connections_per_host: 64,
+            connect_timeout: crate::delivery::sender::DEFAULT_CONNECT_TIMEOUT,
+            gateway_paths: None,
             default_ttl: codec::DEFAULT_TTL,
             log: LogOptions::default(),
         }
@@ -144,6 +159,7 @@ impl BrokerService {
             },
         ));
         tracing::info!(%local_addr, "broker ingress listening");
+        let sender = Sender::new(options.connections_per_host, options.connect_timeout);
         Ok(Arc::new(BrokerService {
             resolver: Resolver {
                 gateway: options.gateway,
@@ -153,7 +169,7 @@ impl BrokerService {
             options,
             local_addr,
             brokers,
-            sender: Sender::new(),
+            sender,
             ingress: Mutex::new(Some(ingress)),
             state: AsyncMutex::new(State {
                 brokers: HashMap::new(),
@@ -190,6 +206,13 @@ impl BrokerService {
         let mut state = self.state.lock().await;
         let mut status = EventingStatus::default();
         let before = self.status();
+        let defaults = match &objects.br_defaults {
+            None => BrokerDefaults::shipped(),
+            Some(cm) => BrokerDefaults::from_config_map(cm).unwrap_or_else(|e| {
+                tracing::error!("{e}; using Knative's shipped defaults");
+                BrokerDefaults::shipped()
+            }),
+        };
 
         // Brokers.
         let mut wanted_brokers = HashMap::new();
@@ -197,7 +220,7 @@ impl BrokerService {
         for b in &objects.brokers {
             let mut out = b.clone();
             let key = BrokerKey::new(&b.metadata.namespace, &b.metadata.name);
-            let conditions = match config::broker(b) {
+            let conditions = match config::broker(b, &defaults) {
                 Err(e) => vec![cond("Ready", false, "InvalidSpec", &e.to_string())],
                 Ok(c) => match self.open_log(&mut state, &key, &mut opened) {
                     Err(message) => vec![cond("Ready", false, "LogFailed", &message)],
@@ -473,7 +496,8 @@ impl BrokerService {
                 None
             }
         };
-        // Knative: a Trigger without delivery uses its Broker's.
+        // Knative: a Trigger without delivery uses its Broker's, which has config-br-defaults' when
+        // it has none of its own (see config::broker).
         let delivery: Delivery = c
             .delivery
             .clone()
@@ -529,6 +553,10 @@ impl BrokerService {
                         ordered: c.ordered,
                         parallelism: self.options.parallelism,
                         broker_url: Arc::new(move |k| broker_url(&ingress_url, k)),
+                        gateway: self.options.gateway_paths.clone().map(|paths| Gateway {
+                            address: self.options.gateway,
+                            paths,
+                        }),
                     }),
                 ),
             );
@@ -650,7 +678,13 @@ async fn run_ping(config: PingConfig, sink: Target, brokers: Arc<Brokers>, sende
             Target::Http { uri, host, .. } => {
                 let (headers, body) = codec::to_binary(&event);
                 match sender
-                    .send(&Endpoint::new(uri, host.as_deref()), headers, body, &retry)
+                    .send(
+                        &Endpoint::new(uri, host.as_deref()),
+                        headers,
+                        body,
+                        &retry,
+                        None,
+                    )
                     .await
                 {
                     Outcome::Delivered(_) => Ok(()),

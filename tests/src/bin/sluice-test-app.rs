@@ -6,7 +6,9 @@
 //! - `/crash`: exits with status 3 (for the crashing-instance test);
 //! - `/env/NAME`: the value of the environment variable NAME.
 //!
-//! `APP_STARTUP_MS` delays the listen, to stand for an app's own start-up time.
+//! `APP_STARTUP_MS` delays the listen, to stand for an app's own start-up time. `APP_SLEEP_MS` is a
+//! default `sleep_ms` for every request; `APP_RECORD_FILE` names a file to which the `ce-id` header
+//! of each answered request is appended, one per line (it outlives the app, for the broker tests).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -86,10 +88,24 @@ async fn handle(
         .uri()
         .query()
         .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("sleep_ms=")))
+        .or(std::env::var("APP_SLEEP_MS").ok().as_deref())
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
     if sleep_ms > 0 {
         tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
+    }
+    if let (Ok(file), Some(id)) = (
+        std::env::var("APP_RECORD_FILE"),
+        req.headers().get("ce-id").and_then(|v| v.to_str().ok()),
+    ) {
+        use std::io::Write;
+        // One write per line with O_APPEND: lines from concurrent requests never interleave.
+        let line = format!("{id}\n");
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(file)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
     }
     counters.in_flight.fetch_sub(1, Ordering::SeqCst);
     Ok(Response::new(Full::new(Bytes::from(format!(

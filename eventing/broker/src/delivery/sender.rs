@@ -3,8 +3,10 @@
 //! (the hot path: a Trigger's subscriber), and the shared pooled [`Sender`] for everything else
 //! (dead letters, PingSource sinks).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -17,8 +19,10 @@ use hyper::client::conn::http1;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::Semaphore;
 
 use super::{Attempt, RetryPolicy, parse_retry_after};
+use crate::gateway::{Blame, PathGate, blame, gateway_backoff};
 
 /// Largest response body read from a subscriber (a reply event, or error data for the dead letter).
 pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
@@ -100,15 +104,38 @@ impl Endpoint {
     }
 }
 
+/// Why an attempt got no (complete) response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoResponse {
+    /// The connection was refused: nothing listens at the address.
+    pub refused: bool,
+    pub why: String,
+}
+
+impl NoResponse {
+    fn other(why: impl Into<String>) -> NoResponse {
+        NoResponse {
+            refused: false,
+            why: why.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for NoResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
 /// Carries one attempt of a delivery.
 pub trait Transport {
-    /// One POST; Err is a text saying why there was no (complete) response.
+    /// One POST, or why there was no (complete) response.
     fn attempt(
         &mut self,
         headers: HeaderMap,
         body: Bytes,
         timeout: Option<Duration>,
-    ) -> impl Future<Output = Result<Response, String>> + Send;
+    ) -> impl Future<Output = Result<Response, NoResponse>> + Send;
 
     /// Where the requests go (for logs).
     fn endpoint(&self) -> &Endpoint;
@@ -126,7 +153,7 @@ impl Transport for Pooled<'_> {
         headers: HeaderMap,
         body: Bytes,
         timeout: Option<Duration>,
-    ) -> impl Future<Output = Result<Response, String>> + Send {
+    ) -> impl Future<Output = Result<Response, NoResponse>> + Send {
         self.sender.attempt(self.endpoint, headers, body, timeout)
     }
 
@@ -137,115 +164,225 @@ impl Transport for Pooled<'_> {
 
 type Http1 = http1::Connection<TokioIo<tokio::net::TcpStream>, Full<Bytes>>;
 
+/// An open HTTP/1.1 connection: the request side and hyper's connection state machine, which only
+/// makes progress while polled (by the worker that holds it).
 struct Open {
     send: http1::SendRequest<Full<Bytes>>,
     conn: Pin<Box<Http1>>,
 }
 
-/// Why an exchange on a [`Connection`] failed.
+/// Why an exchange on an [`Open`] connection failed.
 enum Failure {
     /// The request was never written (the connection had closed): safe to send on a new one.
     Unsent(Box<Request<Full<Bytes>>>, String),
     Other(String),
 }
 
-/// A keep-alive HTTP/1.1 connection to one endpoint, owned by one delivery worker, (re)opened when
-/// needed. Unlike the pooled client, hyper's connection state machine runs inside the worker's own
-/// task while an exchange is in flight: no pool lock, no hand-over to a connection task and back,
-/// which cut the broker's CPU per delivered event by about a quarter (`bash scripts/bench-eventing`).
+impl Open {
+    async fn connect(endpoint: &Endpoint, connect_timeout: Duration) -> Result<Open, NoResponse> {
+        let connect = tokio::net::TcpStream::connect(endpoint.address());
+        let stream = match tokio::time::timeout(connect_timeout, connect).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                return Err(NoResponse {
+                    refused: e.kind() == std::io::ErrorKind::ConnectionRefused,
+                    why: format!("connecting to {}: {e}", endpoint.uri),
+                });
+            }
+            Err(_) => {
+                return Err(NoResponse::other(format!(
+                    "connecting to {}: no answer within {connect_timeout:?}",
+                    endpoint.uri
+                )));
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (send, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| NoResponse::other(format!("{e:?}")))?;
+        Ok(Open {
+            send,
+            conn: Box::pin(conn),
+        })
+    }
+
+    /// Whether the connection can carry another request: lets it notice a close by the subscriber
+    /// (an HTTP/1.0 answer, or an idle timeout) without waiting.
+    fn usable(&mut self) -> bool {
+        self.conn.as_mut().now_or_never().is_none() && !self.send.is_closed()
+    }
+
+    async fn exchange(&mut self, request: Request<Full<Bytes>>) -> Result<Response, Failure> {
+        let Open { send, conn } = self;
+        let exchange = async {
+            if let Err(e) = futures::future::poll_fn(|cx| send.poll_ready(cx)).await {
+                return Err(Failure::Unsent(Box::new(request), format!("{e:?}")));
+            }
+            let response = match send.try_send_request(request).await {
+                Ok(r) => r,
+                Err(mut e) => {
+                    return Err(match e.take_message() {
+                        Some(request) => {
+                            Failure::Unsent(Box::new(request), format!("{:?}", e.into_error()))
+                        }
+                        None => Failure::Other(format!("{:?}", e.into_error())),
+                    });
+                }
+            };
+            let (parts, body) = response.into_parts();
+            let body = Limited::new(body, MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| Failure::Other(format!("reading the response body: {e}")))?
+                .to_bytes();
+            Ok(Response {
+                status: parts.status.as_u16(),
+                headers: parts.headers,
+                body,
+            })
+        };
+        let exchange = std::pin::pin!(exchange);
+        // The connection makes progress only while it is polled: drive it beside the exchange.
+        match futures::future::select(exchange, conn.as_mut()).await {
+            Either::Left((result, _)) => result,
+            // The connection ended first (closed after its answer, or broken): whatever it
+            // delivered before ending is ready now, anything else never comes.
+            Either::Right((_, exchange)) => exchange.now_or_never().unwrap_or_else(|| {
+                Err(Failure::Other(
+                    "connection closed before the response".into(),
+                ))
+            }),
+        }
+    }
+}
+
+/// How many connections to one subscriber are opened at once, at most: a subscriber that accepts
+/// slowly gets a few connects in flight, not a burst of them (its accept backlog may be 5).
+const CONNECTING_PER_HOST: usize = 8;
+
+/// The connections to one subscriber host (one address and Host header), shared by every Trigger
+/// that delivers there, and bounded: at most `max` exchanges at once, and so at most `max`
+/// connections (one is opened only when no idle one is left, by a holder of one of the `max`
+/// slots). A worker that finds no free slot waits: a slow subscriber is backpressure, not a reason
+/// to open more connections (issue 12, item 7: 20 Triggers x 64 workers opened 1,280).
+pub struct HostPool {
+    slots: Semaphore,
+    connecting: Semaphore,
+    idle: std::sync::Mutex<Vec<Open>>,
+    connect_timeout: Duration,
+}
+
+impl HostPool {
+    fn new(max: usize, connect_timeout: Duration) -> HostPool {
+        HostPool {
+            slots: Semaphore::new(max.max(1)),
+            connecting: Semaphore::new(CONNECTING_PER_HOST),
+            idle: std::sync::Mutex::new(Vec::new()),
+            connect_timeout,
+        }
+    }
+
+    /// An idle connection that is still open.
+    fn take_idle(&self) -> Option<Open> {
+        loop {
+            let mut open = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            if open.usable() {
+                return Some(open);
+            }
+        }
+    }
+
+    fn put_idle(&self, mut open: Open) {
+        if open.usable() {
+            self.idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(open);
+        }
+    }
+
+    async fn connect(&self, endpoint: &Endpoint) -> Result<Open, NoResponse> {
+        let _connecting = self.connecting.acquire().await;
+        Open::connect(endpoint, self.connect_timeout).await
+    }
+
+    /// One exchange on an idle connection or a new one; a request that an idle connection never
+    /// wrote (the subscriber had closed it) goes once more on a new connection without counting.
+    async fn exchange(
+        &self,
+        endpoint: &Endpoint,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response, NoResponse> {
+        let (mut open, reused) = match self.take_idle() {
+            Some(open) => (open, true),
+            None => (self.connect(endpoint).await?, false),
+        };
+        let result = match open.exchange(request).await {
+            Err(Failure::Unsent(request, _)) if reused => {
+                open = self.connect(endpoint).await?;
+                open.exchange(*request).await
+            }
+            other => other,
+        };
+        match result {
+            Ok(response) => {
+                self.put_idle(open);
+                Ok(response)
+            }
+            // A failed exchange leaves the connection in an unknown state: it is dropped.
+            Err(Failure::Unsent(_, why) | Failure::Other(why)) => Err(NoResponse::other(why)),
+        }
+    }
+}
+
+/// Connect timeout when the delivery has no `timeout` of its own (Go's default dialer, which
+/// Knative's dispatcher uses, waits 30 s).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The [`HostPool`]s of a broker, one per subscriber address and Host header.
+pub struct Pools {
+    pools: std::sync::Mutex<HashMap<(String, u16, HeaderValue), Weak<HostPool>>>,
+    per_host: usize,
+    connect_timeout: Duration,
+}
+
+impl Pools {
+    pub fn new(per_host: usize, connect_timeout: Duration) -> Pools {
+        Pools {
+            pools: Default::default(),
+            per_host,
+            connect_timeout,
+        }
+    }
+
+    /// The pool of `endpoint`'s host, shared while anyone holds it.
+    pub fn get(&self, endpoint: &Endpoint) -> Arc<HostPool> {
+        let (host, port) = endpoint.address();
+        let key = (host, port, endpoint.host.clone());
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pool) = pools.get(&key).and_then(Weak::upgrade) {
+            return pool;
+        }
+        pools.retain(|_, p| p.strong_count() > 0);
+        let pool = Arc::new(HostPool::new(self.per_host, self.connect_timeout));
+        pools.insert(key, Arc::downgrade(&pool));
+        pool
+    }
+}
+
+/// A delivery worker's way to its Trigger's subscriber: exchanges over the subscriber host's shared
+/// [`HostPool`]. hyper's connection state machine runs inside the worker's own task while an
+/// exchange is in flight (no hand-over to a connection task and back, which cut the broker's CPU
+/// per delivered event by about a quarter, `bash scripts/bench-eventing`).
 pub struct Connection {
     endpoint: Endpoint,
-    open: Option<Open>,
+    pool: Arc<HostPool>,
 }
 
 impl Connection {
-    pub fn new(endpoint: Endpoint) -> Connection {
-        Connection {
-            endpoint,
-            open: None,
-        }
-    }
-
-    async fn open(&mut self) -> Result<&mut Open, String> {
-        if let Some(open) = &mut self.open {
-            // Lets the connection notice a close by the subscriber while it sat idle.
-            if open.conn.as_mut().now_or_never().is_some() || open.send.is_closed() {
-                self.open = None;
-            }
-        }
-        if self.open.is_none() {
-            let stream = tokio::net::TcpStream::connect(self.endpoint.address())
-                .await
-                .map_err(|e| format!("connecting to {}: {e}", self.endpoint.uri))?;
-            let _ = stream.set_nodelay(true);
-            let (send, conn) = http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| format!("{e:?}"))?;
-            self.open = Some(Open {
-                send,
-                conn: Box::pin(conn),
-            });
-        }
-        Ok(self.open.as_mut().expect("just opened"))
-    }
-
-    async fn exchange(&mut self, mut request: Request<Full<Bytes>>) -> Result<Response, String> {
-        let mut reconnected = false;
-        loop {
-            let result = {
-                let Open { send, conn } = self.open().await?;
-                let exchange = async {
-                    if let Err(e) = futures::future::poll_fn(|cx| send.poll_ready(cx)).await {
-                        return Err(Failure::Unsent(Box::new(request), format!("{e:?}")));
-                    }
-                    let response = match send.try_send_request(request).await {
-                        Ok(r) => r,
-                        Err(mut e) => {
-                            return Err(match e.take_message() {
-                                Some(request) => Failure::Unsent(
-                                    Box::new(request),
-                                    format!("{:?}", e.into_error()),
-                                ),
-                                None => Failure::Other(format!("{:?}", e.into_error())),
-                            });
-                        }
-                    };
-                    let (parts, body) = response.into_parts();
-                    let body = Limited::new(body, MAX_RESPONSE_BYTES)
-                        .collect()
-                        .await
-                        .map_err(|e| Failure::Other(format!("reading the response body: {e}")))?
-                        .to_bytes();
-                    Ok(Response {
-                        status: parts.status.as_u16(),
-                        headers: parts.headers,
-                        body,
-                    })
-                };
-                let exchange = std::pin::pin!(exchange);
-                // The connection makes progress only while it is polled: drive it beside the exchange.
-                match futures::future::select(exchange, conn.as_mut()).await {
-                    Either::Left((result, _)) => result,
-                    // The connection ended first (closed after its answer, or broken): whatever it
-                    // delivered before ending is ready now, anything else never comes.
-                    Either::Right((_, exchange)) => exchange.now_or_never().unwrap_or_else(|| {
-                        Err(Failure::Other(
-                            "connection closed before the response".into(),
-                        ))
-                    }),
-                }
-            };
-            match result {
-                Ok(response) => return Ok(response),
-                Err(Failure::Unsent(unsent, _)) if !reconnected => {
-                    self.open = None;
-                    request = *unsent;
-                    reconnected = true;
-                }
-                // `attempt` drops the connection.
-                Err(Failure::Unsent(_, why) | Failure::Other(why)) => return Err(why),
-            }
-        }
+    pub fn new(endpoint: Endpoint, pools: &Pools) -> Connection {
+        let pool = pools.get(&endpoint);
+        Connection { endpoint, pool }
     }
 }
 
@@ -255,7 +392,7 @@ impl Transport for Connection {
         headers: HeaderMap,
         body: Bytes,
         timeout: Option<Duration>,
-    ) -> Result<Response, String> {
+    ) -> Result<Response, NoResponse> {
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.endpoint.target.clone();
@@ -263,17 +400,21 @@ impl Transport for Connection {
         request
             .headers_mut()
             .insert(HOST, self.endpoint.host.clone());
-        let result = match timeout {
-            Some(t) => tokio::time::timeout(t, self.exchange(request))
+        // Waiting for a slot is the subscriber's backpressure, not part of the attempt; connecting
+        // is, and counts against the timeout.
+        let _slot = self
+            .pool
+            .slots
+            .acquire()
+            .await
+            .map_err(|e| NoResponse::other(e.to_string()))?;
+        let exchange = self.pool.exchange(&self.endpoint, request);
+        match timeout {
+            Some(t) => tokio::time::timeout(t, exchange)
                 .await
-                .unwrap_or_else(|_| Err(format!("timed out after {t:?}"))),
-            None => self.exchange(request).await,
-        };
-        if result.is_err() {
-            // A failed or timed-out exchange leaves the connection in an unknown state.
-            self.open = None;
+                .unwrap_or_else(|_| Err(NoResponse::other(format!("timed out after {t:?}")))),
+            None => exchange.await,
         }
-        result
     }
 
     fn endpoint(&self) -> &Endpoint {
@@ -283,17 +424,26 @@ impl Transport for Connection {
 
 /// Sends with Knative's retry policy: retries retryable failures up to `policy.retry` times,
 /// waiting the policy's backoff (and Retry-After when allowed) between attempts.
+///
+/// With a `gate` (the destination is behind Sluice's gateway), each attempt waits until the gateway
+/// serves the destination, and a failure that is the gateway's own ([`blame`]) is tried again after
+/// a short pause without counting as an attempt.
 pub async fn send<T: Transport>(
     transport: &mut T,
     mut headers: HeaderMap,
     body: Bytes,
     policy: &RetryPolicy,
+    mut gate: Option<&mut PathGate>,
 ) -> Outcome {
     let mut attempts = 0;
+    let mut gateway_failures = 0u32;
     loop {
+        if let Some(gate) = gate.as_deref_mut() {
+            gate.ready().await;
+        }
         attempts += 1;
         // The headers are copied only while another attempt may follow.
-        let attempt_headers = if attempts <= policy.retry {
+        let attempt_headers = if attempts <= policy.retry || gate.is_some() {
             headers.clone()
         } else {
             std::mem::take(&mut headers)
@@ -301,6 +451,25 @@ pub async fn send<T: Transport>(
         let result = transport
             .attempt(attempt_headers, body.clone(), policy.timeout)
             .await;
+        if let Some(gate) = gate.as_deref()
+            && blame(&result) == Blame::Gateway
+        {
+            attempts -= 1;
+            gateway_failures += 1;
+            let why = match &result {
+                Ok(r) => format!("answered {}", r.status),
+                Err(e) => e.why.clone(),
+            };
+            // Said once, then every 100th time: a gateway that stays down is not silent.
+            if gateway_failures % 100 == 1 {
+                tracing::warn!(
+                    host = gate.host(), %why, gateway_failures,
+                    "the gateway cannot reach the subscriber yet; not counted as a delivery attempt"
+                );
+            }
+            tokio::time::sleep(gateway_backoff(gateway_failures)).await;
+            continue;
+        }
         let (attempt, retry_after, failed_body) = match result {
             Ok(response) if (200..300).contains(&response.status) => {
                 return Outcome::Delivered(response);
@@ -313,10 +482,10 @@ pub async fn send<T: Transport>(
                     .and_then(|v| parse_retry_after(v, SystemTime::now()));
                 (Attempt::Status(response.status), retry_after, response.body)
             }
-            Err(why) => (
+            Err(no_response) => (
                 Attempt::NoResponse,
                 None,
-                Bytes::from(format!("dispatch error: {why}")),
+                Bytes::from(format!("dispatch error: {no_response}")),
             ),
         };
         if attempts > policy.retry || !RetryPolicy::is_retryable(attempt) {
@@ -338,20 +507,23 @@ pub async fn send<T: Transport>(
     }
 }
 
-/// Sends events over a shared connection pool.
+/// Sends events over a shared connection pool, and holds the per-host pools of the delivery
+/// workers ([`Pools`]).
 #[derive(Clone)]
 pub struct Sender {
     client: Client<HttpConnector, Full<Bytes>>,
+    pools: Arc<Pools>,
 }
 
 impl Default for Sender {
     fn default() -> Self {
-        Self::new()
+        Self::new(64, DEFAULT_CONNECT_TIMEOUT)
     }
 }
 
 impl Sender {
-    pub fn new() -> Self {
+    /// `per_host`: connections the delivery workers open to one subscriber host at most.
+    pub fn new(per_host: usize, connect_timeout: Duration) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         // Knative's dispatcher keeps up to 100 idle connections per host.
@@ -359,7 +531,15 @@ impl Sender {
             .pool_max_idle_per_host(100)
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        Sender { client }
+        Sender {
+            client,
+            pools: Arc::new(Pools::new(per_host, connect_timeout)),
+        }
+    }
+
+    /// The delivery workers' per-host pools.
+    pub fn pools(&self) -> &Pools {
+        &self.pools
     }
 
     /// One POST; Err is a text saying why there was no (complete) response.
@@ -369,25 +549,30 @@ impl Sender {
         headers: HeaderMap,
         body: Bytes,
         timeout: Option<Duration>,
-    ) -> Result<Response, String> {
+    ) -> Result<Response, NoResponse> {
         let mut request = Request::builder()
             .method(Method::POST)
             .uri(endpoint.uri.clone())
             .body(Full::new(body))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| NoResponse::other(e.to_string()))?;
         *request.headers_mut() = headers;
         request.headers_mut().insert(HOST, endpoint.host.clone());
         let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| format!("{e:?}"))?;
+            let response = self.client.request(request).await.map_err(|e| {
+                let refused = std::error::Error::source(&e)
+                    .and_then(|s| s.downcast_ref::<std::io::Error>())
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
+                NoResponse {
+                    refused: refused
+                        || (e.is_connect() && format!("{e:?}").contains("ConnectionRefused")),
+                    why: format!("{e:?}"),
+                }
+            })?;
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, MAX_RESPONSE_BYTES)
                 .collect()
                 .await
-                .map_err(|e| format!("reading the response body: {e}"))?
+                .map_err(|e| NoResponse::other(format!("reading the response body: {e}")))?
                 .to_bytes();
             Ok(Response {
                 status: parts.status.as_u16(),
@@ -398,7 +583,7 @@ impl Sender {
         match timeout {
             Some(t) => tokio::time::timeout(t, exchange)
                 .await
-                .unwrap_or_else(|_| Err(format!("timed out after {t:?}"))),
+                .unwrap_or_else(|_| Err(NoResponse::other(format!("timed out after {t:?}")))),
             None => exchange.await,
         }
     }
@@ -410,6 +595,7 @@ impl Sender {
         headers: HeaderMap,
         body: Bytes,
         policy: &RetryPolicy,
+        gate: Option<&mut PathGate>,
     ) -> Outcome {
         send(
             &mut Pooled {
@@ -419,6 +605,7 @@ impl Sender {
             headers,
             body,
             policy,
+            gate,
         )
         .await
     }
