@@ -1052,3 +1052,198 @@ async fn a_new_broker_accepts_events_only_once_its_triggers_receive_them() {
         "accepted but never delivered: {missing:?}"
     );
 }
+
+#[tokio::test]
+async fn a_trigger_without_delivery_gets_config_br_defaults_retry() {
+    // No config-br-defaults: Knative's shipped one (retry 10, exponential from 200 ms).
+    let sub = Subscriber::start(Arc::new(
+        |n, _| {
+            if n < 2 { status(503, "busy") } else { ok() }
+        },
+    ))
+    .await;
+    let yaml = format!(
+        "{BROKER}{}",
+        trigger(
+            "t",
+            &format!("  subscriber: {{uri: \"{}\"}}", sub.url("/sub"))
+        )
+    );
+    let h = Harness::start(&yaml).await;
+    h.send("1", "t", "/s", &[]).await;
+    let got = sub.wait("/sub", 3).await;
+    assert_eq!(ids(&got), ["1", "1", "1"], "delivered on the third attempt");
+}
+
+#[tokio::test]
+async fn a_config_br_defaults_config_map_replaces_the_shipped_defaults() {
+    let sub = Subscriber::start(Arc::new(|_, r| {
+        if r.path == "/sub" {
+            status(503, "busy")
+        } else {
+            ok()
+        }
+    }))
+    .await;
+    // The namespace's entry wins over clusterDefault: one attempt, then the dead-letter sink.
+    let yaml = format!(
+        "{BROKER}{}---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: config-br-defaults, namespace: knative-eventing}}
+data:
+  default-br-config: |
+    clusterDefault:
+      brokerClass: MTChannelBasedBroker
+      delivery: {{retry: 5}}
+    namespaceDefaults:
+      ns:
+        delivery:
+          retry: 0
+          deadLetterSink: {{uri: \"{}\"}}
+",
+        trigger(
+            "t",
+            &format!("  subscriber: {{uri: \"{}\"}}", sub.url("/sub"))
+        ),
+        sub.url("/dls"),
+    );
+    let h = Harness::start(&yaml).await;
+    h.send("1", "t", "/s", &[]).await;
+    let dead = sub.wait("/dls", 1).await;
+    assert_eq!(dead[0].header("ce-knativeerrorcode"), "503");
+    assert_eq!(
+        sub.at("/sub").len(),
+        1,
+        "retry: 0 from the namespace's defaults"
+    );
+}
+
+/// A subscriber as plain as Python's http.server: an accept backlog of 5, an HTTP/1.0 answer and a
+/// close after each request. Counts the ce-ids it answered and the most connections it had open.
+struct ClosingSubscriber {
+    addr: SocketAddr,
+    answered: Arc<Mutex<std::collections::HashMap<String, usize>>>,
+    max_open: Arc<std::sync::atomic::AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for ClosingSubscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ClosingSubscriber {
+    async fn start() -> ClosingSubscriber {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let listener = socket.listen(5).unwrap();
+        let answered: Arc<Mutex<std::collections::HashMap<String, usize>>> = Arc::default();
+        let max_open = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let (seen, max) = (answered.clone(), max_open.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+                max.fetch_max(now, Ordering::SeqCst);
+                let (seen, open) = (seen.clone(), open.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // The head, then as much body as Content-Length says.
+                    let complete = |buf: &[u8]| -> Option<String> {
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        (buf.len() >= end + length).then(|| {
+                            head.lines()
+                                .find_map(|l| l.strip_prefix("ce-id:"))
+                                .unwrap_or("")
+                                .trim()
+                                .to_string()
+                        })
+                    };
+                    let id = loop {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break None,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        if let Some(id) = complete(&buf) {
+                            break Some(id);
+                        }
+                    };
+                    if let Some(id) = id {
+                        let _ = stream
+                            .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
+                            .await;
+                        let _ = stream.shutdown().await;
+                        *seen.lock().unwrap().entry(id).or_default() += 1;
+                    }
+                    drop(stream);
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        ClosingSubscriber {
+            addr,
+            answered,
+            max_open,
+            task,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_to_a_closing_subscriber_delivers_everything_over_bounded_connections() {
+    const TRIGGERS: usize = 20;
+    const EVENTS: usize = 300;
+    const PER_HOST: usize = 16;
+    let sub = ClosingSubscriber::start().await;
+    let mut yaml = BROKER.to_string();
+    for t in 0..TRIGGERS {
+        yaml.push_str(&trigger(
+            &format!("t{t}"),
+            &format!("  subscriber: {{uri: \"http://{}/\"}}", sub.addr),
+        ));
+    }
+    let h = Harness::start_with(&yaml, |o| o.connections_per_host = PER_HOST).await;
+    for n in 0..EVENTS {
+        h.send(&n.to_string(), "t", "/s", &[]).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (events, deliveries) = {
+            let answered = sub.answered.lock().unwrap();
+            let events = (0..EVENTS)
+                .filter(|n| answered.get(&n.to_string()).is_some_and(|c| *c >= TRIGGERS))
+                .count();
+            (events, answered.values().sum::<usize>())
+        };
+        if events == EVENTS {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{events} of {EVENTS} events reached all {TRIGGERS} Triggers ({deliveries} deliveries) \
+             within 60 s; at most {} connections were open",
+            sub.max_open.load(std::sync::atomic::Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let max_open = sub.max_open.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        max_open <= PER_HOST,
+        "{max_open} connections open at once, more than the bound of {PER_HOST}"
+    );
+}
