@@ -507,6 +507,20 @@ pub async fn send<T: Transport>(
     }
 }
 
+/// Whether an error's chain holds a refused connection (the client wraps the io::Error).
+fn caused_by_refusal(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// Sends events over a shared connection pool, and holds the per-host pools of the delivery
 /// workers ([`Pools`]).
 #[derive(Clone)]
@@ -558,15 +572,9 @@ impl Sender {
         *request.headers_mut() = headers;
         request.headers_mut().insert(HOST, endpoint.host.clone());
         let exchange = async {
-            let response = self.client.request(request).await.map_err(|e| {
-                let refused = std::error::Error::source(&e)
-                    .and_then(|s| s.downcast_ref::<std::io::Error>())
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
-                NoResponse {
-                    refused: refused
-                        || (e.is_connect() && format!("{e:?}").contains("ConnectionRefused")),
-                    why: format!("{e:?}"),
-                }
+            let response = self.client.request(request).await.map_err(|e| NoResponse {
+                refused: e.is_connect() && caused_by_refusal(&e),
+                why: format!("{e:?}"),
             })?;
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, MAX_RESPONSE_BYTES)
@@ -614,6 +622,28 @@ impl Sender {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_refused_connection_is_told_apart_on_both_transports() {
+        // A port nothing listens on: bind, note it, close.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let endpoint = Endpoint::new(&format!("http://{addr}/").parse().unwrap(), None);
+        let sender = Sender::default();
+        let pooled = sender
+            .attempt(&endpoint, HeaderMap::new(), Bytes::new(), None)
+            .await
+            .unwrap_err();
+        assert!(pooled.refused, "{pooled:?}");
+        let mut connection = Connection::new(endpoint, sender.pools());
+        let own = connection
+            .attempt(HeaderMap::new(), Bytes::new(), None)
+            .await
+            .unwrap_err();
+        assert!(own.refused, "{own:?}");
+    }
 
     #[test]
     fn host_header_is_the_override_or_the_uri_authority_without_default_port() {
