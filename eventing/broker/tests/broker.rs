@@ -1120,7 +1120,8 @@ data:
 }
 
 /// A subscriber as plain as Python's http.server: an accept backlog of 5, an HTTP/1.0 answer and a
-/// close after each request. Counts the ce-ids it answered and the most connections it had open.
+/// close after each request. Counts the ce-ids it answered and the most connections it had open
+/// (accepted and not yet answered) at once.
 struct ClosingSubscriber {
     addr: SocketAddr,
     answered: Arc<Mutex<std::collections::HashMap<String, usize>>>,
@@ -1183,15 +1184,17 @@ impl ClosingSubscriber {
                             break Some(id);
                         }
                     };
+                    // Counted open until the answer is decided: the broker can only open another
+                    // connection once it has read an answer, so a count that went down after the
+                    // write would race with the next accept.
+                    open.fetch_sub(1, Ordering::SeqCst);
                     if let Some(id) = id {
+                        *seen.lock().unwrap().entry(id).or_default() += 1;
                         let _ = stream
                             .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
                             .await;
                         let _ = stream.shutdown().await;
-                        *seen.lock().unwrap().entry(id).or_default() += 1;
                     }
-                    drop(stream);
-                    open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });

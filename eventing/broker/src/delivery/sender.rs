@@ -258,7 +258,7 @@ impl Open {
 
 /// How many connections to one subscriber are opened at once, at most: a subscriber that accepts
 /// slowly gets a few connects in flight, not a burst of them (its accept backlog may be 5).
-const CONNECTING_PER_HOST: usize = 8;
+const CONNECTING_PER_HOST: usize = 4;
 
 /// The connections to one subscriber host (one address and Host header), shared by every Trigger
 /// that delivers there, and bounded: at most `max` exchanges at once, and so at most `max`
