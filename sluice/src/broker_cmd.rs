@@ -18,9 +18,12 @@ pub struct BrokerArgs {
     /// Address of the broker ingress.
     #[arg(long, default_value = "127.0.0.1:8090")]
     pub listen: SocketAddr,
-    /// Deliveries in flight at once per unordered Trigger (each over a connection of its own).
+    /// Deliveries in flight at once per unordered Trigger.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     pub delivery_parallelism: u16,
+    /// Connections to one subscriber host at most, shared by every Trigger that delivers there.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    pub connections_per_host: u16,
 }
 
 /// How often the folder is read again for changes.
@@ -31,6 +34,7 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     // Standalone: no gateway in front, so Brokers are addressed at the ingress itself.
     options.ingress_url = format!("http://{}", args.listen);
     options.parallelism = args.delivery_parallelism.into();
+    options.connections_per_host = args.connections_per_host.into();
     let service = BrokerService::start(options).await?;
     let mut applied = None;
     let mut ticker = tokio::time::interval(RESCAN);
