@@ -335,8 +335,8 @@ impl HostPool {
     }
 }
 
-/// Connect timeout when the delivery has no `timeout` of its own (Go's default dialer, which
-/// Knative's dispatcher uses, waits 30 s).
+/// Connect timeout when the delivery has no `timeout` of its own (the dial timeout of Go's default
+/// HTTP transport).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The [`HostPool`]s of a broker, one per subscriber address and Host header.
