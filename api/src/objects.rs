@@ -365,12 +365,53 @@ fn yaml_error(document: usize, field: Option<String>, err: &serde_yaml::Error) -
             message = rest.to_string();
         }
     }
+    if let Some(shorter) = unknown_field(&message) {
+        message = shorter;
+    }
     ParseError {
         document,
         line,
         field,
         message,
     }
+}
+
+/// serde's "unknown field `comand`, expected one of `name`, `image`, ..." as "unknown field (did you
+/// mean `command`?)": the field path already names the field, and the list is long.
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (name, rest) = rest.split_once('`')?;
+    let expected: Vec<&str> = rest
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|e| !e.is_empty())
+        .collect();
+    let closest = expected
+        .iter()
+        .map(|e| (edit_distance(&name.to_lowercase(), &e.to_lowercase()), *e))
+        .min()
+        .filter(|(d, _)| *d <= 2.max(name.len() / 4));
+    Some(match closest {
+        Some((_, e)) => format!("unknown field (did you mean `{e}`?)"),
+        None => "unknown field".to_string(),
+    })
+}
+
+/// Levenshtein distance, for suggesting the field a typo meant.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous + usize::from(ca != *cb);
+            previous = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
 }
 
 #[cfg(test)]
@@ -491,7 +532,11 @@ data: {{tls.crt: Y3J0, tls.key: a2V5}}
             field.starts_with("spec.rules[0].http.paths[0].splits[0]"),
             "{err}"
         );
-        assert!(err.message.contains("unknown field `weight`"), "{err}");
+        assert_eq!(
+            err.field.as_deref(),
+            Some("spec.rules[0].http.paths[0].splits[0].weight")
+        );
+        assert_eq!(err.message, "unknown field", "{err}");
         assert!(!err.message.contains(" at line "), "{err}");
     }
 
