@@ -224,9 +224,29 @@ async fn wait_file_error(
     }
 }
 
+/// Waits until `pred` holds on `sluice status -o json`.
+async fn wait_service_condition(sluice: &Sluice, what: &str, pred: impl Fn(&Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let json: Value =
+            serde_json::from_str(&sluice_status(sluice, &["-o", "json"])).expect("JSON output");
+        if pred(&json) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {json}\nlog:\n{}",
+            sluice.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Issue 12, item 2: with requests flowing, a running Service's file gets a bad line appended, then
 /// is truncated half-way (both in place, as an editor saves): every request keeps succeeding from the
 /// same app process, `sluice status` names the file and line, and fixing the file clears the error.
+/// Then a spec that parses but is invalid: the last valid version keeps serving and the Service's
+/// Ready condition says why (Knative's webhook would have refused the update).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_file_keeps_its_service_serving() {
     let mut sluice = Sluice::start().await.expect("sluice up");
@@ -319,6 +339,34 @@ async fn a_broken_file_keeps_its_service_serving() {
     sluice.write("svc.yaml", &good).expect("fixing the file");
     wait_file_error(&sluice, "the error cleared", false, svc_yaml).await;
 
+    // 3. Parses, but fails validation: the last valid version keeps serving, the Service says why.
+    let invalid = good.replace(
+        "    spec:\n      containers:",
+        "    spec:\n      containerConcurrency: 5000\n      containers:",
+    );
+    assert_ne!(invalid, good);
+    sluice
+        .write("svc.yaml", &invalid)
+        .expect("writing an invalid spec");
+    let ready_message = |json: &Value| {
+        json["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["metadata"]["name"] == name)
+            .and_then(|s| sluice_e2e::sluice::condition(s, "Ready"))
+            .map(|c| (c.status.clone(), c.message.clone()))
+    };
+    wait_service_condition(&sluice, "the invalid spec reported", |json| {
+        ready_message(json).is_some_and(|(_, m)| m.contains("containerConcurrency"))
+    })
+    .await;
+    sluice.write("svc.yaml", &good).expect("fixing the file");
+    wait_service_condition(&sluice, "the Service Ready again", |json| {
+        ready_message(json).is_some_and(|(s, _)| s == "True")
+    })
+    .await;
+
     // A little more traffic after the fix, then count.
     let after = ok.load(Ordering::SeqCst) + 20;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -334,6 +382,62 @@ async fn a_broken_file_keeps_its_service_serving() {
         ok.load(Ordering::SeqCst) + failed.load(Ordering::SeqCst)
     );
     assert!(ok.load(Ordering::SeqCst) >= 20, "requests kept flowing");
+    let (_, pid_after) = knative_get(&sluice, host, "/pid").await.expect("GET /pid");
+    assert_eq!(pid_after, pid, "the same app process kept serving");
+}
+
+/// Issue 12, item 11: a second file defining a running Service's name does not replace it; the
+/// newcomer is reported with its file and line, naming the file that holds the Service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_file_with_a_running_services_name_does_not_replace_it() {
+    let mut sluice = Sluice::start().await.expect("sluice up");
+    let host = "dup.default.localhost";
+    let first = knative_service("dup");
+    sluice.write("b.yaml", &first).expect("writing the Service");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        sluice.check_alive().expect("sluice up is running");
+        if let Ok((StatusCode::OK, _)) = knative_get(&sluice, host, "/").await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the Service never answered; log:\n{}",
+            sluice.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, pid) = knative_get(&sluice, host, "/pid").await.expect("GET /pid");
+    // a.yaml sorts first: before the fix it took the Service over.
+    let newcomer = first.replace("value: \"1\"", "value: \"2\"");
+    assert_ne!(newcomer, first);
+    sluice
+        .write("a.yaml", &newcomer)
+        .expect("writing the newcomer");
+    let errors = wait_file_error(&sluice, "the newcomer reported", true, |o| {
+        o.contains("a.yaml:1")
+    })
+    .await;
+    assert!(
+        errors.iter().any(|e| e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("already defined in") && m.contains("b.yaml:1"))),
+        "{errors:?}"
+    );
+    for _ in 0..20 {
+        let (code, body) = knative_get(&sluice, host, "/").await.expect("GET");
+        assert_eq!(code, StatusCode::OK, "{body}");
+        assert_eq!(body, "hello from dup-00001\n");
+    }
+    let json: Value =
+        serde_json::from_str(&sluice_status(&sluice, &["-o", "json"])).expect("JSON output");
+    let revisions: Vec<&str> = json["revisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(revisions, ["dup-00001"], "no revision from the newcomer");
     let (_, pid_after) = knative_get(&sluice, host, "/pid").await.expect("GET /pid");
     assert_eq!(pid_after, pid, "the same app process kept serving");
 }
