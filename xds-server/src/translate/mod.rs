@@ -137,12 +137,8 @@ impl Translator {
     /// Notes Ingresses seen for the first time (those of one state in key order) and forgets
     /// deleted ones: one recreated later is new again.
     fn see(&mut self, state: &ClusterState) {
-        if self.first_seen.len() != state.ingresses.len()
-            || !state
-                .ingresses
-                .keys()
-                .all(|k| self.first_seen.contains_key(k))
-        {
+        // Both maps are sorted by key: one walk tells whether any Ingress came or went.
+        if !self.first_seen.keys().eq(state.ingresses.keys()) {
             self.first_seen
                 .retain(|k, _| state.ingresses.contains_key(k));
             for key in state.ingresses.keys() {

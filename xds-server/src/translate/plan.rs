@@ -267,17 +267,23 @@ pub type FirstSeen = BTreeMap<ObjectKey, u64>;
 pub fn plan_cached(state: &ClusterState, cache: &mut PlanCache, first_seen: &FirstSeen) -> Plan {
     let mut out = Plan::default();
     let slices = slice_index(state);
-    let mut ingresses: Vec<(&ObjectKey, &Arc<Ingress>)> = state
+    // Sorted by age (one first-seen lookup per Ingress, not per comparison); objects without a
+    // timestamp or a first-seen number sort after those with one.
+    let mut aged: Vec<_> = state
         .ingresses
         .iter()
         .filter(|(_, ing)| ing.is_sluice_class())
+        .map(|(key, ing)| {
+            let created = ing.metadata.creation_timestamp.as_deref();
+            let seen = first_seen.get(key).copied();
+            ((created.is_none(), created, seen.is_none(), seen, key), ing)
+        })
         .collect();
-    ingresses.sort_by(|(ka, a), (kb, b)| {
-        let ta = &a.metadata.creation_timestamp;
-        let tb = &b.metadata.creation_timestamp;
-        let (sa, sb) = (first_seen.get(*ka), first_seen.get(*kb));
-        (ta.is_none(), ta, sa.is_none(), sa, ka).cmp(&(tb.is_none(), tb, sb.is_none(), sb, kb))
-    });
+    aged.sort_unstable_by_key(|(age, _)| *age);
+    let ingresses: Vec<(&ObjectKey, &Arc<Ingress>)> = aged
+        .into_iter()
+        .map(|((.., key), ing)| (key, ing))
+        .collect();
 
     let planned: Vec<_> = ingresses
         .into_iter()
