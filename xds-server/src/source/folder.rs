@@ -791,6 +791,41 @@ spec:
     }
 
     #[test]
+    fn a_typo_below_spec_is_reported_as_file_line_and_field_and_the_last_good_version_stays() {
+        let service = "\
+apiVersion: serving.knative.dev/v1
+kind: Service
+metadata:
+  name: web
+spec:
+  template:
+    spec:
+      containers:
+      - image: web
+        command: [web]
+";
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("svc.yaml");
+        std::fs::write(&file, service).unwrap();
+        let mut scan = FolderScan::default();
+        let touched = BTreeSet::from([file.clone()]);
+        let good = scan.rescan(dir.path(), &touched);
+        assert!(good.errors.is_empty(), "{:?}", good.errors);
+        std::fs::write(&file, service.replace("command:", "comand:")).unwrap();
+        let snap = scan.update(dir.path(), &touched).unwrap();
+        assert_eq!(
+            snap.errors[0].to_string(),
+            format!(
+                "{}:10: spec.template.spec.containers[0].comand: unknown field (did you mean \
+                 `command`?) (until this is fixed, the last good version keeps serving: \
+                 Service.serving.knative.dev default/web)",
+                file.display()
+            )
+        );
+        assert_eq!(snap.objects, good.objects);
+    }
+
+    #[test]
     fn a_new_file_never_replaces_a_running_object() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
