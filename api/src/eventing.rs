@@ -2,6 +2,7 @@
 //! (knative.dev/eventing pkg/apis/eventing/v1 and pkg/apis/sources/v1, and duck/v1 DeliverySpec).
 //!
 //! Only the shapes live here; the broker (eventing/broker) validates them into its own domain types.
+//! Every `spec` level rejects unknown fields, as Knative's webhook does.
 
 use std::collections::BTreeMap;
 
@@ -31,7 +32,7 @@ pub struct Broker {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BrokerSpec {
     /// A reference to a configuration object for the broker class (kept, not interpreted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -75,7 +76,7 @@ pub struct Trigger {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TriggerSpec {
     /// The Broker's name, in the Trigger's namespace.
     #[serde(default)]
@@ -106,7 +107,7 @@ pub struct TriggerStatus {
 /// duckv1.Destination: a `ref` to an addressable object, a `uri`, or both (the uri is then resolved
 /// relative to the ref's address).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Destination {
     #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
     pub ref_: Option<KReference>,
@@ -120,7 +121,7 @@ pub struct Destination {
 
 /// duckv1.KReference.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KReference {
     #[serde(default)]
     pub kind: String,
@@ -134,7 +135,7 @@ pub struct KReference {
 
 /// duckv1.DeliverySpec.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeliverySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter_sink: Option<Destination>,
@@ -168,7 +169,7 @@ pub struct PingSource {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PingSourceSpec {
     /// Cron schedule (5 fields); Knative's default is every minute.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -190,7 +191,7 @@ pub struct PingSourceSpec {
 
 /// duckv1.CloudEventOverrides.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CloudEventOverrides {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extensions: BTreeMap<String, String>,

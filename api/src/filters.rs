@@ -9,7 +9,7 @@ use crate::validation::FieldError;
 
 /// `spec.filter`: every listed attribute must equal the value ("" matches any value, as in Knative).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TriggerFilter {
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,

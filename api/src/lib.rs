@@ -16,5 +16,5 @@ pub mod validation;
 
 pub use ingress::Ingress;
 pub use meta::{Condition, ConditionStatus, ObjectMeta};
-pub use objects::{Object, ParseError, parse_documents};
+pub use objects::{Document, Object, ParseError, parse_documents, read_documents};
 pub use validation::{FieldError, ValidationError};

@@ -122,6 +122,17 @@ impl ParseError {
     }
 }
 
+/// One document of a multi-document YAML text, read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Document {
+    /// 1-based index of the document in the file, counting empty documents.
+    pub index: usize,
+    /// 1-based line where the document's content starts (its first line that is not blank, a
+    /// comment or a `---` alone), so that a report about a whole object can point at it.
+    pub line: usize,
+    pub object: Result<Object, ParseError>,
+}
+
 /// Reads every document of a multi-document YAML text.
 ///
 /// Empty documents (only comments, or a bare `---`) produce no entry. A YAML syntax error ends the
@@ -129,12 +140,19 @@ impl ParseError {
 ///
 /// Lines are counted from the start of `text`, not of the document.
 pub fn parse_documents(text: &str) -> Vec<Result<Object, ParseError>> {
+    read_documents(text).into_iter().map(|d| d.object).collect()
+}
+
+/// [`parse_documents`], with each document's index and first line.
+pub fn read_documents(text: &str) -> Vec<Document> {
+    let starts = document_start_lines(text);
+    let line_of = |document: usize| starts.get(document - 1).copied().unwrap_or(1);
     // Two identical document streams in lockstep: the first is read as an untyped Value to find
     // apiVersion and kind, the second is deserialized straight into the typed struct so that errors
     // keep their line numbers (a Value has none). serde_yaml's deserializers are consumed by use.
     let untyped = serde_yaml::Deserializer::from_str(text);
     let mut typed = serde_yaml::Deserializer::from_str(text);
-    let mut out = Vec::new();
+    let mut out: Vec<Document> = Vec::new();
     let mut last_yaml_error = None;
     for (index, doc) in untyped.enumerate() {
         let document = index + 1;
@@ -153,16 +171,56 @@ pub fn parse_documents(text: &str) -> Vec<Result<Object, ParseError>> {
                     break;
                 }
                 last_yaml_error = Some(key);
-                out.push(Err(err));
+                out.push(Document {
+                    index: document,
+                    line: err.line.unwrap_or_else(|| line_of(document)),
+                    object: Err(err),
+                });
                 continue;
             }
         };
         if value.is_null() {
             continue;
         }
-        out.push(parse_document(document, &value, typed_doc));
+        out.push(Document {
+            index: document,
+            line: line_of(document),
+            object: parse_document(document, &value, typed_doc),
+        });
     }
     out
+}
+
+/// The first content line of each document, in the order libyaml reads them. libyaml does not give
+/// document positions, so they are found from the markers: a `---` at column 0 always starts a
+/// document (block content at the top level is indented, so it cannot begin with `---`), and text
+/// before the first marker is a document only when it holds more than comments.
+fn document_start_lines(text: &str) -> Vec<usize> {
+    let is_marker = |l: &str| {
+        l.strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r']))
+    };
+    let is_content = |l: &str| {
+        let t = l.trim();
+        !t.is_empty() && !t.starts_with('#')
+    };
+    // (marker line, first content line) of each document so far.
+    let mut docs: Vec<(Option<usize>, Option<usize>)> = vec![(None, None)];
+    for (i, l) in text.lines().enumerate() {
+        let n = i + 1;
+        if is_marker(l) {
+            // Content on the marker line itself (`--- {a: 1}`) starts the document there.
+            let inline = is_content(&l[3..]).then_some(n);
+            docs.push((Some(n), inline));
+        } else if is_content(l) {
+            let last = docs.last_mut().expect("never empty");
+            last.1.get_or_insert(n);
+        }
+    }
+    docs.into_iter()
+        .filter(|(marker, content)| marker.is_some() || content.is_some())
+        .map(|(marker, content)| content.or(marker).unwrap_or(1))
+        .collect()
 }
 
 fn parse_document(
@@ -307,12 +365,53 @@ fn yaml_error(document: usize, field: Option<String>, err: &serde_yaml::Error) -
             message = rest.to_string();
         }
     }
+    if let Some(shorter) = unknown_field(&message) {
+        message = shorter;
+    }
     ParseError {
         document,
         line,
         field,
         message,
     }
+}
+
+/// serde's "unknown field `comand`, expected one of `name`, `image`, ..." as "unknown field (did you
+/// mean `command`?)": the field path already names the field, and the list is long.
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (name, rest) = rest.split_once('`')?;
+    let expected: Vec<&str> = rest
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|e| !e.is_empty())
+        .collect();
+    let closest = expected
+        .iter()
+        .map(|e| (edit_distance(&name.to_lowercase(), &e.to_lowercase()), *e))
+        .min()
+        .filter(|(d, _)| *d <= 2.max(name.len() / 4));
+    Some(match closest {
+        Some((_, e)) => format!("unknown field (did you mean `{e}`?)"),
+        None => "unknown field".to_string(),
+    })
+}
+
+/// Levenshtein distance, for suggesting the field a typo meant.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous + usize::from(ca != *cb);
+            previous = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
 }
 
 #[cfg(test)]
@@ -433,7 +532,11 @@ data: {{tls.crt: Y3J0, tls.key: a2V5}}
             field.starts_with("spec.rules[0].http.paths[0].splits[0]"),
             "{err}"
         );
-        assert!(err.message.contains("unknown field `weight`"), "{err}");
+        assert_eq!(
+            err.field.as_deref(),
+            Some("spec.rules[0].http.paths[0].splits[0].weight")
+        );
+        assert_eq!(err.message, "unknown field", "{err}");
         assert!(!err.message.contains(" at line "), "{err}");
     }
 
@@ -562,6 +665,22 @@ data: {{tls.crt: Y3J0, tls.key: a2V5}}
         let err = all[0].as_ref().unwrap_err();
         assert!(err.message.contains("duplicate"), "{err}");
         assert!(matches!(&all[1], Ok(Object::Secret(s)) if s.metadata.name == "t"));
+    }
+
+    #[test]
+    fn documents_know_their_first_line() {
+        let text = "# header\n---\n# nothing here\n---\n\napiVersion: v1\nkind: Secret\n\
+                    metadata: {name: s}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: t}\n\
+                    --- {apiVersion: v1, kind: Secret, metadata: {name: u}}\n";
+        let lines: Vec<(usize, usize)> = read_documents(text)
+            .iter()
+            .map(|d| (d.index, d.line))
+            .collect();
+        assert_eq!(lines, [(2, 6), (3, 10), (4, 13)]);
+        let implicit = "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n---\n\
+                        apiVersion: v1\nkind: Secret\nmetadata: {name: t}\n";
+        let lines: Vec<usize> = read_documents(implicit).iter().map(|d| d.line).collect();
+        assert_eq!(lines, [1, 5]);
     }
 
     #[test]

@@ -7,10 +7,14 @@
 //! places, each marked `// Sluice:`: one container per revision, `command` required, no `valueFrom` /
 //! `envFrom` / `initContainers`.
 //!
-//! Unknown fields: the Knative-owned levels (ServiceSpec, ConfigurationSpec, RevisionTemplateSpec,
-//! RouteSpec, TrafficTarget) reject them as Knative's webhook does; the PodSpec and Container levels
-//! accept and ignore real Kubernetes fields Sluice has no use for (volumes, securityContext,
-//! resources, ...), so ordinary Knative YAML reads without edits.
+//! Unknown fields are rejected at every level of `spec`, as Knative's webhook does (it decodes with
+//! DisallowUnknownFields, and refuses the PodSpec and Container fields outside its masks in
+//! pkg/apis/serving/k8s_validation.go): a typo such as `containerConcurency` or `comand` is an
+//! error with its field path. The PodSpec and Container fields Knative allows without a feature flag
+//! are all accepted, those Sluice has no use for (volumes, securityContext, resources, ...) then
+//! ignored, so ordinary Knative YAML reads without edits. Fields Knative allows only behind a
+//! `config-features` flag (affinity, nodeSelector, tolerations, ...) are refused: Sluice has no such
+//! flags. `metadata` and `status` accept anything (Kubernetes adds many fields there).
 
 use std::collections::BTreeMap;
 
@@ -155,9 +159,10 @@ pub struct RevisionTemplateSpec {
     pub spec: RevisionSpec,
 }
 
-/// Knative's RevisionSpec: a core/v1 PodSpec inlined, plus Knative's own fields.
+/// Knative's RevisionSpec: a core/v1 PodSpec inlined (the fields of Knative's PodSpecMask), plus
+/// Knative's own fields.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RevisionSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<Container>,
@@ -173,6 +178,9 @@ pub struct RevisionSpec {
     pub image_pull_secrets: Vec<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enable_service_links: Option<bool>,
+    /// Accepted and ignored (Knative's PodSpecMask allows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub automount_service_account_token: Option<bool>,
     /// Knative: 0 means unlimited; 1..=container-concurrency-max-limit otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_concurrency: Option<i64>,
@@ -184,8 +192,9 @@ pub struct RevisionSpec {
     pub idle_timeout_seconds: Option<i64>,
 }
 
+/// core/v1 Container, limited to Knative's ContainerMask.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Container {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
@@ -220,10 +229,15 @@ pub struct Container {
     pub image_pull_policy: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_context: Option<serde_json::Value>,
+    /// Accepted and ignored (in Knative's ContainerMask).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub termination_message_path: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub termination_message_policy: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ContainerPort {
     /// `http1` (default) or `h2c`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -235,7 +249,7 @@ pub struct ContainerPort {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EnvVar {
     pub name: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -247,7 +261,7 @@ pub struct EnvVar {
 
 /// core/v1 Probe.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Probe {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec: Option<ExecAction>,
@@ -276,14 +290,14 @@ fn is_zero32(v: &i32) -> bool {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExecAction {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpGetAction {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub path: String,
@@ -300,7 +314,7 @@ pub struct HttpGetAction {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpHeader {
     pub name: String,
     #[serde(default)]
@@ -308,7 +322,7 @@ pub struct HttpHeader {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TcpSocketAction {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<IntOrString>,
@@ -317,7 +331,7 @@ pub struct TcpSocketAction {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GrpcAction {
     #[serde(default)]
     pub port: i32,
@@ -1247,15 +1261,173 @@ spec:
     }
 
     #[test]
-    fn unknown_field_in_knative_levels_is_rejected_but_pod_fields_are_accepted() {
-        let bad = SERVICE.replace("  traffic:\n", "  trafic: []\n  traffic:\n");
-        let err = parse_documents(&bad).remove(0).unwrap_err();
-        assert!(err.message.contains("unknown field `trafic`"), "{err}");
-        let pod = SERVICE.replace(
-            "      volumes:",
-            "      nodeSelector: {a: b}\n      securityContext: {}\n      volumes:",
+    fn unknown_fields_are_rejected_at_every_level_of_spec() {
+        // (the good line, what the user wrote instead, field path, line, message)
+        let cases = [
+            (
+                "      containerConcurrency: 10\n",
+                "      containerConcurency: 5\n",
+                "spec.template.spec.containerConcurency",
+                12,
+                "unknown field (did you mean `containerConcurrency`?)",
+            ),
+            (
+                "        command: [python3, -m, http.server]\n",
+                "        comand: [python3, -m, http.server]\n",
+                "spec.template.spec.containers[0].comand",
+                15,
+                "unknown field (did you mean `command`?)",
+            ),
+            (
+                "        env: [{name: GREETING, value: hi}]\n",
+                "        env:\n        - name: GREETING\n          vaule: hi\n",
+                "spec.template.spec.containers[0].env[0].vaule",
+                19,
+                "unknown field (did you mean `value`?)",
+            ),
+            (
+                "  traffic:\n",
+                "  trafic: []\n  traffic:\n",
+                "spec.trafic",
+                25,
+                "unknown field (did you mean `traffic`?)",
+            ),
+            (
+                "          periodSeconds: 2\n",
+                "          periodSecond: 2\n",
+                "spec.template.spec.containers[0].readinessProbe.periodSecond",
+                23,
+                "unknown field (did you mean `periodSeconds`?)",
+            ),
+            (
+                "      volumes:",
+                "      nodeSelector: {a: b}\n      volumes:",
+                "spec.template.spec.nodeSelector",
+                24,
+                "unknown field",
+            ),
+        ];
+        for (good, typo, field, line, message) in cases {
+            let bad = SERVICE.replace(good, typo);
+            assert_ne!(bad, SERVICE, "{typo}");
+            let err = parse_documents(&bad).remove(0).unwrap_err();
+            assert_eq!(err.field.as_deref(), Some(field), "{err}");
+            assert_eq!(err.line, Some(line), "{err}");
+            assert_eq!(err.message, message, "{err}");
+        }
+    }
+
+    #[test]
+    fn a_full_knative_service_with_every_supported_field_is_accepted() {
+        let full = format!(
+            "{SERVICE}status:
+  observedGeneration: 3
+  url: http://web.ns.example.com
+  somethingNewer: {{a: b}}
+"
+        )
+        .replace(
+            "metadata:\n  name: web\n  namespace: ns\n",
+            "metadata:
+  name: web
+  namespace: ns
+  uid: 6a1b
+  resourceVersion: \"42\"
+  generation: 3
+  creationTimestamp: \"2024-01-01T00:00:00Z\"
+  selfLink: /apis/serving.knative.dev/v1/namespaces/ns/services/web
+  generateName: web-
+  managedFields: [{manager: kubectl, operation: Update}]
+  labels: {app: web}
+  annotations: {serving.knative.dev/creator: me}
+",
+        )
+        .replace(
+            "      containerConcurrency: 10\n",
+            "      containerConcurrency: 10
+      timeoutSeconds: 300
+      responseStartTimeoutSeconds: 30
+      idleTimeoutSeconds: 60
+      serviceAccountName: web
+      automountServiceAccountToken: false
+      enableServiceLinks: false
+      imagePullSecrets: [{name: pull}]
+",
+        )
+        .replace(
+            "      - image: ghcr.io/example/web\n",
+            "      - image: ghcr.io/example/web
+        name: user-container
+        workingDir: /srv
+        imagePullPolicy: IfNotPresent
+        securityContext: {runAsNonRoot: true}
+        terminationMessagePath: /dev/termination-log
+        terminationMessagePolicy: File
+        envFrom: []
+        livenessProbe:
+          tcpSocket: {port: 8080}
+          initialDelaySeconds: 1
+          timeoutSeconds: 1
+          successThreshold: 1
+          failureThreshold: 3
+        startupProbe:
+          exec: {command: [\"true\"]}
+",
+        )
+        .replace(
+            "        env: [{name: GREETING, value: hi}]\n",
+            "        env:
+        - {name: GREETING, value: hi}
+        - {name: FROM, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+",
+        )
+        .replace(
+            "          httpGet: {path: /healthz, httpHeaders: [{name: X, value: y}]}\n",
+            "          httpGet: {path: /healthz, port: 8080, host: localhost, scheme: HTTP, httpHeaders: [{name: X, value: y}]}\n",
+        )
+        .replace(
+            "        ports: [{containerPort: 8080, name: h2c}]\n",
+            "        ports: [{containerPort: 8080, name: h2c, protocol: TCP}]\n",
+        )
+        .replace(
+            "    tag: old\n",
+            "    tag: old\n  - configurationName: web\n    latestRevision: false\n    percent: 0\n",
         );
-        assert!(parse_documents(&pod).remove(0).is_ok());
+        let svc = service(&full);
+        let spec = &svc.spec.template.spec;
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert_eq!(
+            spec.containers[0].termination_message_policy,
+            "File".to_string()
+        );
+        assert_eq!(svc.metadata.generation, 3);
+        assert_eq!(svc.spec.traffic.len(), 3);
+        // Every example shipped with Sluice still reads.
+        let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut read = 0;
+        for entry in walk(&examples) {
+            let text = std::fs::read_to_string(&entry).unwrap();
+            for doc in parse_documents(&text) {
+                if let Err(e) = doc {
+                    panic!("{}: {e}", entry.display());
+                }
+                read += 1;
+            }
+        }
+        assert!(read > 0, "no examples under {}", examples.display());
+    }
+
+    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                out.push(path);
+            }
+        }
+        out
     }
 
     #[test]

@@ -60,6 +60,30 @@ fn reason_of(c: Option<&serde_json::Value>) -> String {
     .unwrap_or_default()
 }
 
+/// The REASON column, as `kn` shows it: the Ready condition's reason, or, when Ready only says it is
+/// not ready (no reason, or the generic `NotReady`), the reason of the first condition that is not
+/// True (a Trigger's `BrokerReady: BrokerDoesNotExist`), so the table says what to fix.
+fn ready_reason(object: &serde_json::Value) -> String {
+    let ready = condition(object, "Ready");
+    let generic = ready.is_none_or(|c| {
+        let reason = c["reason"].as_str().unwrap_or_default();
+        c["status"] != "True" && (reason.is_empty() || reason == "NotReady")
+    });
+    if generic && ready.is_some_and(|c| c["status"] != "True") {
+        let failing = object["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["type"] != "Ready" && c["status"] != "True")
+            // False (a definite problem) before Unknown (still in progress).
+            .min_by_key(|c| c["status"] != "False");
+        if let Some(c) = failing {
+            return reason_of(Some(c));
+        }
+    }
+    reason_of(ready)
+}
+
 fn ready_of(c: Option<&serde_json::Value>) -> String {
     c.and_then(|c| c["status"].as_str())
         .unwrap_or("Unknown")
@@ -122,7 +146,7 @@ fn render_table(report: &serde_json::Value) -> String {
                 ),
                 str_of(&svc["status"]["url"]),
                 ready_of(ready),
-                reason_of(ready),
+                ready_reason(svc),
                 str_of(&svc["status"]["latestReadyRevisionName"]),
                 traffic.join(", "),
             ]);
@@ -149,7 +173,7 @@ fn render_table(report: &serde_json::Value) -> String {
                     str_of(&rev["metadata"]["name"])
                 ),
                 ready_of(ready),
-                reason_of(ready),
+                ready_reason(rev),
                 rev["desiredInstances"].to_string(),
                 rev["readyInstances"].to_string(),
                 if rev["mode"] == "Serve" {
@@ -190,7 +214,7 @@ fn render_table(report: &serde_json::Value) -> String {
                     str_of(&o["metadata"]["name"])
                 ),
                 ready_of(ready),
-                reason_of(ready),
+                ready_reason(o),
                 target,
             ]);
         }
@@ -211,7 +235,7 @@ fn render_table(report: &serde_json::Value) -> String {
             str_of(&ing["metadata"]["namespace"]),
             str_of(&ing["metadata"]["name"]),
             ready_of(ready),
-            reason_of(ready),
+            ready_reason(ing),
             hosts.join(","),
         ]);
     }
@@ -259,6 +283,45 @@ mod tests {
         assert!(t.contains("default    hello  False  DomainConflict: host a.example is taken  a.example,b.example"), "{t}");
         assert!(t.contains("x.yaml (document 2): spec.rules: bad"), "{t}");
         assert!(!t.contains("SERVICE"), "{t}");
+    }
+
+    #[test]
+    fn a_trigger_without_its_broker_shows_why_it_is_not_ready() {
+        let report = serde_json::json!({
+            "triggers": [{
+                "metadata": {"namespace": "default", "name": "orphan"},
+                "status": {"conditions": [
+                    {"type": "BrokerReady", "status": "False", "reason": "BrokerDoesNotExist",
+                     "message": "Broker default/missing does not exist or is not ready"},
+                    {"type": "Ready", "status": "False", "reason": "NotReady"},
+                    {"type": "SubscriberResolved", "status": "True"}
+                ]}
+            }, {
+                "metadata": {"namespace": "default", "name": "fine"},
+                "status": {"subscriberUri": "http://s", "conditions": [{"type": "Ready", "status": "True"}]}
+            }],
+            "ingresses": [], "errors": [], "envoy": {"generation": 1, "ackedGeneration": 1}
+        });
+        let t = render_table(&report);
+        let row = |name: &str| {
+            t.lines()
+                .find(|l| l.starts_with(&format!("default/{name} ")))
+                .unwrap_or_else(|| panic!("no row for {name}:\n{t}"))
+                .split("  ")
+                .filter(|c| !c.is_empty())
+                .map(str::trim)
+                .collect::<Vec<_>>()
+        };
+        assert!(t.contains("TRIGGER"), "{t}");
+        assert_eq!(
+            row("orphan"),
+            [
+                "default/orphan",
+                "False",
+                "BrokerDoesNotExist: Broker default/missing does not exist or is not ready"
+            ]
+        );
+        assert_eq!(row("fine"), ["default/fine", "True", "http://s"]);
     }
 
     #[test]

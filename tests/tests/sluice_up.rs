@@ -1,8 +1,11 @@
 //! The rest of `sluice up`'s contract, beyond the conformance cases: `sluice status` (table and JSON),
-//! file errors reported with their origin, deletes applied while running, and a clean stop (Envoy too)
-//! on SIGTERM and SIGINT.
+//! file errors reported with their origin, a broken file that keeps its objects serving, deletes
+//! applied while running, and a clean stop (Envoy too) on SIGTERM and SIGINT.
 
+use std::io::Write;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
@@ -155,4 +158,286 @@ async fn stops_cleanly_with_its_envoy() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+const APP: &str = env!("CARGO_BIN_EXE_sluice-test-app");
+
+/// A Knative Service running the test app.
+fn knative_service(name: &str) -> String {
+    format!(
+        "apiVersion: serving.knative.dev/v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  template:
+    spec:
+      containers:
+      - image: sluice-test-app
+        command: [\"{APP}\"]
+        env:
+        - name: APP_VERSION
+          value: \"1\"
+"
+    )
+}
+
+/// GET on a Knative Service's host; (status, body).
+async fn knative_get(
+    sluice: &Sluice,
+    host: &str,
+    path: &str,
+) -> anyhow::Result<(StatusCode, String)> {
+    let resp = Req::get(host, path)
+        .timeout(Duration::from_secs(30))
+        .send(sluice.external())
+        .await?;
+    Ok((resp.status, resp.text()))
+}
+
+/// Waits until `sluice status -o json` lists a file error whose origin satisfies `pred`
+/// (`want = true`), or none does (`want = false`); returns the errors seen last.
+async fn wait_file_error(
+    sluice: &Sluice,
+    what: &str,
+    want: bool,
+    pred: impl Fn(&str) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let json: Value =
+            serde_json::from_str(&sluice_status(sluice, &["-o", "json"])).expect("JSON output");
+        let errors = json["errors"].as_array().cloned().unwrap_or_default();
+        let found = errors
+            .iter()
+            .any(|e| e["origin"].as_str().is_some_and(&pred));
+        if found == want {
+            return errors;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {errors:?}\nlog:\n{}",
+            sluice.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `pred` holds on `sluice status -o json`.
+async fn wait_service_condition(sluice: &Sluice, what: &str, pred: impl Fn(&Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let json: Value =
+            serde_json::from_str(&sluice_status(sluice, &["-o", "json"])).expect("JSON output");
+        if pred(&json) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {json}\nlog:\n{}",
+            sluice.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 12, item 2: with requests flowing, a running Service's file gets a bad line appended, then
+/// is truncated half-way (both in place, as an editor saves): every request keeps succeeding from the
+/// same app process, `sluice status` names the file and line, and fixing the file clears the error.
+/// Then a spec that parses but is invalid: the last valid version keeps serving and the Service's
+/// Ready condition says why (Knative's webhook would have refused the update).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_file_keeps_its_service_serving() {
+    let mut sluice = Sluice::start().await.expect("sluice up");
+    let name = "keep";
+    let host = "keep.default.localhost";
+    let good = knative_service(name);
+    sluice
+        .write("svc.yaml", &good)
+        .expect("writing the Service");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        sluice.check_alive().expect("sluice up is running");
+        if let Ok((StatusCode::OK, _)) = knative_get(&sluice, host, "/").await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the Service never answered; log:\n{}",
+            sluice.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, pid) = knative_get(&sluice, host, "/pid").await.expect("GET /pid");
+
+    // Requests flow for the whole test; every answer must be the app's 200.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let external = sluice.external();
+    let traffic = tokio::spawn({
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        async move {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let resp = Req::get(host, "/")
+                    .timeout(Duration::from_secs(30))
+                    .send(external)
+                    .await;
+                match resp {
+                    Ok(r) if r.status == StatusCode::OK => ok.fetch_add(1, Ordering::SeqCst),
+                    other => {
+                        failures.push(format!("{:?}", other.map(|r| r.status)));
+                        failed.fetch_add(1, Ordering::SeqCst)
+                    }
+                };
+            }
+            failures
+        }
+    });
+    let path = sluice.config_dir().join("svc.yaml");
+    let svc_yaml = |origin: &str| origin.contains("svc.yaml:");
+
+    // 1. A bad line appended in place.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(b"  bad: [\n"))
+        .expect("appending a bad line");
+    let errors = wait_file_error(&sluice, "the appended line reported", true, svc_yaml).await;
+    let lines = good.lines().count();
+    let reported = errors
+        .iter()
+        .filter_map(|e| e["origin"].as_str()?.rsplit_once("svc.yaml:"))
+        .filter_map(|(_, line)| line.parse::<usize>().ok())
+        .collect::<Vec<_>>();
+    assert!(
+        reported.iter().any(|l| *l > lines),
+        "the error names a line past the good part ({lines}): {errors:?}"
+    );
+    let table = sluice_status(&sluice, &[]);
+    assert!(
+        table.contains("svc.yaml:"),
+        "table names the file:\n{table}"
+    );
+    sluice.write("svc.yaml", &good).expect("fixing the file");
+    wait_file_error(&sluice, "the error cleared", false, svc_yaml).await;
+
+    // 2. Truncated half-way (inside the command's quoted path), in place.
+    let cut = good.find("command: [").expect("command line") + "command: [\"".len() + 2;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_len(cut as u64))
+        .expect("truncating the file");
+    wait_file_error(&sluice, "the truncated file reported", true, svc_yaml).await;
+    let table = sluice_status(&sluice, &[]);
+    assert!(
+        table.contains("svc.yaml:"),
+        "table names the file:\n{table}"
+    );
+    sluice.write("svc.yaml", &good).expect("fixing the file");
+    wait_file_error(&sluice, "the error cleared", false, svc_yaml).await;
+
+    // 3. Parses, but fails validation: the last valid version keeps serving, the Service says why.
+    let invalid = good.replace(
+        "    spec:\n      containers:",
+        "    spec:\n      containerConcurrency: 5000\n      containers:",
+    );
+    assert_ne!(invalid, good);
+    sluice
+        .write("svc.yaml", &invalid)
+        .expect("writing an invalid spec");
+    let ready_message = |json: &Value| {
+        json["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["metadata"]["name"] == name)
+            .and_then(|s| sluice_e2e::sluice::condition(s, "Ready"))
+            .map(|c| (c.status.clone(), c.message.clone()))
+    };
+    wait_service_condition(&sluice, "the invalid spec reported", |json| {
+        ready_message(json).is_some_and(|(_, m)| m.contains("containerConcurrency"))
+    })
+    .await;
+    sluice.write("svc.yaml", &good).expect("fixing the file");
+    wait_service_condition(&sluice, "the Service Ready again", |json| {
+        ready_message(json).is_some_and(|(s, _)| s == "True")
+    })
+    .await;
+
+    // A little more traffic after the fix, then count.
+    let after = ok.load(Ordering::SeqCst) + 20;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ok.load(Ordering::SeqCst) < after && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let failures = traffic.await.expect("traffic task");
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {failures:?}",
+        failed.load(Ordering::SeqCst),
+        ok.load(Ordering::SeqCst) + failed.load(Ordering::SeqCst)
+    );
+    assert!(ok.load(Ordering::SeqCst) >= 20, "requests kept flowing");
+    let (_, pid_after) = knative_get(&sluice, host, "/pid").await.expect("GET /pid");
+    assert_eq!(pid_after, pid, "the same app process kept serving");
+}
+
+/// Issue 12, item 11: a second file defining a running Service's name does not replace it; the
+/// newcomer is reported with its file and line, naming the file that holds the Service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_file_with_a_running_services_name_does_not_replace_it() {
+    let mut sluice = Sluice::start().await.expect("sluice up");
+    let host = "dup.default.localhost";
+    let first = knative_service("dup");
+    sluice.write("b.yaml", &first).expect("writing the Service");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        sluice.check_alive().expect("sluice up is running");
+        if let Ok((StatusCode::OK, _)) = knative_get(&sluice, host, "/").await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the Service never answered; log:\n{}",
+            sluice.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, pid) = knative_get(&sluice, host, "/pid").await.expect("GET /pid");
+    // a.yaml sorts first: before the fix it took the Service over.
+    let newcomer = first.replace("value: \"1\"", "value: \"2\"");
+    assert_ne!(newcomer, first);
+    sluice
+        .write("a.yaml", &newcomer)
+        .expect("writing the newcomer");
+    let errors = wait_file_error(&sluice, "the newcomer reported", true, |o| {
+        o.contains("a.yaml:1")
+    })
+    .await;
+    assert!(
+        errors.iter().any(|e| e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("already defined in") && m.contains("b.yaml:1"))),
+        "{errors:?}"
+    );
+    for _ in 0..20 {
+        let (code, body) = knative_get(&sluice, host, "/").await.expect("GET");
+        assert_eq!(code, StatusCode::OK, "{body}");
+        assert_eq!(body, "hello from dup-00001\n");
+    }
+    let json: Value =
+        serde_json::from_str(&sluice_status(&sluice, &["-o", "json"])).expect("JSON output");
+    let revisions: Vec<&str> = json["revisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(revisions, ["dup-00001"], "no revision from the newcomer");
+    let (_, pid_after) = knative_get(&sluice, host, "/pid").await.expect("GET /pid");
+    assert_eq!(pid_after, pid, "the same app process kept serving");
 }

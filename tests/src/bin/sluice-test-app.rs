@@ -73,6 +73,12 @@ async fn handle(
         });
         return Ok(Response::new(Full::new(Bytes::from(body.to_string()))));
     }
+    // Which process answered, so a test can tell that an instance was kept.
+    if path == "/pid" {
+        return Ok(Response::new(Full::new(Bytes::from(
+            std::process::id().to_string(),
+        ))));
+    }
     if path == "/crash" {
         eprintln!("crashing on request");
         std::process::exit(3);

@@ -4,7 +4,15 @@
 //! documents. A file event re-reads the files it names (a folder moved in, or an event without paths,
 //! makes a full walk that re-reads files whose size or mtime changed), so a change in a folder of
 //! thousands of files costs what changed. A broken document is reported with
-//! its file and field and left out; everything else keeps working.
+//! its file, line and field and left out; everything else keeps working.
+//!
+//! Only the bad part suffers, as with Knative's webhook (which rejects a bad update and leaves the
+//! old object in place):
+//! - a file that stops parsing (an editor's half-saved file, a stray line) keeps its last good
+//!   objects serving until it parses again;
+//! - an object defined in two files is served from the file that defined it first; the newcomer is
+//!   reported, naming the file that holds the object already. (On the first scan, with no history,
+//!   the file whose path sorts first wins.)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
@@ -19,7 +27,7 @@ use tokio::sync::{mpsc, watch};
 use sluice_api::Ingress;
 use sluice_api::core::{EndpointSlice, Endpoints, Secret, Service};
 use sluice_api::meta::ObjectMeta;
-use sluice_api::objects::{Object, parse_documents};
+use sluice_api::objects::{Object, ParseError, read_documents};
 
 use super::{SourceError, SourceSnapshot, StateSource};
 use crate::state::ClusterState;
@@ -42,10 +50,24 @@ impl FolderSource {
 struct FileEntry {
     len: u64,
     modified: Option<SystemTime>,
-    /// (document index, object), shared so that building a snapshot copies pointers, not objects.
-    objects: Vec<(usize, Shared)>,
+    /// The objects it defines, shared so that building a snapshot copies pointers, not objects.
+    /// While the file does not parse, this holds its last good objects too.
+    objects: Vec<Defined>,
     errors: Vec<SourceError>,
 }
+
+/// One object of a file, and where it is defined.
+#[derive(Debug, Clone)]
+struct Defined {
+    /// 1-based document index in the file.
+    doc: usize,
+    /// 1-based line where the document starts.
+    line: usize,
+    object: Shared,
+}
+
+/// (kind, namespace, name): what two definitions of one object share.
+type Identity = (&'static str, String, String);
 
 /// A parsed object as the snapshot holds it: the kinds [`ClusterState`] keys by type, shared.
 #[derive(Debug, Clone)]
@@ -71,6 +93,12 @@ impl Shared {
         }
     }
 
+    /// (kind, namespace, name), for duplicate detection; None for objects without metadata.
+    fn id(&self) -> Option<Identity> {
+        self.identity()
+            .map(|(kind, meta)| (kind, meta.namespace.clone(), meta.name.clone()))
+    }
+
     /// The kind and metadata, for duplicate detection; None for objects without them.
     fn identity(&self) -> Option<(&'static str, &ObjectMeta)> {
         match self {
@@ -93,6 +121,8 @@ pub struct FolderScan {
     /// The last snapshot, when no object in it was defined twice: an edit that keeps every file's
     /// objects (kinds and names) patches it instead of rebuilding it from every file.
     last: Option<SourceSnapshot>,
+    /// The file each object is served from: it keeps the object when another file defines it too.
+    owners: BTreeMap<Identity, PathBuf>,
 }
 
 impl FolderScan {
@@ -118,7 +148,7 @@ impl FolderScan {
             {
                 continue;
             }
-            let entry = read_file(&path, len, modified);
+            let entry = read_file(&path, len, modified, self.files.get(&path));
             self.files.insert(path, entry);
         }
         self.files.retain(|p, _| seen.contains(p));
@@ -149,7 +179,7 @@ impl FolderScan {
             match std::fs::metadata(path) {
                 Ok(m) if m.is_dir() => return None,
                 Ok(m) if is_yaml(path) => {
-                    let entry = read_file(path, m.len(), m.modified().ok());
+                    let entry = read_file(path, m.len(), m.modified().ok(), self.files.get(path));
                     if let Some(old) = self.files.insert(path.clone(), entry) {
                         patch &= same_objects(&old, &self.files[path]);
                     } else {
@@ -177,8 +207,8 @@ impl FolderScan {
         }
         if patch && let Some(last) = &mut self.last {
             for path in patched {
-                for (_, object) in &self.files[path].objects {
-                    last.replace(object);
+                for defined in &self.files[path].objects {
+                    last.replace(&defined.object);
                 }
             }
             return Some(last.clone());
@@ -189,33 +219,63 @@ impl FolderScan {
     fn snapshot(&mut self) -> SourceSnapshot {
         let mut errors = self.walk_errors.clone();
         let mut state = ClusterState::default();
-        // Where each object was first defined, to name both files when one is defined twice.
-        // (Origins are formatted only when reported: this runs over every object on every change.)
-        let mut defined_at: BTreeMap<(&'static str, &str, &str), (&Path, usize)> = BTreeMap::new();
-        let mut snapshot_objects = Vec::new();
-        let mut duplicates = false;
-        let origin = |path: &Path, doc: usize| format!("{} (document {})", path.display(), doc + 1);
+        // Every definition of each object, in file order; one is served (its winner), the others
+        // are reported. (Origins are formatted only when reported: this runs over every object on
+        // every change.)
+        type Definitions<'a> = Vec<(&'a Path, &'a Defined)>;
+        let mut definitions: BTreeMap<(&'static str, &str, &str), Definitions> = BTreeMap::new();
         for (path, entry) in &self.files {
             errors.extend(entry.errors.iter().cloned());
-            for (doc, object) in &entry.objects {
-                let Some((kind, meta)) = object.identity() else {
-                    continue;
-                };
-                let id = (kind, meta.namespace.as_str(), meta.name.as_str());
-                if let Some((first_path, first_doc)) = defined_at.get(&id) {
-                    duplicates = true;
-                    errors.push(SourceError {
-                        origin: origin(path, *doc),
-                        message: format!(
-                            "{kind} {}/{} is already defined in {}; this copy is ignored",
-                            meta.namespace,
-                            meta.name,
-                            origin(first_path, *first_doc)
-                        ),
-                    });
+            for defined in &entry.objects {
+                if let Some((kind, meta)) = defined.object.identity() {
+                    definitions
+                        .entry((kind, meta.namespace.as_str(), meta.name.as_str()))
+                        .or_default()
+                        .push((path.as_path(), defined));
+                }
+            }
+        }
+        let mut owners = BTreeMap::new();
+        // The served definitions, by address: a broken file's kept objects may share a document
+        // index with its new ones.
+        let mut served: BTreeSet<*const Defined> = BTreeSet::new();
+        let mut duplicates = false;
+        for ((kind, namespace, name), defs) in &definitions {
+            let id = (*kind, namespace.to_string(), name.to_string());
+            // The file that served it before keeps it; a newcomer never replaces a running object.
+            let winner = self
+                .owners
+                .get(&id)
+                .and_then(|owner| defs.iter().position(|(p, _)| p == owner))
+                .unwrap_or(0);
+            let (winner_path, winner_def) = defs[winner];
+            served.insert(std::ptr::from_ref(winner_def));
+            for (i, (path, defined)) in defs.iter().enumerate() {
+                if i == winner {
                     continue;
                 }
-                defined_at.insert(id, (path.as_path(), *doc));
+                duplicates = true;
+                errors.push(SourceError {
+                    origin: at_line(path, defined.line),
+                    message: format!(
+                        "{kind} {namespace}/{name} is already defined in {}; this copy is ignored \
+                         (the first definition keeps serving)",
+                        at_line(winner_path, winner_def.line)
+                    ),
+                });
+            }
+            owners.insert(id, winner_path.to_path_buf());
+        }
+        let mut snapshot_objects = Vec::new();
+        for entry in self.files.values() {
+            for defined in &entry.objects {
+                let object = &defined.object;
+                let Some((_, meta)) = object.identity() else {
+                    continue;
+                };
+                if !served.contains(&std::ptr::from_ref(defined)) {
+                    continue;
+                }
                 let key = (meta.namespace.clone(), meta.name.clone());
                 match object {
                     Shared::Ingress(o) => {
@@ -241,6 +301,7 @@ impl FolderScan {
                 }
             }
         }
+        self.owners = owners;
         let snapshot = SourceSnapshot {
             state,
             errors,
@@ -256,15 +317,10 @@ impl FolderScan {
 fn same_objects(old: &FileEntry, new: &FileEntry) -> bool {
     old.errors == new.errors
         && old.objects.len() == new.objects.len()
-        && old
-            .objects
-            .iter()
-            .zip(&new.objects)
-            .all(|((_, a), (_, b))| {
-                let (a, b) = (a.identity(), b.identity());
-                a.map(|(k, m)| (k, &m.namespace, &m.name))
-                    == b.map(|(k, m)| (k, &m.namespace, &m.name))
-            })
+        && old.objects.iter().zip(&new.objects).all(|(a, b)| {
+            let (a, b) = (a.object.identity(), b.object.identity());
+            a.map(|(k, m)| (k, &m.namespace, &m.name)) == b.map(|(k, m)| (k, &m.namespace, &m.name))
+        })
 }
 
 impl SourceSnapshot {
@@ -341,7 +397,19 @@ fn collect_yaml_files(dir: &Path, out: &mut Vec<PathBuf>, errors: &mut Vec<Sourc
     }
 }
 
-fn read_file(path: &Path, len: u64, modified: Option<SystemTime>) -> FileEntry {
+/// `path:line`, as compilers print it.
+fn at_line(path: &Path, line: usize) -> String {
+    format!("{}:{line}", path.display())
+}
+
+/// Reads one file. When it cannot be read or a document does not parse, the objects it held before
+/// (`previous`) that the new text no longer yields keep serving, and the errors say so.
+fn read_file(
+    path: &Path,
+    len: u64,
+    modified: Option<SystemTime>,
+    previous: Option<&FileEntry>,
+) -> FileEntry {
     let mut entry = FileEntry {
         len,
         modified,
@@ -355,27 +423,82 @@ fn read_file(path: &Path, len: u64, modified: Option<SystemTime>) -> FileEntry {
                 origin: path.display().to_string(),
                 message: format!("cannot read file: {e}"),
             });
+            keep_last_good(&mut entry, previous);
             return entry;
         }
     };
-    for (doc, parsed) in parse_documents(&text).into_iter().enumerate() {
-        match parsed {
+    // An editor that saves in place truncates first: an empty file that held objects is most
+    // likely half-saved, so it keeps them (deleting the file removes them).
+    if text.is_empty() && previous.is_some_and(|p| !p.objects.is_empty()) {
+        entry.errors.push(SourceError {
+            origin: path.display().to_string(),
+            message: "the file is empty; delete it to remove its objects".to_string(),
+        });
+        keep_last_good(&mut entry, previous);
+        return entry;
+    }
+    for document in read_documents(&text) {
+        match document.object {
             Ok(Object::Other {
                 api_version, kind, ..
             }) if !is_known_elsewhere(&api_version, &kind) => entry.errors.push(SourceError {
-                origin: format!("{} (document {})", path.display(), doc + 1),
+                origin: at_line(path, document.line),
                 message: format!(
                     "{api_version} {kind} is not served by Sluice's networking layer; the document is ignored"
                 ),
             }),
-            Ok(object) => entry.objects.push((doc, Shared::new(object))),
-            Err(e) => entry.errors.push(SourceError {
-                origin: path.display().to_string(),
-                message: e.to_string(),
+            Ok(object) => entry.objects.push(Defined {
+                doc: document.index,
+                line: document.line,
+                object: Shared::new(object),
             }),
+            Err(e) => entry.errors.push(parse_error(path, document.line, &e)),
         }
     }
+    if !entry.errors.is_empty() {
+        keep_last_good(&mut entry, previous);
+    }
     entry
+}
+
+/// `file:line: field: message`, the line being the error's own or else its document's.
+fn parse_error(path: &Path, document_line: usize, e: &ParseError) -> SourceError {
+    let origin = at_line(path, e.line.unwrap_or(document_line));
+    let message = match &e.field {
+        Some(field) => format!("{field}: {}", e.message),
+        None => e.message.clone(),
+    };
+    SourceError { origin, message }
+}
+
+/// Keeps serving the objects a file held before it broke: those of `previous` the new read did not
+/// yield (an object that still parses is replaced by its new version). The errors name them.
+fn keep_last_good(entry: &mut FileEntry, previous: Option<&FileEntry>) {
+    let Some(previous) = previous else { return };
+    let yielded: BTreeSet<Identity> = entry.objects.iter().filter_map(|d| d.object.id()).collect();
+    let kept: Vec<Defined> = previous
+        .objects
+        .iter()
+        .filter(|d| d.object.id().is_some_and(|id| !yielded.contains(&id)))
+        .cloned()
+        .collect();
+    if kept.is_empty() {
+        return;
+    }
+    let names: Vec<String> = kept
+        .iter()
+        .filter_map(|d| d.object.identity())
+        .map(|(kind, meta)| format!("{kind} {}", meta.key()))
+        .collect();
+    let note = format!(
+        " (until this is fixed, the last good version keeps serving: {})",
+        names.join(", ")
+    );
+    for error in &mut entry.errors {
+        error.message.push_str(&note);
+    }
+    entry.objects.extend(kept);
+    entry.objects.sort_by_key(|d| d.doc);
 }
 
 /// Objects other parts of Sluice read from the same folder (so not an error here).
@@ -564,10 +687,181 @@ spec:
         assert!(snap.state.services.is_empty());
         assert_eq!(snap.errors.len(), 1, "{:?}", snap.errors);
         assert!(
-            snap.errors[0].origin.ends_with("bad.yaml"),
+            snap.errors[0].origin.ends_with("bad.yaml:8"),
             "{:?}",
             snap.errors
         );
+        assert_eq!(
+            snap.errors[0].message,
+            "spec.ports[0].port: invalid type: string \"eighty\", expected i32"
+        );
+    }
+
+    fn port_of(snap: &SourceSnapshot, name: &str) -> i32 {
+        snap.state.services[&("default".to_string(), name.to_string())]
+            .spec
+            .ports[0]
+            .port
+    }
+
+    #[test]
+    fn a_file_that_stops_parsing_keeps_its_last_good_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.yaml");
+        let good = format!("{INGRESS}---\n{SERVICE}");
+        std::fs::write(&file, &good).unwrap();
+        let mut scan = FolderScan::default();
+        let touched = BTreeSet::from([file.clone()]);
+        assert!(scan.rescan(dir.path(), &touched).errors.is_empty());
+
+        let appended = format!("{good}  bad: [\n");
+        let half_saved = String::new();
+        let truncated = good[..good.len() / 2].to_string();
+        let second_broken = format!("{INGRESS}---\napiVersion: v1\nkind: [Service\n");
+        for (case, text) in [
+            ("a bad line appended", appended),
+            ("truncated half-way", truncated),
+            ("the second document broken", second_broken),
+            ("emptied by an editor that saves in place", half_saved),
+        ] {
+            std::fs::write(&file, &text).unwrap();
+            for snap in [
+                scan.update(dir.path(), &touched).unwrap(),
+                scan.rescan(dir.path(), &touched),
+            ] {
+                assert_eq!(snap.state.ingresses.len(), 1, "{case}: {:?}", snap.errors);
+                assert_eq!(port_of(&snap, "hello"), 80, "{case}");
+                assert_eq!(snap.errors.len(), 1, "{case}: {:?}", snap.errors);
+                let error = &snap.errors[0];
+                if !text.is_empty() {
+                    let line: usize = error
+                        .origin
+                        .strip_prefix(&format!("{}:", file.display()))
+                        .and_then(|l| l.parse().ok())
+                        .unwrap_or_else(|| panic!("{case}: no file:line in {error}"));
+                    assert!(
+                        line >= 1 && line <= text.lines().count() + 1,
+                        "{case}: {error}"
+                    );
+                }
+                assert!(
+                    error
+                        .message
+                        .contains("the last good version keeps serving"),
+                    "{case}: {error}"
+                );
+            }
+        }
+
+        // Fixed (with a change): the new version is served and the error clears.
+        std::fs::write(&file, good.replace("port: 80", "port: 81")).unwrap();
+        let snap = scan.update(dir.path(), &touched).unwrap();
+        assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+        assert_eq!(port_of(&snap, "hello"), 81);
+        assert_eq!(snap, FolderScan::default().rescan(dir.path(), &touched));
+    }
+
+    #[test]
+    fn a_document_that_parses_is_updated_while_another_is_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.yaml");
+        std::fs::write(&file, format!("{SERVICE}---\n{INGRESS}")).unwrap();
+        let mut scan = FolderScan::default();
+        let touched = BTreeSet::from([file.clone()]);
+        scan.rescan(dir.path(), &touched);
+        let broken_ingress = INGRESS.replace("servicePort: 80", "servicePort: [80]");
+        std::fs::write(
+            &file,
+            format!("{}---\n{broken_ingress}", SERVICE.replace("80", "82")),
+        )
+        .unwrap();
+        let snap = scan.rescan(dir.path(), &touched);
+        assert_eq!(port_of(&snap, "hello"), 82);
+        let ingress = snap.state.ingresses.values().next().expect("kept");
+        let split = &ingress.spec.rules[0].http.as_ref().unwrap().paths[0].splits[0];
+        assert_eq!(
+            split.service_port,
+            sluice_api::ingress::IntOrString::Int(80)
+        );
+        assert!(
+            snap.errors[0].message.contains("Ingress default/hello"),
+            "{:?}",
+            snap.errors
+        );
+    }
+
+    #[test]
+    fn a_typo_below_spec_is_reported_as_file_line_and_field_and_the_last_good_version_stays() {
+        let service = "\
+apiVersion: serving.knative.dev/v1
+kind: Service
+metadata:
+  name: web
+spec:
+  template:
+    spec:
+      containers:
+      - image: web
+        command: [web]
+";
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("svc.yaml");
+        std::fs::write(&file, service).unwrap();
+        let mut scan = FolderScan::default();
+        let touched = BTreeSet::from([file.clone()]);
+        let good = scan.rescan(dir.path(), &touched);
+        assert!(good.errors.is_empty(), "{:?}", good.errors);
+        std::fs::write(&file, service.replace("command:", "comand:")).unwrap();
+        let snap = scan.update(dir.path(), &touched).unwrap();
+        assert_eq!(
+            snap.errors[0].to_string(),
+            format!(
+                "{}:10: spec.template.spec.containers[0].comand: unknown field (did you mean \
+                 `command`?) (until this is fixed, the last good version keeps serving: \
+                 Service.serving.knative.dev default/web)",
+                file.display()
+            )
+        );
+        assert_eq!(snap.objects, good.objects);
+    }
+
+    #[test]
+    fn a_new_file_never_replaces_a_running_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+        std::fs::write(&b, SERVICE).unwrap();
+        let mut scan = FolderScan::default();
+        scan.rescan(dir.path(), &BTreeSet::new());
+        // a.yaml sorts first, but b.yaml had the Service first.
+        std::fs::write(&a, format!("# a newcomer\n{}", SERVICE.replace("80", "81"))).unwrap();
+        for snap in [
+            scan.update(dir.path(), &BTreeSet::from([a.clone()]))
+                .unwrap(),
+            scan.rescan(dir.path(), &BTreeSet::new()),
+        ] {
+            assert_eq!(port_of(&snap, "hello"), 80);
+            assert_eq!(snap.errors.len(), 1, "{:?}", snap.errors);
+            assert_eq!(snap.errors[0].origin, format!("{}:3", a.display()));
+            assert_eq!(
+                snap.errors[0].message,
+                format!(
+                    "Service default/hello is already defined in {}:2; this copy is ignored \
+                     (the first definition keeps serving)",
+                    b.display()
+                )
+            );
+        }
+        // Edits to the serving file apply; the newcomer stays out.
+        std::fs::write(&b, SERVICE.replace("80", "82")).unwrap();
+        let snap = scan
+            .update(dir.path(), &BTreeSet::from([b.clone()]))
+            .unwrap();
+        assert_eq!(port_of(&snap, "hello"), 82);
+        // Once the first file lets go, the other one serves.
+        std::fs::remove_file(&b).unwrap();
+        let snap = scan.update(dir.path(), &BTreeSet::from([b])).unwrap();
+        assert_eq!(port_of(&snap, "hello"), 81);
+        assert!(snap.errors.is_empty(), "{:?}", snap.errors);
     }
 
     #[test]

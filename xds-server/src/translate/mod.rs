@@ -105,6 +105,10 @@ pub struct Translator {
     gateway: GatewayConfig,
     plans: plan::PlanCache,
     rendered: envoy::RenderCache,
+    /// The order Ingresses were first seen in, for host conflicts between objects without a
+    /// creationTimestamp (the earlier one keeps the host).
+    first_seen: plan::FirstSeen,
+    next_seen: u64,
 }
 
 impl Translator {
@@ -113,15 +117,36 @@ impl Translator {
             gateway,
             plans: plan::PlanCache::default(),
             rendered: envoy::RenderCache::default(),
+            first_seen: plan::FirstSeen::new(),
+            next_seen: 0,
         }
     }
 
     pub fn translate(&mut self, state: &ClusterState) -> Translation {
-        let plan = plan::plan_cached(state, &mut self.plans);
+        self.see(state);
+        let plan = plan::plan_cached(state, &mut self.plans, &self.first_seen);
         let resources = envoy::render(&plan, &self.gateway, &mut self.rendered);
         Translation {
             resources,
             ingresses: plan.outcomes,
+        }
+    }
+}
+
+impl Translator {
+    /// Notes Ingresses seen for the first time (those of one state in key order) and forgets
+    /// deleted ones: one recreated later is new again.
+    fn see(&mut self, state: &ClusterState) {
+        // Both maps are sorted by key: one walk tells whether any Ingress came or went.
+        if !self.first_seen.keys().eq(state.ingresses.keys()) {
+            self.first_seen
+                .retain(|k, _| state.ingresses.contains_key(k));
+            for key in state.ingresses.keys() {
+                if !self.first_seen.contains_key(key) {
+                    self.first_seen.insert(key.clone(), self.next_seen);
+                    self.next_seen += 1;
+                }
+            }
         }
     }
 }

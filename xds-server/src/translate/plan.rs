@@ -253,21 +253,37 @@ impl PlanCache {
     }
 }
 
+/// When Sluice first saw each Ingress, as a sequence number (smaller is earlier): the age of objects
+/// without a creationTimestamp (those read from files). Kept by the caller across translations.
+pub type FirstSeen = BTreeMap<ObjectKey, u64>;
+
 /// The plan of the whole state, re-planning only the Ingresses `cache` cannot answer for.
-pub fn plan_cached(state: &ClusterState, cache: &mut PlanCache) -> Plan {
+///
+/// Host conflicts: the Ingress that claimed a host first keeps it, by creationTimestamp, then (for
+/// objects without one, or the same second) the order Sluice first saw them in (`first_seen`), then
+/// namespace/name. Only the contested hosts are withheld from the newer Ingress, which says so in
+/// its status (DomainConflict, naming each host and the Ingress that serves it); its other hosts,
+/// cluster-local ones included, are served.
+pub fn plan_cached(state: &ClusterState, cache: &mut PlanCache, first_seen: &FirstSeen) -> Plan {
     let mut out = Plan::default();
     let slices = slice_index(state);
-    // Oldest first, so on a host conflict the Ingress that had the host keeps it (Knative's rule).
-    let mut ingresses: Vec<(&ObjectKey, &Arc<Ingress>)> = state
+    // Sorted by age (one first-seen lookup per Ingress, not per comparison); objects without a
+    // timestamp or a first-seen number sort after those with one.
+    let mut aged: Vec<_> = state
         .ingresses
         .iter()
         .filter(|(_, ing)| ing.is_sluice_class())
+        .map(|(key, ing)| {
+            let created = ing.metadata.creation_timestamp.as_deref();
+            let seen = first_seen.get(key).copied();
+            ((created.is_none(), created, seen.is_none(), seen, key), ing)
+        })
         .collect();
-    ingresses.sort_by(|(ka, a), (kb, b)| {
-        let ta = &a.metadata.creation_timestamp;
-        let tb = &b.metadata.creation_timestamp;
-        (ta.is_none(), ta, ka).cmp(&(tb.is_none(), tb, kb))
-    });
+    aged.sort_unstable_by_key(|(age, _)| *age);
+    let ingresses: Vec<(&ObjectKey, &Arc<Ingress>)> = aged
+        .into_iter()
+        .map(|((.., key), ing)| (key, ing))
+        .collect();
 
     let planned: Vec<_> = ingresses
         .into_iter()
@@ -286,24 +302,44 @@ pub fn plan_cached(state: &ClusterState, cache: &mut PlanCache) -> Plan {
                 message: message.clone(),
             },
             Ok(p) => {
-                let conflict = p
+                let contested: Vec<(&str, &ObjectKey)> = p
                     .claims
                     .iter()
-                    .find_map(|h| claimed.get(h.as_str()).map(|owner| (h, owner)));
-                if let Some((host, (ns, name))) = conflict {
-                    IngressOutcome::Rejected {
-                        reason: REASON_DOMAIN_CONFLICT.to_string(),
-                        message: format!("host {host} is already served by Ingress {ns}/{name}"),
-                    }
-                } else {
-                    for h in &p.claims {
-                        claimed.insert(h, key);
-                    }
+                    .filter_map(|h| claimed.get(h.as_str()).map(|owner| (h.as_str(), *owner)))
+                    .collect();
+                for h in &p.claims {
+                    claimed.entry(h).or_insert(key);
+                }
+                clusters.extend(p.clusters.iter());
+                if contested.is_empty() {
                     out.vhosts.extend(p.vhosts.iter().cloned());
-                    clusters.extend(p.clusters.iter());
                     out.tls_chains.extend(p.tls_chains.iter().cloned());
                     IngressOutcome::Programmed {
                         hash: p.hash.clone(),
+                    }
+                } else {
+                    let withheld: BTreeSet<&str> = contested.iter().map(|(h, _)| *h).collect();
+                    out.vhosts
+                        .extend(p.vhosts.iter().filter_map(|v| without_hosts(v, &withheld)));
+                    out.tls_chains.extend(p.tls_chains.iter().map(|c| {
+                        let mut c = c.clone();
+                        c.server_names.retain(|n| !withheld.contains(n.as_str()));
+                        c
+                    }));
+                    let each: Vec<String> = contested
+                        .iter()
+                        .map(|(host, (ns, name))| {
+                            format!("host {host} is already served by Ingress {ns}/{name}")
+                        })
+                        .collect();
+                    let rest = if withheld.len() < p.claims.len() {
+                        "; its other hosts are served"
+                    } else {
+                        ""
+                    };
+                    IngressOutcome::Rejected {
+                        reason: REASON_DOMAIN_CONFLICT.to_string(),
+                        message: format!("{}{rest}", each.join("; ")),
                     }
                 }
             }
@@ -332,6 +368,31 @@ pub fn plan_cached(state: &ClusterState, cache: &mut PlanCache) -> Plan {
     dedupe_server_names(&mut out.tls_chains);
     out.sidecars = state.sidecars.values().cloned().collect();
     out
+}
+
+/// `vhost` without the `withheld` host keys; None when none of its hosts is left.
+fn without_hosts(
+    vhost: &Arc<VirtualHostPlan>,
+    withheld: &BTreeSet<&str>,
+) -> Option<Arc<VirtualHostPlan>> {
+    let claims = host_claims(&vhost.hosts);
+    if !claims.iter().any(|h| withheld.contains(h.as_str())) {
+        return Some(vhost.clone());
+    }
+    // A catch-all ("*") has no host to keep; others keep what is not contested.
+    let hosts: Vec<String> = vhost
+        .hosts
+        .iter()
+        .filter(|h| !withheld.contains(h.as_str()))
+        .cloned()
+        .collect();
+    if hosts.is_empty() {
+        return None;
+    }
+    Some(Arc::new(VirtualHostPlan {
+        hosts,
+        ..VirtualHostPlan::clone(vhost)
+    }))
 }
 
 /// The host keys a virtual host claims ("*" for a catch-all rule).

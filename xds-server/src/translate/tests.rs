@@ -528,6 +528,91 @@ fn host_conflicts_reject_the_newer_ingress_only() {
 }
 
 #[test]
+fn only_the_contested_host_is_withheld_and_the_loser_says_which() {
+    let mut old = simple("old", "dup.example.com", "a");
+    old.metadata.creation_timestamp = Some("2026-01-01T00:00:00Z".into());
+    let mut new = ing(
+        "aaa-new",
+        "  rules:\n  - hosts: [dup.example.com, mine.example.com]\n    visibility: ExternalIP\n    http:\n      paths:\n      - splits:\n        - {serviceNamespace: ns, serviceName: b, servicePort: 80}\n  - hosts: [aaa-new.ns.svc.cluster.local]\n    visibility: ClusterLocal\n    http:\n      paths:\n      - splits:\n        - {serviceNamespace: ns, serviceName: b, servicePort: 80}\n",
+    );
+    new.metadata.creation_timestamp = Some("2026-02-01T00:00:00Z".into());
+    let t = translate(&state(&[old, new], &["a", "b"]), &gateway());
+    assert!(t.ingresses[&("ns".into(), "old".into())].hash().is_some());
+    let (reason, message) = t.ingresses[&("ns".into(), "aaa-new".into())]
+        .rejection()
+        .unwrap();
+    assert_eq!(reason, REASON_DOMAIN_CONFLICT);
+    assert_eq!(
+        message,
+        "host dup.example.com is already served by Ingress ns/old; its other hosts are served"
+    );
+    let external = route_config(&t, "external");
+    assert!(
+        vhost(external, "dup.example.com")
+            .unwrap()
+            .name
+            .starts_with("ns/old/")
+    );
+    let mine = vhost(external, "mine.example.com").expect("uncontested host still served");
+    assert!(mine.name.starts_with("ns/aaa-new/"));
+    assert!(
+        !mine
+            .domains
+            .iter()
+            .any(|d| d.starts_with("dup.example.com"))
+    );
+    let internal = route_config(&t, "internal");
+    let local = vhost(internal, "aaa-new.ns.svc.cluster.local").expect("cluster-local host kept");
+    assert!(local.name.starts_with("ns/aaa-new/"));
+}
+
+#[test]
+fn without_creation_timestamps_the_ingress_seen_first_keeps_the_host() {
+    // Objects from files have no creationTimestamp: the one Sluice saw first wins, whatever the name.
+    let first = simple("zzz-first", "dup.example.com", "a");
+    let newcomer = simple("aaa-newcomer", "dup.example.com", "b");
+    let mut translator = Translator::new(gateway());
+    translator.translate(&state(std::slice::from_ref(&first), &["a", "b"]));
+    let both = state(&[first.clone(), newcomer.clone()], &["a", "b"]);
+    for _ in 0..2 {
+        let t = translator.translate(&both);
+        assert!(
+            t.ingresses[&("ns".into(), "zzz-first".into())]
+                .hash()
+                .is_some()
+        );
+        let (reason, message) = t.ingresses[&("ns".into(), "aaa-newcomer".into())]
+            .rejection()
+            .expect("the newcomer is told");
+        assert_eq!(reason, REASON_DOMAIN_CONFLICT);
+        assert_eq!(
+            message,
+            "host dup.example.com is already served by Ingress ns/zzz-first"
+        );
+        let v = vhost(route_config(&t, "external"), "dup.example.com").unwrap();
+        assert!(v.name.starts_with("ns/zzz-first/"), "{}", v.name);
+    }
+    // Once the first is deleted, the other gets the host; a recreated one is new again.
+    let t = translator.translate(&state(std::slice::from_ref(&newcomer), &["a", "b"]));
+    assert!(
+        t.ingresses[&("ns".into(), "aaa-newcomer".into())]
+            .hash()
+            .is_some()
+    );
+    let t = translator.translate(&both);
+    assert!(
+        t.ingresses[&("ns".into(), "aaa-newcomer".into())]
+            .hash()
+            .is_some()
+    );
+    assert!(
+        t.ingresses[&("ns".into(), "zzz-first".into())]
+            .rejection()
+            .is_some()
+    );
+}
+
+#[test]
 fn bad_ingresses_are_rejected_with_reasons_and_leave_the_rest_alone() {
     let bad_sum = ing(
         "sum",
