@@ -31,7 +31,8 @@ use sluice_autoscaler::{
     AutoscalerConfig, AutoscalerService, Mode, RevisionScaling, ScaleError, Scaler, ServiceOptions,
 };
 use sluice_runtime::{
-    InstanceState, LaunchSpec, ProbeAction, ProcessRuntime, RuntimeOptions, RuntimeSnapshot,
+    InstanceState, LaunchSpec, PortLease, PortPool, ProbeAction, ProcessRuntime, RuntimeOptions,
+    RuntimeSnapshot,
 };
 use sluice_serving::{
     KNATIVE_SERVING_NAMESPACE, ReconcileInput, RevisionFacts, RevisionHealth, ServingConfig,
@@ -116,8 +117,8 @@ struct Launched {
 struct PlaneState {
     serving: ServingState,
     launched: BTreeMap<RevisionKey, Launched>,
-    /// Instance name -> its sidecar listener's port; kept while the instance lives.
-    sidecar_ports: BTreeMap<String, u16>,
+    /// Instance name -> its sidecar listener's port; held while the instance lives.
+    sidecar_ports: BTreeMap<String, PortLease>,
     /// The KIngresses the serving controller made (`namespace/name`): the only ones whose status it
     /// reads.
     owned_ingresses: BTreeSet<String>,
@@ -131,6 +132,8 @@ pub struct ServingPlane {
     activator_addr: SocketAddr,
     dir: PathBuf,
     address: IpAddr,
+    /// Ports for instances and their sidecar listeners (one pool, so the two never collide).
+    ports: Arc<PortPool>,
     wasm_missing: Option<String>,
     external_port: u16,
     state: Mutex<PlaneState>,
@@ -155,9 +158,11 @@ impl ServingPlane {
     pub fn start(
         options: ServingOptions,
     ) -> anyhow::Result<(Arc<ServingPlane>, watch::Receiver<ServingReport>)> {
-        let runtime = Arc::new(ProcessRuntime::new(RuntimeOptions::new(
-            &options.state_dir,
-        ))?);
+        let ports = PortPool::for_instances(options.address);
+        let runtime = Arc::new(ProcessRuntime::new(RuntimeOptions {
+            ports: ports.clone(),
+            ..RuntimeOptions::new(&options.state_dir)
+        })?);
         let stats_url: http::Uri = format!(
             "http://{}/stats/prometheus?usedonly&filter=^sluice_qp__",
             options.envoy_admin
@@ -196,6 +201,7 @@ impl ServingPlane {
             activator_addr,
             dir: options.dir,
             address: options.address,
+            ports,
             wasm_missing: options.wasm_missing,
             external_port: options.external_port,
             state: Mutex::new(PlaneState {
@@ -381,9 +387,23 @@ impl ServingPlane {
             let mut instance_reports = Vec::new();
             for inst in instances {
                 live_instances.insert(inst.name.clone());
-                let port = *sidecar_ports
-                    .entry(inst.name.clone())
-                    .or_insert_with(|| free_port(self.address));
+                let port = match sidecar_ports.get(&inst.name) {
+                    Some(lease) => lease.port(),
+                    None => match self.ports.lease() {
+                        Ok(lease) => {
+                            let port = lease.port();
+                            sidecar_ports.insert(inst.name.clone(), lease);
+                            port
+                        }
+                        Err(e) => {
+                            errors.push(SourceError {
+                                origin: format!("Revision {key}"),
+                                message: format!("instance {}: sidecar listener: {e}", inst.name),
+                            });
+                            continue;
+                        }
+                    },
+                };
                 let listen = SocketAddr::new(self.address, port);
                 derived.sidecars.insert(
                     (key.namespace.clone(), inst.name.clone()),
@@ -643,14 +663,6 @@ fn revision_endpoints(key: &RevisionKey, port_name: &str, addrs: &[SocketAddr]) 
         })
         .collect();
     eps
-}
-
-/// A free port for a sidecar listener (bind 0, close): Envoy binds it right after.
-fn free_port(address: IpAddr) -> u16 {
-    std::net::TcpListener::bind(SocketAddr::new(address, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
 }
 
 /// The folder source with the serving plane in front of it.
