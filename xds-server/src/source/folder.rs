@@ -193,6 +193,7 @@ impl FolderScan {
         // (Origins are formatted only when reported: this runs over every object on every change.)
         let mut defined_at: BTreeMap<(&'static str, &str, &str), (&Path, usize)> = BTreeMap::new();
         let mut snapshot_objects = Vec::new();
+        let mut origins = BTreeMap::new();
         let mut duplicates = false;
         let origin = |path: &Path, doc: usize| format!("{} (document {})", path.display(), doc + 1);
         for (path, entry) in &self.files {
@@ -236,6 +237,10 @@ impl FolderScan {
                     Shared::Other(other) => {
                         if !matches!(**other, Object::Other { .. }) {
                             snapshot_objects.push(Object::clone(other));
+                            origins.insert(
+                                format!("{kind} {}/{}", meta.namespace, meta.name),
+                                origin(path, *doc),
+                            );
                         }
                     }
                 }
@@ -245,6 +250,7 @@ impl FolderScan {
             state,
             errors,
             objects: snapshot_objects,
+            origins,
         };
         self.last = (!duplicates).then(|| snapshot.clone());
         snapshot
