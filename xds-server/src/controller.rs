@@ -787,6 +787,7 @@ mod tests {
     use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 
     use super::*;
+    use crate::status::LoadBalancers;
 
     fn resources(clusters: &[&str]) -> Resources {
         Resources {
@@ -835,5 +836,99 @@ mod tests {
             !keep_removed_clusters(&mut same, &previous),
             "nothing dropped"
         );
+    }
+
+    fn reconciler() -> Reconciler {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        Reconciler::new(ControllerConfig {
+            gateway: GatewayConfig {
+                external_address: addr,
+                internal_address: addr,
+                tls_address: None,
+                queue_proxy_wasm: None,
+            },
+            load_balancers: LoadBalancers {
+                public: Default::default(),
+                private: Default::default(),
+            },
+            probe_external: addr,
+            probe_internal: addr,
+        })
+    }
+
+    fn listener(name: &str, port: u32) -> Arc<Listener> {
+        use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
+        Arc::new(Listener {
+            name: name.to_string(),
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: "127.0.0.1".into(),
+                    port_specifier: Some(
+                        envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(port),
+                    ),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })
+    }
+
+    fn listeners(r: &Resources) -> Vec<(String, String)> {
+        r.listeners
+            .iter()
+            .map(|l| (l.name.clone(), content_version(&**l)))
+            .collect()
+    }
+
+    #[test]
+    fn a_rejected_listener_is_held_back_until_its_content_changes() {
+        let mut r = reconciler();
+        // Envoy runs generation 1 with "a" on port 1 and "b".
+        let one = Resources {
+            listeners: vec![listener("a", 1), listener("b", 2)],
+            ..Default::default()
+        };
+        let snap = r.next_snapshot(1, &one);
+        r.generation = 1;
+        r.publish(snap, one);
+        r.acked = r.last.clone();
+        // Generation 2 moves "a" to port 3 and adds "c"; Envoy rejects "a" and "c".
+        let two = Resources {
+            listeners: vec![listener("a", 3), listener("b", 2), listener("c", 4)],
+            ..Default::default()
+        };
+        let snap = r.next_snapshot(2, &two);
+        r.generation = 2;
+        r.publish(snap, two.clone());
+        let rejection = |name: &str, port: u32| Rejection {
+            type_url: LISTENER_TYPE_URL.to_string(),
+            name: name.to_string(),
+            version: content_version(&*listener(name, port)),
+            message: "cannot bind".to_string(),
+        };
+        let next = r
+            .quarantine(&[rejection("a", 3), rejection("c", 4)])
+            .expect("a new snapshot without them");
+        assert_eq!(next.generation(), 3);
+        // "a" is served as Envoy runs it, "c" is left out, "b" is untouched.
+        assert_eq!(
+            listeners(&r.last_resources),
+            [
+                ("a".to_string(), content_version(&*listener("a", 1))),
+                ("b".to_string(), content_version(&*listener("b", 2))),
+            ]
+        );
+        assert!(r.quarantine(&[rejection("a", 3)]).is_none(), "known");
+        // The same content again stays held back; a change gets a new try.
+        let mut same = two.clone();
+        r.hold_back(&mut same);
+        assert_eq!(same.listeners.len(), 2);
+        let mut moved = Resources {
+            listeners: vec![listener("a", 3), listener("b", 2), listener("c", 5)],
+            ..Default::default()
+        };
+        r.hold_back(&mut moved);
+        assert_eq!(moved.listeners.len(), 3);
+        assert_eq!(r.quarantined.len(), 1, "only a stays held back");
     }
 }
