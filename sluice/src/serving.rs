@@ -730,7 +730,7 @@ fn revision_origin(
         .map(|r| r.metadata.labels.clone())
         .unwrap_or_default();
     let owner = [
-        ("Service", "serving.knative.dev/service"),
+        ("Service.serving.knative.dev", "serving.knative.dev/service"),
         ("Configuration", "serving.knative.dev/configuration"),
     ]
     .into_iter()
