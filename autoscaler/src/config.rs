@@ -115,6 +115,11 @@ pub struct AnnotationError {
     pub message: String,
 }
 
+/// Every bad autoscaling annotation of a revision (at least one).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}", self.0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct AnnotationErrors(pub Vec<AnnotationError>);
+
 /// Knative's `autoscalerconfig.Config`: the `config-autoscaler` config map, with Knative's defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AutoscalerConfig {
@@ -814,6 +819,29 @@ impl RevisionScaling {
         })
     }
 
+    /// Like [`RevisionScaling::new`], but names every bad annotation, not only the first: each bad
+    /// one is set aside and the rest validated again, so a user fixes them all in one edit.
+    pub fn validate_all(
+        config: &AutoscalerConfig,
+        annotations: &BTreeMap<String, String>,
+        container_concurrency: u32,
+    ) -> Result<RevisionScaling, AnnotationErrors> {
+        let mut rest = annotations.clone();
+        let mut errors = Vec::new();
+        loop {
+            match RevisionScaling::new(config, &rest, container_concurrency) {
+                Ok(scaling) if errors.is_empty() => return Ok(scaling),
+                Ok(_) => return Err(AnnotationErrors(errors)),
+                // A check that names a key not set here (a config-map default) cannot be set aside.
+                Err(e) if rest.remove(&e.annotation).is_none() => {
+                    errors.push(e);
+                    return Err(AnnotationErrors(errors));
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+    }
+
     /// Knative's `PodAutoscaler.ScaleBounds`: (min, max); an unreachable revision has no minimum.
     pub fn scale_bounds(&self) -> (u32, u32) {
         let min = match self.reachability {
@@ -1243,5 +1271,38 @@ mod tests {
         let mut r = resolve(&[("autoscaling.knative.dev/min-scale", "3")], 0).unwrap();
         r.reachability = Reachability::Unreachable;
         assert_eq!(r.scale_bounds(), (0, 0));
+    }
+
+    #[test]
+    fn every_bad_annotation_is_named() {
+        let annotations = BTreeMap::from([
+            (
+                "autoscaling.knative.dev/min-scale".to_string(),
+                "lots".to_string(),
+            ),
+            (
+                "autoscaling.knative.dev/target".to_string(),
+                "-3".to_string(),
+            ),
+            (
+                "autoscaling.knative.dev/metric".to_string(),
+                "concurrency".to_string(),
+            ),
+        ]);
+        let err = RevisionScaling::validate_all(&AutoscalerConfig::default(), &annotations, 0)
+            .unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|e| e.annotation.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "autoscaling.knative.dev/min-scale",
+                "autoscaling.knative.dev/target"
+            ],
+            "{err}"
+        );
+        assert!(
+            RevisionScaling::validate_all(&AutoscalerConfig::default(), &BTreeMap::new(), 0)
+                .is_ok()
+        );
     }
 }

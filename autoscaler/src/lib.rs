@@ -29,8 +29,8 @@ pub mod service;
 mod test_support;
 
 pub use config::{
-    AggregationAlgorithm, AnnotationError, AutoscalerConfig, ConfigError, Reachability,
-    RevisionScaling, ScalingMetric,
+    AggregationAlgorithm, AnnotationError, AnnotationErrors, AutoscalerConfig, ConfigError,
+    Reachability, RevisionScaling, ScalingMetric,
 };
 pub use kpa::{DeciderSpec, DeciderStatus, ScaleResult};
 pub use reconciler::{Activity, Decision, Mode, PaStatus, scale_decision};

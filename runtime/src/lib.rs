@@ -23,6 +23,7 @@ mod backoff;
 mod expand;
 mod logs;
 mod plan;
+mod ports;
 mod probe;
 mod readiness;
 mod runtime;
@@ -42,6 +43,7 @@ pub use logs::{
     revision_log_dir,
 };
 pub use plan::{PlanInstance, ScalePlan, plan_scale};
+pub use ports::{PortLease, PortPool, PortsExhausted, instance_port_range};
 pub use readiness::{ProbeTiming, ReadinessTracker};
 pub use runtime::ProcessRuntime;
 pub use spec::{LaunchSpec, Probe, ProbeAction};
@@ -55,6 +57,9 @@ pub struct RuntimeOptions {
     pub probe_timing: ProbeTiming,
     /// Restart backoff for instances that exit on their own.
     pub backoff: BackoffPolicy,
+    /// Where instances' PORTs come from; share it with whatever else allocates ports for instances
+    /// (their sidecar listeners), so the two never collide.
+    pub ports: std::sync::Arc<PortPool>,
 }
 
 impl RuntimeOptions {
@@ -63,6 +68,7 @@ impl RuntimeOptions {
             state_dir: state_dir.into(),
             probe_timing: ProbeTiming::default(),
             backoff: BackoffPolicy::default(),
+            ports: PortPool::for_instances(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
         }
     }
 }
@@ -178,7 +184,7 @@ pub enum RuntimeError {
         source: std::io::Error,
     },
     #[error("cannot pick a free port on 127.0.0.1: {0}")]
-    Port(#[source] std::io::Error),
+    Ports(#[source] PortsExhausted),
     #[error("instance logs at {path}: {source}")]
     Logs {
         path: PathBuf,

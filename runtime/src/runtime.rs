@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -68,6 +68,8 @@ struct Instance {
     /// The process group to signal (the child is its leader); `None` once the process is reaped.
     pgid: Option<i32>,
     stop: Option<oneshot::Sender<()>>,
+    /// Its PORT, back to the pool when the instance is gone.
+    _port: crate::PortLease,
 }
 
 impl ProcessRuntime {
@@ -385,11 +387,6 @@ impl Shared {
         key: &RevisionKey,
         id: u64,
     ) -> Result<(), RuntimeError> {
-        let used_ports: HashSet<u16> = inner
-            .revisions
-            .values()
-            .flat_map(|r| r.instances.iter().map(|i| i.status.port))
-            .collect();
         let rev = inner
             .revisions
             .get_mut(key)
@@ -403,7 +400,8 @@ impl Shared {
                 .collect();
             self.instance_name(&key.name, id, &taken)
         };
-        let port = free_port(&used_ports).map_err(RuntimeError::Port)?;
+        let lease = self.options.ports.lease().map_err(RuntimeError::Ports)?;
+        let port = lease.port();
         let (log_path, log) = open_instance_log(
             &self.options.state_dir,
             &key.namespace,
@@ -503,6 +501,7 @@ impl Shared {
             },
             pgid,
             stop: Some(stop_tx),
+            _port: lease,
         });
         tracing::info!(revision = %key, instance = %name, ?pid, port, "instance started");
         let task = InstanceTask {
@@ -753,25 +752,6 @@ fn instance_env(spec: &LaunchSpec, port: u16) -> Vec<(String, String)> {
     env
 }
 
-/// A port on 127.0.0.1 that was free a moment ago: bind port 0, read it, close. Another process can
-/// take it before the instance binds it (a small race every local PaaS has); the instance then fails to
-/// start and is replaced on another port.
-fn free_port(used: &HashSet<u16>) -> std::io::Result<u16> {
-    let mut last = None;
-    for _ in 0..16 {
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-            .local_addr()?
-            .port();
-        if !used.contains(&port) {
-            return Ok(port);
-        }
-        last = Some(port);
-    }
-    Err(std::io::Error::other(format!(
-        "the kernel kept handing out ports already given to instances (last {last:?})"
-    )))
-}
-
 fn signal_group(pgid: i32, signal: i32) {
     if pgid <= 1 {
         return;
@@ -841,12 +821,5 @@ mod tests {
         assert!(xs.len() >= 2, "{} pieces", xs.len());
         assert!(xs.iter().all(|x| x.len() <= MAX_LOG_LINE + 8 * 1024));
         assert_eq!(xs.iter().map(|x| x.len()).sum::<usize>(), long);
-    }
-
-    #[test]
-    fn free_ports_skip_ports_in_use() {
-        let first = free_port(&HashSet::new()).unwrap();
-        let second = free_port(&HashSet::from([first])).unwrap();
-        assert_ne!(first, second);
     }
 }

@@ -31,7 +31,8 @@ use sluice_autoscaler::{
     AutoscalerConfig, AutoscalerService, Mode, RevisionScaling, ScaleError, Scaler, ServiceOptions,
 };
 use sluice_runtime::{
-    InstanceState, LaunchSpec, ProbeAction, ProcessRuntime, RuntimeOptions, RuntimeSnapshot,
+    InstanceState, LaunchSpec, PortLease, PortPool, ProbeAction, ProcessRuntime, RuntimeOptions,
+    RuntimeSnapshot,
 };
 use sluice_serving::{
     KNATIVE_SERVING_NAMESPACE, ReconcileInput, RevisionFacts, RevisionHealth, ServingConfig,
@@ -41,9 +42,13 @@ use sluice_xds_server::controller::StatusReport;
 use sluice_xds_server::source::folder::FolderSource;
 use sluice_xds_server::source::{SourceError, SourceSnapshot, StateSource};
 use sluice_xds_server::state::InstanceSidecar;
+use sluice_xds_server::translate::SIDECAR_PREFIX;
 
 /// The ConfigMap of Knative's autoscaler settings (namespace knative-serving).
 const CONFIG_AUTOSCALER: &str = "config-autoscaler";
+/// How often, and how long, a new sidecar listener is checked for whether Envoy bound it.
+const SIDECAR_CHECK_INTERVAL: Duration = Duration::from_millis(5);
+const SIDECAR_CHECK_PATIENCE: Duration = Duration::from_secs(30);
 /// Restarts without ever getting ready after which a revision is reported failed.
 const FAILED_AFTER_RESTARTS: u32 = 3;
 
@@ -111,19 +116,36 @@ struct Launched {
     port_name: String,
     activator_config: Option<RevisionConfig>,
     confirmed: Option<Mode>,
+    /// An instance passed its readiness probe once: Knative keeps the Revision Ready at zero.
+    ever_ready: bool,
+    /// `initial-scale: 0` (allowed by config-autoscaler): Knative makes it Ready without an instance,
+    /// and its first request cold-starts it through the activator.
+    zero_start: bool,
 }
 
 struct PlaneState {
     serving: ServingState,
     launched: BTreeMap<RevisionKey, Launched>,
-    /// Instance name -> its sidecar listener's port; kept while the instance lives.
-    sidecar_ports: BTreeMap<String, u16>,
+    /// Instance name -> its sidecar listener's port; held while the instance lives.
+    sidecar_ports: BTreeMap<String, PortLease>,
     /// The KIngresses the serving controller made (`namespace/name`): the only ones whose status it
     /// reads.
     owned_ingresses: BTreeSet<String>,
+    /// Revisions that cannot run (bad autoscaling annotations...): why, reported as Ready=False.
+    invalid: BTreeMap<RevisionKey, String>,
+    /// Instances whose sidecar listener accepts connections (Envoy bound it): only those get traffic,
+    /// so a new instance is never an endpoint before its listener exists (a failed request during
+    /// scale-up). Keyed by instance name, with the port that answered.
+    sidecar_live: BTreeMap<String, u16>,
+    /// Sidecar listeners being checked (instance name -> port).
+    sidecar_checking: BTreeMap<String, u16>,
+    /// Envoy's rejection each instance's sidecar port was last changed for.
+    port_rejections: BTreeMap<String, String>,
 }
 
 pub struct ServingPlane {
+    /// Itself, for the background checks it starts.
+    me: std::sync::Weak<ServingPlane>,
     runtime: Arc<ProcessRuntime>,
     autoscaler: AutoscalerService,
     activator: Activator,
@@ -131,10 +153,14 @@ pub struct ServingPlane {
     activator_addr: SocketAddr,
     dir: PathBuf,
     address: IpAddr,
+    /// Ports for instances and their sidecar listeners (one pool, so the two never collide).
+    ports: Arc<PortPool>,
     wasm_missing: Option<String>,
     external_port: u16,
     state: Mutex<PlaneState>,
     report: watch::Sender<ServingReport>,
+    /// Bumped when a sidecar listener starts accepting connections: a re-sync adds its endpoint.
+    sidecar_changes: watch::Sender<u64>,
 }
 
 struct RuntimeScaler(Arc<ProcessRuntime>);
@@ -155,9 +181,11 @@ impl ServingPlane {
     pub fn start(
         options: ServingOptions,
     ) -> anyhow::Result<(Arc<ServingPlane>, watch::Receiver<ServingReport>)> {
-        let runtime = Arc::new(ProcessRuntime::new(RuntimeOptions::new(
-            &options.state_dir,
-        ))?);
+        let ports = PortPool::for_instances(options.address);
+        let runtime = Arc::new(ProcessRuntime::new(RuntimeOptions {
+            ports: ports.clone(),
+            ..RuntimeOptions::new(&options.state_dir)
+        })?);
         let stats_url: http::Uri = format!(
             "http://{}/stats/prometheus?usedonly&filter=^sluice_qp__",
             options.envoy_admin
@@ -188,7 +216,8 @@ impl ServingPlane {
             }
         });
         let (report, report_rx) = watch::channel(ServingReport::default());
-        let plane = Arc::new(ServingPlane {
+        let plane = Arc::new_cyclic(|me| ServingPlane {
+            me: me.clone(),
             runtime,
             autoscaler,
             activator,
@@ -196,6 +225,7 @@ impl ServingPlane {
             activator_addr,
             dir: options.dir,
             address: options.address,
+            ports,
             wasm_missing: options.wasm_missing,
             external_port: options.external_port,
             state: Mutex::new(PlaneState {
@@ -203,7 +233,12 @@ impl ServingPlane {
                 launched: BTreeMap::new(),
                 sidecar_ports: BTreeMap::new(),
                 owned_ingresses: BTreeSet::new(),
+                invalid: BTreeMap::new(),
+                sidecar_live: BTreeMap::new(),
+                sidecar_checking: BTreeMap::new(),
+                port_rejections: BTreeMap::new(),
             }),
+            sidecar_changes: watch::channel(0).0,
             report,
         });
         Ok((plane, report_rx))
@@ -240,6 +275,7 @@ impl ServingPlane {
         &self,
         source: &SourceSnapshot,
         ingress_statuses: &BTreeMap<String, IngressStatus>,
+        rejected_sidecars: &BTreeMap<String, String>,
     ) -> SourceSnapshot {
         let mut errors = source.errors.clone();
         let mut input = ReconcileInput::default();
@@ -298,19 +334,8 @@ impl ServingPlane {
         let runtime = self.runtime.snapshot();
         let decisions = self.autoscaler.decisions().borrow().clone();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        for key in state.launched.keys() {
-            input
-                .revision_facts
-                .insert(key.clone(), facts(&runtime, key, decisions.get(key)));
-        }
-        let out = reconcile(&input, &mut state.serving);
+        let mut out = self.reconcile_with_facts(&mut input, &mut state, &runtime, &decisions);
         state.owned_ingresses = out.ingresses.iter().map(|i| i.metadata.key()).collect();
-        for warning in &out.warnings {
-            errors.push(SourceError {
-                origin: "serving".to_string(),
-                message: warning.clone(),
-            });
-        }
 
         // Start what is new, stop what is gone.
         let wanted: BTreeSet<RevisionKey> = out
@@ -333,6 +358,10 @@ impl ServingPlane {
                 tracing::warn!(revision = %key, "{e}");
             }
         }
+        state.invalid.retain(|k, _| wanted.contains(k));
+        // A launch that changes what the controller concludes (a revision Ready at once, or one that
+        // cannot run) is reconciled again, so the change shows now rather than at the next event.
+        let mut again = false;
         for rev in &out.revisions {
             let key = RevisionKey::new(&rev.metadata.namespace, &rev.metadata.name);
             if state.launched.contains_key(&key) {
@@ -341,13 +370,30 @@ impl ServingPlane {
             match self.launch(rev, &key, &autoscaler_config, &out.revision_services) {
                 Ok(launched) => {
                     tracing::info!(revision = %key, "revision created");
+                    again |= launched.zero_start || state.invalid.remove(&key).is_some();
                     state.launched.insert(key, launched);
                 }
-                Err(message) => errors.push(SourceError {
-                    origin: format!("Revision {key}"),
-                    message,
-                }),
+                Err(message) => {
+                    again |= state.invalid.get(&key) != Some(&message);
+                    state.invalid.insert(key, message);
+                }
             }
+        }
+        if again {
+            out = self.reconcile_with_facts(&mut input, &mut state, &runtime, &decisions);
+            state.owned_ingresses = out.ingresses.iter().map(|i| i.metadata.key()).collect();
+        }
+        for warning in &out.warnings {
+            errors.push(SourceError {
+                origin: "serving".to_string(),
+                message: warning.clone(),
+            });
+        }
+        for (key, message) in &state.invalid {
+            errors.push(SourceError {
+                origin: revision_origin(&source.origins, &out, key),
+                message: message.clone(),
+            });
         }
 
         // The derived networking state.
@@ -372,6 +418,9 @@ impl ServingPlane {
         let PlaneState {
             launched,
             sidecar_ports,
+            sidecar_live,
+            sidecar_checking,
+            port_rejections,
             ..
         } = &mut *state;
         for (key, l) in launched.iter_mut() {
@@ -381,9 +430,32 @@ impl ServingPlane {
             let mut instance_reports = Vec::new();
             for inst in instances {
                 live_instances.insert(inst.name.clone());
-                let port = *sidecar_ports
-                    .entry(inst.name.clone())
-                    .or_insert_with(|| free_port(self.address));
+                // Envoy could not bind this port (another program took it): take another one.
+                if let Some(why) = rejected_sidecars
+                    .get(&format!("{SIDECAR_PREFIX}{}/{}", key.namespace, inst.name))
+                    && port_rejections.get(&inst.name) != Some(why)
+                {
+                    tracing::warn!(instance = %inst.name, "Envoy rejected its sidecar listener ({why}): moving it to another port");
+                    port_rejections.insert(inst.name.clone(), why.clone());
+                    sidecar_ports.remove(&inst.name);
+                }
+                let port = match sidecar_ports.get(&inst.name) {
+                    Some(lease) => lease.port(),
+                    None => match self.ports.lease() {
+                        Ok(lease) => {
+                            let port = lease.port();
+                            sidecar_ports.insert(inst.name.clone(), lease);
+                            port
+                        }
+                        Err(e) => {
+                            errors.push(SourceError {
+                                origin: format!("Revision {key}"),
+                                message: format!("instance {}: sidecar listener: {e}", inst.name),
+                            });
+                            continue;
+                        }
+                    },
+                };
                 let listen = SocketAddr::new(self.address, port);
                 derived.sidecars.insert(
                     (key.namespace.clone(), inst.name.clone()),
@@ -401,7 +473,12 @@ impl ServingPlane {
                     .into(),
                 );
                 if inst.state == InstanceState::Ready {
-                    ready_sidecars.push(listen);
+                    if sidecar_live.get(&inst.name) == Some(&port) {
+                        ready_sidecars.push(listen);
+                    } else if sidecar_checking.get(&inst.name) != Some(&port) {
+                        sidecar_checking.insert(inst.name.clone(), port);
+                        self.check_sidecar(inst.name.clone(), listen);
+                    }
                 }
                 instance_reports.push(InstanceReport {
                     name: inst.name.clone(),
@@ -456,6 +533,20 @@ impl ServingPlane {
             }
         }
         sidecar_ports.retain(|name, _| live_instances.contains(name));
+        sidecar_live.retain(|name, _| live_instances.contains(name));
+        sidecar_checking.retain(|name, _| live_instances.contains(name));
+        port_rejections.retain(|name, _| live_instances.contains(name));
+        for key in state.invalid.keys() {
+            if let Some(rev) = out.revision(&key.namespace, &key.name) {
+                revision_reports.push(RevisionReport {
+                    revision: rev.clone(),
+                    desired_instances: 0,
+                    ready_instances: 0,
+                    mode: format!("{:?}", Mode::Proxy),
+                    instances: Vec::new(),
+                });
+            }
+        }
         drop(state);
 
         self.report.send_if_modified(|current| {
@@ -475,7 +566,86 @@ impl ServingPlane {
             state: derived,
             errors,
             objects: source.objects.clone(),
+            origins: source.origins.clone(),
         }
+    }
+
+    /// Waits (in the background) until the sidecar listener at `listen` accepts a connection, then
+    /// marks it live and asks for a re-sync. Envoy binds a listener once it has applied it; until
+    /// then a connection is refused.
+    fn check_sidecar(&self, instance: String, listen: SocketAddr) {
+        let Some(plane) = self.me.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + SIDECAR_CHECK_PATIENCE;
+            loop {
+                let current = {
+                    let state = plane.state.lock().unwrap_or_else(|e| e.into_inner());
+                    state.sidecar_checking.get(&instance) == Some(&listen.port())
+                };
+                if !current {
+                    return; // the instance is gone, or moved to another port
+                }
+                if tokio::net::TcpStream::connect(listen).await.is_ok() {
+                    let mut state = plane.state.lock().unwrap_or_else(|e| e.into_inner());
+                    state.sidecar_checking.remove(&instance);
+                    state.sidecar_live.insert(instance, listen.port());
+                    drop(state);
+                    plane.sidecar_changes.send_modify(|n| *n += 1);
+                    return;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    tracing::warn!(%instance, %listen, "its sidecar listener never accepted a connection");
+                    let mut state = plane.state.lock().unwrap_or_else(|e| e.into_inner());
+                    state.sidecar_checking.remove(&instance);
+                    drop(state);
+                    // Checked again at the next sync.
+                    plane.sidecar_changes.send_modify(|n| *n += 1);
+                    return;
+                }
+                tokio::time::sleep(SIDECAR_CHECK_INTERVAL).await;
+            }
+        });
+    }
+
+    /// The runtime's and autoscaler's facts into `input`, then Knative's reconcile.
+    fn reconcile_with_facts(
+        &self,
+        input: &mut ReconcileInput,
+        state: &mut PlaneState,
+        runtime: &RuntimeSnapshot,
+        decisions: &BTreeMap<RevisionKey, sluice_autoscaler::RevisionDecision>,
+    ) -> sluice_serving::ReconcileOutput {
+        input.revision_facts.clear();
+        for (key, l) in state.launched.iter_mut() {
+            l.ever_ready |= runtime
+                .revision(key)
+                .is_some_and(|s| s.instances.iter().any(|i| i.ready_at.is_some()));
+            input.revision_facts.insert(
+                key.clone(),
+                facts(
+                    runtime,
+                    key,
+                    decisions.get(key),
+                    l.ever_ready || l.zero_start,
+                ),
+            );
+        }
+        for (key, message) in &state.invalid {
+            input.revision_facts.insert(
+                key.clone(),
+                RevisionFacts {
+                    health: RevisionHealth::Failed {
+                        reason: REASON_INVALID_ANNOTATIONS.to_string(),
+                        message: message.clone(),
+                    },
+                    actual_replicas: Some(0),
+                    desired_replicas: Some(0),
+                },
+            );
+        }
+        reconcile(input, &mut state.serving)
     }
 
     /// Registers a new revision with the runtime, the autoscaler and the activator.
@@ -520,8 +690,10 @@ impl ServingPlane {
         // requests can finish; locally at most Kubernetes' default 30 s, so Ctrl-C does not hang.
         spec.grace_period = Duration::from_secs(timeout_seconds.clamp(1, 30));
         let cc = rev.spec.container_concurrency.unwrap_or(0).max(0) as u32;
-        let scaling = RevisionScaling::new(autoscaler_config, &rev.metadata.annotations, cc)
-            .map_err(|e| e.to_string())?;
+        let scaling =
+            RevisionScaling::validate_all(autoscaler_config, &rev.metadata.annotations, cc)
+                .map_err(|e| e.to_string())?;
+        let zero_start = scaling.initial_scale == 0;
         self.runtime
             .set_revision(key.clone(), spec)
             .map_err(|e| e.to_string())?;
@@ -541,18 +713,49 @@ impl ServingPlane {
             port_name,
             activator_config: None,
             confirmed: None,
+            ever_ready: false,
+            zero_start,
         })
     }
 }
 
+/// Where the revision's Service (or Configuration) was read, for errors about the revision.
+fn revision_origin(
+    origins: &BTreeMap<String, String>,
+    out: &sluice_serving::ReconcileOutput,
+    key: &RevisionKey,
+) -> String {
+    let labels = out
+        .revision(&key.namespace, &key.name)
+        .map(|r| r.metadata.labels.clone())
+        .unwrap_or_default();
+    let owner = [
+        ("Service.serving.knative.dev", "serving.knative.dev/service"),
+        ("Configuration", "serving.knative.dev/configuration"),
+    ]
+    .into_iter()
+    .find_map(|(kind, label)| {
+        let name = labels.get(label)?;
+        origins.get(&format!("{kind} {}/{name}", key.namespace))
+    });
+    match owner {
+        Some(file) => format!("{file}: Revision {key}"),
+        None => format!("Revision {key}"),
+    }
+}
+
+/// The reason of a revision whose autoscaling annotations Knative's webhook would reject.
+const REASON_INVALID_ANNOTATIONS: &str = "InvalidAnnotations";
+
 /// What the runtime and the autoscaler observed of a revision, in the serving controller's words.
+/// `ever_ready`: it reached its initial scale once (then it stays Ready at zero, as in Knative).
 fn facts(
     runtime: &RuntimeSnapshot,
     key: &RevisionKey,
     decision: Option<&sluice_autoscaler::RevisionDecision>,
+    ever_ready: bool,
 ) -> RevisionFacts {
     let status = runtime.revision(key);
-    let ever_ready = status.is_some_and(|s| s.instances.iter().any(|i| i.ready_at.is_some()));
     let ready = status.map(|s| s.ready_count()).unwrap_or_default();
     let restarts = status.map(|s| s.restarts).unwrap_or_default();
     let health = if ever_ready || ready > 0 {
@@ -645,12 +848,14 @@ fn revision_endpoints(key: &RevisionKey, port_name: &str, addrs: &[SocketAddr]) 
     eps
 }
 
-/// A free port for a sidecar listener (bind 0, close): Envoy binds it right after.
-fn free_port(address: IpAddr) -> u16 {
-    std::net::TcpListener::bind(SocketAddr::new(address, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
+/// The sidecar listeners Envoy rejected (listener name -> Envoy's message).
+fn rejected_sidecars(report: &StatusReport) -> BTreeMap<String, String> {
+    report
+        .rejected
+        .iter()
+        .filter(|r| r.kind == "Listener" && r.name.starts_with(SIDECAR_PREFIX))
+        .map(|r| (r.name.clone(), r.message.clone()))
+        .collect()
 }
 
 /// The folder source with the serving plane in front of it.
@@ -686,8 +891,10 @@ impl StateSource for ServingSource {
             let mut runtime_rx = self.plane.runtime.subscribe();
             let mut decisions_rx = self.plane.autoscaler.decisions();
             let mut report_rx = self.report.clone();
+            let mut sidecars_rx = self.plane.sidecar_changes.subscribe();
             let mut read_once = false;
             let mut statuses = BTreeMap::new();
+            let mut rejected = BTreeMap::new();
             loop {
                 let mut report_only = false;
                 tokio::select! {
@@ -700,6 +907,7 @@ impl StateSource for ServingSource {
                     }
                     _ = runtime_rx.changed() => {}
                     _ = decisions_rx.changed() => {}
+                    _ = sidecars_rx.changed() => {}
                     _ = report_rx.changed() => report_only = true,
                 }
                 // Never publish before the folder was read: an empty state would wipe Envoy's config.
@@ -708,17 +916,23 @@ impl StateSource for ServingSource {
                 }
                 // The report changes with every Ingress status; only those of our own KIngresses
                 // matter here (a folder of thousands of plain KIngresses must not re-sync on each).
-                let now = self
-                    .plane
-                    .owned_ingress_statuses(&report_rx.borrow_and_update());
-                if report_only && now == statuses {
+                let (now, now_rejected) = {
+                    let report = report_rx.borrow_and_update();
+                    (
+                        self.plane.owned_ingress_statuses(&report),
+                        rejected_sidecars(&report),
+                    )
+                };
+                if report_only && now == statuses && now_rejected == rejected {
                     continue;
                 }
                 statuses = now;
+                rejected = now_rejected;
                 let source = inner_rx.borrow_and_update().clone();
                 runtime_rx.borrow_and_update();
                 decisions_rx.borrow_and_update();
-                let mut next = self.plane.sync(&source, &statuses);
+                sidecars_rx.borrow_and_update();
+                let mut next = self.plane.sync(&source, &statuses, &rejected);
                 if let Some(eventing) = &self.eventing {
                     eventing.apply(&source.objects).await;
                     eventing.add_routes(&mut next.state);

@@ -160,7 +160,49 @@ fn accept_request(
 pub struct ConfigStatus {
     acked_generation: Option<u64>,
     last_nack: Option<String>,
+    rejected: Vec<Rejection>,
     connected: usize,
+}
+
+/// One resource Envoy rejected by name, while the stream has not ACKed a newer response of its type.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rejection {
+    pub type_url: String,
+    pub name: String,
+    /// The content version Envoy rejected.
+    pub version: String,
+    /// Envoy's message about this resource.
+    pub message: String,
+}
+
+/// The resources of `sent` that Envoy's NACK message names. Envoy applies the rest of a Listener or
+/// Cluster update and names each failed resource as `<name>: <error>` (one per line for listeners,
+/// `, `-separated for clusters), after `Error adding/updating listener(s) ` or `cluster(s) `.
+fn rejected_names<'a>(
+    type_url: &str,
+    message: &str,
+    sent: impl Iterator<Item = &'a String>,
+) -> Vec<(String, String)> {
+    if type_url != LISTENER_TYPE_URL && type_url != CLUSTER_TYPE_URL {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for name in sent {
+        let needle = format!("{name}: ");
+        let found = message.match_indices(&needle).find(|(at, _)| {
+            let before = &message[..*at];
+            before.is_empty()
+                || before.ends_with('\n')
+                || before.ends_with(", ")
+                || before.ends_with("(s) ")
+        });
+        if let Some((at, _)) = found {
+            let rest = &message[at + needle.len()..];
+            let own = rest.split('\n').next().unwrap_or(rest);
+            out.push((name.clone(), own.to_string()));
+        }
+    }
+    out
 }
 
 impl ConfigStatus {
@@ -174,6 +216,12 @@ impl ConfigStatus {
     /// superseded by an ACK of a newer config.
     pub fn last_nack(&self) -> Option<String> {
         self.last_nack.clone()
+    }
+
+    /// Resources Envoy rejected by name (a Listener that cannot bind, a bad Cluster): Envoy applied the
+    /// rest of those updates, and the rejections are not in [`ConfigStatus::last_nack`].
+    pub fn rejected(&self) -> &[Rejection] {
+        &self.rejected
     }
 
     /// ADS streams open.
@@ -316,6 +364,8 @@ struct Nack {
     /// Orders rejections across streams, so the newest one is reported.
     seq: u64,
     message: String,
+    /// The resources it names (Envoy applied the others); empty when it names none.
+    rejected: Vec<Rejection>,
 }
 
 static NACK_SEQ: AtomicU64 = AtomicU64::new(1);
@@ -325,7 +375,22 @@ impl Nack {
         Nack {
             seq: NACK_SEQ.fetch_add(1, Ordering::Relaxed),
             message: format!("Envoy {node:?} rejected {type_url} version {version}: {message}"),
+            rejected: Vec::new(),
         }
+    }
+
+    /// Names the rejected resources among `sent` (name -> version), when Envoy's message does.
+    fn naming(mut self, type_url: &str, message: &str, sent: &BTreeMap<String, String>) -> Nack {
+        self.rejected = rejected_names(type_url, message, sent.keys())
+            .into_iter()
+            .map(|(name, message)| Rejection {
+                type_url: type_url.to_string(),
+                version: sent[&name].clone(),
+                name,
+                message,
+            })
+            .collect();
+        self
     }
 }
 
@@ -367,12 +432,23 @@ impl Shared {
         }
         let status = ConfigStatus {
             acked_generation: tracker.acked_generation,
+            // A NACK that names its resources concerns only them: they are reported apart.
             last_nack: tracker
                 .streams
                 .values()
                 .flat_map(|s| &s.nacks)
+                .filter(|n| n.rejected.is_empty())
                 .max_by_key(|n| n.seq)
                 .map(|n| n.message.clone()),
+            rejected: {
+                let all: BTreeSet<&Rejection> = tracker
+                    .streams
+                    .values()
+                    .flat_map(|s| &s.nacks)
+                    .flat_map(|n| &n.rejected)
+                    .collect();
+                all.into_iter().cloned().collect()
+            },
             connected: tracker.streams.len(),
         };
         self.status.send_if_modified(|current| {
@@ -714,8 +790,29 @@ impl XdsStream for SotwStream {
         }
         if let Some(error) = &req.error_detail {
             st.answered = true;
-            let nack = Nack::new(type_url, &self.node, &st.sent_version, &error.message);
+            let nack = Nack::new(type_url, &self.node, &st.sent_version, &error.message).naming(
+                type_url,
+                &error.message,
+                &st.sent,
+            );
             tracing::warn!("{}", nack.message);
+            if !nack.rejected.is_empty() {
+                // Envoy applied every other resource of the response: it runs those.
+                let rejected: BTreeSet<&str> =
+                    nack.rejected.iter().map(|r| r.name.as_str()).collect();
+                let mut acked: BTreeMap<String, String> = st
+                    .sent
+                    .iter()
+                    .filter(|(n, _)| !rejected.contains(n.as_str()))
+                    .map(|(n, v)| (n.clone(), v.clone()))
+                    .collect();
+                for name in rejected {
+                    if let Some(v) = st.acked.get(name) {
+                        acked.insert(name.to_string(), v.clone());
+                    }
+                }
+                st.acked = acked;
+            }
             st.nack = Some(nack);
         } else if req.version_info == st.sent_version {
             st.answered = true;
@@ -993,8 +1090,21 @@ impl XdsStream for DeltaStream {
                     "reply to an unknown nonce"
                 ),
                 (Some(sent), Some(error)) => {
-                    let nack = Nack::new(type_url, &self.node, &sent.version, &error.message);
+                    let updated: BTreeMap<String, String> = sent.updated.iter().cloned().collect();
+                    let nack = Nack::new(type_url, &self.node, &sent.version, &error.message)
+                        .naming(type_url, &error.message, &updated);
                     tracing::warn!("{}", nack.message);
+                    if !nack.rejected.is_empty() {
+                        // Envoy applied the rest of the response: it runs those.
+                        for (name, version) in updated {
+                            if !nack.rejected.iter().any(|r| r.name == name) {
+                                st.acked.insert(name, version);
+                            }
+                        }
+                        for name in &sent.removed {
+                            st.acked.remove(name);
+                        }
+                    }
                     st.nack = Some(nack);
                     st.diverged = true;
                 }
@@ -1108,6 +1218,7 @@ mod tests {
             ConfigStatus {
                 acked_generation: Some(2),
                 last_nack: None,
+                rejected: Vec::new(),
                 connected: 0,
             }
         );
@@ -1137,6 +1248,35 @@ mod tests {
         assert_eq!(status.borrow().last_nack(), Some(newer.message.clone()));
         shared.unregister(2);
         assert_eq!(status.borrow().last_nack(), Some(older.message));
+    }
+
+    #[test]
+    fn a_nack_names_the_listeners_and_clusters_envoy_could_not_take() {
+        let sent: Vec<String> = ["sidecar/default/a", "sidecar/default/ab", "external"]
+            .map(String::from)
+            .into();
+        let message = "Error adding/updating listener(s) sidecar/default/ab: cannot bind \
+                       '127.0.0.1:44125': Address already in use\nexternal: duplicate address\n";
+        let got = rejected_names(LISTENER_TYPE_URL, message, sent.iter());
+        assert_eq!(
+            got,
+            [
+                (
+                    "sidecar/default/ab".to_string(),
+                    "cannot bind '127.0.0.1:44125': Address already in use".to_string()
+                ),
+                ("external".to_string(), "duplicate address".to_string()),
+            ]
+        );
+        let clusters: Vec<String> = ["a", "b"].map(String::from).into();
+        let got = rejected_names(
+            CLUSTER_TYPE_URL,
+            "Error adding/updating cluster(s) a: bad, b: worse",
+            clusters.iter(),
+        );
+        assert_eq!(got.len(), 2);
+        // A route NACK names no resource this way: it stays a plain NACK.
+        assert!(rejected_names(ROUTE_TYPE_URL, "a: bad", clusters.iter()).is_empty());
     }
 
     fn snapshot(generation: u64, cluster_timeout: i64, stat_prefix: &str) -> Snapshot {

@@ -13,10 +13,14 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use sluice_api::Ingress;
 use sluice_api::ingress::{IngressStatus, VISIBILITY_CLUSTER_LOCAL};
 
-use crate::ads::ConfigStatus;
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use prost::Message;
+
+use crate::ads::{ConfigStatus, Rejection};
 use crate::prober::{self, CATCH_ALL_PROBE_HOST};
-use crate::resources::{CLUSTER_TYPE_URL, Resources};
-use crate::snapshot::Snapshot;
+use crate::resources::{CLUSTER_TYPE_URL, LISTENER_TYPE_URL, Resources};
+use crate::snapshot::{Snapshot, content_version};
 use crate::source::{SourceError, SourceSnapshot, StateSource};
 use crate::state::ObjectKey;
 use crate::status::{self, LoadBalancers, Probe, Progress};
@@ -48,6 +52,19 @@ pub struct StatusReport {
     /// Problems with files or objects, each naming where it is.
     pub errors: Vec<ReportedError>,
     pub envoy: EnvoyReport,
+    /// Listeners and Clusters Envoy rejected: left out of the configuration (or kept at the version
+    /// Envoy runs) until their content changes, so the rest is applied and ACKed.
+    pub rejected: Vec<RejectedResource>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RejectedResource {
+    /// `Listener` or `Cluster`.
+    pub kind: String,
+    pub name: String,
+    /// Envoy's message.
+    pub message: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -142,7 +159,8 @@ pub async fn run(
                     let modified = !changed.is_empty()
                         || current.ingresses.len() != rep.ingresses.len()
                         || current.errors != rep.errors
-                        || current.envoy != rep.envoy;
+                        || current.envoy != rep.envoy
+                        || current.rejected != rep.rejected;
                     if modified {
                         *current = rep;
                     }
@@ -167,6 +185,10 @@ pub async fn run(
             changed = acks.changed() => {
                 if changed.is_err() { return Ok(()); }
                 let ack = acks.borrow().clone();
+                r.note_acked(&ack);
+                if let Some(new) = r.quarantine(ack.rejected()) {
+                    let _ = snapshots.send(new);
+                }
                 if let Some(new) = r.finish_removals(&ack) {
                     let _ = snapshots.send(new);
                 }
@@ -249,6 +271,19 @@ fn drops_clusters(new: &Snapshot, previous: &Snapshot) -> bool {
     }
 }
 
+/// A resource Envoy runs, from its packed bytes.
+fn decode_kept(type_url: &str, bytes: &[u8]) -> Option<Kept> {
+    match type_url {
+        LISTENER_TYPE_URL => Listener::decode(bytes)
+            .ok()
+            .map(|l| Kept::Listener(Arc::new(l))),
+        CLUSTER_TYPE_URL => Cluster::decode(bytes)
+            .ok()
+            .map(|c| Kept::Cluster(Arc::new(c))),
+        _ => None,
+    }
+}
+
 /// Walks a sorted map along with ascending keys.
 struct Cursor<'a, K, V> {
     entries: std::iter::Peekable<std::collections::btree_map::Iter<'a, K, V>>,
@@ -297,6 +332,26 @@ struct Reconciler {
     reported: BTreeMap<ObjectKey, Arc<Ingress>>,
     /// Ingresses whose status must be recomputed at the next report (besides `unprobed`).
     dirty: BTreeSet<ObjectKey>,
+    /// The newest snapshot every Envoy ACKed: what Envoy runs.
+    acked: Option<Arc<Snapshot>>,
+    /// Resources Envoy rejected, by (type URL, name): held back while their content is the rejected
+    /// one, so one bad resource never keeps the others from being ACKed.
+    quarantined: BTreeMap<(String, String), Quarantined>,
+}
+
+#[derive(Debug, Clone)]
+struct Quarantined {
+    /// The rejected content version.
+    version: String,
+    message: String,
+    /// What Envoy runs under that name (served instead), if anything.
+    keep: Option<Kept>,
+}
+
+#[derive(Debug, Clone)]
+enum Kept {
+    Listener(Arc<Listener>),
+    Cluster(Arc<Cluster>),
 }
 
 impl Reconciler {
@@ -317,6 +372,142 @@ impl Reconciler {
             attempts: BTreeMap::new(),
             reported: BTreeMap::new(),
             dirty: BTreeSet::new(),
+            acked: None,
+            quarantined: BTreeMap::new(),
+        }
+    }
+
+    /// Remembers the snapshot Envoy runs, once it ACKed the newest one.
+    fn note_acked(&mut self, ack: &ConfigStatus) {
+        if let Some(last) = &self.last
+            && ack.acked_generation() >= Some(last.generation())
+        {
+            self.acked = Some(last.clone());
+        }
+    }
+
+    /// Holds back newly rejected resources: returns the snapshot without them, if any is new.
+    fn quarantine(&mut self, rejected: &[Rejection]) -> Option<Arc<Snapshot>> {
+        let mut added = false;
+        for r in rejected {
+            let key = (r.type_url.clone(), r.name.clone());
+            if self
+                .quarantined
+                .get(&key)
+                .is_some_and(|q| q.version == r.version)
+            {
+                continue;
+            }
+            // Only what the served snapshot still holds at the rejected version.
+            let current = self
+                .last
+                .as_ref()
+                .and_then(|s| s.resources(&r.type_url).get(&r.name).cloned());
+            if current.is_none_or(|c| c.version != r.version) {
+                continue;
+            }
+            let keep = self
+                .acked
+                .as_ref()
+                .and_then(|s| s.resources(&r.type_url).get(&r.name).cloned())
+                .filter(|ran| ran.version != r.version)
+                .and_then(|ran| decode_kept(&r.type_url, &ran.resource.value));
+            tracing::warn!(
+                type_url = r.type_url,
+                name = r.name,
+                "Envoy rejected it: held back until its content changes: {}",
+                r.message
+            );
+            self.quarantined.insert(
+                key,
+                Quarantined {
+                    version: r.version.clone(),
+                    message: r.message.clone(),
+                    keep,
+                },
+            );
+            added = true;
+        }
+        if !added {
+            return None;
+        }
+        let mut resources = self.last_resources.clone();
+        self.hold_back(&mut resources);
+        if let Some(without) = &mut self.without_removed {
+            let mut w = std::mem::take(without);
+            self.hold_back(&mut w);
+            self.without_removed = Some(w);
+        }
+        let candidate = self.next_snapshot(self.generation + 1, &resources);
+        if self
+            .last
+            .as_ref()
+            .is_some_and(|last| last.same_content(&candidate))
+        {
+            return None;
+        }
+        self.generation += 1;
+        Some(self.publish(candidate, resources))
+    }
+
+    /// Replaces each quarantined resource still at its rejected version by what Envoy runs (or drops
+    /// it); forgets the quarantine of a resource whose content changed (it gets a new try).
+    fn hold_back(&mut self, resources: &mut Resources) {
+        if self.quarantined.is_empty() {
+            return;
+        }
+        // A resource the configuration no longer has needs no holding back.
+        let present: BTreeSet<(String, String)> = resources
+            .listeners
+            .iter()
+            .map(|l| (LISTENER_TYPE_URL.to_string(), l.name.clone()))
+            .chain(
+                resources
+                    .clusters
+                    .iter()
+                    .map(|c| (CLUSTER_TYPE_URL.to_string(), c.name.clone())),
+            )
+            .filter(|k| self.quarantined.contains_key(k))
+            .collect();
+        self.quarantined.retain(|k, _| present.contains(k));
+        let quarantined = &mut self.quarantined;
+        let mut retry = Vec::new();
+        resources.listeners.retain_mut(|l| {
+            let key = (LISTENER_TYPE_URL.to_string(), l.name.clone());
+            match quarantined.get(&key) {
+                None => true,
+                Some(q) if q.version != content_version(&**l) => {
+                    retry.push(key);
+                    true
+                }
+                Some(q) => match &q.keep {
+                    Some(Kept::Listener(kept)) => {
+                        *l = kept.clone();
+                        true
+                    }
+                    _ => false,
+                },
+            }
+        });
+        resources.clusters.retain_mut(|c| {
+            let key = (CLUSTER_TYPE_URL.to_string(), c.name.clone());
+            match quarantined.get(&key) {
+                None => true,
+                Some(q) if q.version != content_version(&**c) => {
+                    retry.push(key);
+                    true
+                }
+                Some(q) => match &q.keep {
+                    Some(Kept::Cluster(kept)) => {
+                        *c = kept.clone();
+                        true
+                    }
+                    _ => false,
+                },
+            }
+        });
+        for key in retry {
+            quarantined.remove(&key);
         }
     }
 
@@ -329,6 +520,7 @@ impl Reconciler {
         let translation = self.translator.translate(&source.state);
         let previous = std::mem::replace(&mut self.source, source);
         let mut resources = translation.resources;
+        self.hold_back(&mut resources);
         let mut candidate = self.next_snapshot(self.generation + 1, &resources);
         self.without_removed = None;
         // The snapshot knows what changed since the last one: a dropped cluster is among that.
@@ -575,6 +767,15 @@ impl Reconciler {
                 acked_generation: ack.acked_generation(),
                 last_nack: nack,
             },
+            rejected: self
+                .quarantined
+                .iter()
+                .map(|((type_url, name), q)| RejectedResource {
+                    kind: type_url.rsplit('.').next().unwrap_or_default().to_string(),
+                    name: name.clone(),
+                    message: q.message.clone(),
+                })
+                .collect(),
         };
         (report, changed)
     }
@@ -586,6 +787,7 @@ mod tests {
     use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 
     use super::*;
+    use crate::status::LoadBalancers;
 
     fn resources(clusters: &[&str]) -> Resources {
         Resources {
@@ -634,5 +836,99 @@ mod tests {
             !keep_removed_clusters(&mut same, &previous),
             "nothing dropped"
         );
+    }
+
+    fn reconciler() -> Reconciler {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        Reconciler::new(ControllerConfig {
+            gateway: GatewayConfig {
+                external_address: addr,
+                internal_address: addr,
+                tls_address: None,
+                queue_proxy_wasm: None,
+            },
+            load_balancers: LoadBalancers {
+                public: Default::default(),
+                private: Default::default(),
+            },
+            probe_external: addr,
+            probe_internal: addr,
+        })
+    }
+
+    fn listener(name: &str, port: u32) -> Arc<Listener> {
+        use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
+        Arc::new(Listener {
+            name: name.to_string(),
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: "127.0.0.1".into(),
+                    port_specifier: Some(
+                        envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(port),
+                    ),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })
+    }
+
+    fn listeners(r: &Resources) -> Vec<(String, String)> {
+        r.listeners
+            .iter()
+            .map(|l| (l.name.clone(), content_version(&**l)))
+            .collect()
+    }
+
+    #[test]
+    fn a_rejected_listener_is_held_back_until_its_content_changes() {
+        let mut r = reconciler();
+        // Envoy runs generation 1 with "a" on port 1 and "b".
+        let one = Resources {
+            listeners: vec![listener("a", 1), listener("b", 2)],
+            ..Default::default()
+        };
+        let snap = r.next_snapshot(1, &one);
+        r.generation = 1;
+        r.publish(snap, one);
+        r.acked = r.last.clone();
+        // Generation 2 moves "a" to port 3 and adds "c"; Envoy rejects "a" and "c".
+        let two = Resources {
+            listeners: vec![listener("a", 3), listener("b", 2), listener("c", 4)],
+            ..Default::default()
+        };
+        let snap = r.next_snapshot(2, &two);
+        r.generation = 2;
+        r.publish(snap, two.clone());
+        let rejection = |name: &str, port: u32| Rejection {
+            type_url: LISTENER_TYPE_URL.to_string(),
+            name: name.to_string(),
+            version: content_version(&*listener(name, port)),
+            message: "cannot bind".to_string(),
+        };
+        let next = r
+            .quarantine(&[rejection("a", 3), rejection("c", 4)])
+            .expect("a new snapshot without them");
+        assert_eq!(next.generation(), 3);
+        // "a" is served as Envoy runs it, "c" is left out, "b" is untouched.
+        assert_eq!(
+            listeners(&r.last_resources),
+            [
+                ("a".to_string(), content_version(&*listener("a", 1))),
+                ("b".to_string(), content_version(&*listener("b", 2))),
+            ]
+        );
+        assert!(r.quarantine(&[rejection("a", 3)]).is_none(), "known");
+        // The same content again stays held back; a change gets a new try.
+        let mut same = two.clone();
+        r.hold_back(&mut same);
+        assert_eq!(same.listeners.len(), 2);
+        let mut moved = Resources {
+            listeners: vec![listener("a", 3), listener("b", 2), listener("c", 5)],
+            ..Default::default()
+        };
+        r.hold_back(&mut moved);
+        assert_eq!(moved.listeners.len(), 3);
+        assert_eq!(r.quarantined.len(), 1, "only a stays held back");
     }
 }

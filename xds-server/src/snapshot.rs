@@ -404,6 +404,11 @@ fn entry_digest(name: &str, version: &str) -> u64 {
     u64::from_be_bytes(digest[..8].try_into().expect("sha256 is 32 bytes"))
 }
 
+/// The version a snapshot gives `message`: what a rejection names.
+pub fn content_version(message: &impl Message) -> String {
+    short_digest(&message.encode_to_vec())
+}
+
 fn short_digest(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
     hex::encode(digest)[..VERSION_HEX_LEN].to_string()

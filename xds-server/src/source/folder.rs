@@ -267,10 +267,11 @@ impl FolderScan {
             owners.insert(id, winner_path.to_path_buf());
         }
         let mut snapshot_objects = Vec::new();
-        for entry in self.files.values() {
+        let mut origins = BTreeMap::new();
+        for (path, entry) in &self.files {
             for defined in &entry.objects {
                 let object = &defined.object;
-                let Some((_, meta)) = object.identity() else {
+                let Some((kind, meta)) = object.identity() else {
                     continue;
                 };
                 if !served.contains(&std::ptr::from_ref(defined)) {
@@ -296,6 +297,10 @@ impl FolderScan {
                     Shared::Other(other) => {
                         if !matches!(**other, Object::Other { .. }) {
                             snapshot_objects.push(Object::clone(other));
+                            origins.insert(
+                                format!("{kind} {}/{}", meta.namespace, meta.name),
+                                at_line(path, defined.line),
+                            );
                         }
                     }
                 }
@@ -306,6 +311,7 @@ impl FolderScan {
             state,
             errors,
             objects: snapshot_objects,
+            origins,
         };
         self.last = (!duplicates).then(|| snapshot.clone());
         snapshot

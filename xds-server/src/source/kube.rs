@@ -406,6 +406,7 @@ impl KubeState {
             state,
             errors,
             objects: Vec::new(),
+            origins: Default::default(),
         }
     }
 }

@@ -19,6 +19,9 @@ pub struct SourceSnapshot {
     /// Objects of kinds the xds-server does not translate itself (Knative Serving and Eventing objects,
     /// ConfigMaps), for the controllers that do; a folder reads them, Kubernetes does not yet.
     pub objects: Vec<Object>,
+    /// Where each of `objects` was read (`Kind namespace/name` -> file and document), so a problem
+    /// found later (a bad annotation) names the file to fix.
+    pub origins: std::collections::BTreeMap<String, String>,
 }
 
 /// A problem with one file or object, naming it (`origin`: a file path with document index, or
