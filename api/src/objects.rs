@@ -145,6 +145,23 @@ pub fn parse_documents(text: &str) -> Vec<Result<Object, ParseError>> {
 
 /// [`parse_documents`], with each document's index and first line.
 pub fn read_documents(text: &str) -> Vec<Document> {
+    // serde_yaml (0.9, the last release) panics on some malformed input ("unexpected end of
+    // mapping", found by the yaml_objects fuzz target: an alias at the end of a truncated file). A
+    // user's half-saved file must be an error with its file name, never a crash of `sluice up`.
+    std::panic::catch_unwind(|| read_documents_unguarded(text)).unwrap_or_else(|_| {
+        vec![Document {
+            index: 1,
+            line: 1,
+            object: Err(ParseError::new(
+                1,
+                None,
+                "the YAML parser failed on this file (check anchors, aliases and indentation)",
+            )),
+        }]
+    })
+}
+
+fn read_documents_unguarded(text: &str) -> Vec<Document> {
     let starts = document_start_lines(text);
     let line_of = |document: usize| starts.get(document - 1).copied().unwrap_or(1);
     // Two identical document streams in lockstep: the first is read as an untyped Value to find
@@ -443,6 +460,14 @@ spec:
           servicePort: 80
           percent: 100
 ";
+
+    #[test]
+    fn input_that_makes_the_yaml_parser_panic_is_an_error() {
+        // The yaml_objects fuzz target's finding, as it was found.
+        let text = "# App-endHeaders:\n            Knant: 100\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: hello\n  namespace: default\nspec:\n  ports:\n  - name: *h";
+        let documents = parse_documents(text);
+        assert!(documents.iter().any(Result::is_err), "{documents:?}");
+    }
 
     #[test]
     fn multi_document_file_with_all_kinds() {
