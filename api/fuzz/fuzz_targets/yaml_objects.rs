@@ -7,6 +7,11 @@ use sluice_api::Object;
 use sluice_api::serving::Defaults;
 
 fuzz_target!(|text: &str| {
+    // read_documents catches serde_yaml's own panics (it turns them into an error); libfuzzer-sys's
+    // hook would abort on them first. The default hook lets them unwind; a panic that escapes the
+    // target still aborts (libfuzzer-sys catches it at the top and reports a crash).
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| drop(std::panic::take_hook()));
     let defaults = Defaults::default();
     for result in sluice_api::parse_documents(text) {
         let object = match result {

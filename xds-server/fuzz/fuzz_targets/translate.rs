@@ -79,6 +79,11 @@ fn check(resources: &Resources) {
 }
 
 fuzz_target!(|text: &str| {
+    // read_documents catches serde_yaml's own panics (it turns them into an error); libfuzzer-sys's
+    // hook would abort on them first. The default hook lets them unwind; a panic that escapes the
+    // target still aborts (libfuzzer-sys catches it at the top and reports a crash).
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| drop(std::panic::take_hook()));
     let gateway = GatewayConfig {
         tls_address: Some(SocketAddr::from(([127, 0, 0, 1], 8443))),
         ..GatewayConfig::default()
