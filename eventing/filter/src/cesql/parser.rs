@@ -96,7 +96,11 @@ const KEYWORDS: &[&str] = &[
 
 pub(super) fn parse(source: &str) -> Result<Node, ParseError> {
     let tokens = tokenize(source)?;
-    let mut p = Parser { tokens, pos: 0 };
+    let mut p = Parser {
+        tokens,
+        pos: 0,
+        depth: 0,
+    };
     let node = p.logic()?;
     if p.peek() != &Tok::Eof {
         return Err(p.unexpected("an operator or the end of the expression"));
@@ -104,9 +108,18 @@ pub(super) fn parse(source: &str) -> Result<Node, ParseError> {
     Ok(node)
 }
 
+/// How deep an expression may nest (parentheses, function arguments, NOT and minus chains, and the
+/// right-associative AND/OR/XOR chains). The parser, the evaluator and the tree's drop all recurse,
+/// so an unbounded depth lets one Trigger's filter overflow the broker's stack (found by the `cesql`
+/// fuzz target); Knative's ANTLR parser on Go's growable stacks has no such limit, and no real filter
+/// comes near this one.
+pub(super) const MAX_DEPTH: usize = 128;
+
 struct Parser {
     tokens: Vec<Spanned>,
     pos: usize,
+    /// Current recursion depth of `logic` and `unary`.
+    depth: usize,
 }
 
 impl Parser {
@@ -152,7 +165,28 @@ impl Parser {
     }
 
     /// Level 1: AND/OR/XOR, right-associative.
+    /// Runs one nested production, refusing to go deeper than [`MAX_DEPTH`].
+    fn nested(
+        &mut self,
+        production: fn(&mut Self) -> Result<Node, ParseError>,
+    ) -> Result<Node, ParseError> {
+        if self.depth >= MAX_DEPTH {
+            return Err(ParseError {
+                column: self.column(),
+                message: format!("the expression nests deeper than {MAX_DEPTH} levels"),
+            });
+        }
+        self.depth += 1;
+        let node = production(self);
+        self.depth -= 1;
+        node
+    }
+
     fn logic(&mut self) -> Result<Node, ParseError> {
+        self.nested(Self::logic_level)
+    }
+
+    fn logic_level(&mut self) -> Result<Node, ParseError> {
         let left = self.comparison()?;
         let op = if self.is_keyword(0, "AND") {
             BinaryOp::And
@@ -258,6 +292,10 @@ impl Parser {
     }
 
     fn unary(&mut self) -> Result<Node, ParseError> {
+        self.nested(Self::unary_level)
+    }
+
+    fn unary_level(&mut self) -> Result<Node, ParseError> {
         if self.is_keyword(0, "NOT") {
             self.advance();
             return Ok(Node::Not(Box::new(self.unary()?)));
@@ -441,6 +479,23 @@ mod tests {
         assert!(
             matches!(p("int(hop)"), Node::Call { ref name, function: Some(_), .. } if name == "INT")
         );
+    }
+
+    #[test]
+    fn nesting_is_bounded_so_a_filter_cannot_overflow_the_stack() {
+        let parens = |n: usize| format!("{}1{}", "(".repeat(n), ")".repeat(n));
+        // Each level of parentheses is one `logic` and one `unary`.
+        assert!(parse(&parens(MAX_DEPTH / 2 - 1)).is_ok());
+        for deep in [
+            parens(100_000),
+            format!("{}TRUE", "NOT ".repeat(100_000)),
+            format!("{}1", "- ".repeat(100_000)),
+            vec!["a"; 100_000].join(" AND "),
+            format!("{}1{}", "abs(".repeat(100_000), ")".repeat(100_000)),
+        ] {
+            let e = parse(&deep).expect_err("too deep");
+            assert!(e.message.contains("nests deeper"), "{e}");
+        }
     }
 
     #[test]

@@ -1,0 +1,16 @@
+//! Structured mode: any body under Content-Type `application/cloudevents+json`. The ingress
+//! never panics, and what it accepts survives the log and delivery unchanged.
+#![no_main]
+
+use http::{HeaderMap, HeaderValue, header::CONTENT_TYPE};
+use libfuzzer_sys::fuzz_target;
+use sluice_broker::codec::STRUCTURED_CONTENT_TYPE;
+
+fuzz_target!(|body: &[u8]| {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(STRUCTURED_CONTENT_TYPE),
+    );
+    sluice_broker_fuzz::check_message(&headers, body);
+});
