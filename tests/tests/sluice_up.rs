@@ -251,9 +251,12 @@ fn envoy_pid(sluice: &Sluice) -> u32 {
 }
 
 async fn wait_dead(sluice: &Sluice, what: &str, pid: u32) {
-    wait_until(sluice, &format!("{what} (pid {pid}) to be gone"), WAIT, async || {
-        (!alive(pid)).then_some(())
-    })
+    wait_until(
+        sluice,
+        &format!("{what} (pid {pid}) to be gone"),
+        WAIT,
+        async || (!alive(pid)).then_some(()),
+    )
     .await
 }
 
@@ -299,7 +302,10 @@ async fn the_next_run_reaps_what_a_killed_run_left_and_runs_are_exclusive() {
         .await
         .expect("first sluice up");
     first
-        .write("left.yaml", &kservice("left", &["sh", "-c", &script], "", ""))
+        .write(
+            "left.yaml",
+            &kservice("left", &["sh", "-c", &script], "", ""),
+        )
         .expect("writing the Service");
     let app = ready_instance_pid(&mut first, "left-00001").await;
     let orphan: u32 = std::fs::read_to_string(&orphan_file)
@@ -313,7 +319,10 @@ async fn the_next_run_reaps_what_a_killed_run_left_and_runs_are_exclusive() {
         .terminate(libc::SIGKILL, Duration::from_secs(15))
         .expect("the first sluice up is gone after SIGKILL");
     wait_dead(&first, "the first run's app", app).await;
-    assert!(alive(orphan), "precondition: the grandchild outlived its run");
+    assert!(
+        alive(orphan),
+        "precondition: the grandchild outlived its run"
+    );
 
     let mut second = Sluice::start_with(options.clone())
         .await
@@ -325,7 +334,9 @@ async fn the_next_run_reaps_what_a_killed_run_left_and_runs_are_exclusive() {
         first_run_dir.display()
     );
     assert!(
-        second.logs().contains("earlier `sluice up` on this state dir"),
+        second
+            .logs()
+            .contains("earlier `sluice up` on this state dir"),
         "the reaping is reported:\n{}",
         second.logs()
     );
@@ -340,7 +351,9 @@ async fn the_next_run_reaps_what_a_killed_run_left_and_runs_are_exclusive() {
             && out.contains(&format!("pid {}", second.pid())),
         "{out}"
     );
-    second.check_alive().expect("the running sluice up is untouched");
+    second
+        .check_alive()
+        .expect("the running sluice up is untouched");
 }
 
 /// Envoy killed under a running Service comes back by itself: the same app process keeps running, the
@@ -425,7 +438,10 @@ async fn an_envoy_that_cannot_stay_up_ends_sluice_with_its_last_lines() {
         "the error quotes Envoy and names its log:\n{out}"
     );
     let kept = std::fs::read_to_string(&log).expect("the named log exists");
-    assert!(kept.contains("fake envoy: cannot start (on purpose)"), "{kept}");
+    assert!(
+        kept.contains("fake envoy: cannot start (on purpose)"),
+        "{kept}"
+    );
 }
 
 /// Shutdown says what it waits on (an app that ignores SIGTERM, a 30 s grace period), and a second
@@ -457,13 +473,18 @@ async fn a_second_sigint_kills_what_shutdown_waits_on() {
 
     let first = Instant::now();
     sluice.signal(libc::SIGINT);
-    wait_until(&sluice, "a log line naming what shutdown waits on", WAIT, async || {
-        let logs = sluice.logs();
-        let line = logs
-            .lines()
-            .find(|l| l.contains("waiting up to") && l.contains("deaf-00001"))?;
-        Some(line.to_string())
-    })
+    wait_until(
+        &sluice,
+        "a log line naming what shutdown waits on",
+        WAIT,
+        async || {
+            let logs = sluice.logs();
+            let line = logs
+                .lines()
+                .find(|l| l.contains("waiting up to") && l.contains("deaf-00001"))?;
+            Some(line.to_string())
+        },
+    )
     .await;
     assert!(alive(app), "the app ignores SIGTERM");
     sluice.signal(libc::SIGINT);
