@@ -353,3 +353,63 @@ fn stopping_message(snapshot: &RuntimeSnapshot, now: std::time::Instant) -> Opti
         waiting.join(", ")
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_runtime::{InstanceStatus, RevisionKey, RevisionStatus};
+
+    fn instance(
+        name: &str,
+        state: InstanceState,
+        kill_at: Option<std::time::Instant>,
+    ) -> InstanceStatus {
+        InstanceStatus {
+            name: name.to_string(),
+            port: 4000,
+            address: "127.0.0.1:4000".parse().unwrap(),
+            state,
+            pid: Some(42),
+            spawned_at: std::time::Instant::now(),
+            spawned_at_wall: std::time::SystemTime::now(),
+            ready_at: None,
+            kill_at,
+            log_path: PathBuf::from("/x.log"),
+        }
+    }
+
+    #[test]
+    fn the_stopping_message_names_terminating_instances_and_their_deadline() {
+        let now = std::time::Instant::now();
+        let mut snapshot = RuntimeSnapshot::default();
+        snapshot.revisions.insert(
+            RevisionKey::new("default", "deaf-00001"),
+            RevisionStatus {
+                desired: 0,
+                instances: vec![
+                    instance(
+                        "deaf-00001-abcde",
+                        InstanceState::Terminating,
+                        Some(now + Duration::from_secs(30)),
+                    ),
+                    instance("deaf-00001-fghjk", InstanceState::Ready, None),
+                ],
+                restarts: 0,
+                last_exit: None,
+                removed: true,
+            },
+        );
+        let message = stopping_message(&snapshot, now).expect("one instance to wait on");
+        assert!(
+            message.starts_with("waiting up to 30s for 1 instance(s)")
+                && message.contains(
+                    "default/deaf-00001-abcde (revision deaf-00001, pid 42, SIGKILL in 30s)"
+                )
+                && !message.contains("fghjk")
+                && message.contains("Ctrl-C again"),
+            "{message}"
+        );
+        snapshot.revisions.clear();
+        assert_eq!(stopping_message(&snapshot, now), None);
+    }
+}
