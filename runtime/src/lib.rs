@@ -21,13 +21,16 @@
 
 mod backoff;
 mod expand;
+pub mod leftovers;
 mod logs;
 mod plan;
 mod ports;
 mod probe;
 mod readiness;
 mod runtime;
+mod spawner;
 mod spec;
+mod state_lock;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -46,7 +49,9 @@ pub use plan::{PlanInstance, ScalePlan, plan_scale};
 pub use ports::{PortLease, PortPool, PortsExhausted, instance_port_range};
 pub use readiness::{ProbeTiming, ReadinessTracker};
 pub use runtime::ProcessRuntime;
+pub use spawner::spawn_tied;
 pub use spec::{LaunchSpec, Probe, ProbeAction};
+pub use state_lock::{Holder, LOCK_FILE, LockError, StateLock};
 
 /// How the runtime runs.
 #[derive(Debug, Clone)]
@@ -107,6 +112,8 @@ pub struct InstanceStatus {
     pub spawned_at_wall: SystemTime,
     /// When readiness first succeeded (not reset by a later NotReady).
     pub ready_at: Option<Instant>,
+    /// While Terminating: when SIGKILL follows if the process has not exited (end of its grace period).
+    pub kill_at: Option<Instant>,
     pub log_path: PathBuf,
 }
 

@@ -35,6 +35,9 @@ pub struct ProcessRuntime {
 
 struct Shared {
     options: RuntimeOptions,
+    /// The canonical state dir, set as [`crate::leftovers::OWNER_ENV`] on every instance so that a
+    /// later run on the same state dir recognises what this one left.
+    owner: String,
     handle: tokio::runtime::Handle,
     inner: Mutex<Inner>,
     snapshot: watch::Sender<RuntimeSnapshot>,
@@ -81,9 +84,17 @@ impl ProcessRuntime {
             path: options.state_dir.clone(),
             source,
         })?;
+        let owner = std::fs::canonicalize(&options.state_dir)
+            .map_err(|source| RuntimeError::StateDir {
+                path: options.state_dir.clone(),
+                source,
+            })?
+            .display()
+            .to_string();
         Ok(ProcessRuntime {
             shared: Arc::new(Shared {
                 options,
+                owner,
                 handle,
                 inner: Mutex::new(Inner::default()),
                 snapshot: watch::Sender::new(RuntimeSnapshot::default()),
@@ -216,6 +227,19 @@ impl ProcessRuntime {
         }
         let _ = rx.wait_for(|s| s.revisions.is_empty()).await;
     }
+
+    /// SIGKILLs every instance's process group now, without a grace period (a second Ctrl-C). Their
+    /// tasks reap them as usual, so a pending [`ProcessRuntime::shutdown`] then returns at once.
+    pub fn kill_now(&self) {
+        let inner = self.shared.lock();
+        for rev in inner.revisions.values() {
+            for inst in &rev.instances {
+                if let Some(pgid) = inst.pgid {
+                    signal_group(pgid, libc::SIGKILL);
+                }
+            }
+        }
+    }
 }
 
 impl Drop for ProcessRuntime {
@@ -296,6 +320,9 @@ impl Shared {
         let plan = plan_scale(&plan_input, desired);
         for id in &plan.stop {
             if let Some(inst) = rev.instances.iter_mut().find(|i| i.id == *id) {
+                if inst.status.state != InstanceState::Terminating {
+                    inst.status.kill_at = Some(Instant::now() + rev.spec.grace_period);
+                }
                 inst.status.state = InstanceState::Terminating;
                 if let Some(stop) = inst.stop.take() {
                     let _ = stop.send(());
@@ -430,6 +457,8 @@ impl Shared {
         let mut cmd = tokio::process::Command::new(&program);
         cmd.args(&args)
             .envs(env.iter().map(|(k, v)| (k, v)))
+            // After the spec's env, so an app cannot hide from the next run's reaping by accident.
+            .env(crate::leftovers::OWNER_ENV, &self.owner)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -442,7 +471,8 @@ impl Shared {
         }
         let spawned_at_wall = SystemTime::now();
         let spawned_at = Instant::now();
-        let mut child = cmd.spawn().map_err(|source| {
+        // SIGKILL when sluice dies, even by kill -9: an instance never outlives the runtime's process.
+        let mut child = crate::spawn_tied(cmd, libc::SIGKILL).map_err(|source| {
             append(
                 &log,
                 &format_line(
@@ -497,6 +527,7 @@ impl Shared {
                 spawned_at,
                 spawned_at_wall,
                 ready_at: None,
+                kill_at: None,
                 log_path,
             },
             pgid,

@@ -658,3 +658,128 @@ async fn cold_start_overhead_report() {
         rt.remove_revision(&key).unwrap();
     }
 }
+
+/// A second Ctrl-C: `kill_now` ends a shutdown that waits on an instance ignoring SIGTERM, long before
+/// its grace period, and the snapshot said when SIGKILL was due.
+#[tokio::test]
+async fn kill_now_ends_a_shutdown_waiting_on_an_ignored_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = std::sync::Arc::new(runtime(dir.path()));
+    let key = RevisionKey::new("default", "deaf-00001");
+    let armed = dir.path().join("armed");
+    let script = format!(
+        "trap '' TERM; touch {}; while true; do sleep 0.05; done",
+        armed.display()
+    );
+    let mut spec = trapping_spec("deaf-00001", &script, &armed);
+    spec.grace_period = Duration::from_secs(600);
+    rt.set_revision(key.clone(), spec).unwrap();
+    rt.scale(&key, 1).unwrap();
+    let mut rx = rt.subscribe();
+    let snap = wait_for(&mut rx, "ready", ready(&key, 1)).await;
+    let pid = snap.revision(&key).unwrap().instances[0].pid.unwrap();
+    let started = std::time::Instant::now();
+    let shutdown = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.shutdown().await }
+    });
+    let snap = wait_for(&mut rx, "terminating", |s| {
+        s.revision(&key).is_some_and(|r| {
+            r.instances
+                .iter()
+                .any(|i| i.state == InstanceState::Terminating)
+        })
+    })
+    .await;
+    let kill_at = snap.revision(&key).unwrap().instances[0]
+        .kill_at
+        .expect("a terminating instance says when SIGKILL is due");
+    assert!(kill_at > started + Duration::from_secs(500), "{kill_at:?}");
+    rt.kill_now();
+    tokio::time::timeout(WAIT, shutdown)
+        .await
+        .expect("shutdown returns once the instance is killed")
+        .unwrap();
+    wait_dead(pid).await;
+}
+
+/// Every instance carries its state dir as owner; `reap_leftovers` kills the processes marked with an
+/// owner and the members of their groups (even one that cleared its environment), and nothing else.
+#[tokio::test]
+async fn leftovers_of_a_state_dir_are_reaped_with_their_groups() {
+    use sluice_runtime::leftovers::{OWNER_ENV, reap_leftovers};
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(dir.path());
+    let key = RevisionKey::new("default", "owned-00001");
+    rt.set_revision(key.clone(), sh_spec("owned-00001", "sleep 1000"))
+        .unwrap();
+    rt.scale(&key, 1).unwrap();
+    let mut rx = rt.subscribe();
+    let snap = wait_for(&mut rx, "ready", ready(&key, 1)).await;
+    let pid = snap.revision(&key).unwrap().instances[0].pid.unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let owner = std::fs::canonicalize(dir.path().join("state")).unwrap();
+    let expected = format!("{OWNER_ENV}={}", owner.display());
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|kv| kv == expected.as_bytes()),
+        "instance env lacks {expected}"
+    );
+
+    // "Left by an earlier run": a marked process in a group of its own, with a child that cleared its
+    // environment, and an unmarked process beside them.
+    let left_owner = dir.path().join("earlier-state").display().to_string();
+    let pids = dir.path().join("pids");
+    let mut leftover = std::process::Command::new("sh");
+    leftover
+        .arg("-c")
+        .arg(format!(
+            "env -i sleep 1000 & echo $! > {}; touch {}.done; wait",
+            pids.display(),
+            pids.display()
+        ))
+        .env(OWNER_ENV, &left_owner)
+        .stdin(std::process::Stdio::null());
+    std::os::unix::process::CommandExt::process_group(&mut leftover, 0);
+    let mut leftover = leftover.spawn().unwrap();
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("1000")
+        .spawn()
+        .unwrap();
+    let done = std::path::PathBuf::from(format!("{}.done", pids.display()));
+    wait_file_exists(&done).await;
+    let child: u32 = std::fs::read_to_string(&pids)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    let reaped = tokio::task::spawn_blocking(move || reap_leftovers(&left_owner, WAIT))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut reaped: Vec<u32> = reaped.iter().map(|p| p.pid as u32).collect();
+    reaped.sort();
+    let mut want = vec![leftover.id(), child];
+    want.sort();
+    assert_eq!(reaped, want);
+    leftover.wait().unwrap();
+    wait_dead(child).await;
+    assert!(alive(pid), "this runtime's own instance is not a leftover");
+    assert!(bystander.try_wait().unwrap().is_none(), "bystander killed");
+    bystander.kill().unwrap();
+    bystander.wait().unwrap();
+}
+
+async fn wait_file_exists(path: &Path) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !path.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

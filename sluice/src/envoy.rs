@@ -6,6 +6,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use sluice_runtime::leftovers::OWNER_ENV;
+use sluice_runtime::spawn_tied;
 use sluice_xds_server::translate::{
     QUEUE_PROXY_RUNTIME, QUEUE_PROXY_VM_ID, QUEUE_PROXY_VM_KEEPER_CONFIG,
 };
@@ -199,19 +201,23 @@ pub fn bootstrap(
 
 pub struct EnvoyOptions {
     pub binary: PathBuf,
+    /// Holds the bootstrap; removed by `sluice up` when it stops.
     pub run_dir: PathBuf,
+    /// Envoy's output, appended to (every restart of the same run writes to the same file).
+    pub log_path: PathBuf,
     pub admin: SocketAddr,
     pub xds: SocketAddr,
     pub protocol: XdsProtocol,
     pub concurrency: usize,
     pub log_level: String,
     pub queue_proxy_wasm: Option<PathBuf>,
+    /// The state dir, set as [`OWNER_ENV`] so a later run on it reaps an Envoy this run left.
+    pub owner: String,
 }
 
 /// The running Envoy. Killed when dropped; [`EnvoyProcess::stop`] stops it gracefully.
 pub struct EnvoyProcess {
     child: Child,
-    pub log_path: PathBuf,
 }
 
 impl EnvoyProcess {
@@ -230,13 +236,18 @@ impl EnvoyProcess {
             ),
         )
         .with_context(|| format!("writing {}", config_path.display()))?;
-        let log_path = opts.run_dir.join("envoy.log");
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&opts.log_path)
+            .with_context(|| format!("opening {}", opts.log_path.display()))?;
         let mut cmd = Command::new(&opts.binary);
         cmd.arg("-c")
             .arg(&config_path)
-            // Distinct per admin port, so several gateways (tests, benchmarks) share a host.
+            // No hot restart: a restarted Envoy is a fresh epoch-0 process, and with no shared memory
+            // nor domain socket it cannot clash with what a killed one left. The base id stays
+            // distinct per admin port, for Envoys that enable hot restart on the same host.
+            .arg("--disable-hot-restart")
             .arg("--base-id")
             .arg(opts.admin.port().to_string())
             .arg("--concurrency")
@@ -247,23 +258,20 @@ impl EnvoyProcess {
             .arg("1")
             .arg("--parent-shutdown-time-s")
             .arg("2")
+            .env(OWNER_ENV, &opts.owner)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true)
             .process_group(0);
-        // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGTERM Envoy when sluice dies,
-        // so a killed sluice never leaves a gateway behind.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
+        // SIGKILL when sluice dies (even by kill -9), so a killed sluice never leaves a gateway behind.
+        let child = spawn_tied(cmd, libc::SIGKILL)
             .with_context(|| format!("starting {}", opts.binary.display()))?;
-        Ok(EnvoyProcess { child, log_path })
+        Ok(EnvoyProcess { child })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// Returns when Envoy exits, with its status.
@@ -271,8 +279,13 @@ impl EnvoyProcess {
         self.child.wait().await
     }
 
+    /// SIGKILL now (Envoy keeps nothing that needs flushing).
+    pub fn kill(&mut self) {
+        let _ = self.child.start_kill();
+    }
+
     /// SIGTERM, then SIGKILL if Envoy has not exited within `grace`.
-    pub async fn stop(mut self, grace: Duration) {
+    pub async fn stop(&mut self, grace: Duration) {
         if let Some(pid) = self.child.id() {
             // SAFETY: plain kill(2) on our own child's pid.
             unsafe {
@@ -286,20 +299,11 @@ impl EnvoyProcess {
     }
 }
 
-/// Waits until Envoy's admin endpoint answers `/ready` with 200 (LIVE), or `timeout` passes.
-pub async fn wait_admin_ready(admin: SocketAddr, timeout: Duration) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Ok(status) = crate::http::get(admin, "/ready").await
-            && status.0 == 200
-        {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("Envoy's admin endpoint {admin} was not ready within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// The last `n` lines of Envoy's log, for an error message.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 #[cfg(test)]

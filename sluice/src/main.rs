@@ -3,6 +3,7 @@
 
 mod broker_cmd;
 mod envoy;
+mod envoy_supervisor;
 mod eventing;
 mod http;
 mod logs_cmd;

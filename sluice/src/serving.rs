@@ -250,6 +250,16 @@ impl ServingPlane {
         self.runtime.shutdown().await;
     }
 
+    /// SIGKILLs every instance now (a second Ctrl-C); a pending [`ServingPlane::shutdown`] then ends.
+    pub fn kill_now(&self) {
+        self.runtime.kill_now();
+    }
+
+    /// The runtime's instances, as they change (what a shutdown waits on).
+    pub fn runtime_snapshots(&self) -> watch::Receiver<RuntimeSnapshot> {
+        self.runtime.subscribe()
+    }
+
     /// One pass: reconcile the folder's Knative objects with what runs, act on the difference, and return
     /// the state for the xds controller.
     /// The statuses of the KIngresses this plane made, from the xds controller's report.

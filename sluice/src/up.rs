@@ -18,7 +18,11 @@ use sluice_xds_server::source::folder::FolderSource;
 use sluice_xds_server::status::LoadBalancers;
 use sluice_xds_server::translate::GatewayConfig;
 
-use crate::envoy::{self, EnvoyOptions, EnvoyProcess, XdsProtocol};
+use sluice_runtime::leftovers::{reap_leftovers, stale_run_dirs};
+use sluice_runtime::{InstanceState, RuntimeSnapshot, StateLock};
+
+use crate::envoy::{self, EnvoyOptions, XdsProtocol};
+use crate::envoy_supervisor::{CrashPolicy, SupervisedEnvoy};
 use crate::eventing::EventingPlane;
 use crate::serving::{ServingOptions, ServingPlane, ServingSource};
 
@@ -78,7 +82,20 @@ pub async fn run(args: UpArgs) -> Result<()> {
     }
     let envoy_bin = envoy::find_envoy()?;
     let addr = |port| SocketAddr::new(args.address, port);
-    let run_dir = std::env::temp_dir().join(format!("sluice-{}", std::process::id()));
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+
+    // One `sluice up` per state dir; what an earlier one left (it was killed, or its children
+    // outlived it) goes before anything starts, so nothing runs twice and its ports are free.
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating the state dir {}", args.state_dir.display()))?;
+    let state_dir = std::fs::canonicalize(&args.state_dir)
+        .with_context(|| format!("state dir {}", args.state_dir.display()))?;
+    let lock = StateLock::acquire(&state_dir)?;
+    reap_earlier_run(&state_dir, &lock).await?;
+    let owner = state_dir.display().to_string();
+    let run_dir = state_dir.join("run").join(std::process::id().to_string());
 
     // Bind our own ports first, so a port in use fails before anything starts.
     let xds_listener = TcpListener::bind(addr(args.xds_port))
@@ -139,7 +156,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         .with_context(|| format!("{}: cannot resolve the folder", args.dir.display()))?;
     let (plane, serving_report) = ServingPlane::start(ServingOptions {
         dir: dir.clone(),
-        state_dir: args.state_dir.clone(),
+        state_dir: state_dir.clone(),
         activator: activator_listener,
         envoy_admin: addr(args.admin_port),
         address: args.address,
@@ -147,7 +164,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         external_port: args.external_port,
     })?;
     let eventing = EventingPlane::start(
-        args.state_dir.join("broker"),
+        state_dir.join("broker"),
         addr(args.broker_port),
         addr(args.external_port),
         report_rx.clone(),
@@ -171,6 +188,25 @@ pub async fn run(args: UpArgs) -> Result<()> {
         acks,
         report_tx,
     ));
+    let envoy_log = state_dir.join("envoy.log");
+    let mut envoy = SupervisedEnvoy::start(
+        EnvoyOptions {
+            binary: envoy_bin.clone(),
+            run_dir: run_dir.clone(),
+            log_path: envoy_log.clone(),
+            admin: addr(args.admin_port),
+            xds: addr(args.xds_port),
+            protocol: args.xds_protocol,
+            concurrency: args.envoy_concurrency,
+            log_level: args.envoy_log_level.clone(),
+            queue_proxy_wasm: keeper_wasm,
+            owner,
+        },
+        CrashPolicy::default(),
+    )?;
+    // True while the gateway answers ready: what a plane waits on before it sends through it.
+    let gateway_live = envoy.live();
+
     let status_eventing = eventing.clone();
     let control_task = tokio::spawn(crate::http::serve_control(control_listener, move || {
         let mut report = serde_json::to_value(&*report_rx.borrow()).unwrap_or_default();
@@ -182,23 +218,13 @@ pub async fn run(args: UpArgs) -> Result<()> {
                     report.extend(part.clone());
                 }
             }
+            report.insert("gatewayLive".into(), (*gateway_live.borrow()).into());
         }
         report
     }));
-
-    let mut envoy = EnvoyProcess::start(&EnvoyOptions {
-        binary: envoy_bin.clone(),
-        run_dir: run_dir.clone(),
-        admin: addr(args.admin_port),
-        xds: addr(args.xds_port),
-        protocol: args.xds_protocol,
-        concurrency: args.envoy_concurrency,
-        log_level: args.envoy_log_level.clone(),
-        queue_proxy_wasm: keeper_wasm,
-    })?;
     tracing::info!(
         envoy = %envoy_bin.display(),
-        log = %envoy.log_path.display(),
+        log = %envoy_log.display(),
         "gateway: external http://{}, cluster-local http://{}, tls https://{}; admin http://{}; `sluice status --control-port {}`",
         addr(args.external_port),
         addr(args.internal_port),
@@ -207,26 +233,10 @@ pub async fn run(args: UpArgs) -> Result<()> {
         args.control_port,
     );
 
-    // Say when the gateway is up (listeners come over ADS right after); a stuck Envoy is only logged,
-    // since the select below already reports an Envoy that exits.
-    let admin = addr(args.admin_port);
-    tokio::spawn(async move {
-        match envoy::wait_admin_ready(admin, Duration::from_secs(60)).await {
-            Ok(()) => tracing::info!("Envoy is live"),
-            Err(e) => tracing::warn!("{e:#}"),
-        }
-    });
-
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let outcome: Result<()> = tokio::select! {
-        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = sigint.recv() => Ok(()),
         _ = sigterm.recv() => Ok(()),
-        status = envoy.wait() => {
-            let log = std::fs::read_to_string(&envoy.log_path).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            Err(anyhow::anyhow!("Envoy exited ({:?}); last lines of {}:\n{}", status, envoy.log_path.display(), tail.join("\n")))
-        }
+        e = envoy.failed() => Err(e),
         res = &mut controller_task => match res {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(anyhow::anyhow!("state source failed: {e}")),
@@ -235,14 +245,173 @@ pub async fn run(args: UpArgs) -> Result<()> {
     };
     tracing::info!("stopping");
     controller_task.abort();
+    let killer = envoy.killer();
     // Deliveries stop before their subscribers do: the reverse fails them on the way out.
-    eventing.shutdown().await;
-    plane.shutdown().await;
-    envoy.stop(Duration::from_secs(3)).await;
+    let stopping = async {
+        eventing.shutdown().await;
+        plane.shutdown().await;
+        envoy.stop(Duration::from_secs(3)).await;
+    };
+    tokio::pin!(stopping);
+    tokio::select! {
+        () = &mut stopping => {}
+        () = report_stopping(plane.runtime_snapshots()) => {}
+        _ = async { tokio::select! { _ = sigint.recv() => {}, _ = sigterm.recv() => {} } } => {
+            tracing::warn!("second signal: killing every instance and Envoy now");
+            plane.kill_now();
+            killer.kill();
+            if tokio::time::timeout(Duration::from_secs(10), &mut stopping).await.is_err() {
+                tracing::warn!("still stopping 10 s after SIGKILL; exiting anyway");
+            }
+        }
+    }
     let _ = shutdown_tx.send(true);
     controller_task.abort();
     control_task.abort();
     let _ = tokio::time::timeout(Duration::from_secs(2), xds_task).await;
     let _ = std::fs::remove_dir_all(&run_dir);
     outcome
+}
+
+/// Kills what an earlier `sluice up` on this state dir left running and removes its run folders.
+/// Called with the state dir locked, so no live run owns any of it.
+async fn reap_earlier_run(state_dir: &std::path::Path, lock: &StateLock) -> Result<()> {
+    let owner = state_dir.display().to_string();
+    let killed =
+        tokio::task::spawn_blocking(move || reap_leftovers(&owner, Duration::from_secs(10)))
+            .await?
+            .with_context(|| {
+                format!(
+                    "reaping what an earlier run on {} left",
+                    state_dir.display()
+                )
+            })?;
+    if !killed.is_empty() {
+        let pids: Vec<i32> = killed.iter().map(|p| p.pid).collect();
+        tracing::warn!(
+            earlier_run = ?lock.previous.map(|h| h.pid),
+            ?pids,
+            "killed {} process(es) an earlier `sluice up` on this state dir left running",
+            killed.len()
+        );
+    }
+    for dir in stale_run_dirs(state_dir, None) {
+        tracing::info!(dir = %dir.display(), "removing an earlier run's folder");
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    // Containers: when the container backend lands, remove the containers labelled with this state
+    // dir as owner here, through the engine's API.
+    Ok(())
+}
+
+/// While instances are stopping, says which and until when, every few seconds; never returns. Silent
+/// for the first second: instances that honour SIGTERM are gone by then.
+async fn report_stopping(snapshots: watch::Receiver<RuntimeSnapshot>) {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    loop {
+        let message = stopping_message(&snapshots.borrow(), std::time::Instant::now());
+        if let Some(message) = message {
+            tracing::warn!("{message}");
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// What a shutdown waits on: the instances still terminating, with their pids and when SIGKILL comes.
+fn stopping_message(snapshot: &RuntimeSnapshot, now: std::time::Instant) -> Option<String> {
+    let mut longest = Duration::ZERO;
+    let waiting: Vec<String> = snapshot
+        .revisions
+        .iter()
+        .flat_map(|(key, rev)| rev.instances.iter().map(move |i| (key, i)))
+        .filter(|(_, i)| i.state == InstanceState::Terminating)
+        .map(|(key, i)| {
+            let left = i.kill_at.map(|t| t.saturating_duration_since(now));
+            longest = longest.max(left.unwrap_or_default());
+            let pid = i.pid.map_or_else(|| "?".to_string(), |p| p.to_string());
+            match left {
+                Some(left) => format!(
+                    "{}/{} (revision {}, pid {pid}, SIGKILL in {}s)",
+                    key.namespace,
+                    i.name,
+                    key.name,
+                    left.as_secs_f64().ceil()
+                ),
+                None => format!(
+                    "{}/{} (revision {}, pid {pid})",
+                    key.namespace, i.name, key.name
+                ),
+            }
+        })
+        .collect();
+    if waiting.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "waiting up to {}s for {} instance(s) to exit after SIGTERM: {}; press Ctrl-C again to kill \
+         them now",
+        longest.as_secs_f64().ceil(),
+        waiting.len(),
+        waiting.join(", ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_runtime::{InstanceStatus, RevisionKey, RevisionStatus};
+
+    fn instance(
+        name: &str,
+        state: InstanceState,
+        kill_at: Option<std::time::Instant>,
+    ) -> InstanceStatus {
+        InstanceStatus {
+            name: name.to_string(),
+            port: 4000,
+            address: "127.0.0.1:4000".parse().unwrap(),
+            state,
+            pid: Some(42),
+            spawned_at: std::time::Instant::now(),
+            spawned_at_wall: std::time::SystemTime::now(),
+            ready_at: None,
+            kill_at,
+            log_path: PathBuf::from("/x.log"),
+        }
+    }
+
+    #[test]
+    fn the_stopping_message_names_terminating_instances_and_their_deadline() {
+        let now = std::time::Instant::now();
+        let mut snapshot = RuntimeSnapshot::default();
+        snapshot.revisions.insert(
+            RevisionKey::new("default", "deaf-00001"),
+            RevisionStatus {
+                desired: 0,
+                instances: vec![
+                    instance(
+                        "deaf-00001-abcde",
+                        InstanceState::Terminating,
+                        Some(now + Duration::from_secs(30)),
+                    ),
+                    instance("deaf-00001-fghjk", InstanceState::Ready, None),
+                ],
+                restarts: 0,
+                last_exit: None,
+                removed: true,
+            },
+        );
+        let message = stopping_message(&snapshot, now).expect("one instance to wait on");
+        assert!(
+            message.starts_with("waiting up to 30s for 1 instance(s)")
+                && message.contains(
+                    "default/deaf-00001-abcde (revision deaf-00001, pid 42, SIGKILL in 30s)"
+                )
+                && !message.contains("fghjk")
+                && message.contains("Ctrl-C again"),
+            "{message}"
+        );
+        snapshot.revisions.clear();
+        assert_eq!(stopping_message(&snapshot, now), None);
+    }
 }

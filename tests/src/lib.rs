@@ -24,4 +24,4 @@ pub use backends::grpc::{GrpcClient, GrpcEchoServer, GrpcStream};
 pub use backends::websocket::{WebsocketClient, WebsocketEchoServer};
 pub use client::{Conn, Proto, Req, Resp};
 pub use ports::free_port;
-pub use sluice::{Condition, Sluice};
+pub use sluice::{Condition, Sluice, StartOptions};

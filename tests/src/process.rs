@@ -54,6 +54,19 @@ impl ProcessGuard {
         }
     }
 
+    /// Sends `signal` to the leader only, without waiting (nothing if it already exited).
+    pub fn signal(&mut self, signal: libc::c_int) {
+        self.remember_descendants();
+        if self.try_wait().is_none()
+            && let Ok(pid) = libc::pid_t::try_from(self.child.id())
+        {
+            // SAFETY: kill(2) on our own child, which has not been reaped yet; no memory is involved.
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
+    }
+
     /// Sends `signal` to the leader only and waits up to `timeout` for it to exit: for tests of how the
     /// process itself shuts down. Drop still cleans up whatever it leaves behind.
     pub fn signal_and_wait(
@@ -145,6 +158,30 @@ fn proc_stat(pid: i32) -> Option<(i32, u64)> {
         return None;
     }
     Some((fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
+}
+
+/// Whether `pid` is a live process (a zombie is not).
+pub fn alive(pid: u32) -> bool {
+    i32::try_from(pid).is_ok_and(|pid| proc_stat(pid).is_some())
+}
+
+/// The direct children of `parent` whose command name (/proc/PID/comm) is `name`.
+pub fn children_named(parent: u32, name: &str) -> Vec<u32> {
+    let Ok(parent) = i32::try_from(parent) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| proc_stat(*pid).is_some_and(|(ppid, _)| ppid == parent))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+        })
+        .map(|pid| pid as u32)
+        .collect()
 }
 
 /// Every process below `root`, found through the parent pids in /proc.

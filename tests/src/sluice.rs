@@ -178,8 +178,9 @@ pub struct Sluice {
     root: tempfile::TempDir,
     config_dir: PathBuf,
     log_path: PathBuf,
-    /// The binaries it was started with, to start it again ([`Sluice::restart`]).
+    /// What it was started with, to start it again ([`Sluice::restart`]).
     binaries: Binaries,
+    options: StartOptions,
     _slot: SemaphorePermit<'static>,
 }
 
@@ -198,14 +199,40 @@ struct Launched {
     log_path: PathBuf,
 }
 
-fn launch(bin: &Path, envoy: Option<&Path>, wasm: Option<&Path>) -> Result<Launched> {
+/// How to start `sluice up`, beyond the defaults of [`Sluice::start`].
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// `--state-dir` (default: a `state` folder beside the watched folder, removed with it): give two
+    /// runs the same one to test what a run inherits from the one before.
+    pub state_dir: Option<PathBuf>,
+    /// `ENVOY_BIN` (default: the project's Envoy).
+    pub envoy: Option<PathBuf>,
+    /// More arguments to `sluice up`.
+    pub args: Vec<String>,
+}
+
+fn launch(
+    bin: &Path,
+    envoy: Option<&Path>,
+    wasm: Option<&Path>,
+    options: &StartOptions,
+) -> Result<Launched> {
     let root = tempfile::Builder::new().prefix("sluice-e2e-").tempdir()?;
     // The log lives beside the watched folder, not in it, so writing it triggers no rescan.
     let config_dir = root.path().join("config");
     std::fs::create_dir(&config_dir)?;
     let log_path = root.path().join("sluice.log");
     let ports = Ports::pick();
-    let process = spawn_up(bin, envoy, wasm, root.path(), &ports)?;
+    let process = spawn_up(
+        bin,
+        envoy,
+        wasm,
+        options,
+        root.path(),
+        &config_dir,
+        &log_path,
+        &ports,
+    )?;
     Ok(Launched {
         process,
         ports,
@@ -215,22 +242,22 @@ fn launch(bin: &Path, envoy: Option<&Path>, wasm: Option<&Path>) -> Result<Launc
     })
 }
 
-/// `sluice up` on `<root>/config` with state in `<root>/state`, appending to `<root>/sluice.log`.
+/// Spawns `sluice up` on `config_dir` and `ports`, its output appended to `log_path`.
+#[allow(clippy::too_many_arguments)]
 fn spawn_up(
     bin: &Path,
     envoy: Option<&Path>,
     wasm: Option<&Path>,
+    options: &StartOptions,
     root: &Path,
+    config_dir: &Path,
+    log_path: &Path,
     ports: &Ports,
 ) -> Result<ProcessGuard> {
-    let config_dir = root.join("config");
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .open(root.join("sluice.log"))?;
+    let log = File::options().create(true).append(true).open(log_path)?;
     let mut cmd = Command::new(bin);
     cmd.arg("up")
-        .arg(&config_dir)
+        .arg(config_dir)
         .args(["--external-port", &ports.external.to_string()])
         .args(["--internal-port", &ports.internal.to_string()])
         .args(["--tls-port", &ports.tls.to_string()])
@@ -239,14 +266,20 @@ fn spawn_up(
         .args(["--control-port", &ports.control.to_string()])
         .args(["--activator-port", &ports.activator.to_string()])
         .arg("--state-dir")
-        .arg(root.join("state"))
+        .arg(
+            options
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| root.join("state")),
+        )
+        .args(&options.args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
     if std::env::var_os("SLUICE_LOG").is_none() {
         cmd.env("SLUICE_LOG", "info");
     }
-    if let Some(envoy) = envoy {
+    if let Some(envoy) = options.envoy.as_deref().or(envoy) {
         cmd.env("ENVOY_BIN", envoy);
     }
     if let Some(wasm) = wasm {
@@ -302,6 +335,11 @@ impl Sluice {
     /// Starts `sluice up` on an empty folder and waits until its control API answers. Waits first for
     /// one of the [`MAX_CONCURRENT_SLUICES`] slots.
     pub async fn start() -> Result<Sluice> {
+        Sluice::start_with(StartOptions::default()).await
+    }
+
+    /// [`Sluice::start`] with options.
+    pub async fn start_with(options: StartOptions) -> Result<Sluice> {
         let slot = SLOTS
             .acquire()
             .await
@@ -315,7 +353,7 @@ impl Sluice {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut launched = launch(&bin, envoy.as_deref(), wasm.as_deref())?;
+            let mut launched = launch(&bin, envoy.as_deref(), wasm.as_deref(), &options)?;
             match launched.wait_control_api().await {
                 Ok(()) => {
                     let Launched {
@@ -336,6 +374,7 @@ impl Sluice {
                             envoy,
                             wasm,
                         },
+                        options,
                         _slot: slot,
                     });
                 }
@@ -365,7 +404,10 @@ impl Sluice {
             &b.sluice,
             b.envoy.as_deref(),
             b.wasm.as_deref(),
+            &self.options,
             self.root.path(),
+            &self.config_dir,
+            &self.log_path,
             &self.ports,
         )?;
         let deadline = Instant::now() + STARTUP_TIMEOUT;
@@ -385,9 +427,50 @@ impl Sluice {
         }
     }
 
-    /// Where `sluice up` keeps instance logs (`--state-dir`).
+    /// Runs `sluice up` on an empty folder until it exits by itself (for runs that must fail), up to
+    /// `timeout`: its exit status (None if it was still running, then stopped) and its output.
+    pub async fn run_to_exit(
+        options: StartOptions,
+        timeout: Duration,
+    ) -> Result<(Option<std::process::ExitStatus>, String)> {
+        let _slot = SLOTS
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        let bin = tokio::task::spawn_blocking(sluice_bin).await??;
+        let envoy = envoy_for_sluice()?;
+        let mut launched = launch(&bin, envoy.as_deref(), None, &options)?;
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = launched.process.try_wait() {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                launched.process.stop();
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let logs = std::fs::read_to_string(&launched.log_path).unwrap_or_default();
+        Ok((status, logs))
+    }
+
+    /// Where `sluice up` keeps instance logs (`--state-dir`), unless [`StartOptions::state_dir`] said.
     pub fn state_dir(&self) -> PathBuf {
-        self.root.path().join("state")
+        self.options
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| self.root.path().join("state"))
+    }
+
+    /// The `sluice up` process's pid.
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
+
+    /// Sends `signal` to `sluice up` alone, without waiting.
+    pub fn signal(&mut self, signal: libc::c_int) {
+        self.process.signal(signal);
     }
 
     /// The folder `sluice up` watches.

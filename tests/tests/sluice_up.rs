@@ -1,6 +1,8 @@
 //! The rest of `sluice up`'s contract, beyond the conformance cases: `sluice status` (table and JSON),
 //! file errors reported with their origin, a broken file that keeps its objects serving, deletes
-//! applied while running, and a clean stop (Envoy too) on SIGTERM and SIGINT.
+//! applied while running, a clean stop (Envoy too) on SIGTERM and SIGINT, and its process lifecycle:
+//! nothing outlives a killed `sluice up` (or the next run reaps it), one run per state dir, a
+//! supervised Envoy, and a second Ctrl-C that kills at once.
 
 use std::io::Write;
 use std::process::Command;
@@ -10,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use serde_json::Value;
+use sluice_e2e::process::{alive, children_named};
 use sluice_e2e::yaml::{Ingress, Path, Rule, SERVICE_PORT, Split};
-use sluice_e2e::{EchoServer, Req, Sluice};
+use sluice_e2e::{EchoServer, Req, Sluice, StartOptions};
 
 const NS: &str = "serving-tests";
 const READY: Duration = Duration::from_secs(60);
@@ -440,4 +443,349 @@ async fn a_new_file_with_a_running_services_name_does_not_replace_it() {
     assert_eq!(revisions, ["dup-00001"], "no revision from the newcomer");
     let (_, pid_after) = knative_get(&sluice, host, "/pid").await.expect("GET /pid");
     assert_eq!(pid_after, pid, "the same app process kept serving");
+}
+
+/// Generous: these tests run beside other engineers' builds on two cores.
+const WAIT: Duration = Duration::from_secs(90);
+
+/// A Knative Service kept at one instance (min-scale 1) running `command`; `spec` is extra YAML under
+/// `spec.template.spec` (indented by 6), `container` extra YAML under the container (indented by 8).
+fn kservice(name: &str, command: &[&str], spec: &str, container: &str) -> String {
+    let command = serde_json::to_string(command).expect("JSON array");
+    format!(
+        "apiVersion: serving.knative.dev/v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  template:
+    metadata:
+      annotations:
+        autoscaling.knative.dev/min-scale: \"1\"
+    spec:
+{spec}      containers:
+      - image: {name}
+        command: {command}
+{container}"
+    )
+}
+
+/// Polls `check` until it returns Some, failing with `what` and the sluice log after `timeout`.
+async fn wait_until<T>(
+    sluice: &Sluice,
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; sluice log:\n{}",
+            sluice.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The pid of the single instance of `revision`, once it is Ready.
+async fn ready_instance_pid(sluice: &mut Sluice, revision: &str) -> u32 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        sluice.check_alive().expect("sluice up is running");
+        let status = sluice.status().await.unwrap_or_default();
+        let pid = status["revisions"].as_array().and_then(|revs| {
+            let rev = revs.iter().find(|r| r["metadata"]["name"] == revision)?;
+            let inst = rev["instances"].as_array()?.first()?;
+            (inst["state"] == "Ready").then(|| inst["pid"].as_u64())?
+        });
+        if let Some(pid) = pid {
+            return pid as u32;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "revision {revision} has no ready instance; status: {status}\nlog:\n{}",
+            sluice.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// GET `host` through the gateway until it answers 200.
+async fn wait_served(sluice: &Sluice, host: &str) {
+    wait_until(sluice, &format!("{host} answering 200"), WAIT, async || {
+        let resp = Req::get(host, "/")
+            .timeout(Duration::from_secs(5))
+            .send(sluice.external())
+            .await
+            .ok()?;
+        (resp.status == StatusCode::OK).then_some(())
+    })
+    .await
+}
+
+/// Envoy, the one child of `sluice up` named so.
+fn envoy_pid(sluice: &Sluice) -> u32 {
+    let found = children_named(sluice.pid(), "envoy");
+    assert_eq!(found.len(), 1, "Envoy children of sluice up: {found:?}");
+    found[0]
+}
+
+async fn wait_dead(sluice: &Sluice, what: &str, pid: u32) {
+    wait_until(
+        sluice,
+        &format!("{what} (pid {pid}) to be gone"),
+        WAIT,
+        async || (!alive(pid)).then_some(()),
+    )
+    .await
+}
+
+/// kill -9 of `sluice up` takes its app processes and its Envoy with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_leaves_no_app_nor_envoy_behind() {
+    let mut sluice = Sluice::start().await.expect("sluice up");
+    sluice
+        .write("orphan.yaml", &kservice("orphan", &[APP], "", ""))
+        .expect("writing the Service");
+    let app = ready_instance_pid(&mut sluice, "orphan-00001").await;
+    wait_served(&sluice, "orphan.default.localhost").await;
+    let envoy = envoy_pid(&sluice);
+
+    let status = sluice
+        .terminate(libc::SIGKILL, Duration::from_secs(15))
+        .expect("sluice up is gone after SIGKILL");
+    assert!(!status.success());
+    wait_dead(&sluice, "the app", app).await;
+    wait_dead(&sluice, "Envoy", envoy).await;
+}
+
+/// What a killed run left (here a grandchild of an instance, which the parent-death signal does not
+/// reach, and its run folder) is reaped by the next `sluice up` on the same state dir; a second
+/// `sluice up` on a state dir in use is refused with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_run_reaps_what_a_killed_run_left_and_runs_are_exclusive() {
+    let shared = tempfile::tempdir().expect("temp dir");
+    let state_dir = std::fs::canonicalize(shared.path())
+        .expect("canonical temp dir")
+        .join("state");
+    let options = StartOptions {
+        state_dir: Some(state_dir.clone()),
+        ..Default::default()
+    };
+    let orphan_file = shared.path().join("orphan.pid");
+    let script = format!(
+        "sleep 1000 & echo $! > {}; exec {APP}",
+        orphan_file.display()
+    );
+
+    let mut first = Sluice::start_with(options.clone())
+        .await
+        .expect("first sluice up");
+    first
+        .write(
+            "left.yaml",
+            &kservice("left", &["sh", "-c", &script], "", ""),
+        )
+        .expect("writing the Service");
+    let app = ready_instance_pid(&mut first, "left-00001").await;
+    let orphan: u32 = std::fs::read_to_string(&orphan_file)
+        .expect("the app wrote its child's pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let first_run_dir = state_dir.join("run").join(first.pid().to_string());
+    assert!(first_run_dir.is_dir(), "{}", first_run_dir.display());
+    first
+        .terminate(libc::SIGKILL, Duration::from_secs(15))
+        .expect("the first sluice up is gone after SIGKILL");
+    wait_dead(&first, "the first run's app", app).await;
+    assert!(
+        alive(orphan),
+        "precondition: the grandchild outlived its run"
+    );
+
+    let mut second = Sluice::start_with(options.clone())
+        .await
+        .expect("second sluice up on the same state dir");
+    wait_dead(&second, "the earlier run's leftover", orphan).await;
+    assert!(
+        !first_run_dir.exists(),
+        "the earlier run's folder {} is still there",
+        first_run_dir.display()
+    );
+    assert!(
+        second
+            .logs()
+            .contains("earlier `sluice up` on this state dir"),
+        "the reaping is reported:\n{}",
+        second.logs()
+    );
+
+    let (status, out) = Sluice::run_to_exit(options, WAIT)
+        .await
+        .expect("third sluice up");
+    let status = status.expect("a second run on a state dir in use exits by itself");
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains("is in use by another `sluice up`")
+            && out.contains(&format!("pid {}", second.pid())),
+        "{out}"
+    );
+    second
+        .check_alive()
+        .expect("the running sluice up is untouched");
+}
+
+/// Envoy killed under a running Service comes back by itself: the same app process keeps running, the
+/// Service answers again (over delta and SotW xDS alike), and `sluice up` keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_envoy_is_restarted_and_serves_again_with_the_same_apps() {
+    for protocol in ["delta", "sotw"] {
+        let mut sluice = Sluice::start_with(StartOptions {
+            args: vec!["--xds-protocol".into(), protocol.into()],
+            ..Default::default()
+        })
+        .await
+        .expect("sluice up");
+        sluice
+            .write("phoenix.yaml", &kservice("phoenix", &[APP], "", ""))
+            .expect("writing the Service");
+        let app = ready_instance_pid(&mut sluice, "phoenix-00001").await;
+        wait_served(&sluice, "phoenix.default.localhost").await;
+        let envoy = envoy_pid(&sluice);
+
+        // SAFETY: kill(2) on the Envoy child we just found; no memory is involved.
+        unsafe {
+            libc::kill(envoy as i32, libc::SIGKILL);
+        }
+        wait_dead(&sluice, "the killed Envoy", envoy).await;
+        wait_until(&sluice, "a new Envoy", WAIT, async || {
+            let found = children_named(sluice.pid(), "envoy");
+            (found.len() == 1 && found[0] != envoy).then_some(())
+        })
+        .await;
+        wait_served(&sluice, "phoenix.default.localhost").await;
+        sluice.check_alive().expect("sluice up keeps running");
+        assert!(alive(app), "{protocol}: the app was not touched");
+        assert_eq!(
+            ready_instance_pid(&mut sluice, "phoenix-00001").await,
+            app,
+            "{protocol}: the same instance serves"
+        );
+        let status = sluice.status().await.expect("GET /status");
+        assert_eq!(status["gatewayLive"], true, "{protocol}: {status}");
+    }
+}
+
+/// An Envoy that cannot stay up ends `sluice up` with an error quoting its output and naming its log,
+/// which is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envoy_that_cannot_stay_up_ends_sluice_with_its_last_lines() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let dir_path = std::fs::canonicalize(dir.path()).expect("canonical temp dir");
+    let fake = dir_path.join("envoy");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho \"fake envoy: cannot start (on purpose)\"\nexit 1\n",
+    )
+    .expect("writing the fake Envoy");
+    let mut perms = std::fs::metadata(&fake).expect("metadata").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&fake, perms).expect("chmod");
+    let state_dir = dir_path.join("state");
+
+    let (status, out) = Sluice::run_to_exit(
+        StartOptions {
+            state_dir: Some(state_dir.clone()),
+            envoy: Some(fake),
+            ..Default::default()
+        },
+        WAIT,
+    )
+    .await
+    .expect("sluice up");
+    let status = status.unwrap_or_else(|| panic!("sluice up still running:\n{out}"));
+    assert!(!status.success(), "{out}");
+    let log = state_dir.join("envoy.log");
+    let error = out
+        .lines()
+        .skip_while(|l| !l.starts_with("Error:"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        error.contains("fake envoy: cannot start (on purpose)")
+            && error.contains(&log.display().to_string()),
+        "the error quotes Envoy and names its log:\n{out}"
+    );
+    let kept = std::fs::read_to_string(&log).expect("the named log exists");
+    assert!(
+        kept.contains("fake envoy: cannot start (on purpose)"),
+        "{kept}"
+    );
+}
+
+/// Shutdown says what it waits on (an app that ignores SIGTERM, a 30 s grace period), and a second
+/// SIGINT kills it and exits at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigint_kills_what_shutdown_waits_on() {
+    let mut sluice = Sluice::start().await.expect("sluice up");
+    let armed = sluice.state_dir().with_file_name("armed");
+    let script = format!(
+        "trap 'echo TERM ignored' TERM; touch {}; while true; do sleep 0.1; done",
+        armed.display()
+    );
+    let probe = format!(
+        "        readinessProbe:\n          exec:\n            command: [\"test\", \"-f\", \"{}\"]\n",
+        armed.display()
+    );
+    sluice
+        .write(
+            "deaf.yaml",
+            &kservice(
+                "deaf",
+                &["sh", "-c", &script],
+                "      timeoutSeconds: 30\n",
+                &probe,
+            ),
+        )
+        .expect("writing the Service");
+    let app = ready_instance_pid(&mut sluice, "deaf-00001").await;
+
+    let first = Instant::now();
+    sluice.signal(libc::SIGINT);
+    wait_until(
+        &sluice,
+        "a log line naming what shutdown waits on",
+        WAIT,
+        async || {
+            let logs = sluice.logs();
+            let line = logs
+                .lines()
+                .find(|l| l.contains("waiting up to") && l.contains("deaf-00001"))?;
+            Some(line.to_string())
+        },
+    )
+    .await;
+    assert!(alive(app), "the app ignores SIGTERM");
+    sluice.signal(libc::SIGINT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sluice.check_alive().is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "sluice up still running 10 s after a second SIGINT; log:\n{}",
+            sluice.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        first.elapsed() < Duration::from_secs(25),
+        "exited {:?} after the first SIGINT, not well before the 30 s grace period",
+        first.elapsed()
+    );
+    wait_dead(&sluice, "the app", app).await;
 }
