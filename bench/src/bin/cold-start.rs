@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -20,6 +20,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
+use sluice_bench::{SluiceGuard, free_port};
 
 #[derive(Parser)]
 struct Args {
@@ -35,33 +36,6 @@ struct Args {
     /// Seconds of wrk per steady-state measurement (0 skips it).
     #[arg(long, default_value_t = 5)]
     wrk_seconds: u32,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        // SIGTERM so sluice stops its instances and Envoy.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn service_yaml(name: &str, app: &Path, annotations: &str) -> String {
@@ -216,7 +190,10 @@ async fn main() -> Result<()> {
         .stderr(log)
         .spawn()
         .context("starting sluice up")?;
-    let _guard = Guard(child);
+    let _guard = SluiceGuard {
+        child,
+        grace: Duration::from_secs(15),
+    };
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let external_addr: SocketAddr = ([127, 0, 0, 1], external).into();
 

@@ -4,6 +4,7 @@
 //! Each change adds a new host to one Ingress's file; the clock stops at the first request for that host
 //! that Envoy routes (200 from the upstream instead of Envoy's 404 for an unknown host).
 
+use sluice_bench::free_port;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -30,13 +31,6 @@ struct Args {
     /// xDS flavour: delta or sotw.
     #[arg(long, default_value = "delta")]
     xds_protocol: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 fn ingress_yaml(i: usize, extra_hosts: &[String]) -> String {

@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
+use sluice_bench::{SluiceGuard, free_port};
 
 #[derive(Parser)]
 struct Args {
@@ -32,33 +33,6 @@ struct Args {
     /// Give up on a run after this long.
     #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
     timeout: Duration,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        // SIGTERM so sluice stops its instances and Envoy.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn service_yaml(name: &str, app: &Path) -> String {
@@ -164,7 +138,10 @@ async fn run(args: &Args, sluice: &Path, app: &Path, n: usize) -> Result<()> {
         .spawn()
         .context("starting sluice up")?;
     let pid = child.id();
-    let _guard = Guard(child);
+    let _guard = SluiceGuard {
+        child,
+        grace: Duration::from_secs(60),
+    };
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let status_uri = format!("http://127.0.0.1:{control}/status");
     let deadline = started + args.timeout;

@@ -1,0 +1,38 @@
+//! What the benchmark drivers share: free loopback ports and a guard that stops a `sluice up` (and
+//! with it its instances and Envoy) when a run ends, even on error.
+
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+/// A port free on loopback now (the driver hands it to `sluice up` right away).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Stops the process on drop: SIGTERM, so that `sluice up` stops its instances and Envoy, then
+/// SIGKILL if it has not exited within `grace`.
+pub struct SluiceGuard {
+    pub child: Child,
+    pub grace: Duration,
+}
+
+impl Drop for SluiceGuard {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the pid of a child we own and have not reaped.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + self.grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
