@@ -20,7 +20,9 @@
 //! ```
 
 mod backoff;
+mod container;
 mod expand;
+mod instance_runtime;
 pub mod leftovers;
 mod logs;
 mod plan;
@@ -40,7 +42,9 @@ use std::time::{Instant, SystemTime};
 pub use sluice_api::autoscaling::RevisionKey;
 
 pub use backoff::{BackoffPolicy, RestartBackoff};
+pub use container::ContainerRuntime;
 pub use expand::{expand, expand_env};
+pub use instance_runtime::{InstanceRuntime, RuntimeKind};
 pub use logs::{
     LogFollower, LogQuery, LogSelector, SERVICE_FILE, instance_log_path, log_files, read_logs,
     revision_log_dir,
@@ -50,7 +54,10 @@ pub use ports::{PortLease, PortPool, PortsExhausted, instance_port_range};
 pub use readiness::{ProbeTiming, ReadinessTracker};
 pub use runtime::ProcessRuntime;
 pub use spawner::spawn_tied;
-pub use spec::{LaunchSpec, Probe, ProbeAction};
+pub use spec::{
+    ImageSpec, LaunchSpec, Mount, MountSource, Probe, ProbeAction, PullPolicy, Resources,
+    SecurityContext, SidecarSpec,
+};
 pub use state_lock::{Holder, LOCK_FILE, LockError, StateLock};
 
 /// How the runtime runs.
@@ -115,6 +122,8 @@ pub struct InstanceStatus {
     /// While Terminating: when SIGKILL follows if the process has not exited (end of its grace period).
     pub kill_at: Option<Instant>,
     pub log_path: PathBuf,
+    /// The engine's container ID of the serving container (container runtime).
+    pub container_id: Option<String>,
 }
 
 /// One revision as the runtime last saw it.
@@ -130,6 +139,20 @@ pub struct RevisionStatus {
     pub last_exit: Option<String>,
     /// `remove_revision` was called; the entry disappears once its instances have exited.
     pub removed: bool,
+    /// The engine's image ID the revision runs (`sha256:...`), once resolved (container runtime):
+    /// Knative's `containerStatuses[].imageDigest`. Pass it back as `ImageSpec::pinned` after a restart.
+    pub image_digest: Option<String>,
+    /// Why no instance can start now (image missing, engine unreachable...), in Knative's terms: the
+    /// serving plane shows it as the Revision's Ready=False reason and message. `None` once it clears.
+    pub failure: Option<RevisionFailure>,
+}
+
+/// A condition that keeps a revision from running, e.g. reason `ContainerMissing` with the engine's
+/// words, or `ContainerEngineUnavailable`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevisionFailure {
+    pub reason: String,
+    pub message: String,
 }
 
 impl RevisionStatus {
@@ -204,6 +227,9 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    /// The container engine refused or could not be reached; `message` carries the engine's words.
+    #[error("container engine: {message}")]
+    Engine { message: String },
     #[error("ProcessRuntime::new must be called inside a Tokio runtime")]
     NoTokioRuntime,
 }

@@ -44,6 +44,7 @@ async fn attempt(
             .map_err(|e| format!("tcp connect {addr}: {e}")),
         ProbeAction::Http { path, headers } => http_get(addr, path, headers).await,
         ProbeAction::Exec { command } => exec(command, env, working_dir).await,
+        ProbeAction::Grpc { .. } => Err("grpc probes are not supported yet".to_string()),
     }
 }
 

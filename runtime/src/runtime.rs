@@ -277,6 +277,8 @@ impl Shared {
                         restarts: rev.restarts,
                         last_exit: rev.last_exit.clone(),
                         removed: rev.removed,
+                        image_digest: None,
+                        failure: None,
                     },
                 )
             })
@@ -529,6 +531,7 @@ impl Shared {
                 ready_at: None,
                 kill_at: None,
                 log_path,
+                container_id: None,
             },
             pgid,
             stop: Some(stop_tx),

@@ -29,6 +29,132 @@ pub struct LaunchSpec {
     /// Time between SIGTERM and SIGKILL. Knative sets the pod's `terminationGracePeriodSeconds` to the
     /// revision's `timeoutSeconds` (deploy.go `makePodSpec`), so map that here.
     pub grace_period: Duration,
+    /// The container's `image` and `imagePullPolicy`: set, the container runtime runs it (then `command`
+    /// may be empty: the image's entrypoint runs); the process runtime ignores it and needs `command`.
+    pub image: Option<ImageSpec>,
+    /// `ports[0].containerPort`: the PORT the app listens on inside its container (Knative's default is
+    /// 8080). The process runtime ignores it: local processes share one network, so each instance gets
+    /// a leased PORT instead.
+    pub container_port: Option<u16>,
+    /// The Knative container's `name` (Knative defaults it to `user-container`), for logs and status.
+    pub container_name: String,
+    /// `livenessProbe`: after `failureThreshold` failures the instance is killed and replaced (a restart).
+    pub liveness: Option<Probe>,
+    /// `startupProbe`: readiness and liveness start only after it succeeded; after `failureThreshold`
+    /// failures the instance is killed and replaced.
+    pub startup: Option<Probe>,
+    /// `resources.limits` (cpu, memory) as engine limits (container runtime only).
+    pub resources: Resources,
+    /// `volumeMounts`, resolved by the caller (ConfigMap/Secret contents written to a folder).
+    pub mounts: Vec<Mount>,
+    /// `securityContext` fields the engine can enforce (container runtime only).
+    pub security: SecurityContext,
+    /// The revision's other containers (Knative allows several; exactly one serves). They share the
+    /// serving container's network, so they reach it and each other on localhost, as in a pod.
+    pub sidecars: Vec<SidecarSpec>,
+}
+
+/// A container image and when to pull it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSpec {
+    /// As written in the YAML (`ghcr.io/x/app:v1`, `app`, `app@sha256:...`).
+    pub reference: String,
+    pub pull_policy: PullPolicy,
+    /// The engine's image ID (`sha256:...`) this revision was first resolved to. Set, the runtime runs
+    /// exactly that image and never resolves the tag again (Knative's tag-to-digest: a revision keeps
+    /// its code when the tag is re-pointed, even across restarts of `sluice up`).
+    pub pinned: Option<String>,
+}
+
+/// Kubernetes' `imagePullPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    /// Kubernetes' default when the field is empty: `Always` for `:latest` or no tag, else
+    /// `IfNotPresent` (a digest reference counts as a tag).
+    pub fn default_for(reference: &str) -> PullPolicy {
+        let name = reference.rsplit('/').next().unwrap_or(reference);
+        if reference.contains('@') {
+            return PullPolicy::IfNotPresent;
+        }
+        match name.split_once(':') {
+            Some((_, "latest")) | None => PullPolicy::Always,
+            Some(_) => PullPolicy::IfNotPresent,
+        }
+    }
+
+    /// Parses `imagePullPolicy` (empty means the default for `reference`).
+    pub fn parse(value: &str, reference: &str) -> Result<PullPolicy, String> {
+        match value {
+            "" => Ok(PullPolicy::default_for(reference)),
+            "Always" => Ok(PullPolicy::Always),
+            "IfNotPresent" => Ok(PullPolicy::IfNotPresent),
+            "Never" => Ok(PullPolicy::Never),
+            other => Err(format!(
+                "imagePullPolicy {other:?} is not one of Always, IfNotPresent, Never"
+            )),
+        }
+    }
+}
+
+/// `resources.limits`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resources {
+    /// CPU limit in millicores (`500m` = 500, `2` = 2000).
+    pub cpu_millis: Option<u64>,
+    /// Memory limit in bytes (`128Mi`).
+    pub memory_bytes: Option<u64>,
+}
+
+/// One `volumeMount`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub source: MountSource,
+    /// `mountPath` inside the container.
+    pub target: String,
+    pub read_only: bool,
+}
+
+/// Where a mount's files come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountSource {
+    /// A host folder (a ConfigMap's or Secret's keys written as files by the caller).
+    Dir(std::path::PathBuf),
+    /// An `emptyDir` volume: made fresh per instance and shared by its containers; `memory` for
+    /// `medium: Memory` (tmpfs).
+    EmptyDir { name: String, memory: bool },
+}
+
+/// `securityContext` fields.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SecurityContext {
+    pub run_as_user: Option<i64>,
+    pub run_as_group: Option<i64>,
+    /// Refuse to start when the effective user would be root (uid 0).
+    pub run_as_non_root: bool,
+    pub read_only_root_filesystem: bool,
+}
+
+/// A revision's non-serving container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SidecarSpec {
+    pub name: String,
+    pub image: ImageSpec,
+    pub command: Vec<String>,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<std::path::PathBuf>,
+    pub readiness: Option<Probe>,
+    pub liveness: Option<Probe>,
+    pub startup: Option<Probe>,
+    pub resources: Resources,
+    pub mounts: Vec<Mount>,
+    pub security: SecurityContext,
 }
 
 impl LaunchSpec {
@@ -51,6 +177,15 @@ impl LaunchSpec {
             readiness: Probe::default(),
             // Knative: revision-timeout-seconds defaults to 300 and is the termination grace period.
             grace_period: Duration::from_secs(300),
+            image: None,
+            container_port: None,
+            container_name: "user-container".to_string(),
+            liveness: None,
+            startup: None,
+            resources: Resources::default(),
+            mounts: Vec::new(),
+            security: SecurityContext::default(),
+            sidecars: Vec::new(),
         }
     }
 
@@ -73,7 +208,7 @@ impl LaunchSpec {
             revision: self.revision.clone(),
             reason: reason.to_string(),
         };
-        if self.command.first().is_none_or(|c| c.is_empty()) {
+        if self.image.is_none() && self.command.first().is_none_or(|c| c.is_empty()) {
             return Err(fail(
                 "command is empty: the local runtime needs the container's `command` (program to run)",
             ));
@@ -114,14 +249,19 @@ pub enum ProbeAction {
         path: String,
         headers: Vec<(String, String)>,
     },
-    /// Run a command (with the instance's env and working dir); exit status 0 is success.
+    /// Run a command (with the instance's env and working dir; in the container for the container
+    /// runtime); exit status 0 is success.
     Exec { command: Vec<String> },
+    /// gRPC health checking (`grpc.health.v1.Health/Check`) on the port; SERVING is success.
+    Grpc { service: Option<String> },
 }
 
 /// A readiness probe (Kubernetes `Probe` fields the runtime uses).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Probe {
     pub action: ProbeAction,
+    /// The probe's port when it is not the container's PORT (a sidecar's probe names its own port).
+    pub port: Option<u16>,
     /// `initialDelaySeconds`.
     pub initial_delay: Duration,
     /// `periodSeconds`; `None` means `periodSeconds: 0`, Knative's "aggressive" probing: probe fast until
@@ -142,6 +282,7 @@ impl Default for Probe {
     fn default() -> Self {
         Probe {
             action: ProbeAction::Tcp,
+            port: None,
             initial_delay: Duration::ZERO,
             period: None,
             timeout: Duration::from_secs(1),
@@ -230,6 +371,22 @@ mod tests {
                 (got, want) => panic!("{:?}: got {got:?}, want {want:?}", s.command),
             }
         }
+    }
+
+    #[test]
+    fn pull_policy_defaults_as_kubernetes() {
+        for (reference, want) in [
+            ("app", PullPolicy::Always),
+            ("app:latest", PullPolicy::Always),
+            ("localhost:5000/app", PullPolicy::Always),
+            ("localhost:5000/app:v1", PullPolicy::IfNotPresent),
+            ("app:v1", PullPolicy::IfNotPresent),
+            ("app@sha256:abc", PullPolicy::IfNotPresent),
+        ] {
+            assert_eq!(PullPolicy::default_for(reference), want, "{reference}");
+        }
+        assert!(PullPolicy::parse("Sometimes", "app").is_err());
+        assert_eq!(PullPolicy::parse("Never", "app"), Ok(PullPolicy::Never));
     }
 
     #[test]

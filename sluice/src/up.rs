@@ -377,6 +377,7 @@ mod tests {
             ready_at: None,
             kill_at,
             log_path: PathBuf::from("/x.log"),
+            container_id: None,
         }
     }
 
@@ -398,6 +399,8 @@ mod tests {
                 ],
                 restarts: 0,
                 last_exit: None,
+                image_digest: None,
+                failure: None,
                 removed: true,
             },
         );
