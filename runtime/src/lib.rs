@@ -21,7 +21,9 @@
 
 mod backoff;
 mod container;
+mod core;
 mod expand;
+mod health;
 mod instance_runtime;
 pub mod leftovers;
 mod logs;
@@ -44,6 +46,7 @@ pub use sluice_api::autoscaling::RevisionKey;
 pub use backoff::{BackoffPolicy, RestartBackoff};
 pub use container::ContainerRuntime;
 pub use expand::{expand, expand_env};
+pub use health::{HealthEvent, HealthTracker, ProbeKind};
 pub use instance_runtime::{InstanceRuntime, RuntimeKind};
 pub use logs::{
     LogFollower, LogQuery, LogSelector, SERVICE_FILE, instance_log_path, log_files, read_logs,
