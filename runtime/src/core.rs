@@ -30,8 +30,8 @@ pub(crate) struct StartContext {
     /// `<revision>-<5 random characters>`.
     pub name: String,
     pub spec: Arc<LaunchSpec>,
-    /// The image ID the revision resolved to (container runtime).
-    pub image_id: Option<String>,
+    /// The image IDs the revision resolved to: the serving container's, then each sidecar's.
+    pub images: Vec<String>,
     pub log: Arc<std::fs::File>,
     /// The canonical state dir, marking everything the runtime starts (see [`crate::leftovers`]).
     pub owner: String,
@@ -107,9 +107,18 @@ pub(crate) trait BackendInstance: Send + 'static {
     fn cleanup(self) -> impl Future<Output = ()> + Send;
 }
 
-/// Resolves what a revision needs before its instances can start (its image).
+/// What a revision's instances run, once resolved.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Resolved {
+    /// Shown as the revision's image digest (the serving container's image ID).
+    pub digest: Option<String>,
+    /// Every container's image ID, serving container first.
+    pub images: Vec<String>,
+}
+
+/// Resolves what a revision needs before its instances can start (its images).
 pub(crate) type ResolveFuture =
-    Pin<Box<dyn Future<Output = Result<Option<String>, RevisionFailure>> + Send>>;
+    Pin<Box<dyn Future<Output = Result<Resolved, RevisionFailure>> + Send>>;
 
 /// How instances are run.
 pub(crate) trait Backend: Send + Sync + Sized + 'static {
@@ -160,6 +169,7 @@ struct Revision<B: Backend> {
     /// Instances may start (the image is resolved).
     resolved: bool,
     image_digest: Option<String>,
+    images: Vec<String>,
     failure: Option<RevisionFailure>,
     /// Bumped by every set_revision, so a stale resolution is ignored.
     generation: u64,
@@ -246,6 +256,7 @@ impl<B: Backend> Core<B> {
                         removed: false,
                         resolved: false,
                         image_digest: None,
+                        images: Vec::new(),
                         failure: None,
                         generation: 0,
                     },
@@ -293,9 +304,10 @@ impl<B: Backend> Core<B> {
                         return;
                     };
                     match result {
-                        Ok(digest) => {
+                        Ok(resolved) => {
                             rev.resolved = true;
-                            rev.image_digest = digest;
+                            rev.image_digest = resolved.digest;
+                            rev.images = resolved.images;
                             rev.failure = None;
                             let _ = core.reconcile(&mut inner, &key);
                             core.publish(&inner);
@@ -314,7 +326,7 @@ impl<B: Backend> Core<B> {
                 tokio::time::sleep(delay).await;
                 match core.backend.resolve(&spec) {
                     Some(next) => attempt = next,
-                    None => attempt = Box::pin(async { Ok(None) }),
+                    None => attempt = Box::pin(async { Ok(Resolved::default()) }),
                 }
             }
         });
@@ -592,7 +604,7 @@ impl<B: Backend> Core<B> {
             key: key.clone(),
             name: name.clone(),
             spec: Arc::clone(&spec),
-            image_id: rev.image_digest.clone(),
+            images: rev.images.clone(),
             log: Arc::clone(&log),
             owner: self.owner.clone(),
             handle: self.handle.clone(),

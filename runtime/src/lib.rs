@@ -22,6 +22,7 @@
 mod backoff;
 mod container;
 mod core;
+mod engine;
 mod expand;
 mod health;
 mod instance_runtime;
@@ -44,7 +45,7 @@ use std::time::{Instant, SystemTime};
 pub use sluice_api::autoscaling::RevisionKey;
 
 pub use backoff::{BackoffPolicy, RestartBackoff};
-pub use container::ContainerRuntime;
+pub use container::{ContainerOptions, ContainerRuntime, reap_leftover_containers};
 pub use expand::{expand, expand_env};
 pub use health::{HealthEvent, HealthTracker, ProbeKind};
 pub use instance_runtime::{InstanceRuntime, RuntimeKind};
