@@ -47,6 +47,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ContainerOptions {
     /// Added to every container and network the runtime creates (tests mark theirs).
     pub extra_labels: Vec<(String, String)>,
+    /// The engine's address (`unix:///path`, `tcp://host:port`); `None`: `DOCKER_HOST`, else the
+    /// default socket.
+    pub engine: Option<String>,
 }
 
 /// Runs revision instances as containers.
@@ -71,7 +74,7 @@ impl ContainerRuntime {
         options: RuntimeOptions,
         container: ContainerOptions,
     ) -> Result<ContainerRuntime, RuntimeError> {
-        let docker = engine_client().await?;
+        let docker = engine_client(container.engine.as_deref()).await?;
         let owner = canonical_owner(&options.state_dir)?;
         let network = engine::network_name(&owner);
         ensure_network(&docker, &network, &owner, &container.extra_labels).await?;
@@ -82,6 +85,7 @@ impl ContainerRuntime {
             extra_labels: container.extra_labels,
             empty_dirs: options.state_dir.join("emptydir"),
             live: Default::default(),
+            engine: container.engine,
         };
         Ok(ContainerRuntime {
             core: Arc::new(Core::new(options, backend)?),
@@ -153,6 +157,7 @@ impl Drop for ContainerRuntime {
         let backend = &self.core.backend;
         let live: Vec<String> = lock(&backend.live).iter().cloned().collect();
         let network = backend.network.clone();
+        let engine = backend.engine.clone();
         // Drop cannot await, and the caller's runtime may be going away: remove the containers from
         // a thread with a runtime of its own, and wait for it (bounded by the engine's answers).
         let done = std::thread::spawn(move || {
@@ -163,7 +168,7 @@ impl Drop for ContainerRuntime {
                 return;
             };
             rt.block_on(async {
-                let Ok(docker) = engine_client().await else {
+                let Ok(docker) = engine_client(engine.as_deref()).await else {
                     return;
                 };
                 remove_all(&docker, live).await;
@@ -205,7 +210,15 @@ impl InstanceRuntime for ContainerRuntime {
 /// killed with kill -9 left. Call it with the state dir locked (see [`crate::StateLock`]), beside
 /// [`crate::leftovers::reap_leftovers`]. Returns how many containers it removed.
 pub async fn reap_leftover_containers(owner: &str) -> Result<usize, RuntimeError> {
-    let docker = engine_client().await?;
+    reap_leftover_containers_at(None, owner).await
+}
+
+/// [`reap_leftover_containers`] on the engine at `engine` (see [`ContainerOptions::engine`]).
+pub async fn reap_leftover_containers_at(
+    engine: Option<&str>,
+    owner: &str,
+) -> Result<usize, RuntimeError> {
+    let docker = engine_client(engine).await?;
     let filter = |key: &str| {
         Some(
             [(
@@ -245,8 +258,17 @@ pub async fn reap_leftover_containers(owner: &str) -> Result<usize, RuntimeError
 
 /// The engine client: `DOCKER_HOST` or the default socket, API version negotiated down to the
 /// engine's (Docker 20.10 speaks 1.41; Podman's compatible socket the same way).
-async fn engine_client() -> Result<Docker, RuntimeError> {
-    let docker = Docker::connect_with_defaults().map_err(engine_error)?;
+async fn engine_client(engine: Option<&str>) -> Result<Docker, RuntimeError> {
+    // bollard's default request timeout (seconds); streams (logs, wait) are not bound by it.
+    const TIMEOUT: u64 = 120;
+    let docker = match engine {
+        None => Docker::connect_with_defaults(),
+        Some(unix) if unix.starts_with("unix://") || unix.starts_with('/') => {
+            Docker::connect_with_unix(unix, TIMEOUT, bollard::API_DEFAULT_VERSION)
+        }
+        Some(http) => Docker::connect_with_http(http, TIMEOUT, bollard::API_DEFAULT_VERSION),
+    }
+    .map_err(engine_error)?;
     match tokio::time::timeout(CONNECT_TIMEOUT, docker.negotiate_version()).await {
         Ok(Ok(docker)) => Ok(docker),
         Ok(Err(e)) => Err(engine_error(e)),
@@ -374,6 +396,7 @@ pub(crate) struct ContainerBackend {
     empty_dirs: PathBuf,
     /// Containers created and not removed yet: what Drop removes.
     live: Arc<Mutex<BTreeSet<String>>>,
+    engine: Option<String>,
 }
 
 /// Resolves one image under its pull policy; returns its ID and its configured user.
@@ -942,6 +965,33 @@ async fn copy_logs(
     }
 }
 
+/// Retries removing `ids` every 2 s for up to 10 minutes.
+async fn remove_when_back(
+    docker: Docker,
+    mut ids: Vec<String>,
+    live: Arc<Mutex<BTreeSet<String>>>,
+) {
+    for _ in 0..300 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut left = Vec::new();
+        for id in ids {
+            match remove_container(&docker, &id).await {
+                Ok(()) => {
+                    lock(&live).remove(&id);
+                }
+                Err(e) if !engine_answered(&e) => left.push(id),
+                Err(e) => {
+                    tracing::warn!(container = %short(&id), error = %e, "cannot remove container")
+                }
+            }
+        }
+        if left.is_empty() {
+            return;
+        }
+        ids = left;
+    }
+}
+
 fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
@@ -1029,11 +1079,13 @@ impl BackendInstance for ContainerInstance {
     }
 
     async fn cleanup(self) {
+        let mut unreachable = Vec::new();
         for id in &self.ids {
             match remove_container(&self.docker, id).await {
                 Ok(()) => {
                     lock(&self.live).remove(id);
                 }
+                Err(e) if !engine_answered(&e) => unreachable.push(id.clone()),
                 // Still in `live`: Drop tries again; a later run reaps it by its owner label.
                 Err(e) => {
                     tracing::warn!(container = %short(id), error = %e, "cannot remove container")
@@ -1041,6 +1093,11 @@ impl BackendInstance for ContainerInstance {
             }
         }
         let _ = std::fs::remove_dir_all(&self.empty_dir_root);
+        if !unreachable.is_empty() {
+            // The engine is away: remove them once it answers again, so a recovered run does not
+            // keep the old containers beside their replacements.
+            tokio::spawn(remove_when_back(self.docker, unreachable, self.live));
+        }
     }
 }
 

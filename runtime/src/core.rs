@@ -702,13 +702,23 @@ impl<B: Backend> Core<B> {
             return;
         };
         let inst = rev.instances.remove(pos);
-        if failure.is_some() {
+        let failure_seen = failure.is_some();
+        if failure_seen {
             rev.failure = failure;
         }
         let replace =
             inst.status.state != InstanceState::Terminating && !shutting_down && !rev.removed;
         if replace && let Some(how) = crash {
             let ran_for = now.saturating_duration_since(inst.status.spawned_at);
+            // An instance lost with its engine did not crash: replace it, but do not count it.
+            if failure_seen {
+                rev.start_not_before = None;
+                self.back_off(rev, key, now, None);
+                let _ = self.reconcile(&mut inner, key);
+                forget_if_gone(&mut inner, key);
+                self.publish(&inner);
+                return;
+            }
             rev.restarts += 1;
             tracing::warn!(revision = %key, instance = %inst.status.name, exit = %how, "instance exited on its own; replacing it");
             rev.last_exit = Some(how);

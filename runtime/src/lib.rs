@@ -45,7 +45,9 @@ use std::time::{Instant, SystemTime};
 pub use sluice_api::autoscaling::RevisionKey;
 
 pub use backoff::{BackoffPolicy, RestartBackoff};
-pub use container::{ContainerOptions, ContainerRuntime, reap_leftover_containers};
+pub use container::{
+    ContainerOptions, ContainerRuntime, reap_leftover_containers, reap_leftover_containers_at,
+};
 pub use expand::{expand, expand_env};
 pub use health::{HealthEvent, HealthTracker, ProbeKind};
 pub use instance_runtime::{InstanceRuntime, RuntimeKind};

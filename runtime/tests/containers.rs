@@ -139,6 +139,11 @@ struct Fixture {
 impl Fixture {
     /// `None` (with the reason printed) when no engine answers.
     async fn new() -> Option<Fixture> {
+        Self::new_with(None).await
+    }
+
+    /// On the engine at `engine` (`None`: DOCKER_HOST or the default socket).
+    async fn new_with(engine: Option<String>) -> Option<Fixture> {
         let dir = tempfile::tempdir().unwrap();
         let id = unique();
         let options = ContainerOptions {
@@ -146,6 +151,7 @@ impl Fixture {
                 ("sluice.test".into(), "1".into()),
                 ("sluice.test.id".into(), id.clone()),
             ],
+            engine,
         };
         let rt = match ContainerRuntime::connect_with(
             RuntimeOptions::new(dir.path().join("state")),
@@ -660,4 +666,112 @@ async fn reap_leftover_containers_removes_the_owners_containers() {
     assert_eq!(removed, 1);
     assert!(f.containers().is_empty());
     assert!(docker(&["inspect", &bystander]).status.success());
+}
+
+/// A unix-socket proxy in front of the engine's socket that a test takes down and brings back: the
+/// engine going away, without stopping the machine's daemon that others share.
+struct EngineProxy {
+    path: PathBuf,
+    target: PathBuf,
+    running: Option<(
+        tokio::task::JoinHandle<()>,
+        std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    )>,
+}
+
+impl EngineProxy {
+    /// The engine's unix socket, when that is how it is reached.
+    fn target() -> Option<PathBuf> {
+        match std::env::var("DOCKER_HOST") {
+            Ok(h) => h.strip_prefix("unix://").map(PathBuf::from),
+            Err(_) => Some(PathBuf::from("/var/run/docker.sock")),
+        }
+    }
+
+    fn up(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let listener = tokio::net::UnixListener::bind(&self.path).unwrap();
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (target, tasks) = (self.target.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let target = target.clone();
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut engine) = tokio::net::UnixStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut engine).await;
+                    }
+                });
+                tasks.lock().unwrap().push(conn);
+            }
+        });
+        self.running = Some((accept, conns));
+    }
+
+    fn down(&mut self) {
+        if let Some((accept, conns)) = self.running.take() {
+            accept.abort();
+            for conn in conns.lock().unwrap().drain(..) {
+                conn.abort();
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[tokio::test]
+async fn the_engine_going_away_is_reported_and_the_runtime_recovers() {
+    let Some(target) = EngineProxy::target() else {
+        eprintln!("skipped: DOCKER_HOST is not a unix socket");
+        return;
+    };
+    let sock_dir = tempfile::tempdir().unwrap();
+    let mut proxy = EngineProxy {
+        path: sock_dir.path().join("engine.sock"),
+        target,
+        running: None,
+    };
+    proxy.up();
+    let engine = format!("unix://{}", proxy.path.display());
+    let Some(f) = Fixture::new_with(Some(engine)).await else {
+        return;
+    };
+    let key = RevisionKey::new("default", "engine-00001");
+    one_ready(&f, &key, f.spec("engine-00001")).await;
+    let first = f.rt.snapshot().revision(&key).unwrap().instances[0]
+        .name
+        .clone();
+    let mut rx = f.rt.subscribe();
+
+    proxy.down();
+    let s = wait_for(&mut rx, "ContainerEngineUnavailable", |s| {
+        s.revision(&key).is_some_and(|r| {
+            r.ready_count() == 0
+                && r.failure
+                    .as_ref()
+                    .is_some_and(|f| f.reason == "ContainerEngineUnavailable")
+        })
+    })
+    .await;
+    let message = &s.revision(&key).unwrap().failure.as_ref().unwrap().message;
+    assert!(message.contains("does not answer"), "{message}");
+
+    proxy.up();
+    let s = wait_for(&mut rx, "recovered", |s| {
+        s.revision(&key).is_some_and(|r| {
+            r.failure.is_none() && r.ready_count() == 1 && r.instances[0].name != first
+        })
+    })
+    .await;
+    assert_eq!(s.revision(&key).unwrap().restarts, 0);
+    // The container of the lost instance is removed once the engine answers again.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while f.containers().len() != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            f.containers()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    f.rt.shutdown().await;
 }
