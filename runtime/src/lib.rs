@@ -23,6 +23,7 @@ mod backoff;
 mod container;
 mod core;
 mod engine;
+mod engine_api;
 mod expand;
 mod health;
 mod instance_runtime;
@@ -45,9 +46,8 @@ use std::time::{Instant, SystemTime};
 pub use sluice_api::autoscaling::RevisionKey;
 
 pub use backoff::{BackoffPolicy, RestartBackoff};
-pub use container::{
-    ContainerOptions, ContainerRuntime, reap_leftover_containers, reap_leftover_containers_at,
-};
+pub use container::{ContainerOptions, ContainerRuntime};
+pub use engine_api::{reap_leftover_containers, reap_leftover_containers_at};
 pub use expand::{expand, expand_env};
 pub use health::{HealthEvent, HealthTracker, ProbeKind};
 pub use instance_runtime::{InstanceRuntime, RuntimeKind};

@@ -673,11 +673,10 @@ async fn reap_leftover_containers_removes_the_owners_containers() {
 struct EngineProxy {
     path: PathBuf,
     target: PathBuf,
-    running: Option<(
-        tokio::task::JoinHandle<()>,
-        std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-    )>,
+    running: Option<(tokio::task::JoinHandle<()>, Connections)>,
 }
+
+type Connections = std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>;
 
 impl EngineProxy {
     /// The engine's unix socket, when that is how it is reached.
@@ -774,4 +773,138 @@ async fn the_engine_going_away_is_reported_and_the_runtime_recovers() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     f.rt.shutdown().await;
+}
+
+/// Prints cold start figures (not an assertion): `scale(1)` to Ready through the runtime, beside the
+/// engine's own create + start + inspect to the app accepting TCP, for the same image, and `docker run`
+/// to ready. Run: `cargo test -p sluice-runtime --test containers cold_start -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn cold_start_overhead_report() {
+    use bollard::models::{ContainerCreateBody, HostConfig};
+    use bollard::query_parameters::{
+        CreateContainerOptions, InspectContainerOptions, RemoveContainerOptions,
+        StartContainerOptions,
+    };
+    use std::time::Instant;
+    let Some(f) = Fixture::new().await else {
+        return;
+    };
+    let docker = bollard::Docker::connect_with_defaults()
+        .unwrap()
+        .negotiate_version()
+        .await
+        .unwrap();
+    let key = RevisionKey::new("default", "cold-00001");
+    f.rt.set_revision(key.clone(), f.spec("cold-00001"))
+        .unwrap();
+    let mut rx = f.rt.subscribe();
+    wait_for(&mut rx, "resolved", |s| {
+        s.revision(&key).is_some_and(|r| r.image_digest.is_some())
+    })
+    .await;
+    let accepting = |addr: SocketAddr| async move {
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    let (mut sluice, mut engine, mut cli) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..10 {
+        // Through the runtime.
+        let t0 = Instant::now();
+        f.rt.scale(&key, 1).unwrap();
+        wait_for(&mut rx, "ready", ready(&key, 1)).await;
+        sluice.push(t0.elapsed());
+        f.rt.scale(&key, 0).unwrap();
+        wait_for(&mut rx, "none", |s| {
+            s.revision(&key).is_some_and(|r| r.instances.is_empty())
+        })
+        .await;
+        // The engine alone: create, start, inspect for the IP, then poll until the app accepts.
+        let labels = [
+            ("sluice.test".to_string(), "1".to_string()),
+            ("sluice.owner".to_string(), f.rt.owner().to_string()),
+        ];
+        let t0 = Instant::now();
+        let id = docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(format!("sluice-rt-cold-{}-{round}", f.id)),
+                    ..Default::default()
+                }),
+                ContainerCreateBody {
+                    image: Some(f.image.id.clone()),
+                    labels: Some(labels.into_iter().collect()),
+                    host_config: Some(HostConfig {
+                        network_mode: Some(f.rt.network().to_string()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+            .id;
+        docker
+            .start_container(&id, None::<StartContainerOptions>)
+            .await
+            .unwrap();
+        let ip = docker
+            .inspect_container(&id, None::<InspectContainerOptions>)
+            .await
+            .unwrap()
+            .network_settings
+            .and_then(|n| n.networks)
+            .and_then(|mut n| n.remove(f.rt.network()))
+            .and_then(|e| e.ip_address)
+            .unwrap();
+        accepting(SocketAddr::new(ip.parse().unwrap(), 8080)).await;
+        engine.push(t0.elapsed());
+        docker
+            .remove_container(
+                &id,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+            .unwrap();
+        // `docker run -d` to the app accepting.
+        let t0 = Instant::now();
+        let name = format!("sluice-rt-cli-{}-{round}", f.id);
+        let owner_label = format!("sluice.owner={}", f.rt.owner());
+        docker_ok(&[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--label",
+            "sluice.test=1",
+            "--label",
+            &owner_label,
+            "--network",
+            f.rt.network(),
+            &f.image.id,
+        ]);
+        let ip = docker_ok(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &name,
+        ]);
+        accepting(SocketAddr::new(ip.parse().unwrap(), 8080)).await;
+        cli.push(t0.elapsed());
+        docker_ok(&["rm", "-f", &name]);
+    }
+    let p50 = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (s, e, c) = (p50(&mut sluice), p50(&mut engine), p50(&mut cli));
+    println!(
+        "cold start p50 over 10: runtime scale->Ready {s:?}; engine create+start+inspect->accepting {e:?}; \
+         overhead {:.1} ms; docker run -> accepting {c:?}",
+        (s.as_secs_f64() - e.as_secs_f64()) * 1000.0
+    );
 }
