@@ -1,4 +1,5 @@
-//! Runs revision instances as local processes: spawn, readiness, stop, restart, logs.
+//! Runs revision instances as containers on a Docker-compatible engine or as local processes, behind
+//! one interface: spawn, probes, stop, restart, logs.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), sluice_runtime::RuntimeError> {
