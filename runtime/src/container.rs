@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bollard::Docker;
 use bollard::container::LogOutput;
@@ -41,6 +41,9 @@ use crate::{
     InstanceRuntime, LaunchSpec, LogQuery, RevisionFailure, RevisionKey, RuntimeError, RuntimeKind,
     RuntimeOptions, RuntimeSnapshot,
 };
+
+/// "No timeout" for the log and wait streams (a century; tokio handles far deadlines).
+const STREAM_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Container-runtime knobs beyond [`RuntimeOptions`].
 #[derive(Debug, Clone, Default)]
@@ -556,14 +559,17 @@ impl StartJob {
 
     /// Copies the container's output into the instance log and reports its exit.
     fn follow(&self, id: &str, sidecar: Option<String>, exits: &mpsc::UnboundedSender<Exit>) {
+        // bollard's request timeout covers waiting for the response head; an engine may hold that
+        // back until a wait ends or a log line comes, so these long-lived requests get no timeout.
+        let streams = self.docker.clone().with_timeout(STREAM_TIMEOUT);
         self.handle.spawn(copy_logs(
-            self.docker.clone(),
+            streams.clone(),
             id.to_string(),
             Arc::clone(&self.log),
             self.name.clone(),
             sidecar.clone(),
         ));
-        let docker = self.docker.clone();
+        let docker = streams;
         let id = id.to_string();
         let exits = exits.clone();
         self.handle.spawn(async move {
