@@ -312,6 +312,66 @@ async fn an_image_only_revision_answers_at_its_container_ip_with_labels_and_logs
     }
     f.rt.shutdown().await;
     assert!(f.containers().is_empty());
+    assert!(
+        !docker(&["network", "inspect", f.rt.network()])
+            .status
+            .success(),
+        "the network is removed on shutdown"
+    );
+}
+
+#[tokio::test]
+async fn kill_now_ends_a_shutdown_waiting_on_the_grace_period() {
+    let Some(f) = Fixture::new().await else {
+        return;
+    };
+    let key = RevisionKey::new("default", "kill-00001");
+    let mut spec = f.spec("kill-00001");
+    // The app ignores SIGTERM (PID 1 without a handler): only the SIGKILL after this would stop it.
+    spec.grace_period = Duration::from_secs(3600);
+    f.rt.set_revision(key.clone(), spec.clone()).unwrap();
+    f.rt.scale(&key, 2).unwrap();
+    let mut rx = f.rt.subscribe();
+    wait_for(&mut rx, "two ready", ready(&key, 2)).await;
+    let shutdown = f.rt.shutdown();
+    tokio::pin!(shutdown);
+    // Once both are Terminating, kill_now ends the wait.
+    tokio::select! {
+        _ = &mut shutdown => panic!("shutdown returned before kill_now"),
+        _ = rx.wait_for(|s| s.revision(&key).is_some_and(|r| {
+            r.instances.iter().all(|i| i.state == sluice_runtime::InstanceState::Terminating)
+        })) => {}
+    }
+    f.rt.kill_now();
+    tokio::time::timeout(WAIT, shutdown)
+        .await
+        .expect("shutdown after kill_now");
+    assert!(f.containers().is_empty());
+}
+
+#[tokio::test]
+async fn dropping_the_runtime_removes_every_container_and_the_network() {
+    let Some(f) = Fixture::new().await else {
+        return;
+    };
+    let key = RevisionKey::new("default", "drop-00001");
+    f.rt.set_revision(key.clone(), f.spec("drop-00001"))
+        .unwrap();
+    f.rt.scale(&key, 2).unwrap();
+    let mut rx = f.rt.subscribe();
+    wait_for(&mut rx, "two ready", ready(&key, 2)).await;
+    assert_eq!(f.containers().len(), 2);
+    let network = f.rt.network().to_string();
+    let Fixture {
+        rt,
+        _owner: owner,
+        image: _image,
+        ..
+    } = f;
+    drop(rt);
+    let filter = format!("label=sluice.owner={}", owner.0);
+    assert_eq!(docker_ok(&["ps", "-aq", "--filter", &filter]), "");
+    assert!(!docker(&["network", "inspect", &network]).status.success());
 }
 
 #[tokio::test]
@@ -328,8 +388,34 @@ async fn container_port_env_command_and_args_are_honoured() {
     ];
     spec.command = strings(&["/app"]);
     spec.args = strings(&["serve", "--message=$(GREETING)"]);
+    let cfg = tempfile::tempdir().unwrap();
+    std::fs::write(cfg.path().join("greeting"), "from a config map").unwrap();
+    spec.mounts = vec![Mount {
+        source: MountSource::Dir(cfg.path().to_path_buf()),
+        target: "/cfg".into(),
+        read_only: true,
+    }];
+    spec.resources = sluice_runtime::Resources {
+        cpu_millis: Some(500),
+        memory_bytes: Some(64 << 20),
+    };
     let addr = one_ready(&f, &key, spec).await;
     assert_eq!(addr.port(), 9090);
+    assert_eq!(get(addr, "/file/cfg/greeting").await.1, "from a config map");
+    assert_eq!(get(addr, "/touch/cfg/x").await.0, 500, "read-only mount");
+    let cid = f.rt.snapshot().revision(&key).unwrap().instances[0]
+        .container_id
+        .clone()
+        .unwrap();
+    assert_eq!(
+        docker_ok(&[
+            "inspect",
+            "-f",
+            "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}}",
+            &cid
+        ]),
+        format!("500000000 {}", 64 << 20)
+    );
     assert_eq!(get(addr, "/").await.1, "hello args-00001 hi");
     assert_eq!(get(addr, "/env/PORT").await.1, "9090");
     assert_eq!(get(addr, "/env/DERIVED").await.1, "port-9090");
