@@ -113,11 +113,13 @@ pub enum InstanceState {
 pub struct InstanceStatus {
     /// `<revision>-<5 random characters>`, as a pod name (also the log file's name).
     pub name: String,
-    /// The PORT given to the process.
+    /// The PORT given to the process, or the container port (container runtime).
     pub port: u16,
-    /// `127.0.0.1:<port>`: where to send its traffic.
+    /// Where to send its traffic: `127.0.0.1:<port>` for a process, `<container IP on the runtime's
+    /// bridge network>:<container port>` for a container (`0.0.0.0:<port>` until it has started).
     pub address: SocketAddr,
     pub state: InstanceState,
+    /// The process (or the serving container's main process, as the host sees it).
     pub pid: Option<u32>,
     /// Just before the process was spawned (monotonic: `ready_at - spawned_at` is the app's startup time
     /// plus at most one startup probe interval).

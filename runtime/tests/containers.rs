@@ -994,3 +994,25 @@ async fn cold_start_overhead_report() {
         (s.as_secs_f64() - e.as_secs_f64()) * 1000.0
     );
 }
+
+#[tokio::test]
+async fn connect_fails_with_an_engine_error_when_nothing_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = ContainerRuntime::connect_with(
+        RuntimeOptions::new(dir.path().join("state")),
+        ContainerOptions {
+            extra_labels: vec![],
+            engine: Some(format!(
+                "unix://{}",
+                dir.path().join("no-engine.sock").display()
+            )),
+        },
+    )
+    .await
+    .err()
+    .expect("no engine there");
+    assert!(
+        matches!(err, sluice_runtime::RuntimeError::Engine { .. }),
+        "{err}"
+    );
+}
