@@ -536,25 +536,62 @@ impl StartJob {
         name: &str,
         body: ContainerCreateBody,
     ) -> Result<String, StartFailure> {
-        let created = self
-            .docker
-            .create_container(
-                Some(CreateContainerOptions {
-                    name: Some(name.to_string()),
-                    ..Default::default()
-                }),
-                body,
-            )
+        // The network may have gone away (a reap of leftovers, `docker network prune`); the engine
+        // says so at create or at start. Make it again and retry once.
+        let network_gone = |e: &EngineError| {
+            matches!(e, EngineError::DockerResponseServerError { status_code: 404, message }
+                if message.starts_with("network "))
+        };
+        let mut retried = false;
+        loop {
+            let created = self
+                .docker
+                .create_container(
+                    Some(CreateContainerOptions {
+                        name: Some(name.to_string()),
+                        ..Default::default()
+                    }),
+                    body.clone(),
+                )
+                .await;
+            let id = match created {
+                Ok(created) => created.id,
+                Err(e) if network_gone(&e) && !retried => {
+                    retried = true;
+                    self.recreate_network().await?;
+                    continue;
+                }
+                Err(e) => return Err(self.start_failure("create container", e)),
+            };
+            lock(&self.ids).push(id.clone());
+            lock(&self.live).insert(id.clone());
+            match self
+                .docker
+                .start_container(&id, None::<StartContainerOptions>)
+                .await
+            {
+                Ok(()) => return Ok(id),
+                Err(e) if network_gone(&e) && !retried => {
+                    retried = true;
+                    if remove_container(&self.docker, &id).await.is_ok() {
+                        lock(&self.live).remove(&id);
+                        lock(&self.ids).retain(|i| *i != id);
+                    }
+                    self.recreate_network().await?;
+                }
+                Err(e) => return Err(self.start_failure("start container", e)),
+            }
+        }
+    }
+
+    async fn recreate_network(&self) -> Result<(), StartFailure> {
+        tracing::info!(network = %self.network, "the network is gone; creating it again");
+        ensure_network(&self.docker, &self.network, &self.owner, &self.extra_labels)
             .await
-            .map_err(|e| self.start_failure("create container", e))?;
-        let id = created.id;
-        lock(&self.ids).push(id.clone());
-        lock(&self.live).insert(id.clone());
-        self.docker
-            .start_container(&id, None::<StartContainerOptions>)
-            .await
-            .map_err(|e| self.start_failure("start container", e))?;
-        Ok(id)
+            .map_err(|e| StartFailure {
+                message: e.to_string(),
+                failure: None,
+            })
     }
 
     /// Copies the container's output into the instance log and reports its exit.

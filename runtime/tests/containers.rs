@@ -752,6 +752,15 @@ async fn reap_leftover_containers_removes_the_owners_containers() {
     assert_eq!(removed, 1);
     assert!(f.containers().is_empty());
     assert!(docker(&["inspect", &bystander]).status.success());
+    // The reap took the runtime's network too (it carries the owner): instances still start.
+    assert!(
+        !docker(&["network", "inspect", f.rt.network()])
+            .status
+            .success()
+    );
+    let key = RevisionKey::new("default", "after-reap-00001");
+    let addr = one_ready(&f, &key, f.spec("after-reap-00001")).await;
+    assert_eq!(get(addr, "/").await.0, 200);
 }
 
 /// A unix-socket proxy in front of the engine's socket that a test takes down and brings back: the
