@@ -284,7 +284,7 @@ pub(crate) async fn inspect_image(
 pub(crate) async fn pull(docker: &Docker, reference: &str) -> Result<(), String> {
     let mut stream = docker.create_image(
         Some(CreateImageOptions {
-            from_image: Some(reference.to_string()),
+            from_image: Some(engine::pull_reference(reference)),
             ..Default::default()
         }),
         None,
