@@ -238,6 +238,37 @@ impl Backend for ContainerBackend {
                     .into(),
             ));
         }
+        let mounts = spec
+            .mounts
+            .iter()
+            .map(|m| (spec.container_name.as_str(), m))
+            .chain(
+                spec.sidecars
+                    .iter()
+                    .flat_map(|s| s.mounts.iter().map(|m| (s.name.as_str(), m))),
+            );
+        for (container, m) in mounts {
+            match &m.source {
+                crate::MountSource::Dir(dir) if !dir.is_absolute() => {
+                    return Err(fail(format!(
+                        "container {container:?}: volumeMount {:?}: source folder {} must be an \
+                         absolute path",
+                        m.target,
+                        dir.display()
+                    )));
+                }
+                crate::MountSource::EmptyDir { name, .. }
+                    if name.is_empty() || name == ".." || name.contains('/') =>
+                {
+                    return Err(fail(format!(
+                        "container {container:?}: volumeMount {:?}: emptyDir name {name:?} is not \
+                         a valid volume name",
+                        m.target
+                    )));
+                }
+                _ => {}
+            }
+        }
         for sidecar in &spec.sidecars {
             if sidecar.image.reference.is_empty() {
                 return Err(fail(format!(

@@ -1025,3 +1025,30 @@ async fn connect_fails_with_an_engine_error_when_nothing_answers() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn specs_the_container_runtime_cannot_run_are_refused_with_what_to_fix() {
+    let Some(f) = Fixture::new().await else {
+        return;
+    };
+    let key = RevisionKey::new("default", "bad-00001");
+    let mut no_image = f.spec("bad-00001");
+    no_image.image = None;
+    no_image.command = strings(&["/app"]);
+    let err = f.rt.set_revision(key.clone(), no_image).unwrap_err();
+    assert!(
+        err.to_string().contains("needs the container's `image`"),
+        "{err}"
+    );
+    let mut relative = f.spec("bad-00001");
+    relative.mounts = vec![Mount {
+        source: MountSource::Dir("relative/dir".into()),
+        target: "/cfg".into(),
+        read_only: true,
+    }];
+    let err = f.rt.set_revision(key, relative).unwrap_err();
+    assert!(
+        err.to_string().contains("must be an absolute path"),
+        "{err}"
+    );
+}
