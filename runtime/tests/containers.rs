@@ -94,7 +94,18 @@ impl TestImage {
             ),
         )
         .unwrap();
-        docker_ok(&["build", "-q", "-t", tag, &ctx.path().display().to_string()]);
+        // Concurrent legacy builds of the same layers can trip over each other on this engine:
+        // a failed build is retried (its error printed), a third failure fails the test.
+        let context = ctx.path().display().to_string();
+        for attempt in 1.. {
+            let out = docker(&["build", "-q", "-t", tag, &context]);
+            if out.status.success() {
+                break;
+            }
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(attempt < 3, "docker build {tag}: {err}");
+            eprintln!("docker build {tag} failed (attempt {attempt}), retrying: {err}");
+        }
         let id = docker_ok(&["image", "inspect", "-f", "{{.Id}}", tag]);
         TestImage {
             tag: tag.to_string(),
