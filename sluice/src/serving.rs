@@ -87,8 +87,6 @@ pub struct ServingReport {
     pub routes: Vec<serving::Route>,
     /// Which runtime runs the instances, and why.
     pub runtime: RuntimeReport,
-    /// Knative kinds in the folder that Sluice does not serve (yet), with their file.
-    pub unsupported: Vec<UnsupportedObject>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -96,16 +94,6 @@ pub struct RuntimeReport {
     /// `container` or `process`.
     pub kind: String,
     pub reason: String,
-}
-
-/// An object of a kind Sluice does not serve, where it was read.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct UnsupportedObject {
-    pub api_version: String,
-    pub kind: String,
-    pub name: String,
-    pub origin: String,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -367,24 +355,9 @@ impl ServingPlane {
         let mut errors = source.errors.clone();
         let mut input = ReconcileInput::default();
         let mut config_maps: Vec<&ConfigMap> = Vec::new();
-        let mut unsupported = Vec::new();
         let mut autoscaler_data = BTreeMap::new();
         for object in &source.objects {
             match object {
-                Object::Other {
-                    api_version,
-                    kind,
-                    name,
-                } => unsupported.push(UnsupportedObject {
-                    api_version: api_version.clone(),
-                    kind: kind.clone(),
-                    name: name.clone(),
-                    origin: source
-                        .origins
-                        .get(&format!("{kind} {name}"))
-                        .cloned()
-                        .unwrap_or_default(),
-                }),
                 Object::KnativeService(s) => input.services.push(s.clone()),
                 Object::Configuration(c) => input.configurations.push(c.clone()),
                 Object::Route(r) => input.routes.push(r.clone()),
@@ -690,7 +663,6 @@ impl ServingPlane {
                 revisions: revision_reports,
                 routes: out.routes.clone(),
                 runtime: self.runtime_report.clone(),
-                unsupported,
             };
             if *current == next {
                 return false;
