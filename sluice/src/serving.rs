@@ -230,6 +230,16 @@ impl ServingPlane {
             tracing::error!("{problem}");
         }
         let state_writes = spawn_state_writer(options.state_dir.clone());
+        // Volume files are written afresh when each revision launches; an earlier run's go first.
+        let volumes = options.state_dir.join("volumes");
+        if volumes.exists()
+            && let Err(e) = std::fs::remove_dir_all(&volumes)
+        {
+            tracing::warn!(
+                "removing an earlier run's volumes at {}: {e}",
+                volumes.display()
+            );
+        }
         let stats_url: http::Uri = format!(
             "http://{}/stats/prometheus?usedonly&filter=^sluice_qp__",
             options.envoy_admin
