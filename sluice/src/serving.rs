@@ -32,7 +32,9 @@ use sluice_api::serving::{self, Revision};
 use sluice_autoscaler::{
     AutoscalerConfig, AutoscalerService, Mode, RevisionScaling, ScaleError, Scaler, ServiceOptions,
 };
-use sluice_runtime::{InstanceRuntime, InstanceState, PortLease, PortPool, RuntimeSnapshot};
+use sluice_runtime::{
+    InstanceRuntime, InstanceState, PortLease, PortPool, RuntimeError, RuntimeSnapshot,
+};
 use sluice_serving::{
     KNATIVE_SERVING_NAMESPACE, ReconcileInput, RevisionFacts, RevisionHealth, ServingConfig,
     ServingState, reconcile,
@@ -814,7 +816,11 @@ impl ServingPlane {
         self.runtime
             .set_revision(key.clone(), launch.spec)
             .map_err(|e| LaunchFailure {
-                reason: launch::REASON_INVALID_SPEC.to_string(),
+                reason: match e {
+                    RuntimeError::Engine { .. } => launch::REASON_ENGINE_UNAVAILABLE,
+                    _ => launch::REASON_INVALID_SPEC,
+                }
+                .to_string(),
                 message: e.to_string(),
             })?;
         let _ = self.autoscaler.upsert_revision(key.clone(), scaling);
