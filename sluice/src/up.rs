@@ -19,9 +19,7 @@ use sluice_xds_server::status::LoadBalancers;
 use sluice_xds_server::translate::GatewayConfig;
 
 use sluice_runtime::leftovers::{reap_leftovers, stale_run_dirs};
-use sluice_runtime::{
-    InstanceState, PortPool, RuntimeKind, RuntimeOptions, RuntimeSnapshot, StateLock,
-};
+use sluice_runtime::{InstanceState, PortPool, RuntimeOptions, RuntimeSnapshot, StateLock};
 
 use crate::envoy::{self, EnvoyOptions, XdsProtocol};
 use crate::envoy_supervisor::{CrashPolicy, SupervisedEnvoy};
@@ -162,6 +160,12 @@ pub async fn run(args: UpArgs) -> Result<()> {
     };
     let dir = std::fs::canonicalize(&args.dir)
         .with_context(|| format!("{}: cannot resolve the folder", args.dir.display()))?;
+    // TODO(issue 13, lead): REAP LEFTOVER CONTAINERS HERE. Once the container runtime (branch
+    // r13-ctr-runtime) is on main, when `args.runtime != RuntimeChoice::Process` call
+    // `sluice_runtime::reap_leftover_containers(&owner).await` (log how many it removed; an error only
+    // means no engine answers, so log it at debug and go on). It removes the containers and networks an
+    // earlier run on this state dir left (kill -9), so it must run before `connect` below, which
+    // creates this run's network.
     let ports = PortPool::for_instances(args.address);
     let (runtime, decision) = runtime_choice::start(
         args.runtime,
@@ -172,11 +176,6 @@ pub async fn run(args: UpArgs) -> Result<()> {
     )
     .await?;
     tracing::info!("runtime: {} ({})", decision.kind, decision.why);
-    if decision.kind == RuntimeKind::Container {
-        // TODO(issue 13, lead): call `sluice_runtime::reap_leftover_containers(&owner)` here once the
-        // container runtime (branch r13-ctr-runtime) lands: it removes the containers an earlier run
-        // on this state dir left behind (kill -9), before any new one starts.
-    }
     let (plane, serving_report) = ServingPlane::start(ServingOptions {
         dir: dir.clone(),
         state_dir: state_dir.clone(),
@@ -325,8 +324,8 @@ async fn reap_earlier_run(state_dir: &std::path::Path, lock: &StateLock) -> Resu
         tracing::info!(dir = %dir.display(), "removing an earlier run's folder");
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
-    // Containers: when the container backend lands, remove the containers labelled with this state
-    // dir as owner here, through the engine's API.
+    // Containers an earlier run left: see "REAP LEFTOVER CONTAINERS" in `run` (before the engine is
+    // connected, and only when containers may run).
     Ok(())
 }
 
