@@ -186,6 +186,8 @@ pub struct ServingPlane {
     state_dir: PathBuf,
     /// The serving state to write to the state file (the writer task keeps the newest).
     state_writes: watch::Sender<Option<ServingState>>,
+    /// Why the state file an earlier run left was not used (shown with the folder's problems).
+    state_problem: Option<String>,
     autoscaler: AutoscalerService,
     activator: Activator,
     _activator_tasks: ActivatorTasks,
@@ -282,6 +284,7 @@ impl ServingPlane {
             runtime_report,
             state_dir: options.state_dir,
             state_writes,
+            state_problem: loaded.problem.clone(),
             autoscaler,
             activator,
             _activator_tasks: activator_tasks,
@@ -365,6 +368,12 @@ impl ServingPlane {
         rejected_sidecars: &BTreeMap<String, String>,
     ) -> SourceSnapshot {
         let mut errors = source.errors.clone();
+        if let Some(problem) = &self.state_problem {
+            errors.push(SourceError {
+                origin: "serving state".to_string(),
+                message: problem.clone(),
+            });
+        }
         let mut input = ReconcileInput::default();
         let mut config_maps: Vec<&ConfigMap> = Vec::new();
         let mut autoscaler_data = BTreeMap::new();
