@@ -613,3 +613,49 @@ async fn sixty_services_become_ready_and_answer() {
         status["envoy"]
     );
 }
+
+/// Issue 13: the serving controller's memory is kept in the state dir, so a restart of `sluice up`
+/// (even after kill -9) keeps revision names, and a `traffic` entry pinned to a `revisionName` keeps
+/// reaching the code it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_revision_names_and_what_a_pinned_revision_runs() {
+    let mut sluice = Sluice::start().await.expect("sluice up");
+    sluice
+        .write("keep.yaml", &Svc::new("keep").yaml())
+        .expect("writing v1");
+    wait_service(&mut sluice, "keep", "keep-00001").await;
+    let v2 = Svc {
+        version: "2",
+        traffic: "  - revisionName: keep-00001\n    percent: 100\n  - latestRevision: true\n    percent: 0\n    tag: next",
+        ..Svc::new("keep")
+    };
+    sluice.write("keep.yaml", &v2.yaml()).expect("writing v2");
+    wait_service(&mut sluice, "keep", "keep-00002").await;
+    for signal in [libc::SIGTERM, libc::SIGKILL] {
+        sluice
+            .terminate(signal, Duration::from_secs(30))
+            .expect("sluice up stops");
+        sluice.restart().await.expect("sluice up again");
+        // Without the kept state the template would be generation 1 again: a new keep-00001 running v2.
+        let status = wait_service(&mut sluice, "keep", "keep-00002").await;
+        let names: Vec<&str> = status["revisions"]
+            .as_array()
+            .expect("revisions")
+            .iter()
+            .filter_map(|r| r["metadata"]["name"].as_str())
+            .filter(|n| n.starts_with("keep-"))
+            .collect();
+        assert_eq!(names, ["keep-00001", "keep-00002"], "after signal {signal}");
+        for (host, want) in [
+            ("keep.default.localhost", "1"),
+            ("next-keep.default.localhost", "2"),
+        ] {
+            let (code, body) = get(&sluice, host, "/env/APP_VERSION").await.expect("GET");
+            assert_eq!(
+                (code, body.as_str()),
+                (StatusCode::OK, want),
+                "{host} after signal {signal}"
+            );
+        }
+    }
+}
