@@ -659,3 +659,75 @@ async fn a_restart_keeps_revision_names_and_what_a_pinned_revision_runs() {
         }
     }
 }
+
+/// Issue 13: env from a ConfigMap and a Secret of the folder. A missing one makes the revision
+/// Ready=False with Kubernetes' reason, naming it; the revision runs as soon as the YAML appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_from_config_maps_and_secrets_waits_for_them_and_then_runs() {
+    let mut sluice = Sluice::start().await.expect("sluice up");
+    let service = format!(
+        "apiVersion: serving.knative.dev/v1
+kind: Service
+metadata:
+  name: conf
+spec:
+  template:
+    spec:
+      containers:
+      - image: sluice-test-app
+        command: [\"{APP}\"]
+        envFrom:
+        - configMapRef: {{name: settings}}
+          prefix: CFG_
+        env:
+        - name: PASSWORD
+          valueFrom: {{secretKeyRef: {{name: creds, key: password}}}}
+"
+    );
+    sluice
+        .write("conf.yaml", &service)
+        .expect("writing the service");
+    let status = wait_status(
+        &mut sluice,
+        "revision conf-00001 not ready for want of its ConfigMap",
+        READY,
+        |s| {
+            find(s, "revisions", "conf-00001").is_some_and(|r| {
+                r["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter().any(|c| {
+                        c["type"] == "Ready"
+                            && c["status"] == "False"
+                            && c["reason"] == "CreateContainerConfigError"
+                    })
+                })
+            })
+        },
+    )
+    .await;
+    let rev = find(&status, "revisions", "conf-00001").expect("revision");
+    let ready = rev["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+        .expect("Ready condition");
+    assert!(
+        ready["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("configmap \"settings\" not found")),
+        "{ready}"
+    );
+    // base64 `data` for the Secret, as kubectl writes it ("hunter2").
+    sluice
+        .write(
+            "config.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {COLOR: blue}\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata: {name: creds}\ndata: {password: aHVudGVyMg==}\n",
+        )
+        .expect("writing the ConfigMap and Secret");
+    wait_service(&mut sluice, "conf", "conf-00001").await;
+    for (path, want) in [("/env/CFG_COLOR", "blue"), ("/env/PASSWORD", "hunter2")] {
+        let (code, body) = get(&sluice, "conf.default.localhost", path)
+            .await
+            .expect("GET");
+        assert_eq!((code, body.as_str()), (StatusCode::OK, want), "{path}");
+    }
+}
