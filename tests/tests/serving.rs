@@ -731,3 +731,67 @@ spec:
         assert_eq!((code, body.as_str()), (StatusCode::OK, want), "{path}");
     }
 }
+
+/// Issue 13: with the process runtime, a Service with only an image is Ready=False saying what to do,
+/// while the rest runs; a Knative kind Sluice does not serve is listed with its file, not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_only_service_without_an_engine_says_what_to_do_and_the_rest_runs() {
+    let mut sluice = Sluice::start().await.expect("sluice up");
+    sluice
+        .write(
+            "image.yaml",
+            "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: image-only}\nspec:\n  \
+             template:\n    spec:\n      containers: [{image: example/image-only:v1}]\n---\n\
+             apiVersion: serving.knative.dev/v1beta1\nkind: DomainMapping\nmetadata: {name: example.com}\n\
+             spec:\n  ref: {name: image-only, kind: Service, apiVersion: serving.knative.dev/v1}\n",
+        )
+        .expect("writing the image-only service");
+    sluice
+        .write("fine.yaml", &Svc::new("fine").yaml())
+        .expect("writing a runnable service");
+    let status = wait_status(
+        &mut sluice,
+        "image-only-00001 not ready for want of an engine",
+        READY,
+        |s| {
+            find(s, "revisions", "image-only-00001").is_some_and(|r| {
+                r["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter().any(|c| {
+                        c["type"] == "Ready"
+                            && c["status"] == "False"
+                            && c["reason"] == "ContainerEngineUnavailable"
+                            && c["message"].as_str().is_some_and(|m| {
+                                m.contains("start Docker or Podman") && m.contains("command")
+                            })
+                    })
+                })
+            })
+        },
+    )
+    .await;
+    assert_eq!(
+        status["runtime"]["kind"], "process",
+        "{}",
+        status["runtime"]
+    );
+    let errors = status["errors"].as_array().expect("errors");
+    assert!(
+        errors.iter().any(|e| {
+            e["origin"]
+                .as_str()
+                .is_some_and(|o| o.ends_with("image.yaml:9"))
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("DomainMapping") && m.contains("not supported"))
+        }),
+        "{errors:?}"
+    );
+    wait_service(&mut sluice, "fine", "fine-00001").await;
+    let (code, body) = get(&sluice, "fine.default.localhost", "/")
+        .await
+        .expect("GET");
+    assert_eq!(
+        (code, body.as_str()),
+        (StatusCode::OK, "hello from fine-00001\n")
+    );
+}
