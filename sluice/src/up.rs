@@ -19,11 +19,12 @@ use sluice_xds_server::status::LoadBalancers;
 use sluice_xds_server::translate::GatewayConfig;
 
 use sluice_runtime::leftovers::{reap_leftovers, stale_run_dirs};
-use sluice_runtime::{InstanceState, RuntimeSnapshot, StateLock};
+use sluice_runtime::{InstanceState, PortPool, RuntimeOptions, RuntimeSnapshot, StateLock};
 
 use crate::envoy::{self, EnvoyOptions, XdsProtocol};
 use crate::envoy_supervisor::{CrashPolicy, SupervisedEnvoy};
 use crate::eventing::EventingPlane;
+use crate::runtime_choice::{self, RuntimeChoice};
 use crate::serving::{ServingOptions, ServingPlane, ServingSource};
 
 pub const DEFAULT_CONTROL_PORT: u16 = 9900;
@@ -71,6 +72,11 @@ pub struct UpArgs {
     /// Envoy's log level (trace, debug, info, warning, error).
     #[arg(long, default_value = "warning")]
     envoy_log_level: String,
+    /// What runs the revisions: containers from their images on the engine at DOCKER_HOST (or the
+    /// default socket), local processes from their `command`, or (auto) containers when an engine
+    /// answers and processes otherwise.
+    #[arg(long, value_enum, default_value = "auto", env = "SLUICE_RUNTIME")]
+    runtime: RuntimeChoice,
 }
 
 pub async fn run(args: UpArgs) -> Result<()> {
@@ -154,9 +160,28 @@ pub async fn run(args: UpArgs) -> Result<()> {
     };
     let dir = std::fs::canonicalize(&args.dir)
         .with_context(|| format!("{}: cannot resolve the folder", args.dir.display()))?;
+    // TODO(issue 13, lead): REAP LEFTOVER CONTAINERS HERE. Once the container runtime (branch
+    // r13-ctr-runtime) is on main, when `args.runtime != RuntimeChoice::Process` call
+    // `sluice_runtime::reap_leftover_containers(&owner).await` (log how many it removed; an error only
+    // means no engine answers, so log it at debug and go on). It removes the containers and networks an
+    // earlier run on this state dir left (kill -9), so it must run before `connect` below, which
+    // creates this run's network.
+    let ports = PortPool::for_instances(args.address);
+    let (runtime, decision) = runtime_choice::start(
+        args.runtime,
+        RuntimeOptions {
+            ports: ports.clone(),
+            ..RuntimeOptions::new(&state_dir)
+        },
+    )
+    .await?;
+    tracing::info!("runtime: {} ({})", decision.kind, decision.why);
     let (plane, serving_report) = ServingPlane::start(ServingOptions {
         dir: dir.clone(),
         state_dir: state_dir.clone(),
+        runtime,
+        runtime_why: decision.why,
+        ports,
         activator: activator_listener,
         envoy_admin: addr(args.admin_port),
         address: args.address,
@@ -299,8 +324,8 @@ async fn reap_earlier_run(state_dir: &std::path::Path, lock: &StateLock) -> Resu
         tracing::info!(dir = %dir.display(), "removing an earlier run's folder");
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
-    // Containers: when the container backend lands, remove the containers labelled with this state
-    // dir as owner here, through the engine's API.
+    // Containers an earlier run left: see "REAP LEFTOVER CONTAINERS" in `run` (before the engine is
+    // connected, and only when containers may run).
     Ok(())
 }
 
