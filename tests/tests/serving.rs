@@ -173,6 +173,25 @@ async fn service_gets_a_revision_a_url_and_answers() {
         .await
         .expect("cluster-local GET");
     assert_eq!(resp.status, StatusCode::OK);
+    // Envoy keeps the queue-proxy's metrics (what the autoscaler scrapes) but none of the instance
+    // listener's and cluster's own stats, which no one reads and every scrape would walk.
+    let stats = sluice_e2e::queue_proxy::admin_get(sluice.admin(), "/stats")
+        .await
+        .expect("Envoy admin /stats");
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.starts_with("wasmcustom.sluice_qp__default__hello_00001__")),
+        "the queue-proxy's metrics are kept:\n{stats}"
+    );
+    let sidecar: Vec<&str> = stats
+        .lines()
+        .filter(|l| l.contains("sidecar/") || l.contains("hello-00001-"))
+        .collect();
+    assert!(
+        sidecar.is_empty(),
+        "an instance's own Envoy stats are dropped: {sidecar:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
