@@ -35,22 +35,17 @@ struct Args {
     timeout: Duration,
 }
 
+// The e2e harness's builder, included by path: the bench does not depend on the harness crate, and
+// uses only part of the builder.
+#[path = "../../../tests/src/knative.rs"]
+#[allow(dead_code)]
+mod knative;
+
 fn service_yaml(name: &str, app: &Path) -> String {
-    format!(
-        "apiVersion: serving.knative.dev/v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: default
-spec:
-  template:
-    spec:
-      containers:
-      - image: app
-        command: [\"{}\"]
-",
-        app.display()
-    )
+    let app = app.display().to_string();
+    knative::KnativeService::new(name, &[&app])
+        .image("app")
+        .yaml()
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
@@ -185,7 +180,8 @@ async fn run(args: &Args, sluice: &Path, app: &Path, n: usize) -> Result<()> {
             _ => failed += 1,
         }
     }
-    // The autoscaler's scrape, and the whole page (what an operator's Prometheus reads): Envoy walks
+    // The autoscaler's scrape (Envoy matches the filter against the stat's own name, which carries
+    // the `wasmcustom.` prefix the Prometheus page leaves out), and the whole page (what an operator's Prometheus reads): Envoy walks
     // every stat for either, so both grow with what the stats matcher keeps.
     let scrape = |uri: String| {
         let client = &client;
@@ -202,7 +198,7 @@ async fn run(args: &Args, sluice: &Path, app: &Path, n: usize) -> Result<()> {
         }
     };
     let (scrape_ms, scrape_bytes) = scrape(format!(
-        "http://127.0.0.1:{admin}/stats/prometheus?usedonly&filter=^sluice_qp__"
+        "http://127.0.0.1:{admin}/stats/prometheus?usedonly&filter=^wasmcustom.sluice_qp__"
     ))
     .await?;
     let (all_ms, all_bytes) = scrape(format!("http://127.0.0.1:{admin}/stats/prometheus")).await?;
