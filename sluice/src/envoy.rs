@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use sluice_runtime::leftovers::OWNER_ENV;
 use sluice_runtime::spawn_tied;
 use sluice_xds_server::translate::{
-    QUEUE_PROXY_RUNTIME, QUEUE_PROXY_VM_ID, QUEUE_PROXY_VM_KEEPER_CONFIG,
+    QUEUE_PROXY_RUNTIME, QUEUE_PROXY_VM_ID, QUEUE_PROXY_VM_KEEPER_CONFIG, SIDECAR_PREFIX,
 };
 use tokio::process::{Child, Command};
 
@@ -120,6 +120,18 @@ impl BootstrapArgs {
     }
 }
 
+/// The Envoy stats no one reads, by prefix: each instance's sidecar listener, its HTTP connection
+/// manager, its cluster and its virtual host (all named `sidecar/<namespace>/<instance>`), a few
+/// hundred stats per instance that every `/stats/prometheus` scrape walked. What Sluice reads stays:
+/// the queue-proxy filter's `wasmcustom.sluice_qp__*` (autoscaler, bench), the gateway's listeners
+/// and clusters, `listener_manager.*` and `wasm.*` (tests), `server.*`.
+pub fn dropped_stat_prefixes() -> Vec<String> {
+    ["listener.", "http.", "cluster.", "vhost."]
+        .iter()
+        .map(|scope| format!("{scope}{SIDECAR_PREFIX}"))
+        .collect()
+}
+
 /// A bootstrap with only the ADS cluster: everything else comes over xDS.
 ///
 /// With the queue-proxy filter, it also loads the filter's VM once (a keeper instance with the same
@@ -162,8 +174,13 @@ pub fn bootstrap(
         })
         .into_iter()
         .collect();
+    let dropped: Vec<serde_json::Value> = dropped_stat_prefixes()
+        .into_iter()
+        .map(|prefix| serde_json::json!({"prefix": prefix}))
+        .collect();
     serde_json::json!({
         "bootstrap_extensions": keeper,
+        "stats_config": {"stats_matcher": {"exclusion_list": {"patterns": dropped}}},
         "node": {"id": node_id, "cluster": "sluice"},
         "admin": {"address": {"socket_address": {"address": admin.ip().to_string(), "port_value": admin.port()}}},
         "dynamic_resources": {
@@ -327,6 +344,47 @@ mod tests {
         let clusters = v["static_resources"]["clusters"].as_array().unwrap();
         assert_eq!(clusters.len(), 1);
         assert_eq!(clusters[0]["name"], "xds");
+    }
+
+    #[test]
+    fn bootstrap_drops_the_sidecars_stats_and_keeps_those_sluice_reads() {
+        let b = bootstrap(
+            "n",
+            "127.0.0.1:9901".parse().unwrap(),
+            "127.0.0.1:18000".parse().unwrap(),
+            XdsProtocol::Delta,
+            None,
+        );
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        let prefixes: Vec<&str> = v["stats_config"]["stats_matcher"]["exclusion_list"]["patterns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["prefix"].as_str().unwrap())
+            .collect();
+        let dropped = |stat: &str| prefixes.iter().any(|p| stat.starts_with(p));
+        for stat in [
+            "cluster.sidecar/default/hello-00001-a.upstream_rq_total",
+            "listener.sidecar/default/hello-00001-a.downstream_cx_total",
+            "listener.sidecar/default/hello-00001-a.worker_0.downstream_cx_total",
+            "http.sidecar/default/hello-00001-a.downstream_rq_total",
+            "vhost.sidecar/default/hello-00001-a.vcluster.other.upstream_rq_total",
+        ] {
+            assert!(dropped(stat), "{stat}");
+        }
+        // What the autoscaler, the bench and the tests read.
+        for stat in [
+            "wasmcustom.sluice_qp__default__hello_00001__average_concurrency_milli",
+            "wasmcustom.sluice_qp__default__hello_00001__hello_00001_a__ready",
+            "listener_manager.total_listeners_draining",
+            "wasm.envoy.wasm.runtime.v8.active",
+            "cluster.default/hello-00001:80.upstream_rq_total",
+            "http.external.downstream_rq_total",
+            "listener.127.0.0.1_8080.downstream_cx_total",
+            "server.live",
+        ] {
+            assert!(!dropped(stat), "{stat}");
+        }
     }
 
     #[test]

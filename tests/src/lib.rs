@@ -12,6 +12,7 @@
 pub mod backends;
 pub mod body;
 pub mod client;
+pub mod knative;
 pub mod ports;
 pub mod process;
 pub mod queue_proxy;

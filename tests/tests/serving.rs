@@ -6,65 +6,17 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use serde_json::Value;
+use sluice_e2e::knative::KnativeService;
 use sluice_e2e::{Req, Sluice};
 
 const READY: Duration = Duration::from_secs(90);
 const APP: &str = env!("CARGO_BIN_EXE_sluice-test-app");
 
-/// A Service running the test app. `template` is extra YAML under `spec.template.spec` (indented by 6),
-/// `annotations` extra lines under `spec.template.metadata.annotations` (indented by 8), `traffic` the
-/// whole `spec.traffic` list (indented by 2), `env` one `APP_VERSION` value (a template change).
-struct Svc<'a> {
-    name: &'a str,
-    version: &'a str,
-    template: &'a str,
-    annotations: &'a str,
-    traffic: &'a str,
-}
-
-impl<'a> Svc<'a> {
-    fn new(name: &'a str) -> Self {
-        Svc {
-            name,
-            version: "1",
-            template: "",
-            annotations: "",
-            traffic: "",
-        }
-    }
-
-    fn yaml(&self) -> String {
-        let annotations = if self.annotations.is_empty() {
-            String::new()
-        } else {
-            format!("    metadata:\n      annotations:\n{}\n", self.annotations)
-        };
-        let traffic = if self.traffic.is_empty() {
-            String::new()
-        } else {
-            format!("  traffic:\n{}\n", self.traffic)
-        };
-        format!(
-            "apiVersion: serving.knative.dev/v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: default
-spec:
-  template:
-{annotations}    spec:
-{template}      containers:
-      - image: sluice-test-app
-        command: [\"{APP}\"]
-        env:
-        - name: APP_VERSION
-          value: \"{version}\"
-{traffic}",
-            name = self.name,
-            template = self.template,
-            version = self.version,
-        )
-    }
+/// A Service running the test app (`APP_VERSION` 1: set another for a template change).
+fn svc(name: &str) -> KnativeService {
+    KnativeService::new(name, &[APP])
+        .image("sluice-test-app")
+        .env("APP_VERSION", "1")
 }
 
 /// Small autoscaler windows so scale-to-zero happens within a test.
@@ -144,7 +96,7 @@ async fn get(sluice: &Sluice, host: &str, path: &str) -> anyhow::Result<(StatusC
 async fn service_gets_a_revision_a_url_and_answers() {
     let mut sluice = Sluice::start().await.expect("sluice up");
     sluice
-        .write("hello.yaml", &Svc::new("hello").yaml())
+        .write("hello.yaml", &svc("hello").yaml())
         .expect("writing the Service");
     let status = wait_service(&mut sluice, "hello", "hello-00001").await;
     let svc = find(&status, "services", "hello").expect("service");
@@ -173,20 +125,37 @@ async fn service_gets_a_revision_a_url_and_answers() {
         .await
         .expect("cluster-local GET");
     assert_eq!(resp.status, StatusCode::OK);
+    // Envoy keeps the queue-proxy's metrics (what the autoscaler scrapes) but none of the instance
+    // listener's and cluster's own stats, which no one reads and every scrape would walk.
+    let stats = sluice_e2e::queue_proxy::admin_get(sluice.admin(), "/stats")
+        .await
+        .expect("Envoy admin /stats");
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.starts_with("wasmcustom.sluice_qp__default__hello_00001__")),
+        "the queue-proxy's metrics are kept:\n{stats}"
+    );
+    let sidecar: Vec<&str> = stats
+        .lines()
+        .filter(|l| l.contains("sidecar/") || l.contains("hello-00001-"))
+        .collect();
+    assert!(
+        sidecar.is_empty(),
+        "an instance's own Envoy stats are dropped: {sidecar:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_split_80_20_across_two_revisions_and_a_tag_url() {
     let mut sluice = Sluice::start().await.expect("sluice up");
     sluice
-        .write("split.yaml", &Svc::new("split").yaml())
+        .write("split.yaml", &svc("split").yaml())
         .expect("writing v1");
     wait_service(&mut sluice, "split", "split-00001").await;
-    let v2 = Svc {
-        version: "2",
-        traffic: "  - revisionName: split-00001\n    percent: 80\n    tag: old\n  - latestRevision: true\n    percent: 20",
-        ..Svc::new("split")
-    };
+    let v2 = svc("split").env("APP_VERSION", "2").traffic(
+        "  - revisionName: split-00001\n    percent: 80\n    tag: old\n  - latestRevision: true\n    percent: 20",
+    );
     sluice.write("split.yaml", &v2.yaml()).expect("writing v2");
     let status = wait_service(&mut sluice, "split", "split-00002").await;
     let svc = find(&status, "services", "split").expect("service");
@@ -241,7 +210,7 @@ async fn scales_to_zero_after_the_grace_period_and_a_cold_request_succeeds() {
         .write("config-autoscaler.yaml", FAST_AUTOSCALER)
         .expect("config map");
     sluice
-        .write("cold.yaml", &Svc::new("cold").yaml())
+        .write("cold.yaml", &svc("cold").yaml())
         .expect("writing the Service");
     wait_service(&mut sluice, "cold", "cold-00001").await;
     let (code, _) = get(&sluice, "cold.default.localhost", "/")
@@ -298,12 +267,10 @@ async fn scales_to_zero_after_the_grace_period_and_a_cold_request_succeeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn container_concurrency_is_respected_during_a_burst() {
     let mut sluice = Sluice::start().await.expect("sluice up");
-    let svc = Svc {
-        template: "      containerConcurrency: 1\n",
-        annotations: "        autoscaling.knative.dev/max-scale: \"1\"",
-        ..Svc::new("burst")
-    };
-    sluice.write("burst.yaml", &svc.yaml()).expect("writing");
+    let burst = svc("burst")
+        .spec("      containerConcurrency: 1\n")
+        .annotation("autoscaling.knative.dev/max-scale", "1");
+    sluice.write("burst.yaml", &burst.yaml()).expect("writing");
     wait_service(&mut sluice, "burst", "burst-00001").await;
 
     let requests = (0..12).map(|_| {
@@ -333,7 +300,7 @@ async fn container_concurrency_is_respected_during_a_burst() {
 async fn a_crashing_instance_is_replaced() {
     let mut sluice = Sluice::start().await.expect("sluice up");
     sluice
-        .write("crash.yaml", &Svc::new("crash").yaml())
+        .write("crash.yaml", &svc("crash").yaml())
         .expect("writing");
     wait_service(&mut sluice, "crash", "crash-00001").await;
     // The request that crashes the app fails (the connection drops); that is the app's doing.
@@ -371,7 +338,7 @@ async fn a_crashing_instance_is_replaced() {
 async fn a_template_change_rolls_out_without_failed_requests() {
     let mut sluice = Sluice::start().await.expect("sluice up");
     sluice
-        .write("roll.yaml", &Svc::new("roll").yaml())
+        .write("roll.yaml", &svc("roll").yaml())
         .expect("writing v1");
     wait_service(&mut sluice, "roll", "roll-00001").await;
 
@@ -393,10 +360,7 @@ async fn a_template_change_rolls_out_without_failed_requests() {
         }
         (ok, failures)
     });
-    let v2 = Svc {
-        version: "2",
-        ..Svc::new("roll")
-    };
+    let v2 = svc("roll").env("APP_VERSION", "2");
     sluice.write("roll.yaml", &v2.yaml()).expect("writing v2");
     wait_service(&mut sluice, "roll", "roll-00002").await;
     // Let traffic flow on the new revision for a moment after the switch.
@@ -439,11 +403,8 @@ async fn a_revision_that_starts_at_zero_is_ready_routed_and_stays_ready_at_zero(
             &format!("{FAST_AUTOSCALER}  allow-zero-initial-scale: \"true\"\n"),
         )
         .expect("config map");
-    let svc = Svc {
-        annotations: "        autoscaling.knative.dev/initial-scale: \"0\"",
-        ..Svc::new("lazy")
-    };
-    sluice.write("lazy.yaml", &svc.yaml()).expect("writing");
+    let lazy = svc("lazy").annotation("autoscaling.knative.dev/initial-scale", "0");
+    sluice.write("lazy.yaml", &lazy.yaml()).expect("writing");
     let status = wait_service(&mut sluice, "lazy", "lazy-00001").await;
     let rev = find(&status, "revisions", "lazy-00001").expect("revision listed");
     assert_eq!(rev["readyInstances"], 0, "Ready without an instance: {rev}");
@@ -481,11 +442,10 @@ async fn a_revision_that_starts_at_zero_is_ready_routed_and_stays_ready_at_zero(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_up_under_load_fails_no_request() {
     let mut sluice = Sluice::start().await.expect("sluice up");
-    let svc = Svc {
-        annotations: "        autoscaling.knative.dev/target: \"2\"\n        autoscaling.knative.dev/max-scale: \"5\"",
-        ..Svc::new("grow")
-    };
-    sluice.write("grow.yaml", &svc.yaml()).expect("writing");
+    let grow = svc("grow")
+        .annotation("autoscaling.knative.dev/target", "2")
+        .annotation("autoscaling.knative.dev/max-scale", "5");
+    sluice.write("grow.yaml", &grow.yaml()).expect("writing");
     wait_service(&mut sluice, "grow", "grow-00001").await;
 
     let external = sluice.external();
@@ -544,11 +504,10 @@ async fn scaling_up_under_load_fails_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_autoscaling_annotations_fail_the_service_naming_every_key_and_the_file() {
     let mut sluice = Sluice::start().await.expect("sluice up");
-    let svc = Svc {
-        annotations: "        autoscaling.knative.dev/min-scale: \"lots\"\n        autoscaling.knative.dev/target: \"-3\"",
-        ..Svc::new("typo")
-    };
-    sluice.write("typo.yaml", &svc.yaml()).expect("writing");
+    let typo = svc("typo")
+        .annotation("autoscaling.knative.dev/min-scale", "lots")
+        .annotation("autoscaling.knative.dev/target", "-3");
+    sluice.write("typo.yaml", &typo.yaml()).expect("writing");
     let status = wait_status(&mut sluice, "typo Ready=False", READY, |s| {
         find(s, "services", "typo").is_some_and(|svc| condition_is(svc, "Ready", "False", ""))
     })
@@ -581,9 +540,7 @@ async fn sixty_services_become_ready_and_answer() {
     const N: usize = 60;
     const BOUND: Duration = Duration::from_secs(240);
     let mut sluice = Sluice::start().await.expect("sluice up");
-    let docs: Vec<String> = (0..N)
-        .map(|i| Svc::new(&format!("s{i:03}")).yaml())
-        .collect();
+    let docs: Vec<String> = (0..N).map(|i| svc(&format!("s{i:03}")).yaml()).collect();
     let started = Instant::now();
     sluice
         .write("many.yaml", &docs.join("---\n"))

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use serde_json::Value;
+use sluice_e2e::knative::KnativeService;
 use sluice_e2e::process::{alive, children_named};
 use sluice_e2e::yaml::{Ingress, Path, Rule, SERVICE_PORT, Split};
 use sluice_e2e::{EchoServer, Req, Sluice, StartOptions};
@@ -167,23 +168,10 @@ const APP: &str = env!("CARGO_BIN_EXE_sluice-test-app");
 
 /// A Knative Service running the test app.
 fn knative_service(name: &str) -> String {
-    format!(
-        "apiVersion: serving.knative.dev/v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: default
-spec:
-  template:
-    spec:
-      containers:
-      - image: sluice-test-app
-        command: [\"{APP}\"]
-        env:
-        - name: APP_VERSION
-          value: \"1\"
-"
-    )
+    KnativeService::new(name, &[APP])
+        .image("sluice-test-app")
+        .env("APP_VERSION", "1")
+        .yaml()
 }
 
 /// GET on a Knative Service's host; (status, body).
@@ -451,24 +439,11 @@ const WAIT: Duration = Duration::from_secs(90);
 /// A Knative Service kept at one instance (min-scale 1) running `command`; `spec` is extra YAML under
 /// `spec.template.spec` (indented by 6), `container` extra YAML under the container (indented by 8).
 fn kservice(name: &str, command: &[&str], spec: &str, container: &str) -> String {
-    let command = serde_json::to_string(command).expect("JSON array");
-    format!(
-        "apiVersion: serving.knative.dev/v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: default
-spec:
-  template:
-    metadata:
-      annotations:
-        autoscaling.knative.dev/min-scale: \"1\"
-    spec:
-{spec}      containers:
-      - image: {name}
-        command: {command}
-{container}"
-    )
+    KnativeService::new(name, command)
+        .annotation("autoscaling.knative.dev/min-scale", "1")
+        .spec(spec)
+        .container(container)
+        .yaml()
 }
 
 /// Polls `check` until it returns Some, failing with `what` and the sluice log after `timeout`.

@@ -1,8 +1,9 @@
 //! One listener Envoy cannot bind must not freeze the rest (issue 12, item 5): Envoy NACKs that
 //! listener, applies the others, and the xds-server serves the next configuration without it, which
-//! Envoy ACKs; the Ingresses become Ready and answer, and the rejection is reported by name. Runs the
-//! split deployment (`sluice xds --dir` and an Envoy from `sluice bootstrap`) with the internal
-//! listener's port held by the test.
+//! Envoy ACKs; the Ingresses become Ready and answer, and the rejection is reported by name, and on
+//! the Ingress it concerns (a cluster-local one, served through the internal listener): Ready=False
+//! `EnvoyRejected` with Envoy's message. Runs the split deployment (`sluice xds --dir` and an Envoy
+//! from `sluice bootstrap`) with the internal listener's port held by the test.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -12,7 +13,7 @@ use http::StatusCode;
 use serde_json::Value;
 use sluice_e2e::ports::loopback;
 use sluice_e2e::process::ProcessGuard;
-use sluice_e2e::sluice::{envoy_for_sluice, find_ingress, is_ready, sluice_bin};
+use sluice_e2e::sluice::{condition, envoy_for_sluice, find_ingress, is_ready, sluice_bin};
 use sluice_e2e::yaml::{self, Ingress, Path as IngressPath, Rule, SERVICE_PORT, Split};
 use sluice_e2e::{EchoServer, Req, free_port};
 
@@ -70,6 +71,14 @@ async fn a_listener_envoy_cannot_bind_does_not_hold_back_the_others() {
                 .to_value(),
         );
     }
+    objects.push(
+        Ingress::new(NS, "local")
+            .rule(
+                Rule::cluster_local(&["local.serving-tests.svc.cluster.local"])
+                    .path(IngressPath::any().split(Split::to("web", SERVICE_PORT))),
+            )
+            .to_value(),
+    );
     std::fs::write(dir.join("objects.yaml"), yaml::documents(&objects)).unwrap();
 
     let xds_log = root.path().join("xds.log");
@@ -108,8 +117,18 @@ async fn a_listener_envoy_cannot_bind_does_not_hold_back_the_others() {
         .stderr(std::fs::File::create(root.path().join("envoy.log")).unwrap());
     let _envoy = ProcessGuard::spawn(envoy_cmd, Duration::from_secs(3)).expect("starting Envoy");
 
-    // Every Ingress becomes Ready, Envoy ACKs the newest generation, and the rejection names the
-    // listener with Envoy's message.
+    // Every Ingress becomes Ready but the cluster-local one, which says why; Envoy ACKs the newest
+    // generation, and the rejection names the listener with Envoy's message.
+    let rejected_on_local = |s: &Value| {
+        find_ingress(s, NS, "local")
+            .and_then(|i| condition(i, "Ready"))
+            .is_some_and(|c| {
+                c.status == "False"
+                    && c.reason == "EnvoyRejected"
+                    && c.message.contains("Listener internal")
+                    && c.message.contains(&held_port.to_string())
+            })
+    };
     let deadline = Instant::now() + PATIENCE;
     let last = loop {
         let s = status(control).await;
@@ -117,6 +136,7 @@ async fn a_listener_envoy_cannot_bind_does_not_hold_back_the_others() {
             names
                 .iter()
                 .all(|n| find_ingress(s, NS, n).is_some_and(is_ready))
+                && rejected_on_local(s)
                 && s.pointer("/envoy/ackedGeneration") == s.pointer("/envoy/generation")
                 && s["rejected"].as_array().is_some_and(|r| {
                     r.iter().any(|r| {

@@ -271,6 +271,11 @@ fn drops_clusters(new: &Snapshot, previous: &Snapshot) -> bool {
     }
 }
 
+/// `Listener` or `Cluster`: the last word of a type URL.
+fn kind_of(type_url: &str) -> &str {
+    type_url.rsplit('.').next().unwrap_or_default()
+}
+
 /// A resource Envoy runs, from its packed bytes.
 fn decode_kept(type_url: &str, bytes: &[u8]) -> Option<Kept> {
     match type_url {
@@ -337,6 +342,8 @@ struct Reconciler {
     /// Resources Envoy rejected, by (type URL, name): held back while their content is the rejected
     /// one, so one bad resource never keeps the others from being ACKed.
     quarantined: BTreeMap<(String, String), Quarantined>,
+    /// The rejections (key, Envoy's message) the last report's statuses were made with.
+    reported_rejections: BTreeMap<(String, String), String>,
 }
 
 #[derive(Debug, Clone)]
@@ -374,6 +381,7 @@ impl Reconciler {
             dirty: BTreeSet::new(),
             acked: None,
             quarantined: BTreeMap::new(),
+            reported_rejections: BTreeMap::new(),
         }
     }
 
@@ -450,13 +458,12 @@ impl Reconciler {
         Some(self.publish(candidate, resources))
     }
 
-    /// Replaces each quarantined resource still at its rejected version by what Envoy runs (or drops
-    /// it); forgets the quarantine of a resource whose content changed (it gets a new try).
-    fn hold_back(&mut self, resources: &mut Resources) {
+    /// Forgets the quarantine of resources a new translation no longer has: they need no holding
+    /// back. (Not done on the served configuration, which lacks what is held back.)
+    fn forget_absent(&mut self, resources: &Resources) {
         if self.quarantined.is_empty() {
             return;
         }
-        // A resource the configuration no longer has needs no holding back.
         let present: BTreeSet<(String, String)> = resources
             .listeners
             .iter()
@@ -470,6 +477,14 @@ impl Reconciler {
             .filter(|k| self.quarantined.contains_key(k))
             .collect();
         self.quarantined.retain(|k, _| present.contains(k));
+    }
+
+    /// Replaces each quarantined resource still at its rejected version by what Envoy runs (or drops
+    /// it); forgets the quarantine of a resource whose content changed (it gets a new try).
+    fn hold_back(&mut self, resources: &mut Resources) {
+        if self.quarantined.is_empty() {
+            return;
+        }
         let quarantined = &mut self.quarantined;
         let mut retry = Vec::new();
         resources.listeners.retain_mut(|l| {
@@ -520,6 +535,7 @@ impl Reconciler {
         let translation = self.translator.translate(&source.state);
         let previous = std::mem::replace(&mut self.source, source);
         let mut resources = translation.resources;
+        self.forget_absent(&resources);
         self.hold_back(&mut resources);
         let mut candidate = self.next_snapshot(self.generation + 1, &resources);
         self.without_removed = None;
@@ -702,12 +718,74 @@ impl Reconciler {
         targets.into_iter().collect()
     }
 
+    /// Marks dirty the Ingresses served through a resource whose rejection is new, changed or over.
+    /// Rejections are rare: only then is every Ingress looked at.
+    fn note_rejections(&mut self) {
+        let same = self.quarantined.len() == self.reported_rejections.len()
+            && self
+                .quarantined
+                .iter()
+                .zip(&self.reported_rejections)
+                .all(|((k, q), (rk, m))| k == rk && q.message == *m);
+        if same {
+            return;
+        }
+        let now: BTreeMap<(String, String), String> = self
+            .quarantined
+            .iter()
+            .map(|(k, q)| (k.clone(), q.message.clone()))
+            .collect();
+        let before = std::mem::replace(&mut self.reported_rejections, now);
+        let moved: BTreeSet<&(String, String)> = before
+            .iter()
+            .filter(|(k, m)| self.reported_rejections.get(*k) != Some(*m))
+            .chain(
+                self.reported_rejections
+                    .iter()
+                    .filter(|(k, m)| before.get(*k) != Some(*m)),
+            )
+            .map(|(k, _)| k)
+            .collect();
+        for (key, outcome) in &self.outcomes {
+            if outcome
+                .uses()
+                .iter()
+                .any(|(t, n)| moved.contains(&(t.to_string(), n.clone())))
+            {
+                self.dirty.insert(key.clone());
+            }
+        }
+    }
+
+    /// What Envoy rejected of the Listeners and Clusters `outcome` is served through, in its words.
+    fn rejected_uses(&self, outcome: &IngressOutcome) -> Option<String> {
+        if self.quarantined.is_empty() {
+            return None;
+        }
+        let each: Vec<String> = outcome
+            .uses()
+            .iter()
+            .filter_map(|(type_url, name)| {
+                let q = self
+                    .quarantined
+                    .get(&(type_url.to_string(), name.clone()))?;
+                Some(format!(
+                    "Envoy rejected {} {name}: {}",
+                    kind_of(type_url),
+                    q.message
+                ))
+            })
+            .collect();
+        (!each.is_empty()).then(|| each.join("; "))
+    }
+
     /// The report, recomputing only the Ingresses that may have changed; also returns those whose
     /// status did change.
     fn report(&mut self, ack: &ConfigStatus) -> (StatusReport, Vec<Arc<Ingress>>) {
         let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         let nack = ack.last_nack();
         let mut changed = Vec::new();
+        self.note_rejections();
         let mut keys = std::mem::take(&mut self.dirty);
         keys.extend(self.unprobed.iter().cloned());
         for key in keys {
@@ -718,12 +796,13 @@ impl Reconciler {
                 self.reported.remove(&key);
                 continue;
             };
-            let progress = match outcome.rejection() {
-                Some((reason, message)) => Progress::Rejected {
+            let progress = match (outcome.rejection(), self.rejected_uses(outcome)) {
+                (Some((reason, message)), _) => Progress::Rejected {
                     reason: reason.to_string(),
                     message: message.to_string(),
                 },
-                None => {
+                (None, Some(message)) => Progress::EnvoyRejected { message },
+                (None, None) => {
                     let acked = self.acked(&key, ack);
                     let hash = self.programmed.get(&key).map(|(h, _)| h.as_str());
                     let probe = match self.probes.get(&key) {
@@ -742,8 +821,13 @@ impl Reconciler {
             if let Some(prev) = previous {
                 with_status.status = prev.status.clone();
             }
-            with_status.status =
-                status::ingress_status(&with_status, &progress, &self.config.load_balancers, &now);
+            with_status.status = status::ingress_status(
+                &with_status,
+                &progress,
+                outcome.contested(),
+                &self.config.load_balancers,
+                &now,
+            );
             if previous.is_some_and(|p| **p == with_status) {
                 continue;
             }
@@ -771,7 +855,7 @@ impl Reconciler {
                 .quarantined
                 .iter()
                 .map(|((type_url, name), q)| RejectedResource {
-                    kind: type_url.rsplit('.').next().unwrap_or_default().to_string(),
+                    kind: kind_of(type_url).to_string(),
                     name: name.clone(),
                     message: q.message.clone(),
                 })
@@ -878,6 +962,136 @@ mod tests {
             .iter()
             .map(|l| (l.name.clone(), content_version(&**l)))
             .collect()
+    }
+
+    /// An Ingress of Sluice's class with one rule of `visibility` for `host`, to Service ns/`service`.
+    fn ingress(name: &str, host: &str, visibility: &str, service: &str) -> Ingress {
+        serde_yaml::from_str(&format!(
+            "metadata:\n  name: {name}\n  namespace: ns\n  annotations:\n    networking.knative.dev/ingress.class: sluice.ingress.networking.knative.dev\nspec:\n  rules:\n  - hosts: [{host}]\n    visibility: {visibility}\n    http:\n      paths:\n      - splits:\n        - {{serviceNamespace: ns, serviceName: {service}, servicePort: 80, percent: 100}}\n"
+        ))
+        .unwrap()
+    }
+
+    fn source(ingresses: &[Ingress]) -> SourceSnapshot {
+        let mut s = SourceSnapshot::default();
+        for i in ingresses {
+            s.state.ingresses.insert(
+                (i.metadata.namespace.clone(), i.metadata.name.clone()),
+                Arc::new(i.clone()),
+            );
+        }
+        for name in ["web", "web2"] {
+            s.state.services.insert(
+                ("ns".into(), name.into()),
+                Arc::new(
+                    serde_yaml::from_str(&format!(
+                        "metadata: {{name: {name}, namespace: ns}}\nspec:\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n"
+                    ))
+                    .unwrap(),
+                ),
+            );
+        }
+        s
+    }
+
+    fn ready_of(
+        report: &StatusReport,
+        name: &str,
+    ) -> (sluice_api::ConditionStatus, String, String) {
+        let i = report
+            .ingresses
+            .iter()
+            .find(|i| i.metadata.name == name)
+            .expect("reported");
+        let c = i
+            .status
+            .status
+            .condition(sluice_api::ingress::CONDITION_READY)
+            .unwrap();
+        (c.status, c.reason.clone(), c.message.clone())
+    }
+
+    #[test]
+    fn an_ingress_served_through_a_rejected_listener_or_cluster_is_not_ready_with_envoys_words() {
+        use sluice_api::ConditionStatus;
+        let mut r = reconciler();
+        r.apply_source(source(&[
+            ingress("local", "web.ns.svc.cluster.local", "ClusterLocal", "web"),
+            ingress("public", "web.example.com", "ExternalIP", "web"),
+        ]))
+        .expect("a first snapshot");
+        let ack = ConfigStatus::default();
+        let (report, _) = r.report(&ack);
+        for name in ["local", "public"] {
+            assert_eq!(ready_of(&report, name).1, status::REASON_NOT_ACKED);
+        }
+        let rejection = |r: &Reconciler, type_url: &str, name: &str, message: &str| {
+            let version = r
+                .last
+                .as_ref()
+                .unwrap()
+                .resources(type_url)
+                .get(name)
+                .expect("served")
+                .version
+                .clone();
+            Rejection {
+                type_url: type_url.to_string(),
+                name: name.to_string(),
+                version,
+                message: message.to_string(),
+            }
+        };
+        let bind = "cannot bind '127.0.0.1:8081': Address already in use";
+        let internal = rejection(&r, LISTENER_TYPE_URL, "internal", bind);
+        r.quarantine(std::slice::from_ref(&internal))
+            .expect("held back");
+        let (report, changed) = r.report(&ack);
+        assert_eq!(
+            ready_of(&report, "local"),
+            (
+                ConditionStatus::False,
+                status::REASON_REJECTED_BY_ENVOY.to_string(),
+                format!("Envoy rejected Listener internal: {bind}")
+            )
+        );
+        assert_eq!(
+            ready_of(&report, "public").1,
+            status::REASON_NOT_ACKED,
+            "not served through the internal listener's probe"
+        );
+        assert_eq!(changed.len(), 1, "only the concerned Ingress changed");
+
+        // A rejected cluster concerns every Ingress routed to it.
+        let cluster = rejection(&r, CLUSTER_TYPE_URL, "ns/web:80", "bad cluster");
+        r.quarantine(&[internal, cluster]).expect("held back");
+        let (report, _) = r.report(&ack);
+        assert_eq!(
+            ready_of(&report, "public"),
+            (
+                ConditionStatus::False,
+                status::REASON_REJECTED_BY_ENVOY.to_string(),
+                "Envoy rejected Cluster ns/web:80: bad cluster".to_string()
+            )
+        );
+        // The listener's rejection is still held (a second rejection does not forget the first).
+        let local = ready_of(&report, "local").2;
+        assert!(local.contains("Listener internal"), "{local}");
+        assert!(local.contains("Cluster ns/web:80"), "{local}");
+
+        // Routed elsewhere, the rejected cluster is gone and so is its rejection; the listener's
+        // stays (the same content is never sent again).
+        r.apply_source(source(&[
+            ingress("local", "web.ns.svc.cluster.local", "ClusterLocal", "web2"),
+            ingress("public", "web.example.com", "ExternalIP", "web2"),
+        ]))
+        .expect("changed");
+        let (report, _) = r.report(&ack);
+        assert_eq!(ready_of(&report, "public").1, status::REASON_NOT_ACKED);
+        assert_eq!(
+            ready_of(&report, "local").2,
+            format!("Envoy rejected Listener internal: {bind}")
+        );
     }
 
     #[test]

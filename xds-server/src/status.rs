@@ -15,6 +15,9 @@ use sluice_api::{Condition, ConditionStatus, Ingress};
 pub enum Progress {
     /// The Ingress cannot be programmed (invalid spec, missing Service, DomainConflict...).
     Rejected { reason: String, message: String },
+    /// Programmed, but Envoy rejected a Listener or Cluster it is served through (held back, so the
+    /// rest of the configuration is applied): `message` names each with Envoy's words.
+    EnvoyRejected { message: String },
     /// Programmed into a snapshot; waiting for Envoy's ACK and the probe.
     Programmed {
         acked: bool,
@@ -40,6 +43,11 @@ pub struct LoadBalancers {
 
 /// Reasons Sluice writes; DomainConflict is Knative's own.
 pub const REASON_DOMAIN_CONFLICT: &str = "DomainConflict";
+/// An extra condition on both sides of a host conflict (Knative's DomainMapping word): True on the
+/// Ingress that keeps the hosts, False on the one that does not get them. Severity Info, as Knative
+/// gives conditions that are not Ready's dependents, so it never changes Ready.
+pub const CONDITION_DOMAIN_CLAIMED: &str = "DomainClaimed";
+const SEVERITY_INFO: &str = "Info";
 pub const REASON_UNINITIALIZED: &str = "Uninitialized";
 pub const REASON_NOT_ACKED: &str = "EnvoyNotAcked";
 pub const REASON_REJECTED_BY_ENVOY: &str = "EnvoyRejected";
@@ -62,11 +70,13 @@ fn condition(
     }
 }
 
-/// The status Knative would show for `ingress` given `progress`. `now` (RFC 3339) stamps conditions
+/// The status Knative would show for `ingress` given `progress`. `contested` says which of its hosts
+/// newer Ingresses claim too (it keeps them, and stays Ready). `now` (RFC 3339) stamps conditions
 /// whose status changes; unchanged conditions keep their previous transition time.
 pub fn ingress_status(
     ingress: &Ingress,
     progress: &Progress,
+    contested: Option<&str>,
     lbs: &LoadBalancers,
     now: &str,
 ) -> IngressStatus {
@@ -80,6 +90,14 @@ pub fn ingress_status(
         Progress::Rejected { reason, message } => (
             (ConditionStatus::False, reason.as_str(), message.as_str()),
             (ConditionStatus::False, reason.as_str(), message.as_str()),
+        ),
+        Progress::EnvoyRejected { message } => (
+            (ConditionStatus::True, "", ""),
+            (
+                ConditionStatus::False,
+                REASON_REJECTED_BY_ENVOY,
+                message.as_str(),
+            ),
         ),
         Progress::Programmed { acked, probe, nack } => {
             let lb = match (acked, probe, nack) {
@@ -121,6 +139,29 @@ pub fn ingress_status(
         status
             .status
             .set_condition(condition(type_, s, reason, message, now));
+    }
+    let claimed = match (progress, contested) {
+        (Progress::Rejected { reason, message }, _) if reason == REASON_DOMAIN_CONFLICT => {
+            Some((ConditionStatus::False, message.as_str()))
+        }
+        (Progress::Rejected { .. }, _) | (_, None) => None,
+        (_, Some(message)) => Some((ConditionStatus::True, message)),
+    };
+    match claimed {
+        Some((s, message)) => status.status.set_condition(Condition {
+            severity: SEVERITY_INFO.to_string(),
+            ..condition(
+                CONDITION_DOMAIN_CLAIMED,
+                s,
+                REASON_DOMAIN_CONFLICT,
+                message,
+                now,
+            )
+        }),
+        None => status
+            .status
+            .conditions
+            .retain(|c| c.type_ != CONDITION_DOMAIN_CLAIMED),
     }
     if lb.0 == ConditionStatus::True {
         status.public_load_balancer = Some(LoadBalancerStatus {
@@ -207,7 +248,7 @@ mod tests {
             ),
         ];
         for (progress, want, reason) in cases {
-            let s = ingress_status(&ingress(), &progress, &lbs(), "t");
+            let s = ingress_status(&ingress(), &progress, None, &lbs(), "t");
             assert_eq!(
                 cond(&s, CONDITION_READY),
                 (want, reason.to_string()),
@@ -231,7 +272,7 @@ mod tests {
             reason: REASON_DOMAIN_CONFLICT.into(),
             message: "host a.example is already claimed by default/other".into(),
         };
-        let s = ingress_status(&ingress(), &p, &lbs(), "t");
+        let s = ingress_status(&ingress(), &p, None, &lbs(), "t");
         assert_eq!(
             cond(&s, CONDITION_LOAD_BALANCER_READY),
             (ConditionStatus::False, REASON_DOMAIN_CONFLICT.to_string())
@@ -252,7 +293,7 @@ mod tests {
             reason: "InvalidSpec".into(),
             message: "spec.rules: required".into(),
         };
-        let s = ingress_status(&ingress(), &p, &lbs(), "t");
+        let s = ingress_status(&ingress(), &p, None, &lbs(), "t");
         assert_eq!(
             cond(&s, CONDITION_NETWORK_CONFIGURED),
             (ConditionStatus::False, "InvalidSpec".to_string())
@@ -262,10 +303,102 @@ mod tests {
     }
 
     #[test]
+    fn a_rejected_listener_or_cluster_makes_its_ingress_not_ready_with_envoys_words() {
+        let mut i = ingress();
+        i.status = ingress_status(
+            &i,
+            &programmed(true, Probe::Succeeded, None),
+            None,
+            &lbs(),
+            "t1",
+        );
+        assert!(is_ready(&i.status));
+        let message = "Envoy rejected Listener internal: cannot bind '127.0.0.1:8081': Address \
+                       already in use";
+        let p = Progress::EnvoyRejected {
+            message: message.into(),
+        };
+        let s = ingress_status(&i, &p, None, &lbs(), "t2");
+        let ready = s.status.condition(CONDITION_READY).unwrap();
+        assert_eq!(
+            (ready.status, ready.reason.as_str(), ready.message.as_str()),
+            (ConditionStatus::False, REASON_REJECTED_BY_ENVOY, message)
+        );
+        assert_eq!(ready.last_transition_time.as_deref(), Some("t2"));
+        assert_eq!(
+            cond(&s, CONDITION_LOAD_BALANCER_READY),
+            (ConditionStatus::False, REASON_REJECTED_BY_ENVOY.to_string())
+        );
+        assert_eq!(
+            cond(&s, CONDITION_NETWORK_CONFIGURED).0,
+            ConditionStatus::True,
+            "the spec itself is fine"
+        );
+    }
+
+    #[test]
+    fn both_sides_of_a_host_conflict_say_so_and_the_owner_stays_ready() {
+        let kept = "host a.example is also claimed by Ingress default/newer, which does not get it";
+        let s = ingress_status(
+            &ingress(),
+            &programmed(true, Probe::Succeeded, None),
+            Some(kept),
+            &lbs(),
+            "t",
+        );
+        assert!(is_ready(&s));
+        let c = s.status.condition(CONDITION_DOMAIN_CLAIMED).unwrap();
+        assert_eq!(
+            (
+                c.status,
+                c.reason.as_str(),
+                c.message.as_str(),
+                c.severity.as_str()
+            ),
+            (ConditionStatus::True, REASON_DOMAIN_CONFLICT, kept, "Info")
+        );
+
+        let lost = Progress::Rejected {
+            reason: REASON_DOMAIN_CONFLICT.into(),
+            message: "host a.example is already served by Ingress default/older".into(),
+        };
+        let s = ingress_status(&ingress(), &lost, None, &lbs(), "t");
+        assert_eq!(
+            cond(&s, CONDITION_DOMAIN_CLAIMED),
+            (ConditionStatus::False, REASON_DOMAIN_CONFLICT.to_string())
+        );
+
+        // Once the conflict is over, the condition goes.
+        let mut i = ingress();
+        i.status = s;
+        let s = ingress_status(
+            &i,
+            &programmed(true, Probe::Succeeded, None),
+            None,
+            &lbs(),
+            "t",
+        );
+        assert!(s.status.condition(CONDITION_DOMAIN_CLAIMED).is_none());
+        assert!(is_ready(&s));
+    }
+
+    #[test]
     fn unchanged_conditions_keep_their_transition_time() {
         let mut i = ingress();
-        i.status = ingress_status(&i, &programmed(true, Probe::Succeeded, None), &lbs(), "t1");
-        let s = ingress_status(&i, &programmed(true, Probe::Succeeded, None), &lbs(), "t2");
+        i.status = ingress_status(
+            &i,
+            &programmed(true, Probe::Succeeded, None),
+            None,
+            &lbs(),
+            "t1",
+        );
+        let s = ingress_status(
+            &i,
+            &programmed(true, Probe::Succeeded, None),
+            None,
+            &lbs(),
+            "t2",
+        );
         let c = s.status.condition(CONDITION_READY).unwrap();
         assert_eq!(c.last_transition_time.as_deref(), Some("t1"));
     }

@@ -249,8 +249,7 @@ impl BrokerService {
                                 )),
                             }
                         }
-                        let ready = conds.iter().all(|c| c.status == ConditionStatus::True);
-                        conds.push(cond("Ready", ready, "", ""));
+                        conds.push(ready_of(&conds));
                         out.status = Some(BrokerStatus {
                             status: Status::default(),
                             address: Some(Addressable {
@@ -521,12 +520,7 @@ impl BrokerService {
             conds.push(cond("SubscriptionReady", true, "", ""));
             conds.push(cond("DependencyReady", true, "", ""));
         }
-        conds.push(cond(
-            "Ready",
-            ready,
-            if ready { "" } else { "NotReady" },
-            "",
-        ));
+        conds.push(ready_of(&conds));
         if let (true, Some(subscriber)) = (ready, subscriber) {
             let fingerprint = format!(
                 "{:?}|{:?}|{:?}|{:?}|{}|{}|{}",
@@ -619,6 +613,25 @@ fn cond(type_: &str, ok: bool, reason: &str, message: &str) -> Condition {
     }
 }
 
+/// Knative's ConditionSet: Ready is True when every dependent is, else it carries the reason and
+/// message of the first dependent that is not (`BrokerDoesNotExist`, not a generic word), as `kn`
+/// and `kubectl wait` show it.
+fn ready_of(dependents: &[Condition]) -> Condition {
+    match dependents
+        .iter()
+        .find(|c| c.type_ != "Ready" && c.status != ConditionStatus::True)
+    {
+        None => cond("Ready", true, "", ""),
+        Some(c) => Condition {
+            type_: "Ready".to_string(),
+            status: c.status,
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+            ..Default::default()
+        },
+    }
+}
+
 fn set_conditions(
     status: &mut Status,
     previous: Option<&Status>,
@@ -696,5 +709,29 @@ async fn run_ping(config: PingConfig, sink: Target, brokers: Arc<Brokers>, sende
             Ok(()) => tracing::debug!(pingsource = %config.key, %id, "ping sent"),
             Err(e) => tracing::warn!(pingsource = %config.key, %id, error = %e, "ping lost"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_carries_the_first_failing_dependents_reason_and_message() {
+        let conds = [
+            cond("BrokerReady", true, "", ""),
+            cond("SubscriberResolved", false, "Unresolved", "no such Service"),
+            cond("DeadLetterSinkResolved", false, "Other", "later"),
+        ];
+        let ready = ready_of(&conds);
+        assert_eq!(
+            (ready.status, ready.reason.as_str(), ready.message.as_str()),
+            (ConditionStatus::False, "Unresolved", "no such Service")
+        );
+        let ready = ready_of(&conds[..1]);
+        assert_eq!(
+            (ready.status, ready.reason.as_str()),
+            (ConditionStatus::True, "")
+        );
     }
 }

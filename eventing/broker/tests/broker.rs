@@ -1250,3 +1250,46 @@ async fn fan_out_to_a_closing_subscriber_delivers_everything_over_bounded_connec
         "{max_open} connections open at once, more than the bound of {PER_HOST}"
     );
 }
+
+/// `sluice status -o json` shows what Knative's ConditionSet puts in Ready: the reason and message
+/// of the failing condition (`BrokerDoesNotExist`), not a generic word (issue 12, item 13).
+#[tokio::test]
+async fn a_broker_or_trigger_that_is_not_ready_says_why_in_ready() {
+    let h = Harness::start("").await;
+    let yaml = format!(
+        "{}---\napiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata: {{name: other, namespace: ns}}\nspec:\n  delivery:\n    deadLetterSink:\n      ref: {{apiVersion: v1, kind: Pod, name: nope}}\n",
+        trigger("orphan", "  subscriber: {uri: \"http://127.0.0.1:1/\"}")
+            .replace("broker: default", "broker: missing"),
+    );
+    let objects = sluice_api::parse_documents(&yaml)
+        .into_iter()
+        .map(|r| r.unwrap());
+    let status = h
+        .service
+        .apply(EventingObjects::from_objects(objects))
+        .await;
+    let ready = |conds: &sluice_api::meta::Status| {
+        let c = conds.condition("Ready").unwrap().clone();
+        (c.status, c.reason, c.message)
+    };
+    let trigger = &status.triggers[0];
+    assert_eq!(
+        ready(&trigger.status.as_ref().unwrap().status),
+        (
+            sluice_api::ConditionStatus::False,
+            "BrokerDoesNotExist".to_string(),
+            "Broker ns/missing does not exist or is not ready".to_string()
+        )
+    );
+    let broker = status
+        .brokers
+        .iter()
+        .find(|b| b.metadata.name == "other")
+        .unwrap();
+    let (s, reason, message) = ready(&broker.status.as_ref().unwrap().status);
+    assert_eq!(
+        (s, reason.as_str()),
+        (sluice_api::ConditionStatus::False, "NotAddressable")
+    );
+    assert!(message.contains("Pod ns/nope"), "{message}");
+}

@@ -327,6 +327,9 @@ fn sidecar_listener(name: &str, s: &InstanceSidecar, wasm: Option<&Path>) -> Lis
     Listener {
         name: name.to_string(),
         address: Some(socket_address(s.listen)),
+        // `listener.sidecar/...` rather than the address: the bootstrap's stats matcher drops every
+        // instance's Envoy stats by this prefix (the queue-proxy's own metrics are what is read).
+        stat_prefix: name.to_string(),
         filter_chains: vec![FilterChain {
             filters: vec![Filter {
                 name: "envoy.filters.network.http_connection_manager".to_string(),

@@ -11,6 +11,7 @@ mod plan;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::resources::Resources;
 use crate::state::{ClusterState, ObjectKey};
@@ -65,15 +66,45 @@ impl Default for GatewayConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IngressOutcome {
     /// In the resources; `hash` is Knative's probe hash of this version of the spec.
-    Programmed { hash: String },
+    Programmed {
+        hash: String,
+        /// The Listeners and Clusters it is served through: if Envoy rejects one, the Ingress is not
+        /// served as its spec asks (shared with the plan cache, so an unchanged Ingress costs a pointer).
+        uses: Arc<Uses>,
+        /// It keeps hosts that newer Ingresses claim too: names each host and the Ingress that does
+        /// not get it.
+        contested: Option<String>,
+    },
     /// Left out of the resources (the rest are unaffected), for `reason` (a CamelCase word) and `message`.
     Rejected { reason: String, message: String },
 }
 
+/// The gateway resources one Ingress is served through, as `(type URL, name)`, sorted. Listeners are
+/// those its readiness is probed on: `external` for ExternalIP rules, `internal` for ClusterLocal ones,
+/// `external-tls` when it has `spec.tls`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Uses(pub Vec<(&'static str, String)>);
+
 impl IngressOutcome {
     pub fn hash(&self) -> Option<&str> {
         match self {
-            IngressOutcome::Programmed { hash } => Some(hash),
+            IngressOutcome::Programmed { hash, .. } => Some(hash),
+            IngressOutcome::Rejected { .. } => None,
+        }
+    }
+
+    /// The Listeners and Clusters a programmed Ingress is served through.
+    pub fn uses(&self) -> &[(&'static str, String)] {
+        match self {
+            IngressOutcome::Programmed { uses, .. } => &uses.0,
+            IngressOutcome::Rejected { .. } => &[],
+        }
+    }
+
+    /// For a programmed Ingress that keeps hosts newer ones claim too: which, and who else claims them.
+    pub fn contested(&self) -> Option<&str> {
+        match self {
+            IngressOutcome::Programmed { contested, .. } => contested.as_deref(),
             IngressOutcome::Rejected { .. } => None,
         }
     }

@@ -13,7 +13,8 @@ use sluice_api::ingress::{
     HTTP_OPTION_REDIRECTED, HttpIngressPath, IntOrString, VISIBILITY_CLUSTER_LOCAL, insert_probe,
 };
 
-use super::IngressOutcome;
+use super::{EXTERNAL_LISTENER, INTERNAL_LISTENER, IngressOutcome, TLS_LISTENER, Uses};
+use crate::resources::{CLUSTER_TYPE_URL, LISTENER_TYPE_URL};
 use crate::state::{ClusterState, InstanceSidecar, ObjectKey};
 use crate::status::REASON_DOMAIN_CONFLICT;
 
@@ -109,6 +110,7 @@ struct IngressPlan {
     vhosts: Vec<Arc<VirtualHostPlan>>,
     clusters: Vec<Arc<ClusterPlan>>,
     tls_chains: Vec<TlsChainPlan>,
+    uses: Arc<Uses>,
 }
 
 /// Each Ingress's plan from the last translation with what it was made from, so the next translation
@@ -291,6 +293,8 @@ pub fn plan_cached(state: &ClusterState, cache: &mut PlanCache, first_seen: &Fir
         .collect();
     // Borrowed from the plans: this runs over every Ingress on every change.
     let mut claimed: FastMap<&str, &ObjectKey> = FastMap::default();
+    // The hosts each owner keeps against a newer claimant, and who that is: the owner says so too.
+    let mut kept: FastMap<&ObjectKey, Vec<(&str, &ObjectKey)>> = FastMap::default();
     // Collected, then sorted once (mostly already in order): inserting thousands of entries one by
     // one into maps would compare their names again and again.
     let mut outcomes = Vec::with_capacity(planned.len());
@@ -316,8 +320,13 @@ pub fn plan_cached(state: &ClusterState, cache: &mut PlanCache, first_seen: &Fir
                     out.tls_chains.extend(p.tls_chains.iter().cloned());
                     IngressOutcome::Programmed {
                         hash: p.hash.clone(),
+                        uses: p.uses.clone(),
+                        contested: None,
                     }
                 } else {
+                    for (host, owner) in &contested {
+                        kept.entry(*owner).or_default().push((*host, *key));
+                    }
                     let withheld: BTreeSet<&str> = contested.iter().map(|(h, _)| *h).collect();
                     out.vhosts
                         .extend(p.vhosts.iter().filter_map(|v| without_hosts(v, &withheld)));
@@ -346,6 +355,15 @@ pub fn plan_cached(state: &ClusterState, cache: &mut PlanCache, first_seen: &Fir
         };
         outcomes.push(((*key).clone(), outcome));
     }
+    if !kept.is_empty() {
+        for (key, outcome) in &mut outcomes {
+            if let (Some(hosts), IngressOutcome::Programmed { contested, .. }) =
+                (kept.get(&*key), outcome)
+            {
+                *contested = Some(kept_message(hosts));
+            }
+        }
+    }
     out.outcomes = outcomes.into_iter().collect();
     // Ingresses may share a cluster (the same Service port): the last one planned wins, as a map
     // insert would have it.
@@ -368,6 +386,27 @@ pub fn plan_cached(state: &ClusterState, cache: &mut PlanCache, first_seen: &Fir
     dedupe_server_names(&mut out.tls_chains);
     out.sidecars = state.sidecars.values().cloned().collect();
     out
+}
+
+/// What the owner of contested hosts says: each host and the newer Ingresses that do not get it.
+fn kept_message(hosts: &[(&str, &ObjectKey)]) -> String {
+    let mut by_host: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (host, (ns, name)) in hosts {
+        by_host
+            .entry(host)
+            .or_default()
+            .push(format!("{ns}/{name}"));
+    }
+    let each: Vec<String> = by_host
+        .into_iter()
+        .map(|(host, losers)| {
+            format!(
+                "host {host} is also claimed by Ingress {}, which does not get it",
+                losers.join(", ")
+            )
+        })
+        .collect();
+    each.join("; ")
 }
 
 /// `vhost` without the `withheld` host keys; None when none of its hosts is left.
@@ -499,13 +538,41 @@ fn plan_ingress(
     }
 
     let claims: BTreeSet<String> = vhosts.iter().flat_map(|v| host_claims(&v.hosts)).collect();
+    let uses = uses(&vhosts, &clusters, !tls_chains.is_empty());
     Ok(IngressPlan {
         hash,
         claims: claims.into_iter().collect(),
         vhosts,
         clusters: clusters.into_values().map(Arc::new).collect(),
         tls_chains,
+        uses: Arc::new(uses),
     })
+}
+
+/// The Listeners (those the Ingress is probed on) and Clusters an Ingress is served through.
+fn uses(
+    vhosts: &[Arc<VirtualHostPlan>],
+    clusters: &BTreeMap<String, ClusterPlan>,
+    tls: bool,
+) -> Uses {
+    let mut listeners = BTreeSet::new();
+    for v in vhosts {
+        listeners.insert(if v.cluster_local {
+            INTERNAL_LISTENER
+        } else {
+            EXTERNAL_LISTENER
+        });
+    }
+    if tls {
+        listeners.insert(TLS_LISTENER);
+    }
+    let mut out: Vec<(&'static str, String)> = listeners
+        .into_iter()
+        .map(|l| (LISTENER_TYPE_URL, l.to_string()))
+        .chain(clusters.keys().map(|c| (CLUSTER_TYPE_URL, c.clone())))
+        .collect();
+    out.sort();
+    Uses(out)
 }
 
 fn plan_route(

@@ -211,9 +211,19 @@ fn basic_ingress_becomes_listeners_vhost_route_cluster_and_endpoints() {
     let t = translate(&state(std::slice::from_ref(&i), &["hello"]), &gateway());
 
     let hash = compute_hash(&i);
+    let outcome = &t.ingresses[&("ns".to_string(), "hello".to_string())];
+    assert_eq!(outcome.hash(), Some(hash.as_str()));
+    assert_eq!(outcome.contested(), None);
     assert_eq!(
-        t.ingresses[&("ns".to_string(), "hello".to_string())],
-        IngressOutcome::Programmed { hash: hash.clone() }
+        outcome.uses(),
+        [
+            (
+                crate::resources::CLUSTER_TYPE_URL,
+                "ns/hello:80".to_string()
+            ),
+            (crate::resources::LISTENER_TYPE_URL, "external".to_string()),
+        ],
+        "served through the external listener and its Service's cluster"
     );
     let names: Vec<&str> = t
         .resources
@@ -525,6 +535,38 @@ fn host_conflicts_reject_the_newer_ingress_only() {
     let v = vhost(rc, "dup.example.com").unwrap();
     assert!(v.name.starts_with("ns/old/"));
     assert_eq!(rc.virtual_hosts.len(), 2);
+    // The owner keeps the host and says who else claims it.
+    assert_eq!(
+        t.ingresses[&("ns".into(), "old".into())].contested(),
+        Some("host dup.example.com is also claimed by Ingress ns/aaa-new, which does not get it")
+    );
+    assert_eq!(
+        t.ingresses[&("ns".into(), "other".into())].contested(),
+        None
+    );
+}
+
+#[test]
+fn uses_name_the_probed_listeners_and_the_clusters() {
+    let both = ing(
+        "both",
+        "  rules:\n  - hosts: [both.example.com]\n    visibility: ExternalIP\n    http:\n      paths:\n      - splits:\n        - {serviceNamespace: ns, serviceName: a, servicePort: 80, percent: 50}\n        - {serviceNamespace: ns, serviceName: b, servicePort: 80, percent: 50}\n  - hosts: [both.ns.svc.cluster.local]\n    visibility: ClusterLocal\n    http:\n      paths:\n      - splits:\n        - {serviceNamespace: ns, serviceName: a, servicePort: 80}\n",
+    );
+    let t = translate(&state(&[both], &["a", "b"]), &gateway());
+    let uses: Vec<(&str, &str)> = t.ingresses[&("ns".into(), "both".into())]
+        .uses()
+        .iter()
+        .map(|(t, n)| (t.rsplit('.').next().unwrap(), n.as_str()))
+        .collect();
+    assert_eq!(
+        uses,
+        [
+            ("Cluster", "ns/a:80"),
+            ("Cluster", "ns/b:80"),
+            ("Listener", "external"),
+            ("Listener", "internal"),
+        ]
+    );
 }
 
 #[test]
