@@ -150,7 +150,8 @@ pub struct EnvoyScraper {
 
 impl EnvoyScraper {
     /// `url` is the full stats URL, e.g. `http://127.0.0.1:9901/stats/prometheus`. Only the queue-proxy
-    /// stats are needed, so callers may add `?filter=^sluice_qp__` to keep the page small.
+    /// stats are needed, so callers may add `?filter=^wasmcustom.sluice_qp__` to keep the page small (Envoy matches
+    /// the filter against the stat's own name, which carries the `wasmcustom.` prefix the page drops).
     pub fn new(url: http::Uri, timeout: Duration) -> Self {
         EnvoyScraper {
             client: Client::builder(TokioExecutor::new()).build_http(),

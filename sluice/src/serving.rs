@@ -245,7 +245,7 @@ impl ServingPlane {
             );
         }
         let stats_url: http::Uri = format!(
-            "http://{}/stats/prometheus?usedonly&filter=^sluice_qp__",
+            "http://{}/stats/prometheus?usedonly&filter=^wasmcustom.sluice_qp__",
             options.envoy_admin
         )
         .parse()?;
