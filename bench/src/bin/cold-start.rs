@@ -174,6 +174,9 @@ async fn main() -> Result<()> {
     let log = std::fs::File::create(root.path().join("sluice.log"))?;
     let child = Command::new(&sluice)
         .arg("up")
+        // Its revisions run from their `command` as local processes (the container runtime has its
+        // own benchmark, cold_start_container).
+        .args(["--runtime", "process"])
         .arg(&dir)
         .args(["--external-port", &external.to_string()])
         .args(["--internal-port", &free_port().to_string()])

@@ -218,6 +218,9 @@ async fn main() -> Result<()> {
     let started = Instant::now();
     let child = std::process::Command::new(&args.sluice)
         .arg("up")
+        // Its revisions run from their `command` as local processes (the container runtime has its
+        // own benchmark, cold_start_container).
+        .args(["--runtime", "process"])
         .arg(dir.path())
         .args(["--external-port", &ports[0].to_string()])
         .args(["--internal-port", &ports[1].to_string()])
