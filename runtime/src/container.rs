@@ -1,25 +1,181 @@
 //! The container runtime: revision instances as containers on a Docker-compatible engine (Docker,
-//! Podman's compatible socket), through the engine's HTTP API.
+//! Podman's compatible socket), through the engine's HTTP API (bollard). The lifecycle is the shared
+//! core's (`core.rs`); this file is the container backend: resolve images, create/start/inspect,
+//! follow logs, wait, signal, remove. What to ask the engine for is decided in `engine.rs` (pure).
+//!
+//! An instance is its serving container plus its sidecars, which join the serving container's network
+//! namespace (`NetworkMode: container:<id>`), so they reach each other on localhost as in a pod. The
+//! serving container sits on a user bridge network of this runtime; the machine reaches it at its IP
+//! on that network, and nothing is published on the host's interfaces.
 
-use tokio::sync::watch;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
+use bollard::Docker;
+use bollard::container::LogOutput;
+use bollard::errors::Error as EngineError;
+use bollard::exec::{StartExecOptions, StartExecResults};
+use bollard::models::{ContainerCreateBody, ExecConfig, NetworkCreateRequest};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, KillContainerOptions,
+    ListContainersOptions, ListNetworksOptions, LogsOptions, RemoveContainerOptions,
+    StartContainerOptions, WaitContainerOptions,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
+
+use crate::core::{
+    Backend, BackendInstance, Core, Exit, Kill, Launch, ResolveFuture, Resolved, StartContext,
+    StartFailure, Started, canonical_owner,
+};
+use crate::engine::{self, ContainerPlan, ResolveStep};
+use crate::logs::{append, format_line};
+use crate::probe::ExecProbe;
 use crate::{
-    InstanceRuntime, LaunchSpec, RevisionKey, RuntimeError, RuntimeKind, RuntimeOptions,
-    RuntimeSnapshot,
+    ImageSpec, InstanceRuntime, LaunchSpec, LogQuery, PullPolicy, RevisionFailure, RevisionKey,
+    RuntimeError, RuntimeKind, RuntimeOptions, RuntimeSnapshot,
 };
 
+/// How long `connect` waits for the engine to answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Container-runtime knobs beyond [`RuntimeOptions`].
+#[derive(Debug, Clone, Default)]
+pub struct ContainerOptions {
+    /// Added to every container and network the runtime creates (tests mark theirs).
+    pub extra_labels: Vec<(String, String)>,
+    /// The engine's address (`unix:///path`, `tcp://host:port`); `None`: `DOCKER_HOST`, else the
+    /// default socket.
+    pub engine: Option<String>,
+}
+
 /// Runs revision instances as containers.
+///
+/// Dropping it removes every container it started (a blocking best effort on a thread of its own,
+/// since Drop cannot await); `sluice up` should still call [`ContainerRuntime::shutdown`] (graceful)
+/// or [`ContainerRuntime::kill_now`]. A run that died by kill -9 leaves containers labelled with its
+/// owner: [`reap_leftover_containers`] removes them.
 pub struct ContainerRuntime {
-    snapshot: watch::Sender<RuntimeSnapshot>,
+    core: Arc<Core<ContainerBackend>>,
 }
 
 impl ContainerRuntime {
     /// Connects to the engine named by `DOCKER_HOST`, else the default socket; an error when no
     /// engine answers (the caller then falls back to processes, or reports why images cannot run).
-    pub async fn connect(_options: RuntimeOptions) -> Result<ContainerRuntime, RuntimeError> {
-        Err(RuntimeError::Engine {
-            message: "the container runtime is not built yet".to_string(),
+    pub async fn connect(options: RuntimeOptions) -> Result<ContainerRuntime, RuntimeError> {
+        Self::connect_with(options, ContainerOptions::default()).await
+    }
+
+    /// [`ContainerRuntime::connect`] with container-specific options.
+    pub async fn connect_with(
+        options: RuntimeOptions,
+        container: ContainerOptions,
+    ) -> Result<ContainerRuntime, RuntimeError> {
+        let docker = engine_client(container.engine.as_deref()).await?;
+        let owner = canonical_owner(&options.state_dir)?;
+        let network = engine::network_name(&owner);
+        ensure_network(&docker, &network, &owner, &container.extra_labels).await?;
+        let backend = ContainerBackend {
+            docker,
+            network,
+            owner: owner.clone(),
+            extra_labels: container.extra_labels,
+            empty_dirs: options.state_dir.join("emptydir"),
+            live: Default::default(),
+            engine: container.engine,
+        };
+        Ok(ContainerRuntime {
+            core: Arc::new(Core::new(options, backend)?),
         })
+    }
+
+    /// Registers a revision; its images are resolved in the background (see the crate README).
+    pub fn set_revision(&self, key: RevisionKey, spec: LaunchSpec) -> Result<(), RuntimeError> {
+        self.core.set_revision(key, spec)
+    }
+
+    pub fn scale(&self, key: &RevisionKey, desired: u32) -> Result<(), RuntimeError> {
+        self.core.scale(key, desired)
+    }
+
+    pub fn remove_revision(&self, key: &RevisionKey) -> Result<(), RuntimeError> {
+        self.core.remove_revision(key)
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<RuntimeSnapshot> {
+        self.core.subscribe()
+    }
+
+    pub fn snapshot(&self) -> RuntimeSnapshot {
+        self.core.snapshot()
+    }
+
+    pub fn logs(&self, query: &LogQuery) -> Result<Vec<String>, RuntimeError> {
+        crate::read_logs(&self.core.options.state_dir, query)
+    }
+
+    pub fn follow_logs(&self, query: LogQuery) -> crate::LogFollower {
+        crate::LogFollower::new(&self.core.options.state_dir, query)
+    }
+
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.core.options.state_dir
+    }
+
+    /// The owner label value (the canonical state dir) of everything this runtime creates.
+    pub fn owner(&self) -> &str {
+        &self.core.owner
+    }
+
+    /// The bridge network the instances run on.
+    pub fn network(&self) -> &str {
+        &self.core.backend.network
+    }
+
+    /// Stops every instance (SIGTERM, SIGKILL after the grace period), removes the containers, then
+    /// the network.
+    pub async fn shutdown(&self) {
+        self.core.shutdown().await;
+        let backend = &self.core.backend;
+        if let Err(e) = backend.docker.remove_network(&backend.network).await {
+            tracing::debug!(network = %backend.network, error = %e, "cannot remove the network");
+        }
+    }
+
+    /// SIGKILLs every container now; a pending [`ContainerRuntime::shutdown`] then returns soon.
+    pub fn kill_now(&self) {
+        self.core.kill_now()
+    }
+}
+
+impl Drop for ContainerRuntime {
+    fn drop(&mut self) {
+        self.core.kill_all_on_drop();
+        let backend = &self.core.backend;
+        let live: Vec<String> = lock(&backend.live).iter().cloned().collect();
+        let network = backend.network.clone();
+        let engine = backend.engine.clone();
+        // Drop cannot await, and the caller's runtime may be going away: remove the containers from
+        // a thread with a runtime of its own, and wait for it (bounded by the engine's answers).
+        let done = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let Ok(docker) = engine_client(engine.as_deref()).await else {
+                    return;
+                };
+                remove_all(&docker, live).await;
+                let _ = docker.remove_network(&network).await;
+            });
+        });
+        let _ = done.join();
     }
 }
 
@@ -27,27 +183,966 @@ impl InstanceRuntime for ContainerRuntime {
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Container
     }
-    fn set_revision(&self, _key: RevisionKey, _spec: LaunchSpec) -> Result<(), RuntimeError> {
-        Err(RuntimeError::Engine {
-            message: "the container runtime is not built yet".to_string(),
-        })
+    fn set_revision(&self, key: RevisionKey, spec: LaunchSpec) -> Result<(), RuntimeError> {
+        ContainerRuntime::set_revision(self, key, spec)
     }
-    fn scale(&self, _key: &RevisionKey, _desired: u32) -> Result<(), RuntimeError> {
-        Err(RuntimeError::Engine {
-            message: "the container runtime is not built yet".to_string(),
-        })
+    fn scale(&self, key: &RevisionKey, desired: u32) -> Result<(), RuntimeError> {
+        ContainerRuntime::scale(self, key, desired)
     }
-    fn remove_revision(&self, _key: &RevisionKey) -> Result<(), RuntimeError> {
-        Ok(())
+    fn remove_revision(&self, key: &RevisionKey) -> Result<(), RuntimeError> {
+        ContainerRuntime::remove_revision(self, key)
     }
     fn subscribe(&self) -> watch::Receiver<RuntimeSnapshot> {
-        self.snapshot.subscribe()
+        ContainerRuntime::subscribe(self)
     }
     fn snapshot(&self) -> RuntimeSnapshot {
-        self.snapshot.borrow().clone()
+        ContainerRuntime::snapshot(self)
     }
     fn shutdown(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
-        Box::pin(async {})
+        Box::pin(ContainerRuntime::shutdown(self))
     }
-    fn kill_now(&self) {}
+    fn kill_now(&self) {
+        ContainerRuntime::kill_now(self)
+    }
+}
+
+/// Removes every container and network labelled with `owner` (the canonical state dir): what a run
+/// killed with kill -9 left. Call it with the state dir locked (see [`crate::StateLock`]), beside
+/// [`crate::leftovers::reap_leftovers`]. Returns how many containers it removed.
+pub async fn reap_leftover_containers(owner: &str) -> Result<usize, RuntimeError> {
+    reap_leftover_containers_at(None, owner).await
+}
+
+/// [`reap_leftover_containers`] on the engine at `engine` (see [`ContainerOptions::engine`]).
+pub async fn reap_leftover_containers_at(
+    engine: Option<&str>,
+    owner: &str,
+) -> Result<usize, RuntimeError> {
+    let docker = engine_client(engine).await?;
+    let filter = |key: &str| {
+        Some(
+            [(
+                key.to_string(),
+                vec![format!("{}={owner}", engine::LABEL_OWNER)],
+            )]
+            .into_iter()
+            .collect(),
+        )
+    };
+    let containers = docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: filter("label"),
+            ..Default::default()
+        }))
+        .await
+        .map_err(engine_error)?;
+    let ids: Vec<String> = containers.into_iter().filter_map(|c| c.id).collect();
+    let count = ids.len();
+    remove_all(&docker, ids).await;
+    let networks = docker
+        .list_networks(Some(ListNetworksOptions {
+            filters: filter("label"),
+        }))
+        .await
+        .map_err(engine_error)?;
+    for net in networks {
+        if let Some(name) = net.name
+            && let Err(e) = docker.remove_network(&name).await
+        {
+            tracing::warn!(network = %name, error = %e, "cannot remove a leftover network");
+        }
+    }
+    Ok(count)
+}
+
+/// The engine client: `DOCKER_HOST` or the default socket, API version negotiated down to the
+/// engine's (Docker 20.10 speaks 1.41; Podman's compatible socket the same way).
+async fn engine_client(engine: Option<&str>) -> Result<Docker, RuntimeError> {
+    // bollard's default request timeout (seconds); streams (logs, wait) are not bound by it.
+    const TIMEOUT: u64 = 120;
+    let docker = match engine {
+        None => Docker::connect_with_defaults(),
+        Some(unix) if unix.starts_with("unix://") || unix.starts_with('/') => {
+            Docker::connect_with_unix(unix, TIMEOUT, bollard::API_DEFAULT_VERSION)
+        }
+        Some(http) => Docker::connect_with_http(http, TIMEOUT, bollard::API_DEFAULT_VERSION),
+    }
+    .map_err(engine_error)?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, docker.negotiate_version()).await {
+        Ok(Ok(docker)) => Ok(docker),
+        Ok(Err(e)) => Err(engine_error(e)),
+        Err(_) => Err(RuntimeError::Engine {
+            message: format!("no answer from the engine within {CONNECT_TIMEOUT:?}"),
+        }),
+    }
+}
+
+fn engine_error(e: EngineError) -> RuntimeError {
+    RuntimeError::Engine {
+        message: engine_words(&e),
+    }
+}
+
+/// What the engine said, or why it could not be reached.
+fn engine_words(e: &EngineError) -> String {
+    match e {
+        EngineError::DockerResponseServerError { message, .. } => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Whether the engine answered (as opposed to: could not be reached).
+fn engine_answered(e: &EngineError) -> bool {
+    matches!(
+        e,
+        EngineError::DockerResponseServerError { .. }
+            | EngineError::DockerContainerWaitError { .. }
+            | EngineError::JsonDataError { .. }
+    )
+}
+
+fn unavailable(e: &EngineError) -> RevisionFailure {
+    RevisionFailure {
+        reason: engine::REASON_ENGINE_UNAVAILABLE.to_string(),
+        message: format!("the container engine does not answer: {}", engine_words(e)),
+    }
+}
+
+async fn ensure_network(
+    docker: &Docker,
+    name: &str,
+    owner: &str,
+    extra: &[(String, String)],
+) -> Result<(), RuntimeError> {
+    match docker
+        .inspect_network(
+            name,
+            None::<bollard::query_parameters::InspectNetworkOptions>,
+        )
+        .await
+    {
+        Ok(_) => return Ok(()),
+        Err(EngineError::DockerResponseServerError {
+            status_code: 404, ..
+        }) => {}
+        Err(e) => return Err(engine_error(e)),
+    }
+    let mut labels: std::collections::HashMap<String, String> = extra.iter().cloned().collect();
+    labels.insert(engine::LABEL_OWNER.to_string(), owner.to_string());
+    let created = docker
+        .create_network(NetworkCreateRequest {
+            name: name.to_string(),
+            driver: Some("bridge".to_string()),
+            labels: Some(labels),
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(_) => Ok(()),
+        // Created meanwhile (a concurrent connect on the same owner).
+        Err(EngineError::DockerResponseServerError {
+            status_code: 409, ..
+        }) => Ok(()),
+        Err(e) => Err(engine_error(e)),
+    }
+}
+
+/// Force-removes a container (killing it if it runs) and its anonymous volumes; a container already
+/// gone is fine.
+async fn remove_container(docker: &Docker, id: &str) -> Result<(), EngineError> {
+    match docker
+        .remove_container(
+            id,
+            Some(RemoveContainerOptions {
+                force: true,
+                v: true,
+                ..Default::default()
+            }),
+        )
+        .await
+    {
+        Err(EngineError::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(()),
+        other => other,
+    }
+}
+
+/// Force-removes containers concurrently and waits for all.
+async fn remove_all(docker: &Docker, ids: impl IntoIterator<Item = String>) {
+    let mut set = tokio::task::JoinSet::new();
+    for id in ids {
+        let docker = docker.clone();
+        set.spawn(async move {
+            if let Err(e) = remove_container(&docker, &id).await {
+                tracing::warn!(container = %short(&id), error = %e, "cannot remove container");
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) struct ContainerBackend {
+    docker: Docker,
+    network: String,
+    owner: String,
+    extra_labels: Vec<(String, String)>,
+    /// `<state_dir>/emptydir/<instance>/<volume>`: emptyDir volumes, shared by an instance's containers.
+    empty_dirs: PathBuf,
+    /// Containers created and not removed yet: what Drop removes.
+    live: Arc<Mutex<BTreeSet<String>>>,
+    engine: Option<String>,
+}
+
+/// Resolves one image under its pull policy; returns its ID and its configured user.
+async fn resolve_image(
+    docker: &Docker,
+    image: &ImageSpec,
+    need_user: bool,
+) -> Result<(String, Option<String>), RevisionFailure> {
+    if let Some(pinned) = &image.pinned
+        && !need_user
+    {
+        return Ok((pinned.clone(), None));
+    }
+    let reference = image.pinned.as_deref().unwrap_or(&image.reference);
+    let missing = |words: String| RevisionFailure {
+        reason: engine::REASON_CONTAINER_MISSING.to_string(),
+        message: engine::image_missing_message(&image.reference, &words),
+    };
+    let step = if image.pinned.is_some() {
+        ResolveStep::InspectOnly
+    } else {
+        engine::resolve_step(image.pull_policy)
+    };
+    let inspect = || inspect_image(docker, reference);
+    match step {
+        ResolveStep::InspectOnly => match inspect().await? {
+            Some(found) => Ok(found),
+            None => Err(missing(if image.pull_policy == PullPolicy::Never {
+                format!(
+                    "the image is not present locally and imagePullPolicy is Never (engine: No such image: {reference})"
+                )
+            } else {
+                format!("No such image: {reference}")
+            })),
+        },
+        ResolveStep::InspectThenPull => {
+            if let Some(found) = inspect().await? {
+                return Ok(found);
+            }
+            pull(docker, reference).await.map_err(&missing)?;
+            inspect()
+                .await?
+                .ok_or_else(|| missing(format!("No such image after pull: {reference}")))
+        }
+        ResolveStep::PullThenInspect => {
+            let pulled = pull(docker, reference).await;
+            match (inspect().await?, pulled) {
+                (Some(found), Ok(())) => Ok(found),
+                (Some(found), Err(words)) => {
+                    // No registry on a development machine is normal: run the local image.
+                    tracing::warn!(image = %reference, error = %words, "imagePullPolicy Always: the pull failed, using the local image");
+                    Ok(found)
+                }
+                (None, Err(words)) => Err(missing(words)),
+                (None, Ok(())) => Err(missing(format!("No such image after pull: {reference}"))),
+            }
+        }
+    }
+}
+
+/// `Ok(None)` when the engine has no such image.
+async fn inspect_image(
+    docker: &Docker,
+    reference: &str,
+) -> Result<Option<(String, Option<String>)>, RevisionFailure> {
+    match docker.inspect_image(reference).await {
+        Ok(info) => Ok(Some((
+            info.id.unwrap_or_default(),
+            info.config.and_then(|c| c.user),
+        ))),
+        Err(EngineError::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(None),
+        Err(e) if engine_answered(&e) => Err(RevisionFailure {
+            reason: engine::REASON_CONTAINER_MISSING.to_string(),
+            message: engine::image_missing_message(reference, &engine_words(&e)),
+        }),
+        Err(e) => Err(unavailable(&e)),
+    }
+}
+
+/// Pulls `reference`; `Err` holds the engine's words.
+async fn pull(docker: &Docker, reference: &str) -> Result<(), String> {
+    let mut stream = docker.create_image(
+        Some(CreateImageOptions {
+            from_image: Some(reference.to_string()),
+            ..Default::default()
+        }),
+        None,
+        None,
+    );
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(info) => {
+                if let Some(err) = info.error_detail.and_then(|d| d.message) {
+                    return Err(err);
+                }
+            }
+            Err(e) => return Err(engine_words(&e)),
+        }
+    }
+    Ok(())
+}
+
+impl Backend for ContainerBackend {
+    type Instance = ContainerInstance;
+    type Exec = EngineExec;
+    type Killer = ContainerKiller;
+
+    fn check(&self, key: &RevisionKey, spec: &LaunchSpec) -> Result<(), RuntimeError> {
+        let fail = |reason: String| RuntimeError::InvalidSpec {
+            revision: key.to_string(),
+            reason,
+        };
+        if spec.image.is_none() {
+            return Err(fail(
+                "the container runtime needs the container's `image` (a revision with only a \
+                 `command` runs on the process runtime)"
+                    .into(),
+            ));
+        }
+        for sidecar in &spec.sidecars {
+            if sidecar.image.reference.is_empty() {
+                return Err(fail(format!(
+                    "container {:?}: image is empty",
+                    sidecar.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn resolve(&self, spec: &Arc<LaunchSpec>) -> Option<ResolveFuture> {
+        let docker = self.docker.clone();
+        let spec = Arc::clone(spec);
+        Some(Box::pin(async move {
+            let mut checks = vec![spec.security];
+            checks.extend(spec.sidecars.iter().map(|s| s.security));
+            let mut images = Vec::new();
+            for (image, security) in engine::images_of(&spec).into_iter().zip(checks) {
+                let need_user = security.run_as_non_root && security.run_as_user.is_none();
+                let (id, user) = resolve_image(&docker, image, need_user).await?;
+                engine::verify_run_as_non_root(&security, user.as_deref()).map_err(|message| {
+                    RevisionFailure {
+                        reason: engine::REASON_CONFIG_ERROR.to_string(),
+                        message,
+                    }
+                })?;
+                images.push(id);
+            }
+            Ok(Resolved {
+                digest: images.first().cloned(),
+                images,
+            })
+        }))
+    }
+
+    fn launch(&self, ctx: &StartContext) -> Result<Launch<Self>, RuntimeError> {
+        let spec = Arc::clone(&ctx.spec);
+        let port = spec
+            .container_port
+            .unwrap_or(engine::DEFAULT_CONTAINER_PORT);
+        let empty_dir_root = self.empty_dirs.join(&ctx.name);
+        let needs_dir = spec
+            .mounts
+            .iter()
+            .chain(spec.sidecars.iter().flat_map(|s| s.mounts.iter()))
+            .filter_map(|m| match &m.source {
+                crate::MountSource::EmptyDir {
+                    name,
+                    memory: false,
+                } => Some(name),
+                _ => None,
+            });
+        for name in needs_dir {
+            let dir = empty_dir_root.join(name);
+            std::fs::create_dir_all(&dir).map_err(|source| RuntimeError::StateDir {
+                path: dir.clone(),
+                source,
+            })?;
+            // Whatever user the container runs as may write there, as in a fresh emptyDir.
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777));
+        }
+        let ids: Arc<Mutex<Vec<String>>> = Default::default();
+        let killer = ContainerKiller {
+            docker: self.docker.clone(),
+            ids: Arc::clone(&ids),
+            handle: ctx.handle.clone(),
+        };
+        let job = StartJob {
+            docker: self.docker.clone(),
+            network: self.network.clone(),
+            owner: self.owner.clone(),
+            extra_labels: self.extra_labels.clone(),
+            live: Arc::clone(&self.live),
+            key: ctx.key.clone(),
+            name: ctx.name.clone(),
+            spec,
+            images: ctx.images.clone(),
+            log: Arc::clone(&ctx.log),
+            handle: ctx.handle.clone(),
+            empty_dir_root,
+            port,
+            ids,
+        };
+        Ok(Launch {
+            killer,
+            port,
+            address: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+            pid: None,
+            started: Box::pin(job.run()),
+        })
+    }
+}
+
+/// The asynchronous part of starting one instance.
+struct StartJob {
+    docker: Docker,
+    network: String,
+    owner: String,
+    extra_labels: Vec<(String, String)>,
+    live: Arc<Mutex<BTreeSet<String>>>,
+    key: RevisionKey,
+    name: String,
+    spec: Arc<LaunchSpec>,
+    images: Vec<String>,
+    log: Arc<std::fs::File>,
+    handle: tokio::runtime::Handle,
+    empty_dir_root: PathBuf,
+    port: u16,
+    ids: Arc<Mutex<Vec<String>>>,
+}
+
+impl StartJob {
+    fn event(&self, text: &str) {
+        append(
+            &self.log,
+            &format_line(SystemTime::now(), &self.name, "sluice", text.as_bytes()),
+        );
+    }
+
+    async fn run(self) -> Result<Started<ContainerInstance, EngineExec>, StartFailure> {
+        let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+        match self.start_all(&exits_tx).await {
+            Ok((address, pid, main_id)) => {
+                let ids = lock(&self.ids).clone();
+                Ok(Started {
+                    instance: ContainerInstance {
+                        docker: self.docker.clone(),
+                        ids,
+                        exits: exits_rx,
+                        first_exit: None,
+                        live: Arc::clone(&self.live),
+                        empty_dir_root: self.empty_dir_root.clone(),
+                    },
+                    exec: EngineExec {
+                        docker: self.docker.clone(),
+                        container: main_id.clone(),
+                    },
+                    address,
+                    port: self.port,
+                    pid,
+                    container_id: Some(main_id),
+                    probe_ports: true,
+                })
+            }
+            Err(failure) => {
+                // Do not leave half an instance behind.
+                let ids = lock(&self.ids).clone();
+                for id in ids {
+                    if remove_container(&self.docker, &id).await.is_ok() {
+                        lock(&self.live).remove(&id);
+                    }
+                }
+                let _ = std::fs::remove_dir_all(&self.empty_dir_root);
+                Err(failure)
+            }
+        }
+    }
+
+    fn start_failure(&self, what: &str, e: EngineError) -> StartFailure {
+        let words = engine_words(&e);
+        let failure = if !engine_answered(&e) {
+            Some(unavailable(&e))
+        } else if let EngineError::DockerResponseServerError {
+            status_code: 404, ..
+        } = &e
+            && words.contains("image")
+        {
+            Some(RevisionFailure {
+                reason: engine::REASON_CONTAINER_MISSING.to_string(),
+                message: engine::image_missing_message(
+                    self.spec
+                        .image
+                        .as_ref()
+                        .map_or("", |i| i.reference.as_str()),
+                    &words,
+                ),
+            })
+        } else {
+            Some(RevisionFailure {
+                reason: "CreateContainerError".to_string(),
+                message: words.clone(),
+            })
+        };
+        StartFailure {
+            message: format!("{what}: {words}"),
+            failure,
+        }
+    }
+
+    /// Creates and starts the serving container, then the sidecars in its network namespace.
+    /// Returns the serving container's address, host pid and ID.
+    async fn start_all(
+        &self,
+        exits: &mpsc::UnboundedSender<Exit>,
+    ) -> Result<(SocketAddr, Option<u32>, String), StartFailure> {
+        let spec = &self.spec;
+        let image = self.images.first().cloned().unwrap_or_default();
+        let env = engine::container_env(spec, &spec.env, self.port);
+        let main = ContainerPlan {
+            image: image.clone(),
+            command: spec.command.clone(),
+            args: spec.args.clone(),
+            env,
+            working_dir: spec.working_dir.clone(),
+            labels: self.labels(&spec.container_name),
+            resources: spec.resources,
+            security: spec.security,
+            mounts: spec.mounts.clone(),
+            empty_dir_root: self.empty_dir_root.clone(),
+            network_mode: self.network.clone(),
+        };
+        let main_id = self
+            .create_and_start(&self.name, engine::create_body(&main))
+            .await?;
+        // The IP exists once started; this inspect is the one round trip added to create+start.
+        let info = self
+            .docker
+            .inspect_container(&main_id, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| self.start_failure("inspect container", e))?;
+        let pid = info
+            .state
+            .as_ref()
+            .and_then(|s| s.pid)
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|p| *p > 0);
+        let ip = info
+            .network_settings
+            .and_then(|n| n.networks)
+            .and_then(|mut n| n.remove(&self.network))
+            .and_then(|e| e.ip_address)
+            .and_then(|ip| ip.parse::<IpAddr>().ok())
+            .ok_or_else(|| StartFailure {
+                message: format!(
+                    "container {main_id} has no address on network {}",
+                    self.network
+                ),
+                failure: None,
+            })?;
+        self.follow(&main_id, None, exits);
+        self.event(&format!(
+            "started container {} image {} ({}) at {ip}:{}",
+            short(&main_id),
+            spec.image.as_ref().map_or("", |i| i.reference.as_str()),
+            short_image(&image),
+            self.port
+        ));
+        for (i, sidecar) in spec.sidecars.iter().enumerate() {
+            let image = self.images.get(i + 1).cloned().unwrap_or_default();
+            let plan = ContainerPlan {
+                image: image.clone(),
+                command: sidecar.command.clone(),
+                args: sidecar.args.clone(),
+                env: engine::sidecar_env(spec, &sidecar.env),
+                working_dir: sidecar.working_dir.clone(),
+                labels: self.labels(&sidecar.name),
+                resources: sidecar.resources,
+                security: sidecar.security,
+                mounts: sidecar.mounts.clone(),
+                empty_dir_root: self.empty_dir_root.clone(),
+                network_mode: format!("container:{main_id}"),
+            };
+            let id = self
+                .create_and_start(
+                    &format!("{}-{}", self.name, sidecar.name),
+                    engine::create_body(&plan),
+                )
+                .await?;
+            self.follow(&id, Some(sidecar.name.clone()), exits);
+            self.event(&format!(
+                "started sidecar {} container {} image {}",
+                sidecar.name,
+                short(&id),
+                sidecar.image.reference
+            ));
+        }
+        tracing::info!(revision = %self.key, instance = %self.name, container = %short(&main_id), %ip, "instance started");
+        Ok((SocketAddr::new(ip, self.port), pid, main_id))
+    }
+
+    fn labels(&self, container: &str) -> Vec<(String, String)> {
+        engine::labels(
+            &self.owner,
+            &self.key.namespace,
+            &self.spec,
+            &self.name,
+            container,
+            &self.extra_labels,
+        )
+    }
+
+    async fn create_and_start(
+        &self,
+        name: &str,
+        body: ContainerCreateBody,
+    ) -> Result<String, StartFailure> {
+        let created = self
+            .docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name.to_string()),
+                    ..Default::default()
+                }),
+                body,
+            )
+            .await
+            .map_err(|e| self.start_failure("create container", e))?;
+        let id = created.id;
+        lock(&self.ids).push(id.clone());
+        lock(&self.live).insert(id.clone());
+        self.docker
+            .start_container(&id, None::<StartContainerOptions>)
+            .await
+            .map_err(|e| self.start_failure("start container", e))?;
+        Ok(id)
+    }
+
+    /// Copies the container's output into the instance log and reports its exit.
+    fn follow(&self, id: &str, sidecar: Option<String>, exits: &mpsc::UnboundedSender<Exit>) {
+        self.handle.spawn(copy_logs(
+            self.docker.clone(),
+            id.to_string(),
+            Arc::clone(&self.log),
+            self.name.clone(),
+            sidecar.clone(),
+        ));
+        let docker = self.docker.clone();
+        let id = id.to_string();
+        let exits = exits.clone();
+        self.handle.spawn(async move {
+            let mut exit = wait_exit(&docker, &id).await;
+            if let Some(name) = sidecar {
+                exit.how = format!("sidecar {name}: {}", exit.how);
+            }
+            let _ = exits.send(exit);
+        });
+    }
+}
+
+/// Waits until the container stops; how it ended.
+async fn wait_exit(docker: &Docker, id: &str) -> Exit {
+    let mut stream = docker.wait_container(
+        id,
+        Some(WaitContainerOptions {
+            condition: "not-running".to_string(),
+        }),
+    );
+    let code = match stream.next().await {
+        Some(Ok(r)) => r.status_code,
+        Some(Err(EngineError::DockerContainerWaitError { code, .. })) => code,
+        Some(Err(e)) if engine_answered(&e) => {
+            return Exit {
+                how: format!("container gone: {}", engine_words(&e)),
+                failure: None,
+            };
+        }
+        Some(Err(e)) => {
+            return Exit {
+                how: format!("container engine unreachable: {}", engine_words(&e)),
+                failure: Some(unavailable(&e)),
+            };
+        }
+        None => {
+            return Exit {
+                how: "container engine unreachable: the wait ended without an answer".into(),
+                failure: Some(RevisionFailure {
+                    reason: engine::REASON_ENGINE_UNAVAILABLE.to_string(),
+                    message: "the container engine closed the connection".to_string(),
+                }),
+            };
+        }
+    };
+    let oom = if code != 0 {
+        docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .ok()
+            .and_then(|i| i.state)
+            .and_then(|s| s.oom_killed)
+            .unwrap_or(false)
+    } else {
+        false
+    };
+    Exit {
+        how: engine::describe_exit(code, oom),
+        failure: None,
+    }
+}
+
+/// Follows a container's stdout and stderr into the instance log, line by line.
+async fn copy_logs(
+    docker: Docker,
+    id: String,
+    log: Arc<std::fs::File>,
+    instance: String,
+    sidecar: Option<String>,
+) {
+    let mut stream = docker.logs(
+        &id,
+        Some(LogsOptions {
+            follow: true,
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        }),
+    );
+    let prefix = sidecar.map(|s| format!("[{s}] ")).unwrap_or_default();
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let emit = |stream: &str, line: &[u8]| {
+        let mut text = prefix.as_bytes().to_vec();
+        text.extend_from_slice(line);
+        append(
+            &log,
+            &format_line(SystemTime::now(), &instance, stream, &text),
+        );
+    };
+    while let Some(Ok(chunk)) = stream.next().await {
+        let (buf, name) = match chunk {
+            LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                out.extend_from_slice(&message);
+                (&mut out, "stdout")
+            }
+            LogOutput::StdErr { message } => {
+                err.extend_from_slice(&message);
+                (&mut err, "stderr")
+            }
+            LogOutput::StdIn { .. } => continue,
+        };
+        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            emit(name, &line);
+        }
+        if buf.len() >= 64 * 1024 {
+            let line = std::mem::take(buf);
+            emit(name, &line);
+        }
+    }
+    for (buf, name) in [(out, "stdout"), (err, "stderr")] {
+        if !buf.is_empty() {
+            emit(name, &buf);
+        }
+    }
+}
+
+/// Retries removing `ids` every 2 s for up to 10 minutes.
+async fn remove_when_back(
+    docker: Docker,
+    mut ids: Vec<String>,
+    live: Arc<Mutex<BTreeSet<String>>>,
+) {
+    for _ in 0..300 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut left = Vec::new();
+        for id in ids {
+            match remove_container(&docker, &id).await {
+                Ok(()) => {
+                    lock(&live).remove(&id);
+                }
+                Err(e) if !engine_answered(&e) => left.push(id),
+                Err(e) => {
+                    tracing::warn!(container = %short(&id), error = %e, "cannot remove container")
+                }
+            }
+        }
+        if left.is_empty() {
+            return;
+        }
+        ids = left;
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+fn short_image(id: &str) -> &str {
+    let hex = id.strip_prefix("sha256:").unwrap_or(id);
+    &hex[..hex.len().min(12)]
+}
+
+/// Kills an instance's containers from any thread.
+pub(crate) struct ContainerKiller {
+    docker: Docker,
+    ids: Arc<Mutex<Vec<String>>>,
+    handle: tokio::runtime::Handle,
+}
+
+impl Kill for ContainerKiller {
+    fn kill_now(&self) {
+        let ids = lock(&self.ids).clone();
+        for id in ids {
+            let docker = self.docker.clone();
+            self.handle.spawn(async move {
+                let _ = docker
+                    .kill_container(
+                        &id,
+                        Some(KillContainerOptions {
+                            signal: "SIGKILL".into(),
+                        }),
+                    )
+                    .await;
+            });
+        }
+    }
+}
+
+pub(crate) struct ContainerInstance {
+    docker: Docker,
+    /// The serving container first, then the sidecars.
+    ids: Vec<String>,
+    exits: mpsc::UnboundedReceiver<Exit>,
+    first_exit: Option<Exit>,
+    live: Arc<Mutex<BTreeSet<String>>>,
+    empty_dir_root: PathBuf,
+}
+
+impl ContainerInstance {
+    async fn signal(&self, signal: &str) {
+        for id in &self.ids {
+            if let Err(e) = self
+                .docker
+                .kill_container(
+                    id,
+                    Some(KillContainerOptions {
+                        signal: signal.into(),
+                    }),
+                )
+                .await
+            {
+                tracing::debug!(container = %short(id), signal, error = %e, "cannot signal container");
+            }
+        }
+    }
+}
+
+impl BackendInstance for ContainerInstance {
+    async fn wait(&mut self) -> Exit {
+        if let Some(exit) = &self.first_exit {
+            return exit.clone();
+        }
+        // Any of the instance's containers ending ends the instance (a sidecar exit is a crash).
+        let exit = self.exits.recv().await.unwrap_or(Exit {
+            how: "unknown exit".into(),
+            failure: None,
+        });
+        self.first_exit = Some(exit.clone());
+        exit
+    }
+
+    async fn terminate(&mut self) {
+        self.signal("SIGTERM").await;
+    }
+
+    async fn kill(&mut self) {
+        self.signal("SIGKILL").await;
+    }
+
+    async fn cleanup(self) {
+        let mut unreachable = Vec::new();
+        for id in &self.ids {
+            match remove_container(&self.docker, id).await {
+                Ok(()) => {
+                    lock(&self.live).remove(id);
+                }
+                Err(e) if !engine_answered(&e) => unreachable.push(id.clone()),
+                // Still in `live`: Drop tries again; a later run reaps it by its owner label.
+                Err(e) => {
+                    tracing::warn!(container = %short(id), error = %e, "cannot remove container")
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.empty_dir_root);
+        if !unreachable.is_empty() {
+            // The engine is away: remove them once it answers again, so a recovered run does not
+            // keep the old containers beside their replacements.
+            tokio::spawn(remove_when_back(self.docker, unreachable, self.live));
+        }
+    }
+}
+
+/// Exec probes through the engine's exec API, inside the serving container.
+#[derive(Clone)]
+pub(crate) struct EngineExec {
+    docker: Docker,
+    container: String,
+}
+
+impl ExecProbe for EngineExec {
+    async fn exec(&self, command: &[String]) -> Result<(), String> {
+        let program = command.first().cloned().unwrap_or_default();
+        let created = self
+            .docker
+            .create_exec(
+                &self.container,
+                ExecConfig {
+                    cmd: Some(command.to_vec()),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("exec probe {program}: {}", engine_words(&e)))?;
+        match self
+            .docker
+            .start_exec(&created.id, None::<StartExecOptions>)
+            .await
+            .map_err(|e| format!("exec probe {program}: {}", engine_words(&e)))?
+        {
+            // The output ends when the command does.
+            StartExecResults::Attached { mut output, .. } => while output.next().await.is_some() {},
+            StartExecResults::Detached => {}
+        }
+        let info = self
+            .docker
+            .inspect_exec(&created.id)
+            .await
+            .map_err(|e| format!("exec probe {program}: {}", engine_words(&e)))?;
+        match info.exit_code {
+            Some(0) => Ok(()),
+            Some(code) => Err(format!("exec probe {program}: exit code {code}")),
+            None => Err(format!("exec probe {program}: no exit code")),
+        }
+    }
 }

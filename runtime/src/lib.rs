@@ -21,7 +21,10 @@
 
 mod backoff;
 mod container;
+mod core;
+mod engine;
 mod expand;
+mod health;
 mod instance_runtime;
 pub mod leftovers;
 mod logs;
@@ -42,8 +45,11 @@ use std::time::{Instant, SystemTime};
 pub use sluice_api::autoscaling::RevisionKey;
 
 pub use backoff::{BackoffPolicy, RestartBackoff};
-pub use container::ContainerRuntime;
+pub use container::{
+    ContainerOptions, ContainerRuntime, reap_leftover_containers, reap_leftover_containers_at,
+};
 pub use expand::{expand, expand_env};
+pub use health::{HealthEvent, HealthTracker, ProbeKind};
 pub use instance_runtime::{InstanceRuntime, RuntimeKind};
 pub use logs::{
     LogFollower, LogQuery, LogSelector, SERVICE_FILE, instance_log_path, log_files, read_logs,

@@ -1,5 +1,6 @@
 //! One readiness probe attempt against an instance (the I/O edge of [`crate::readiness`]).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
@@ -22,20 +23,37 @@ pub(crate) async fn probe_once(
     action: &ProbeAction,
     addr: SocketAddr,
     timeout: Duration,
-    env: &[(String, String)],
-    working_dir: Option<&Path>,
+    exec: &impl ExecProbe,
 ) -> Result<(), String> {
-    match tokio::time::timeout(timeout, attempt(action, addr, env, working_dir)).await {
+    match tokio::time::timeout(timeout, attempt(action, addr, exec)).await {
         Ok(result) => result,
         Err(_) => Err(format!("probe timed out after {timeout:?}")),
+    }
+}
+
+/// Runs an exec probe's command where the instance runs (a local process, or inside its container).
+pub(crate) trait ExecProbe: Send + Sync {
+    /// Exit status 0 is success; `Err` says what happened otherwise.
+    fn exec(&self, command: &[String]) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// Exec probes of the process runtime: a local command with the instance's env and working dir.
+#[derive(Debug, Clone)]
+pub(crate) struct LocalExec {
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<std::path::PathBuf>,
+}
+
+impl ExecProbe for LocalExec {
+    async fn exec(&self, command: &[String]) -> Result<(), String> {
+        exec(command, &self.env, self.working_dir.as_deref()).await
     }
 }
 
 async fn attempt(
     action: &ProbeAction,
     addr: SocketAddr,
-    env: &[(String, String)],
-    working_dir: Option<&Path>,
+    exec_probe: &impl ExecProbe,
 ) -> Result<(), String> {
     match action {
         ProbeAction::Tcp => TcpStream::connect(addr)
@@ -43,8 +61,8 @@ async fn attempt(
             .map(drop)
             .map_err(|e| format!("tcp connect {addr}: {e}")),
         ProbeAction::Http { path, headers } => http_get(addr, path, headers).await,
-        ProbeAction::Exec { command } => exec(command, env, working_dir).await,
-        ProbeAction::Grpc { .. } => Err("grpc probes are not supported yet".to_string()),
+        ProbeAction::Exec { command } => exec_probe.exec(command).await,
+        ProbeAction::Grpc { service } => grpc_health(addr, service.as_deref().unwrap_or("")).await,
     }
 }
 
@@ -110,5 +128,136 @@ async fn exec(
         Ok(())
     } else {
         Err(format!("exec probe {program}: {status}"))
+    }
+}
+
+/// gRPC health checking (`grpc.health.v1.Health/Check`) over h2c, as the kubelet's grpc probe: the
+/// response's `status` must be SERVING (1). The two messages are one string field and one enum field,
+/// so they are encoded by hand rather than pulling in generated code.
+async fn grpc_health(addr: SocketAddr, service: &str) -> Result<(), String> {
+    use http_body_util::{BodyExt, Full};
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("grpc connect {addr}: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .map_err(|e| format!("grpc handshake {addr}: {e}"))?;
+    let conn = tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header("te", "trailers")
+        .header(http::header::USER_AGENT, PROBE_USER_AGENT)
+        .body(Full::new(Bytes::from(grpc_health_request(service))))
+        .map_err(|e| format!("grpc request: {e}"))?;
+    let result = async {
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("grpc Health/Check: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("grpc Health/Check: http status {}", resp.status()));
+        }
+        let collected = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("grpc Health/Check body: {e}"))?;
+        let grpc_status = collected
+            .trailers()
+            .and_then(|t| t.get("grpc-status"))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("0")
+            .to_string();
+        if grpc_status != "0" {
+            return Err(format!("grpc Health/Check: grpc-status {grpc_status}"));
+        }
+        match grpc_health_status(&collected.to_bytes()) {
+            Some(1) => Ok(()),
+            Some(s) => Err(format!("grpc Health/Check: status {s}, want SERVING (1)")),
+            None => Err("grpc Health/Check: malformed response".to_string()),
+        }
+    }
+    .await;
+    conn.abort();
+    result
+}
+
+/// A length-prefixed `HealthCheckRequest { service = 1 }`.
+fn grpc_health_request(service: &str) -> Vec<u8> {
+    let mut msg = Vec::new();
+    if !service.is_empty() {
+        msg.push(0x0a);
+        let mut n = service.len();
+        while n >= 0x80 {
+            msg.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        msg.push(n as u8);
+        msg.extend_from_slice(service.as_bytes());
+    }
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    out.extend_from_slice(&msg);
+    out
+}
+
+/// The `status` (field 1, varint) of a length-prefixed `HealthCheckResponse`; 0 (UNKNOWN) when absent.
+fn grpc_health_status(frame: &[u8]) -> Option<u64> {
+    let len = u32::from_be_bytes(frame.get(1..5)?.try_into().ok()?) as usize;
+    let mut msg = frame.get(5..5 + len)?;
+    let mut status = 0;
+    while let Some((&tag, rest)) = msg.split_first() {
+        let (value, rest) = varint(rest)?;
+        match tag & 7 {
+            0 => {
+                if tag >> 3 == 1 {
+                    status = value;
+                }
+                msg = rest;
+            }
+            2 => msg = rest.get(value as usize..)?,
+            _ => return None,
+        }
+    }
+    Some(status)
+}
+
+fn varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let mut value = 0u64;
+    for (i, b) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((value, &bytes[i + 1..]));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_health_messages_encode_and_decode() {
+        assert_eq!(grpc_health_request(""), vec![0, 0, 0, 0, 0]);
+        assert_eq!(
+            grpc_health_request("ab"),
+            vec![0, 0, 0, 0, 4, 0x0a, 2, b'a', b'b']
+        );
+        assert_eq!(grpc_health_status(&[0, 0, 0, 0, 2, 0x08, 1]), Some(1));
+        assert_eq!(grpc_health_status(&[0, 0, 0, 0, 2, 0x08, 2]), Some(2));
+        assert_eq!(grpc_health_status(&[0, 0, 0, 0, 0]), Some(0));
+        assert_eq!(grpc_health_status(&[0, 0, 0]), None);
+    }
+
+    #[tokio::test]
+    async fn grpc_probe_fails_without_a_server() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        assert!(grpc_health(addr, "").await.is_err());
     }
 }

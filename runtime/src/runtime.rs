@@ -1,28 +1,22 @@
-//! The process runtime: the I/O edge that acts on [`plan_scale`], [`ReadinessTracker`] and
-//! [`RestartBackoff`] decisions.
-//!
-//! One Tokio task per instance owns its child process: it probes readiness, notices the process exit,
-//! and on a stop request sends SIGTERM, then SIGKILL after the grace period, to the instance's whole
-//! process group. Shared state sits behind one mutex; every change republishes the snapshot.
+//! The process runtime: revision instances as local child processes. The lifecycle (scale plans,
+//! probes, restarts, stops, logs) is the shared core's (`core.rs`); this file is the process backend:
+//! spawn in its own process group, wait, signal the group.
 
-use std::collections::{BTreeMap, HashSet};
-use std::hash::{BuildHasher, Hasher};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Child;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
-use crate::logs::{append, format_line, open_instance_log};
-use crate::probe::probe_once;
-use crate::{
-    InstanceState, InstanceStatus, LaunchSpec, LogQuery, PlanInstance, ReadinessTracker,
-    RestartBackoff, RevisionKey, RevisionStatus, RuntimeError, RuntimeOptions, RuntimeSnapshot,
-    plan_scale,
+use crate::core::{
+    Backend, BackendInstance, Core, Exit, Kill, Launch, ResolveFuture, StartContext, Started,
 };
+use crate::logs::{append, format_line};
+use crate::probe::LocalExec;
+use crate::{LaunchSpec, LogQuery, RevisionKey, RuntimeError, RuntimeOptions, RuntimeSnapshot};
 
 /// Runs revision instances as local child processes. Create it inside a Tokio runtime; its methods are
 /// synchronous (they start work on that runtime) except [`ProcessRuntime::shutdown`].
@@ -30,76 +24,17 @@ use crate::{
 /// Dropping it SIGKILLs every instance's process group at once, so no process outlives it even when
 /// the caller panics; call [`ProcessRuntime::shutdown`] for a graceful stop.
 pub struct ProcessRuntime {
-    shared: Arc<Shared>,
-}
-
-struct Shared {
-    options: RuntimeOptions,
-    /// The canonical state dir, set as [`crate::leftovers::OWNER_ENV`] on every instance so that a
-    /// later run on the same state dir recognises what this one left.
-    owner: String,
-    handle: tokio::runtime::Handle,
-    inner: Mutex<Inner>,
-    snapshot: watch::Sender<RuntimeSnapshot>,
-    /// Random keys for instance name suffixes.
-    names: std::collections::hash_map::RandomState,
-}
-
-#[derive(Default)]
-struct Inner {
-    revisions: BTreeMap<RevisionKey, Revision>,
-    next_id: u64,
-    shutting_down: bool,
-}
-
-struct Revision {
-    spec: Arc<LaunchSpec>,
-    desired: u32,
-    instances: Vec<Instance>,
-    backoff: RestartBackoff,
-    restarts: u32,
-    last_exit: Option<String>,
-    /// No replacement starts before this (restart backoff).
-    start_not_before: Option<Instant>,
-    retry_armed: bool,
-    removed: bool,
-}
-
-struct Instance {
-    id: u64,
-    status: InstanceStatus,
-    /// The process group to signal (the child is its leader); `None` once the process is reaped.
-    pgid: Option<i32>,
-    stop: Option<oneshot::Sender<()>>,
-    /// Its PORT, back to the pool when the instance is gone.
-    _port: crate::PortLease,
+    core: Arc<Core<ProcessBackend>>,
 }
 
 impl ProcessRuntime {
     /// Creates the runtime; `options.state_dir` is created if missing.
     pub fn new(options: RuntimeOptions) -> Result<Self, RuntimeError> {
-        let handle =
-            tokio::runtime::Handle::try_current().map_err(|_| RuntimeError::NoTokioRuntime)?;
-        std::fs::create_dir_all(&options.state_dir).map_err(|source| RuntimeError::StateDir {
-            path: options.state_dir.clone(),
-            source,
-        })?;
-        let owner = std::fs::canonicalize(&options.state_dir)
-            .map_err(|source| RuntimeError::StateDir {
-                path: options.state_dir.clone(),
-                source,
-            })?
-            .display()
-            .to_string();
+        let backend = ProcessBackend {
+            ports: Arc::clone(&options.ports),
+        };
         Ok(ProcessRuntime {
-            shared: Arc::new(Shared {
-                options,
-                owner,
-                handle,
-                inner: Mutex::new(Inner::default()),
-                snapshot: watch::Sender::new(RuntimeSnapshot::default()),
-                names: Default::default(),
-            }),
+            core: Arc::new(Core::new(options, backend)?),
         })
     }
 
@@ -107,342 +42,163 @@ impl ProcessRuntime {
     /// again with an equal spec is a no-op, with a different spec an error ([`RuntimeError::SpecChanged`]),
     /// unless the revision was removed (its old instances may still be terminating).
     pub fn set_revision(&self, key: RevisionKey, spec: LaunchSpec) -> Result<(), RuntimeError> {
-        spec.validate()?;
-        for (what, name) in [("namespace", &key.namespace), ("revision", &key.name)] {
-            if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\\']) {
-                return Err(RuntimeError::InvalidSpec {
-                    revision: key.to_string(),
-                    reason: format!("{what} name {name:?} cannot name a log folder"),
-                });
-            }
-        }
-        let mut inner = self.shared.lock();
-        if inner.shutting_down {
-            return Err(RuntimeError::ShuttingDown);
-        }
-        match inner.revisions.get_mut(&key) {
-            Some(rev) if rev.removed => {
-                rev.spec = Arc::new(spec);
-                rev.removed = false;
-                rev.desired = 0;
-            }
-            Some(rev) if *rev.spec == spec => {}
-            Some(_) => return Err(RuntimeError::SpecChanged { key }),
-            None => {
-                inner.revisions.insert(
-                    key,
-                    Revision {
-                        spec: Arc::new(spec),
-                        desired: 0,
-                        instances: Vec::new(),
-                        backoff: RestartBackoff::default(),
-                        restarts: 0,
-                        last_exit: None,
-                        start_not_before: None,
-                        retry_armed: false,
-                        removed: false,
-                    },
-                );
-            }
-        }
-        self.shared.publish(&inner);
-        Ok(())
+        self.core.set_revision(key, spec)
     }
 
     /// Starts or stops instances to reach `desired`. Scale-down stops not-ready, then newest instances
     /// first. A spawn failure is returned (the desired count is kept and retried with backoff, as a
     /// crash would be).
     pub fn scale(&self, key: &RevisionKey, desired: u32) -> Result<(), RuntimeError> {
-        let mut inner = self.shared.lock();
-        if inner.shutting_down {
-            return Err(RuntimeError::ShuttingDown);
-        }
-        let rev = inner
-            .revisions
-            .get_mut(key)
-            .filter(|r| !r.removed)
-            .ok_or_else(|| RuntimeError::UnknownRevision { key: key.clone() })?;
-        rev.desired = desired;
-        let result = self.shared.reconcile(&mut inner, key);
-        self.shared.publish(&inner);
-        result
+        self.core.scale(key, desired)
     }
 
     /// Stops all instances of a revision and forgets it once they have exited.
     pub fn remove_revision(&self, key: &RevisionKey) -> Result<(), RuntimeError> {
-        let mut inner = self.shared.lock();
-        let rev = inner
-            .revisions
-            .get_mut(key)
-            .ok_or_else(|| RuntimeError::UnknownRevision { key: key.clone() })?;
-        rev.desired = 0;
-        rev.removed = true;
-        let _ = self.shared.reconcile(&mut inner, key);
-        self.shared.forget_if_gone(&mut inner, key);
-        self.shared.publish(&inner);
-        Ok(())
+        self.core.remove_revision(key)
     }
 
     /// The current snapshot and every change after it.
     pub fn subscribe(&self) -> watch::Receiver<RuntimeSnapshot> {
-        self.shared.snapshot.subscribe()
+        self.core.subscribe()
     }
 
     /// The current snapshot.
     pub fn snapshot(&self) -> RuntimeSnapshot {
-        self.shared.snapshot.borrow().clone()
+        self.core.snapshot()
     }
 
     /// The log lines of the selected instances, merged in time order (see [`crate::read_logs`]).
     pub fn logs(&self, query: &LogQuery) -> Result<Vec<String>, RuntimeError> {
-        crate::read_logs(&self.shared.options.state_dir, query)
+        crate::read_logs(&self.core.options.state_dir, query)
     }
 
     /// Follows the selected logs (see [`crate::LogFollower`]).
     pub fn follow_logs(&self, query: LogQuery) -> crate::LogFollower {
-        crate::LogFollower::new(&self.shared.options.state_dir, query)
+        crate::LogFollower::new(&self.core.options.state_dir, query)
     }
 
     pub fn state_dir(&self) -> &std::path::Path {
-        &self.shared.options.state_dir
+        &self.core.options.state_dir
     }
 
     /// Stops every instance (SIGTERM, then SIGKILL after each revision's grace period) and waits until
     /// all have exited. Later `set_revision`/`scale` calls fail with [`RuntimeError::ShuttingDown`].
     pub async fn shutdown(&self) {
-        let mut rx = self.subscribe();
-        {
-            let mut inner = self.shared.lock();
-            inner.shutting_down = true;
-            let keys: Vec<RevisionKey> = inner.revisions.keys().cloned().collect();
-            for key in keys {
-                if let Some(rev) = inner.revisions.get_mut(&key) {
-                    rev.removed = true;
-                    rev.desired = 0;
-                }
-                let _ = self.shared.reconcile(&mut inner, &key);
-                self.shared.forget_if_gone(&mut inner, &key);
-            }
-            self.shared.publish(&inner);
-        }
-        let _ = rx.wait_for(|s| s.revisions.is_empty()).await;
+        self.core.shutdown().await
     }
 
     /// SIGKILLs every instance's process group now, without a grace period (a second Ctrl-C). Their
     /// tasks reap them as usual, so a pending [`ProcessRuntime::shutdown`] then returns at once.
     pub fn kill_now(&self) {
-        let inner = self.shared.lock();
-        for rev in inner.revisions.values() {
-            for inst in &rev.instances {
-                if let Some(pgid) = inst.pgid {
-                    signal_group(pgid, libc::SIGKILL);
-                }
-            }
-        }
+        self.core.kill_now()
     }
 }
 
 impl Drop for ProcessRuntime {
     fn drop(&mut self) {
-        let mut inner = self.shared.lock();
-        inner.shutting_down = true;
-        for rev in inner.revisions.values_mut() {
-            for inst in &mut rev.instances {
-                if let Some(pgid) = inst.pgid {
-                    signal_group(pgid, libc::SIGKILL);
-                }
-                // The instance task sees the dropped sender as a stop request and reaps the child.
-                inst.stop = None;
-            }
+        self.core.kill_all_on_drop();
+    }
+}
+
+/// Spawns instances as process-group leaders with a leased PORT on 127.0.0.1.
+pub(crate) struct ProcessBackend {
+    ports: Arc<crate::PortPool>,
+}
+
+/// What the core holds while a process instance lives: its group to SIGKILL, and its PORT.
+pub(crate) struct ProcessKiller {
+    pgid: Option<i32>,
+    _port: crate::PortLease,
+}
+
+impl Kill for ProcessKiller {
+    fn kill_now(&self) {
+        if let Some(pgid) = self.pgid {
+            signal_group(pgid, libc::SIGKILL);
         }
     }
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock must not stop Drop from killing the children.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
+pub(crate) struct ProcessInstance {
+    child: Child,
+    pgid: Option<i32>,
+    status: Option<Option<ExitStatus>>,
+}
 
-    fn publish(&self, inner: &Inner) {
-        let revisions = inner
-            .revisions
-            .iter()
-            .map(|(key, rev)| {
-                (
-                    key.clone(),
-                    RevisionStatus {
-                        desired: rev.desired,
-                        instances: rev.instances.iter().map(|i| i.status.clone()).collect(),
-                        restarts: rev.restarts,
-                        last_exit: rev.last_exit.clone(),
-                        removed: rev.removed,
-                        image_digest: None,
-                        failure: None,
-                    },
-                )
-            })
-            .collect();
-        self.snapshot.send_replace(RuntimeSnapshot { revisions });
-    }
-
-    fn forget_if_gone(&self, inner: &mut Inner, key: &RevisionKey) {
-        if inner
-            .revisions
-            .get(key)
-            .is_some_and(|r| r.removed && r.instances.is_empty())
-        {
-            inner.revisions.remove(key);
+impl BackendInstance for ProcessInstance {
+    async fn wait(&mut self) -> Exit {
+        if self.status.is_none() {
+            self.status = Some(self.child.wait().await.ok());
+        }
+        Exit {
+            how: describe(self.status.flatten()),
+            failure: None,
         }
     }
 
-    /// Acts on the scale plan for one revision. Returns the first spawn error.
-    fn reconcile(
-        self: &Arc<Self>,
-        inner: &mut Inner,
-        key: &RevisionKey,
-    ) -> Result<(), RuntimeError> {
-        let shutting_down = inner.shutting_down;
-        let Some(rev) = inner.revisions.get_mut(key) else {
-            return Ok(());
+    async fn terminate(&mut self) {
+        if let Some(pgid) = self.pgid {
+            signal_group(pgid, libc::SIGTERM);
+        }
+    }
+
+    async fn kill(&mut self) {
+        if let Some(pgid) = self.pgid {
+            signal_group(pgid, libc::SIGKILL);
+        }
+        let _ = self.child.start_kill();
+    }
+
+    async fn cleanup(mut self) {
+        // Whatever the leader did, its group goes with it (as a container's processes do).
+        if let Some(pgid) = self.pgid {
+            signal_group(pgid, libc::SIGKILL);
+        }
+        if self.status.is_none() {
+            let _ = self.child.wait().await;
+        }
+    }
+}
+
+impl Backend for ProcessBackend {
+    type Instance = ProcessInstance;
+    type Exec = LocalExec;
+    type Killer = ProcessKiller;
+
+    fn check(&self, key: &RevisionKey, spec: &LaunchSpec) -> Result<(), RuntimeError> {
+        let fail = |reason: &str| RuntimeError::InvalidSpec {
+            revision: key.to_string(),
+            reason: reason.to_string(),
         };
-        let desired = if shutting_down || rev.removed {
-            0
-        } else {
-            rev.desired
-        };
-        let plan_input: Vec<PlanInstance> = rev
-            .instances
-            .iter()
-            .map(|i| PlanInstance {
-                id: i.id,
-                state: i.status.state,
-            })
-            .collect();
-        let plan = plan_scale(&plan_input, desired);
-        for id in &plan.stop {
-            if let Some(inst) = rev.instances.iter_mut().find(|i| i.id == *id) {
-                if inst.status.state != InstanceState::Terminating {
-                    inst.status.kill_at = Some(Instant::now() + rev.spec.grace_period);
-                }
-                inst.status.state = InstanceState::Terminating;
-                if let Some(stop) = inst.stop.take() {
-                    let _ = stop.send(());
-                }
-            }
+        if spec.command.first().is_none_or(|c| c.is_empty()) {
+            return Err(fail(if spec.image.is_some() {
+                "this revision has only an image: start a container engine (Docker, or Podman's \
+                 socket via DOCKER_HOST) or give the container a `command` to run it as a local process"
+            } else {
+                "command is empty: the local runtime needs the container's `command` (program to run)"
+            }));
         }
-        if plan.start == 0 {
-            return Ok(());
-        }
-        let now = Instant::now();
-        if let Some(not_before) = rev.start_not_before.filter(|t| *t > now) {
-            self.arm_retry(rev, key, not_before);
-            return Ok(());
-        }
-        rev.start_not_before = None;
-        for _ in 0..plan.start {
-            inner.next_id += 1;
-            let id = inner.next_id;
-            if let Err(e) = self.start_instance(inner, key, id) {
-                tracing::warn!(revision = %key, error = %e, "cannot start instance");
-                let policy = self.options.backoff;
-                if let Some(rev) = inner.revisions.get_mut(key) {
-                    let delay = rev
-                        .backoff
-                        .on_exit(&policy, Duration::ZERO)
-                        .max(policy.initial);
-                    rev.last_exit = Some(e.to_string());
-                    let not_before = Instant::now() + delay;
-                    rev.start_not_before = Some(not_before);
-                    self.arm_retry(rev, key, not_before);
-                }
-                return Err(e);
-            }
+        if !spec.sidecars.is_empty() {
+            return Err(fail(
+                "this revision has several containers (sidecars): the process runtime runs one \
+                 container per revision; start a container engine (Docker, or Podman's socket via \
+                 DOCKER_HOST)",
+            ));
         }
         Ok(())
     }
 
-    /// Reconciles the revision again at `at` (once the restart backoff has passed).
-    fn arm_retry(self: &Arc<Self>, rev: &mut Revision, key: &RevisionKey, at: Instant) {
-        if rev.retry_armed {
-            return;
-        }
-        rev.retry_armed = true;
-        let shared = Arc::clone(self);
-        let key = key.clone();
-        self.handle.spawn(async move {
-            tokio::time::sleep_until(at.into()).await;
-            let mut inner = shared.lock();
-            if let Some(rev) = inner.revisions.get_mut(&key) {
-                rev.retry_armed = false;
-            }
-            let _ = shared.reconcile(&mut inner, &key);
-            shared.publish(&inner);
-        });
+    fn resolve(&self, _spec: &Arc<LaunchSpec>) -> Option<ResolveFuture> {
+        None
     }
 
-    fn instance_name(&self, revision: &str, id: u64, taken: &HashSet<&str>) -> String {
-        // Kubernetes' pod name suffix alphabet (no vowels, no look-alike digits).
-        const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-        let mut salt = 0u64;
-        loop {
-            let mut h = self.names.build_hasher();
-            h.write_u64(id);
-            h.write_u64(salt);
-            h.write_u128(
-                SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos()),
-            );
-            let mut x = h.finish();
-            let suffix: String = (0..5)
-                .map(|_| {
-                    let c = ALPHABET[(x % ALPHABET.len() as u64) as usize] as char;
-                    x /= ALPHABET.len() as u64;
-                    c
-                })
-                .collect();
-            let name = format!("{revision}-{suffix}");
-            if !taken.contains(name.as_str()) {
-                return name;
-            }
-            salt += 1;
-        }
-    }
-
-    fn start_instance(
-        self: &Arc<Self>,
-        inner: &mut Inner,
-        key: &RevisionKey,
-        id: u64,
-    ) -> Result<(), RuntimeError> {
-        let rev = inner
-            .revisions
-            .get_mut(key)
-            .expect("reconcile checked the revision");
-        let spec = Arc::clone(&rev.spec);
-        let name = {
-            let taken: HashSet<&str> = rev
-                .instances
-                .iter()
-                .map(|i| i.status.name.as_str())
-                .collect();
-            self.instance_name(&key.name, id, &taken)
-        };
-        let lease = self.options.ports.lease().map_err(RuntimeError::Ports)?;
+    fn launch(&self, ctx: &StartContext) -> Result<Launch<Self>, RuntimeError> {
+        let spec = &ctx.spec;
+        let name = &ctx.name;
+        let log = &ctx.log;
+        let lease = self.ports.lease().map_err(RuntimeError::Ports)?;
         let port = lease.port();
-        let (log_path, log) = open_instance_log(
-            &self.options.state_dir,
-            &key.namespace,
-            &key.name,
-            &spec.service,
-            &name,
-        )
-        .map_err(|source| RuntimeError::Logs {
-            path: crate::revision_log_dir(&self.options.state_dir, &key.namespace, &key.name),
-            source,
-        })?;
-        let env = instance_env(&spec, port);
+        let env = instance_env(spec, port);
         let (program, args) = spec.argv();
         // Kubernetes expands $(VAR) in command and args from the container's environment.
         let lookup = |name: &str| {
@@ -460,7 +216,7 @@ impl Shared {
         cmd.args(&args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             // After the spec's env, so an app cannot hide from the next run's reaping by accident.
-            .env(crate::leftovers::OWNER_ENV, &self.owner)
+            .env(crate::leftovers::OWNER_ENV, &ctx.owner)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -471,15 +227,13 @@ impl Shared {
         if let Some(dir) = &spec.working_dir {
             cmd.current_dir(dir);
         }
-        let spawned_at_wall = SystemTime::now();
-        let spawned_at = Instant::now();
         // SIGKILL when sluice dies, even by kill -9: an instance never outlives the runtime's process.
         let mut child = crate::spawn_tied(cmd, libc::SIGKILL).map_err(|source| {
             append(
-                &log,
+                log,
                 &format_line(
                     SystemTime::now(),
-                    &name,
+                    name,
                     "sluice",
                     format!("cannot start {program:?}: {source}").as_bytes(),
                 ),
@@ -493,12 +247,11 @@ impl Shared {
         let pid = child.id();
         // The child leads its group (process_group(0)); never signal group 0 or 1.
         let pgid = pid.map(|p| p as i32).filter(|p| *p > 1);
-        let log = Arc::new(log);
         append(
-            &log,
+            log,
             &format_line(
-                spawned_at_wall,
-                &name,
+                SystemTime::now(),
+                name,
                 "sluice",
                 format!(
                     "started pid {} port {port}: {program} {}",
@@ -509,211 +262,39 @@ impl Shared {
             ),
         );
         if let Some(out) = child.stdout.take() {
-            self.handle
-                .spawn(pump(out, Arc::clone(&log), name.clone(), "stdout"));
+            ctx.handle
+                .spawn(pump(out, Arc::clone(log), name.clone(), "stdout"));
         }
         if let Some(err) = child.stderr.take() {
-            self.handle
-                .spawn(pump(err, Arc::clone(&log), name.clone(), "stderr"));
+            ctx.handle
+                .spawn(pump(err, Arc::clone(log), name.clone(), "stderr"));
         }
-        let (stop_tx, stop_rx) = oneshot::channel();
+        tracing::info!(revision = %ctx.key, instance = %name, ?pid, port, "instance started");
         let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        rev.instances.push(Instance {
-            id,
-            status: InstanceStatus {
-                name: name.clone(),
-                port,
-                address,
-                state: InstanceState::Starting,
-                pid,
-                spawned_at,
-                spawned_at_wall,
-                ready_at: None,
-                kill_at: None,
-                log_path,
-                container_id: None,
-            },
-            pgid,
-            stop: Some(stop_tx),
-            _port: lease,
-        });
-        tracing::info!(revision = %key, instance = %name, ?pid, port, "instance started");
-        let task = InstanceTask {
-            shared: Arc::clone(self),
-            key: key.clone(),
-            id,
-            name,
-            spec,
+        let exec = LocalExec {
             env,
+            working_dir: spec.working_dir.clone(),
+        };
+        let started = Started {
+            instance: ProcessInstance {
+                child,
+                pgid,
+                status: None,
+            },
+            exec,
             address,
-            spawned_at,
-            pgid,
-            log,
+            port,
+            pid,
+            container_id: None,
+            probe_ports: false,
         };
-        self.handle.spawn(task.run(child, stop_rx));
-        Ok(())
-    }
-
-    fn set_state(&self, key: &RevisionKey, id: u64, state: InstanceState, now: Instant) {
-        let mut inner = self.lock();
-        let Some(inst) = inner
-            .revisions
-            .get_mut(key)
-            .and_then(|r| r.instances.iter_mut().find(|i| i.id == id))
-        else {
-            return;
-        };
-        // A stop request wins over a late probe result.
-        if inst.status.state == InstanceState::Terminating {
-            return;
-        }
-        inst.status.state = state;
-        if state == InstanceState::Ready && inst.status.ready_at.is_none() {
-            inst.status.ready_at = Some(now);
-        }
-        self.publish(&inner);
-    }
-
-    /// The instance's process has been reaped: forget it, and replace it if it exited on its own.
-    fn on_exited(
-        self: &Arc<Self>,
-        key: &RevisionKey,
-        id: u64,
-        status: Option<ExitStatus>,
-        now: Instant,
-    ) {
-        let mut inner = self.lock();
-        let shutting_down = inner.shutting_down;
-        let policy = self.options.backoff;
-        let Some(rev) = inner.revisions.get_mut(key) else {
-            return;
-        };
-        let Some(pos) = rev.instances.iter().position(|i| i.id == id) else {
-            return;
-        };
-        let inst = rev.instances.remove(pos);
-        let crashed =
-            inst.status.state != InstanceState::Terminating && !shutting_down && !rev.removed;
-        if crashed {
-            let ran_for = now.saturating_duration_since(inst.status.spawned_at);
-            let delay = rev.backoff.on_exit(&policy, ran_for);
-            rev.restarts += 1;
-            let how = status.map_or_else(|| "unknown exit".to_string(), |s| s.to_string());
-            tracing::warn!(revision = %key, instance = %inst.status.name, exit = %how, ?delay, "instance exited on its own; replacing it");
-            rev.last_exit = Some(how);
-            rev.start_not_before = Some(now + delay);
-            let _ = self.reconcile(&mut inner, key);
-        }
-        self.forget_if_gone(&mut inner, key);
-        self.publish(&inner);
-    }
-}
-
-/// Everything one instance's task needs.
-struct InstanceTask {
-    shared: Arc<Shared>,
-    key: RevisionKey,
-    id: u64,
-    name: String,
-    spec: Arc<LaunchSpec>,
-    env: Vec<(String, String)>,
-    address: SocketAddr,
-    spawned_at: Instant,
-    pgid: Option<i32>,
-    log: Arc<std::fs::File>,
-}
-
-impl InstanceTask {
-    fn event(&self, text: &str) {
-        append(
-            &self.log,
-            &format_line(SystemTime::now(), &self.name, "sluice", text.as_bytes()),
-        );
-    }
-
-    async fn run(self, mut child: Child, mut stop_rx: oneshot::Receiver<()>) {
-        let probe = &self.spec.readiness;
-        let timing = self.shared.options.probe_timing;
-        let mut tracker = ReadinessTracker::new();
-        let mut next = ReadinessTracker::first_probe_at(probe, self.spawned_at);
-        let mut last_error: Option<String> = None;
-        let status = loop {
-            let now = Instant::now();
-            let timeout = tracker.attempt_timeout(probe, &timing, self.spawned_at, now.max(next));
-            let at = next;
-            let attempt = async {
-                tokio::time::sleep_until(at.into()).await;
-                probe_once(
-                    &probe.action,
-                    self.address,
-                    timeout,
-                    &self.env,
-                    self.spec.working_dir.as_deref(),
-                )
-                .await
-            };
-            tokio::select! {
-                biased;
-                _ = &mut stop_rx => break self.terminate(&mut child).await,
-                status = child.wait() => {
-                    let status = status.ok();
-                    self.event(&format!("exited on its own: {}", describe(status)));
-                    break status;
-                }
-                result = attempt => {
-                    let now = Instant::now();
-                    let ok = result.is_ok();
-                    if let Err(e) = result {
-                        last_error = Some(e);
-                    }
-                    if let Some(state) = tracker.observe(probe, ok) {
-                        match state {
-                            InstanceState::Ready => self.event("ready"),
-                            _ => self.event(&format!(
-                                "not ready: {}",
-                                last_error.as_deref().unwrap_or("probe failed")
-                            )),
-                        }
-                        self.shared.set_state(&self.key, self.id, state, now);
-                    }
-                    next = tracker.next_probe_at(probe, &timing, self.spawned_at, now);
-                }
-            }
-        };
-        // Whatever the leader did, its group goes with it (as a container's processes do).
-        if let Some(pgid) = self.pgid {
-            signal_group(pgid, libc::SIGKILL);
-        }
-        self.shared
-            .on_exited(&self.key, self.id, status, Instant::now());
-    }
-
-    /// SIGTERM to the group, SIGKILL after the grace period.
-    async fn terminate(&self, child: &mut Child) -> Option<ExitStatus> {
-        let grace = self.spec.grace_period;
-        if let Some(pgid) = self.pgid {
-            signal_group(pgid, libc::SIGTERM);
-        }
-        self.event(&format!("stopping: SIGTERM, SIGKILL after {grace:?}"));
-        match tokio::time::timeout(grace, child.wait()).await {
-            Ok(status) => {
-                let status = status.ok();
-                self.event(&format!("stopped: {}", describe(status)));
-                status
-            }
-            Err(_) => {
-                if let Some(pgid) = self.pgid {
-                    signal_group(pgid, libc::SIGKILL);
-                }
-                let _ = child.start_kill();
-                let status = child.wait().await.ok();
-                self.event(&format!(
-                    "killed after the grace period: {}",
-                    describe(status)
-                ));
-                status
-            }
-        }
+        Ok(Launch {
+            killer: ProcessKiller { pgid, _port: lease },
+            port,
+            address,
+            pid,
+            started: Box::pin(async move { Ok(started) }),
+        })
     }
 }
 
@@ -726,7 +307,7 @@ fn describe(status: Option<ExitStatus>) -> String {
 const MAX_LOG_LINE: usize = 64 * 1024;
 
 /// Copies one output stream into the log, line by line with a prefix.
-async fn pump(
+pub(crate) async fn pump(
     stream: impl AsyncRead + Unpin,
     log: Arc<std::fs::File>,
     instance: String,

@@ -783,3 +783,135 @@ async fn wait_file_exists(path: &Path) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_failing_liveness_probe_restarts_the_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(dir.path());
+    let alive_flag = dir.path().join("alive");
+    std::fs::write(&alive_flag, "").unwrap();
+    let key = RevisionKey::new("default", "live-00001");
+    let mut spec = sh_spec("live-00001", "exec sleep 600");
+    spec.liveness = Some(Probe {
+        period: Some(Duration::from_millis(100)),
+        failure_threshold: 2,
+        ..Probe::exec(strings(&["test", "-f", &alive_flag.display().to_string()]))
+    });
+    rt.set_revision(key.clone(), spec).unwrap();
+    rt.scale(&key, 1).unwrap();
+    let mut rx = rt.subscribe();
+    let first = wait_for(&mut rx, "ready", ready(&key, 1)).await;
+    let first_pid = first.revision(&key).unwrap().instances[0].pid;
+    std::fs::remove_file(&alive_flag).unwrap();
+    let after = wait_for(&mut rx, "a restart counted", |s| {
+        s.revision(&key).is_some_and(|r| r.restarts >= 1)
+    })
+    .await;
+    let rev = after.revision(&key).unwrap();
+    assert!(
+        rev.last_exit
+            .as_deref()
+            .is_some_and(|e| e.starts_with("liveness probe failed")),
+        "{:?}",
+        rev.last_exit
+    );
+    std::fs::write(&alive_flag, "").unwrap();
+    let back = wait_for(&mut rx, "a replacement ready", ready(&key, 1)).await;
+    assert_ne!(back.revision(&key).unwrap().instances[0].pid, first_pid);
+}
+
+#[tokio::test]
+async fn a_startup_probe_holds_readiness_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(dir.path());
+    let started = dir.path().join("started");
+    let key = RevisionKey::new("default", "startup-00001");
+    let mut spec = sh_spec("startup-00001", "exec sleep 600");
+    spec.startup = Some(Probe {
+        period: Some(Duration::from_millis(50)),
+        failure_threshold: 10_000,
+        ..Probe::exec(strings(&["test", "-f", &started.display().to_string()]))
+    });
+    rt.set_revision(key.clone(), spec).unwrap();
+    rt.scale(&key, 1).unwrap();
+    let mut rx = rt.subscribe();
+    wait_for(&mut rx, "an instance", |s| {
+        s.revision(&key).is_some_and(|r| r.instances.len() == 1)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rt.snapshot().revision(&key).unwrap().ready_count(), 0);
+    std::fs::write(&started, "").unwrap();
+    wait_for(&mut rx, "ready once started", ready(&key, 1)).await;
+    let logs = rt
+        .logs(&LogQuery::revision("default", "startup-00001"))
+        .unwrap();
+    assert!(
+        logs.iter().any(|l| l.ends_with("startup probe succeeded")),
+        "{logs:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_startup_probe_that_keeps_failing_restarts_the_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(dir.path());
+    let key = RevisionKey::new("default", "nostart-00001");
+    let mut spec = sh_spec("nostart-00001", "exec sleep 600");
+    spec.startup = Some(Probe {
+        period: Some(Duration::from_millis(20)),
+        failure_threshold: 3,
+        ..Probe::exec(strings(&["false"]))
+    });
+    rt.set_revision(key.clone(), spec).unwrap();
+    rt.scale(&key, 1).unwrap();
+    let mut rx = rt.subscribe();
+    let s = wait_for(&mut rx, "a restart", |s| {
+        s.revision(&key).is_some_and(|r| r.restarts >= 1)
+    })
+    .await;
+    let last = s.revision(&key).unwrap().last_exit.clone().unwrap();
+    assert!(last.starts_with("startup probe failed"), "{last}");
+}
+
+#[tokio::test]
+async fn an_image_only_revision_needs_an_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(dir.path());
+    let key = RevisionKey::new("default", "img-00001");
+    let mut spec = LaunchSpec::new(vec![], "img", "img", "img-00001");
+    spec.image = Some(sluice_runtime::ImageSpec {
+        reference: "example/app:v1".into(),
+        pull_policy: sluice_runtime::PullPolicy::IfNotPresent,
+        pinned: None,
+    });
+    let err = rt.set_revision(key.clone(), spec.clone()).unwrap_err();
+    assert!(matches!(err, RuntimeError::InvalidSpec { .. }), "{err}");
+    assert!(
+        err.to_string().contains("start a container engine"),
+        "{err}"
+    );
+    // With a command it runs as a local process (the image is ignored).
+    spec.command = strings(&["sleep", "600"]);
+    spec.readiness = Probe::exec(strings(&["true"]));
+    rt.set_revision(key.clone(), spec.clone()).unwrap();
+    // Sidecars need an engine.
+    let key2 = RevisionKey::new("default", "img-00002");
+    spec.revision = "img-00002".into();
+    spec.sidecars = vec![sluice_runtime::SidecarSpec {
+        name: "side".into(),
+        image: spec.image.clone().unwrap(),
+        command: vec![],
+        args: vec![],
+        env: vec![],
+        working_dir: None,
+        readiness: None,
+        liveness: None,
+        startup: None,
+        resources: Default::default(),
+        mounts: vec![],
+        security: Default::default(),
+    }];
+    let err = rt.set_revision(key2, spec).unwrap_err();
+    assert!(err.to_string().contains("sidecars"), "{err}");
+}

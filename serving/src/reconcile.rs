@@ -74,6 +74,10 @@ pub struct RevisionFacts {
     pub actual_replicas: Option<i32>,
     /// Instances the autoscaler wants (Knative's desiredReplicas).
     pub desired_replicas: Option<i32>,
+    /// The image ID the runtime resolved the serving container's image to (`sha256:...`). The first
+    /// one seen is kept in [`ServingState::image_digests`] and shown as
+    /// `status.containerStatuses[].imageDigest` (Knative resolves tag to digest once, at creation).
+    pub image_digest: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -124,6 +128,10 @@ pub struct ServingState {
     pub configurations: BTreeMap<String, ConfigurationMemory>,
     /// Per Route `namespace/name`: the KIngress last produced.
     pub ingresses: BTreeMap<String, IngressMemory>,
+    /// Per Revision `namespace/name`: the image ID its serving container was resolved to, once. Kept
+    /// so that after a restart the revision runs that same image, even if its tag moved since.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub image_digests: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -353,6 +361,8 @@ pub fn reconcile(input: &ReconcileInput, state: &mut ServingState) -> ReconcileO
 
     // Revisions, and the namespace-wide index the Routes resolve revisionName through.
     let mut revisions: BTreeMap<(String, String), Revision> = BTreeMap::new();
+    let mut digests = std::mem::take(&mut state.image_digests);
+    let mut live_digests = BTreeMap::new();
     for mem in state.configurations.values() {
         for rev in mem.revisions.values() {
             let mut rev = rev.clone();
@@ -361,12 +371,25 @@ pub fn reconcile(input: &ReconcileInput, state: &mut ServingState) -> ReconcileO
                 rev.metadata.name.clone(),
             ));
             rev.status = revision_status(facts);
+            let key = rev.metadata.key();
+            let digest = digests
+                .remove(&key)
+                .or_else(|| facts.and_then(|f| f.image_digest.clone()));
+            if let Some(digest) = digest {
+                rev.status.container_statuses = vec![kn::ContainerStatus {
+                    name: serving_container_name(&rev),
+                    image_digest: digest.clone(),
+                }];
+                live_digests.insert(key, digest);
+            }
             revisions.insert(
                 (rev.metadata.namespace.clone(), rev.metadata.name.clone()),
                 rev,
             );
         }
     }
+    // Digests of revisions that are gone go with them.
+    state.image_digests = live_digests;
 
     // Routes.
     state.ingresses.retain(|k, _| routes.contains_key(k));
@@ -728,6 +751,17 @@ fn reconcile_configuration(
     };
     set(&mut st.status, CONDITION_READY, status, reason, &message);
     creation_error.map(|_| name)
+}
+
+/// The name of the container that serves: the one with a port, else the only one.
+fn serving_container_name(rev: &Revision) -> String {
+    let containers = &rev.spec.containers;
+    containers
+        .iter()
+        .find(|c| !c.ports.is_empty())
+        .or(containers.first())
+        .map(|c| c.name.clone())
+        .unwrap_or_default()
 }
 
 /// Knative's revision lifecycle, from the runtime's facts.

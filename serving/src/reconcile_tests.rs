@@ -38,6 +38,7 @@ fn ready(input: &mut ReconcileInput, name: &str) {
             health: RevisionHealth::Ready,
             actual_replicas: Some(1),
             desired_replicas: Some(1),
+            image_digest: None,
         },
     );
 }
@@ -427,17 +428,22 @@ fn invalid_spec_is_reported_and_the_last_valid_spec_keeps_serving() {
 }
 
 #[test]
-fn service_without_command_is_refused_with_a_clear_message() {
-    let text = WEB.replace("        command: [./web]\n", "");
+fn service_without_image_or_command_is_refused_with_a_clear_message() {
+    let text = WEB
+        .replace("        command: [./web]\n", "")
+        .replace("      - image: example/web\n", "      - name: web\n");
     let out = reconcile(&objects(&text), &mut ServingState::default());
     assert!(out.revisions.is_empty());
     let (status, reason, message) = cond(&out.services[0].status.status, CONDITION_READY);
     assert_eq!((status, reason), (ConditionStatus::False, "InvalidSpec"));
-    assert_eq!(
-        message,
-        "spec.template.spec.containers[0].command: required: sluice runs each revision as a \
-         local process (the container's command and args, with PORT set)"
+    assert!(
+        message.starts_with("spec.template.spec.containers[0].image: missing field(s)"),
+        "{message}"
     );
+    // An image alone is a valid revision (which runtime can run it is the serving plane's call).
+    let text = WEB.replace("        command: [./web]\n", "");
+    let out = reconcile(&objects(&text), &mut ServingState::default());
+    assert_eq!(revision_names(&out), ["web-00001"]);
 }
 
 #[test]
@@ -523,6 +529,7 @@ fn failed_latest_revision_marks_the_configuration_and_keeps_the_previous_one_rou
             },
             actual_replicas: Some(0),
             desired_replicas: Some(1),
+            image_digest: None,
         },
     );
     let out = reconcile(&input, &mut state);
@@ -566,6 +573,7 @@ fn revision_scaled_to_zero_stays_ready_but_inactive() {
             health: RevisionHealth::Ready,
             actual_replicas: Some(0),
             desired_replicas: Some(0),
+            image_digest: None,
         },
     );
     let out = reconcile(&input, &mut ServingState::default());
@@ -873,4 +881,43 @@ fn transition_times_change_only_with_the_status() {
     let mut changed = reconcile(&input, &mut state);
     stamp_transition_times(Some(&same), &mut changed, "t3");
     assert_eq!(ready_at(&changed).as_deref(), Some("t3"));
+}
+
+#[test]
+fn the_first_image_digest_is_kept_shown_and_survives_a_restart() {
+    let mut state = ServingState::default();
+    let mut input = objects(WEB);
+    reconcile(&input, &mut state);
+    let key = RevisionKey::new("default", "web-00001");
+    input.revision_facts.insert(
+        key.clone(),
+        RevisionFacts {
+            image_digest: Some("sha256:aaa".into()),
+            ..Default::default()
+        },
+    );
+    let out = reconcile(&input, &mut state);
+    let statuses = &out.revisions[0].status.container_statuses;
+    assert_eq!(statuses.len(), 1);
+    assert_eq!(statuses[0].name, "user-container");
+    assert_eq!(statuses[0].image_digest, "sha256:aaa");
+    // A later report of another image (the tag moved) does not change what the revision runs.
+    input.revision_facts.get_mut(&key).unwrap().image_digest = Some("sha256:bbb".into());
+    let out = reconcile(&input, &mut state);
+    assert_eq!(
+        out.revisions[0].status.container_statuses[0].image_digest,
+        "sha256:aaa"
+    );
+    // A restart: the state read back from JSON, no facts yet. Names and digests are kept.
+    let mut restored: ServingState =
+        serde_json::from_value(serde_json::to_value(&state).unwrap()).unwrap();
+    assert_eq!(restored, state);
+    let mut input = objects(&with_env(WEB, "red"));
+    let out = reconcile(&input, &mut restored);
+    assert_eq!(revision_names(&out), ["web-00001", "web-00002"]);
+    assert_eq!(restored.image_digests["default/web-00001"], "sha256:aaa");
+    // The Service goes away: its revisions' digests go with them.
+    input.services.clear();
+    reconcile(&input, &mut restored);
+    assert!(restored.image_digests.is_empty());
 }

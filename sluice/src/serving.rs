@@ -1,5 +1,6 @@
-//! The serving plane of `sluice up`: wires Knative Serving's controller (`sluice-serving`), the process
-//! runtime, the autoscaler and the activator, and hands the xds-server the state they imply.
+//! The serving plane of `sluice up`: wires Knative Serving's controller (`sluice-serving`), the
+//! instance runtime (containers or processes, behind [`InstanceRuntime`]), the autoscaler and the
+//! activator, and hands the xds-server the state they imply.
 //!
 //! It is a [`StateSource`] wrapped around the folder source: the folder's Knative objects go through
 //! [`sluice_serving::reconcile`]; the KIngresses, the per-revision Services and their Endpoints (the
@@ -26,14 +27,12 @@ use sluice_api::core::{
     ConfigMap, EndpointAddress, EndpointPort, EndpointSubset, Endpoints, Service as CoreService,
 };
 use sluice_api::ingress::{Ingress, IngressStatus};
+use sluice_api::meta::ObjectMeta;
 use sluice_api::serving::{self, Revision};
 use sluice_autoscaler::{
     AutoscalerConfig, AutoscalerService, Mode, RevisionScaling, ScaleError, Scaler, ServiceOptions,
 };
-use sluice_runtime::{
-    InstanceState, LaunchSpec, PortLease, PortPool, ProbeAction, ProcessRuntime, RuntimeOptions,
-    RuntimeSnapshot,
-};
+use sluice_runtime::{InstanceRuntime, InstanceState, PortLease, PortPool, RuntimeSnapshot};
 use sluice_serving::{
     KNATIVE_SERVING_NAMESPACE, ReconcileInput, RevisionFacts, RevisionHealth, ServingConfig,
     ServingState, reconcile,
@@ -43,6 +42,8 @@ use sluice_xds_server::source::folder::FolderSource;
 use sluice_xds_server::source::{SourceError, SourceSnapshot, StateSource};
 use sluice_xds_server::state::InstanceSidecar;
 use sluice_xds_server::translate::SIDECAR_PREFIX;
+
+use crate::launch::{self, LaunchFailure, LaunchInputs, VolumeFile};
 
 /// The ConfigMap of Knative's autoscaler settings (namespace knative-serving).
 const CONFIG_AUTOSCALER: &str = "config-autoscaler";
@@ -54,10 +55,16 @@ const FAILED_AFTER_RESTARTS: u32 = 3;
 
 /// How the serving plane runs.
 pub struct ServingOptions {
-    /// The folder `sluice up` serves: a container's relative `workingDir` is taken from here.
+    /// The folder `sluice up` serves: a process's relative `workingDir` is taken from here.
     pub dir: PathBuf,
-    /// Instance logs and other runtime files.
+    /// Instance logs, ConfigMap and Secret volumes, and the serving state file.
     pub state_dir: PathBuf,
+    /// What runs the instances (containers or processes).
+    pub runtime: Arc<dyn InstanceRuntime>,
+    /// Why that runtime (shown by `sluice status`).
+    pub runtime_why: String,
+    /// The pool the runtime leases instance ports from; sidecar listeners lease from it too.
+    pub ports: Arc<PortPool>,
     /// Where the activator listens (Envoy sends a revision's requests there while it has no capacity).
     pub activator: tokio::net::TcpListener,
     /// Envoy's admin address, where the autoscaler scrapes the queue-proxy filter's metrics.
@@ -72,11 +79,33 @@ pub struct ServingOptions {
 
 /// What `sluice status` shows of serving: Knative's objects with their status.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
 pub struct ServingReport {
     pub services: Vec<serving::Service>,
     pub configurations: Vec<serving::Configuration>,
     pub revisions: Vec<RevisionReport>,
     pub routes: Vec<serving::Route>,
+    /// Which runtime runs the instances, and why.
+    pub runtime: RuntimeReport,
+    /// Knative kinds in the folder that Sluice does not serve (yet), with their file.
+    pub unsupported: Vec<UnsupportedObject>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct RuntimeReport {
+    /// `container` or `process`.
+    pub kind: String,
+    pub reason: String,
+}
+
+/// An object of a kind Sluice does not serve, where it was read.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UnsupportedObject {
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
+    pub origin: String,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -89,6 +118,14 @@ pub struct RevisionReport {
     pub ready_instances: u32,
     /// Whether requests go through the activator (Proxy) or straight to the instances (Serve).
     pub mode: String,
+    /// Instances that exited or failed liveness and were replaced.
+    pub restarts: u32,
+    /// How the last instance that exited on its own ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+    /// Fields Knative allows that are not honoured here.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     pub instances: Vec<InstanceReport>,
 }
 
@@ -104,6 +141,9 @@ pub struct InstanceReport {
     pub sidecar_port: u16,
     /// From spawn to the first successful readiness probe: the app's own start-up time.
     pub startup_ms: Option<f64>,
+    /// The engine's container ID (container runtime).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
 }
 
 /// A revision the runtime, the autoscaler and the activator know about.
@@ -121,6 +161,8 @@ struct Launched {
     /// `initial-scale: 0` (allowed by config-autoscaler): Knative makes it Ready without an instance,
     /// and its first request cold-starts it through the activator.
     zero_start: bool,
+    /// Fields not honoured here, for `sluice status`.
+    warnings: Vec<String>,
 }
 
 struct PlaneState {
@@ -131,8 +173,11 @@ struct PlaneState {
     /// The KIngresses the serving controller made (`namespace/name`): the only ones whose status it
     /// reads.
     owned_ingresses: BTreeSet<String>,
-    /// Revisions that cannot run (bad autoscaling annotations...): why, reported as Ready=False.
-    invalid: BTreeMap<RevisionKey, String>,
+    /// Revisions that cannot run (bad autoscaling annotations, a missing ConfigMap, only an image
+    /// without an engine...): why, reported as Ready=False with this reason and message.
+    invalid: BTreeMap<RevisionKey, LaunchFailure>,
+    /// The serving state as last handed to the state file's writer.
+    saved: ServingState,
     /// Instances whose sidecar listener accepts connections (Envoy bound it): only those get traffic,
     /// so a new instance is never an endpoint before its listener exists (a failed request during
     /// scale-up). Keyed by instance name, with the port that answered.
@@ -146,7 +191,11 @@ struct PlaneState {
 pub struct ServingPlane {
     /// Itself, for the background checks it starts.
     me: std::sync::Weak<ServingPlane>,
-    runtime: Arc<ProcessRuntime>,
+    runtime: Arc<dyn InstanceRuntime>,
+    runtime_report: RuntimeReport,
+    state_dir: PathBuf,
+    /// The serving state to write to the state file (the writer task keeps the newest).
+    state_writes: watch::Sender<Option<ServingState>>,
     autoscaler: AutoscalerService,
     activator: Activator,
     _activator_tasks: ActivatorTasks,
@@ -163,7 +212,7 @@ pub struct ServingPlane {
     sidecar_changes: watch::Sender<u64>,
 }
 
-struct RuntimeScaler(Arc<ProcessRuntime>);
+struct RuntimeScaler(Arc<dyn InstanceRuntime>);
 
 impl Scaler for RuntimeScaler {
     fn scale(&self, revision: &RevisionKey, desired: u32) -> BoxFuture<'_, Result<(), ScaleError>> {
@@ -177,15 +226,22 @@ impl Scaler for RuntimeScaler {
 }
 
 impl ServingPlane {
-    /// Starts the runtime, the autoscaler and the activator (serving on `options.activator`).
+    /// Starts the autoscaler and the activator (serving on `options.activator`) over the runtime, and
+    /// reads the serving state an earlier run left (its problem, if it could not be read, is logged).
     pub fn start(
         options: ServingOptions,
     ) -> anyhow::Result<(Arc<ServingPlane>, watch::Receiver<ServingReport>)> {
-        let ports = PortPool::for_instances(options.address);
-        let runtime = Arc::new(ProcessRuntime::new(RuntimeOptions {
-            ports: ports.clone(),
-            ..RuntimeOptions::new(&options.state_dir)
-        })?);
+        let ports = options.ports;
+        let runtime = options.runtime;
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let loaded = crate::state_file::load(&options.state_dir, now_unix);
+        if let Some(problem) = &loaded.problem {
+            tracing::error!("{problem}");
+        }
+        let state_writes = spawn_state_writer(options.state_dir.clone());
         let stats_url: http::Uri = format!(
             "http://{}/stats/prometheus?usedonly&filter=^sluice_qp__",
             options.envoy_admin
@@ -216,9 +272,16 @@ impl ServingPlane {
             }
         });
         let (report, report_rx) = watch::channel(ServingReport::default());
+        let runtime_report = RuntimeReport {
+            kind: runtime.kind().to_string(),
+            reason: options.runtime_why,
+        };
         let plane = Arc::new_cyclic(|me| ServingPlane {
             me: me.clone(),
             runtime,
+            runtime_report,
+            state_dir: options.state_dir,
+            state_writes,
             autoscaler,
             activator,
             _activator_tasks: activator_tasks,
@@ -229,7 +292,8 @@ impl ServingPlane {
             wasm_missing: options.wasm_missing,
             external_port: options.external_port,
             state: Mutex::new(PlaneState {
-                serving: ServingState::default(),
+                saved: loaded.state.clone(),
+                serving: loaded.state,
                 launched: BTreeMap::new(),
                 sidecar_ports: BTreeMap::new(),
                 owned_ingresses: BTreeSet::new(),
@@ -244,10 +308,23 @@ impl ServingPlane {
         Ok((plane, report_rx))
     }
 
-    /// Stops every instance (SIGTERM, then SIGKILL after its grace period) and the autoscaler.
+    /// Stops every instance (SIGTERM, then SIGKILL after its grace period) and the autoscaler, and
+    /// writes the serving state a last time.
     pub async fn shutdown(&self) {
         self.autoscaler.shutdown().await;
         self.runtime.shutdown().await;
+        let state = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .serving
+            .clone();
+        if let Err(e) = crate::state_file::save(&self.state_dir, &state) {
+            tracing::warn!(
+                "writing the serving state to {}: {e}",
+                self.state_dir.display()
+            );
+        }
     }
 
     /// SIGKILLs every instance now (a second Ctrl-C); a pending [`ServingPlane::shutdown`] then ends.
@@ -290,9 +367,24 @@ impl ServingPlane {
         let mut errors = source.errors.clone();
         let mut input = ReconcileInput::default();
         let mut config_maps: Vec<&ConfigMap> = Vec::new();
+        let mut unsupported = Vec::new();
         let mut autoscaler_data = BTreeMap::new();
         for object in &source.objects {
             match object {
+                Object::Other {
+                    api_version,
+                    kind,
+                    name,
+                } => unsupported.push(UnsupportedObject {
+                    api_version: api_version.clone(),
+                    kind: kind.clone(),
+                    name: name.clone(),
+                    origin: source
+                        .origins
+                        .get(&format!("{kind} {name}"))
+                        .cloned()
+                        .unwrap_or_default(),
+                }),
                 Object::KnativeService(s) => input.services.push(s.clone()),
                 Object::Configuration(c) => input.configurations.push(c.clone()),
                 Object::Route(r) => input.routes.push(r.clone()),
@@ -367,25 +459,45 @@ impl ServingPlane {
             if let Err(e) = self.runtime.remove_revision(&key) {
                 tracing::warn!(revision = %key, "{e}");
             }
+            let volumes = self.volume_root(&key);
+            if volumes.exists()
+                && let Err(e) = std::fs::remove_dir_all(&volumes)
+            {
+                tracing::warn!(revision = %key, "removing {}: {e}", volumes.display());
+            }
         }
         state.invalid.retain(|k, _| wanted.contains(k));
         // A launch that changes what the controller concludes (a revision Ready at once, or one that
         // cannot run) is reconciled again, so the change shows now rather than at the next event.
         let mut again = false;
+        let mut folder_config: Option<FolderConfig> = None;
         for rev in &out.revisions {
             let key = RevisionKey::new(&rev.metadata.namespace, &rev.metadata.name);
             if state.launched.contains_key(&key) {
                 continue;
             }
-            match self.launch(rev, &key, &autoscaler_config, &out.revision_services) {
+            let config = folder_config.get_or_insert_with(|| FolderConfig::read(source));
+            let pinned = state
+                .serving
+                .image_digests
+                .get(&rev.metadata.key())
+                .cloned();
+            match self.launch(
+                rev,
+                &key,
+                &autoscaler_config,
+                &out.revision_services,
+                config,
+                pinned,
+            ) {
                 Ok(launched) => {
                     tracing::info!(revision = %key, "revision created");
                     again |= launched.zero_start || state.invalid.remove(&key).is_some();
                     state.launched.insert(key, launched);
                 }
-                Err(message) => {
-                    again |= state.invalid.get(&key) != Some(&message);
-                    state.invalid.insert(key, message);
+                Err(failure) => {
+                    again |= state.invalid.get(&key) != Some(&failure);
+                    state.invalid.insert(key, failure);
                 }
             }
         }
@@ -399,11 +511,16 @@ impl ServingPlane {
                 message: warning.clone(),
             });
         }
-        for (key, message) in &state.invalid {
+        for (key, failure) in &state.invalid {
             errors.push(SourceError {
                 origin: revision_origin(&source.origins, &out, key),
-                message: message.clone(),
+                message: format!("{}: {}", failure.reason, failure.message),
             });
+        }
+        // Revision names, generations and digests outlive this run (see state_file).
+        if state.serving != state.saved {
+            state.saved = state.serving.clone();
+            self.state_writes.send_replace(Some(state.saved.clone()));
         }
 
         // The derived networking state.
@@ -499,6 +616,7 @@ impl ServingPlane {
                     startup_ms: inst
                         .ready_at
                         .map(|r| r.saturating_duration_since(inst.spawned_at).as_secs_f64() * 1e3),
+                    container_id: inst.container_id.clone(),
                 });
             }
             let decision = decisions.get(key);
@@ -538,6 +656,9 @@ impl ServingPlane {
                     desired_instances: decision.map(|d| d.desired_scale).unwrap_or_default(),
                     ready_instances: ready_sidecars.len() as u32,
                     mode: format!("{mode:?}"),
+                    restarts: status.map(|s| s.restarts).unwrap_or_default(),
+                    last_exit: status.and_then(|s| s.last_exit.clone()),
+                    warnings: l.warnings.clone(),
                     instances: instance_reports,
                 });
             }
@@ -553,6 +674,9 @@ impl ServingPlane {
                     desired_instances: 0,
                     ready_instances: 0,
                     mode: format!("{:?}", Mode::Proxy),
+                    restarts: 0,
+                    last_exit: None,
+                    warnings: Vec::new(),
                     instances: Vec::new(),
                 });
             }
@@ -565,6 +689,8 @@ impl ServingPlane {
                 configurations: out.configurations.clone(),
                 revisions: revision_reports,
                 routes: out.routes.clone(),
+                runtime: self.runtime_report.clone(),
+                unsupported,
             };
             if *current == next {
                 return false;
@@ -642,20 +768,29 @@ impl ServingPlane {
                 ),
             );
         }
-        for (key, message) in &state.invalid {
+        for (key, failure) in &state.invalid {
             input.revision_facts.insert(
                 key.clone(),
                 RevisionFacts {
                     health: RevisionHealth::Failed {
-                        reason: REASON_INVALID_ANNOTATIONS.to_string(),
-                        message: message.clone(),
+                        reason: failure.reason.clone(),
+                        message: failure.message.clone(),
                     },
                     actual_replicas: Some(0),
                     desired_replicas: Some(0),
+                    image_digest: None,
                 },
             );
         }
         reconcile(input, &mut state.serving)
+    }
+
+    /// Where a revision's ConfigMap and Secret volumes are written.
+    fn volume_root(&self, key: &RevisionKey) -> PathBuf {
+        self.state_dir
+            .join("volumes")
+            .join(&key.namespace)
+            .join(&key.name)
     }
 
     /// Registers a new revision with the runtime, the autoscaler and the activator.
@@ -665,48 +800,41 @@ impl ServingPlane {
         key: &RevisionKey,
         autoscaler_config: &AutoscalerConfig,
         services: &[CoreService],
-    ) -> Result<Launched, String> {
-        let container =
-            rev.spec.containers.first().ok_or_else(|| {
-                "spec.containers: a revision needs one container to run".to_string()
-            })?;
-        let labels = &rev.metadata.labels;
-        let service = labels
-            .get("serving.knative.dev/service")
-            .cloned()
-            .unwrap_or_default();
-        let configuration = labels
-            .get("serving.knative.dev/configuration")
-            .cloned()
-            .unwrap_or_default();
-        let mut spec = LaunchSpec::new(
-            container.command.clone(),
-            service.clone(),
-            configuration,
-            key.name.clone(),
-        );
-        spec.args = container.args.clone();
-        spec.env = container
-            .env
-            .iter()
-            .map(|e| (e.name.clone(), e.value.clone()))
-            .collect();
-        spec.working_dir = Some(working_dir(&self.dir, &container.working_dir));
-        if let Some(probe) = &container.readiness_probe {
-            spec.readiness = launch_probe(probe);
-        }
-        let timeout_seconds = rev.spec.timeout_seconds.unwrap_or(300).max(0) as u64;
-        // Knative: the pod's terminationGracePeriodSeconds is the revision timeout, so in-flight
-        // requests can finish; locally at most Kubernetes' default 30 s, so Ctrl-C does not hang.
-        spec.grace_period = Duration::from_secs(timeout_seconds.clamp(1, 30));
+        config: &FolderConfig,
+        pinned: Option<String>,
+    ) -> Result<Launched, LaunchFailure> {
         let cc = rev.spec.container_concurrency.unwrap_or(0).max(0) as u32;
         let scaling =
             RevisionScaling::validate_all(autoscaler_config, &rev.metadata.annotations, cc)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| LaunchFailure {
+                    reason: REASON_INVALID_ANNOTATIONS.to_string(),
+                    message: e.to_string(),
+                })?;
+        let volume_root = self.volume_root(key);
+        let launch = launch::launch_spec(
+            rev,
+            &LaunchInputs {
+                runtime: self.runtime.kind(),
+                dir: &self.dir,
+                volume_root: &volume_root,
+                config_maps: &config.config_maps,
+                secrets: &config.secrets,
+                pinned,
+            },
+        )?;
+        write_volume_files(&volume_root, &launch.files).map_err(|e| LaunchFailure {
+            reason: launch::REASON_CONFIG_ERROR.to_string(),
+            message: format!("writing its volumes under {}: {e}", volume_root.display()),
+        })?;
+        let timeout_seconds = rev.spec.timeout_seconds.unwrap_or(300).max(0) as u64;
         let zero_start = scaling.initial_scale == 0;
+        let service = launch.spec.service.clone();
         self.runtime
-            .set_revision(key.clone(), spec)
-            .map_err(|e| e.to_string())?;
+            .set_revision(key.clone(), launch.spec)
+            .map_err(|e| LaunchFailure {
+                reason: launch::REASON_INVALID_SPEC.to_string(),
+                message: e.to_string(),
+            })?;
         let _ = self.autoscaler.upsert_revision(key.clone(), scaling);
         let core = services
             .iter()
@@ -725,8 +853,73 @@ impl ServingPlane {
             confirmed: None,
             ever_ready: false,
             zero_start,
+            warnings: launch.warnings,
         })
     }
+}
+
+/// The folder's ConfigMaps and Secrets, by `(namespace, name)`: what env and volumes read.
+struct FolderConfig {
+    config_maps: BTreeMap<(String, String), ConfigMap>,
+    secrets: BTreeMap<(String, String), Arc<sluice_api::core::Secret>>,
+}
+
+impl FolderConfig {
+    fn read(source: &SourceSnapshot) -> FolderConfig {
+        let key = |m: &ObjectMeta| (m.namespace.clone(), m.name.clone());
+        FolderConfig {
+            config_maps: source
+                .objects
+                .iter()
+                .filter_map(|o| match o {
+                    Object::ConfigMap(cm) => Some((key(&cm.metadata), cm.clone())),
+                    _ => None,
+                })
+                .collect(),
+            secrets: source.state.secrets.clone(),
+        }
+    }
+}
+
+/// Writes a revision's ConfigMap and Secret volume files, afresh (a file from an earlier run that the
+/// revision no longer has must not linger).
+fn write_volume_files(root: &Path, files: &[VolumeFile]) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if root.exists() {
+        std::fs::remove_dir_all(root)?;
+    }
+    for f in files {
+        if let Some(parent) = f.path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&f.path, &f.contents)?;
+        std::fs::set_permissions(&f.path, std::fs::Permissions::from_mode(f.mode))?;
+    }
+    Ok(())
+}
+
+/// A task that writes each serving state handed to it to the state file, the newest only when
+/// several come quickly. It ends when the plane (the sender) goes.
+fn spawn_state_writer(state_dir: PathBuf) -> watch::Sender<Option<ServingState>> {
+    let (tx, mut rx) = watch::channel(None::<ServingState>);
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let Some(state) = rx.borrow_and_update().clone() else {
+                continue;
+            };
+            let dir = state_dir.clone();
+            let result =
+                tokio::task::spawn_blocking(move || crate::state_file::save(&dir, &state)).await;
+            match result {
+                Ok(Err(e)) => {
+                    tracing::warn!("writing the serving state to {}: {e}", state_dir.display())
+                }
+                Err(e) => tracing::warn!("the serving state writer failed: {e}"),
+                Ok(Ok(())) => {}
+            }
+        }
+    });
+    tx
 }
 
 /// Where the revision's Service (or Configuration) was read, for errors about the revision.
@@ -768,7 +961,14 @@ fn facts(
     let status = runtime.revision(key);
     let ready = status.map(|s| s.ready_count()).unwrap_or_default();
     let restarts = status.map(|s| s.restarts).unwrap_or_default();
-    let health = if ever_ready || ready > 0 {
+    // The runtime's own verdict (image missing, engine gone) wins: no instance can start while it
+    // holds, even for a revision that was ready once.
+    let health = if let Some(f) = status.and_then(|s| s.failure.as_ref()) {
+        RevisionHealth::Failed {
+            reason: f.reason.clone(),
+            message: f.message.clone(),
+        }
+    } else if ever_ready || ready > 0 {
         RevisionHealth::Ready
     } else if restarts >= FAILED_AFTER_RESTARTS {
         let exit = status
@@ -787,52 +987,8 @@ fn facts(
         health,
         actual_replicas: Some(ready as i32),
         desired_replicas: decision.map(|d| d.desired_scale as i32),
+        image_digest: status.and_then(|s| s.image_digest.clone()),
     }
-}
-
-fn working_dir(base: &Path, dir: &str) -> PathBuf {
-    if dir.is_empty() {
-        base.to_path_buf()
-    } else {
-        base.join(dir)
-    }
-}
-
-fn launch_probe(probe: &serving::Probe) -> sluice_runtime::Probe {
-    let mut out = sluice_runtime::Probe::default();
-    if let Some(http) = &probe.http_get {
-        out.action = ProbeAction::Http {
-            path: if http.path.is_empty() {
-                "/".to_string()
-            } else {
-                http.path.clone()
-            },
-            headers: http
-                .http_headers
-                .iter()
-                .map(|h| (h.name.clone(), h.value.clone()))
-                .collect(),
-        };
-    } else if let Some(exec) = &probe.exec {
-        out.action = ProbeAction::Exec {
-            command: exec.command.clone(),
-        };
-    }
-    let secs = |s: i32| Duration::from_secs(s.max(0) as u64);
-    out.initial_delay = secs(probe.initial_delay_seconds);
-    if probe.period_seconds > 0 {
-        out.period = Some(secs(probe.period_seconds));
-    }
-    if probe.timeout_seconds > 0 {
-        out.timeout = secs(probe.timeout_seconds);
-    }
-    if probe.success_threshold > 0 {
-        out.success_threshold = probe.success_threshold as u32;
-    }
-    if probe.failure_threshold > 0 {
-        out.failure_threshold = probe.failure_threshold as u32;
-    }
-    out
 }
 
 /// The revision's Endpoints: one subset per address, since each sidecar listens on its own port.
@@ -970,7 +1126,6 @@ impl StateSource for ServingSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_api::ingress::IntOrString;
 
     #[test]
     fn endpoints_have_one_subset_per_sidecar() {
@@ -989,36 +1144,76 @@ mod tests {
     }
 
     #[test]
-    fn relative_working_dirs_are_taken_from_the_folder() {
+    fn a_runtime_failure_makes_the_revision_fail_even_after_it_was_ready() {
+        let key = RevisionKey::new("default", "web-00001");
+        let mut snapshot = RuntimeSnapshot::default();
+        snapshot.revisions.insert(
+            key.clone(),
+            sluice_runtime::RevisionStatus {
+                desired: 1,
+                instances: Vec::new(),
+                restarts: 2,
+                last_exit: None,
+                removed: false,
+                image_digest: Some("sha256:abc".into()),
+                failure: Some(sluice_runtime::RevisionFailure {
+                    reason: "ContainerMissing".into(),
+                    message: "No such image: web:v1".into(),
+                }),
+            },
+        );
+        let f = facts(&snapshot, &key, None, true);
         assert_eq!(
-            working_dir(Path::new("/srv/app"), ""),
-            PathBuf::from("/srv/app")
+            f.health,
+            RevisionHealth::Failed {
+                reason: "ContainerMissing".into(),
+                message: "No such image: web:v1".into()
+            }
+        );
+        assert_eq!(f.image_digest.as_deref(), Some("sha256:abc"));
+        // Once it clears, a revision that was ready is Ready again.
+        snapshot.revisions.get_mut(&key).unwrap().failure = None;
+        assert_eq!(
+            facts(&snapshot, &key, None, true).health,
+            RevisionHealth::Ready
         );
         assert_eq!(
-            working_dir(Path::new("/srv/app"), "web"),
-            PathBuf::from("/srv/app/web")
-        );
-        assert_eq!(
-            working_dir(Path::new("/srv/app"), "/opt/x"),
-            PathBuf::from("/opt/x")
+            facts(&snapshot, &key, None, false).health,
+            RevisionHealth::Deploying
         );
     }
 
     #[test]
-    fn probes_map_to_the_runtime() {
-        let probe = serving::Probe {
-            http_get: Some(serving::HttpGetAction {
-                path: "/healthz".into(),
-                port: Some(IntOrString::Int(8080)),
-                ..Default::default()
-            }),
-            period_seconds: 2,
-            failure_threshold: 5,
-            ..Default::default()
+    fn volume_files_are_written_afresh_with_their_modes() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("volumes/ns/web-00001");
+        std::fs::create_dir_all(root.join("cfg")).unwrap();
+        std::fs::write(root.join("cfg/stale"), "old").unwrap();
+        let files = [
+            VolumeFile {
+                path: root.join("cfg/a/b.txt"),
+                contents: b"hello".to_vec(),
+                mode: 0o600,
+            },
+            VolumeFile {
+                path: root.join("sec/password"),
+                contents: b"hunter2".to_vec(),
+                mode: 0o400,
+            },
+        ];
+        write_volume_files(&root, &files).unwrap();
+        assert!(!root.join("cfg/stale").exists());
+        assert_eq!(std::fs::read(root.join("cfg/a/b.txt")).unwrap(), b"hello");
+        let mode = |p: &str| {
+            std::fs::metadata(root.join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
         };
-        let p = launch_probe(&probe);
-        assert!(matches!(p.action, ProbeAction::Http { ref path, .. } if path == "/healthz"));
-        assert_eq!(p.period, Some(Duration::from_secs(2)));
-        assert_eq!(p.failure_threshold, 5);
+        assert_eq!((mode("cfg/a/b.txt"), mode("sec/password")), (0o600, 0o400));
+        // Written again (a restart): read-only files are replaced, not refused.
+        write_volume_files(&root, &files).unwrap();
     }
 }

@@ -162,6 +162,7 @@ fn render_table(report: &serde_json::Value) -> String {
             "REASON",
             "DESIRED",
             "READY-INSTANCES",
+            "RESTARTS",
             "PATH",
         ])];
         for rev in &revisions {
@@ -176,6 +177,7 @@ fn render_table(report: &serde_json::Value) -> String {
                 ready_reason(rev),
                 rev["desiredInstances"].to_string(),
                 rev["readyInstances"].to_string(),
+                rev["restarts"].as_u64().unwrap_or_default().to_string(),
                 if rev["mode"] == "Serve" {
                     "instances".to_string()
                 } else {
@@ -245,10 +247,54 @@ fn render_table(report: &serde_json::Value) -> String {
         "\nEnvoy: serving generation {}, acked {}\n",
         envoy["generation"], envoy["ackedGeneration"]
     ));
+    if let Some(kind) = report["runtime"]["kind"].as_str() {
+        out.push_str(&format!(
+            "Runtime: {kind} ({})\n",
+            str_of(&report["runtime"]["reason"])
+        ));
+    }
     if let Some(nack) = envoy["lastNack"].as_str() {
         out.push_str(&format!(
             "Envoy rejected the newest configuration: {nack}\n"
         ));
+    }
+    let unsupported = report["unsupported"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !unsupported.is_empty() {
+        out.push_str("\nNot supported by Sluice (ignored):\n");
+        for o in unsupported {
+            out.push_str(&format!(
+                "  {}: {} {} {}\n",
+                str_of(&o["origin"]),
+                str_of(&o["apiVersion"]),
+                str_of(&o["kind"]),
+                str_of(&o["name"])
+            ));
+        }
+    }
+    let warnings: Vec<String> = revisions
+        .iter()
+        .flat_map(|rev| {
+            let name = format!(
+                "{}/{}",
+                str_of(&rev["metadata"]["namespace"]),
+                str_of(&rev["metadata"]["name"])
+            );
+            rev["warnings"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |w| format!("  Revision {name}: {}", str_of(w)))
+        })
+        .collect();
+    if !warnings.is_empty() {
+        out.push_str("\nNot honoured locally:\n");
+        for w in warnings {
+            out.push_str(&w);
+            out.push('\n');
+        }
     }
     let errors = report["errors"].as_array().cloned().unwrap_or_default();
     if !errors.is_empty() {
@@ -336,8 +382,12 @@ mod tests {
             "revisions": [{
                 "metadata": {"namespace": "default", "name": "hello-00001"},
                 "status": {"conditions": [{"type": "Ready", "status": "True"}]},
-                "desiredInstances": 1, "readyInstances": 1, "mode": "Serve"
+                "desiredInstances": 1, "readyInstances": 1, "mode": "Serve", "restarts": 2,
+                "warnings": ["spec.containers[0].resources.requests: not reserved locally"]
             }],
+            "runtime": {"kind": "container", "reason": "a container engine answers"},
+            "unsupported": [{"apiVersion": "serving.knative.dev/v1beta1", "kind": "DomainMapping",
+                "name": "default/example.com", "origin": "dm.yaml:1"}],
             "ingresses": [], "errors": [], "envoy": {"generation": 1, "ackedGeneration": 1}
         });
         let t = render_table(&report);
@@ -350,6 +400,19 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("default/hello-00001  True"), "{t}");
-        assert!(t.contains("instances"), "{t}");
+        assert!(t.contains("RESTARTS"), "{t}");
+        assert!(t.contains("1                2         instances"), "{t}");
+        assert!(
+            t.contains("Runtime: container (a container engine answers)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("dm.yaml:1: serving.knative.dev/v1beta1 DomainMapping default/example.com"),
+            "{t}"
+        );
+        assert!(
+            t.contains("Revision default/hello-00001: spec.containers[0].resources.requests"),
+            "{t}"
+        );
     }
 }

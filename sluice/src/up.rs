@@ -19,11 +19,14 @@ use sluice_xds_server::status::LoadBalancers;
 use sluice_xds_server::translate::GatewayConfig;
 
 use sluice_runtime::leftovers::{reap_leftovers, stale_run_dirs};
-use sluice_runtime::{InstanceState, RuntimeSnapshot, StateLock};
+use sluice_runtime::{
+    InstanceState, PortPool, RuntimeKind, RuntimeOptions, RuntimeSnapshot, StateLock,
+};
 
 use crate::envoy::{self, EnvoyOptions, XdsProtocol};
 use crate::envoy_supervisor::{CrashPolicy, SupervisedEnvoy};
 use crate::eventing::EventingPlane;
+use crate::runtime_choice::{self, RuntimeChoice};
 use crate::serving::{ServingOptions, ServingPlane, ServingSource};
 
 pub const DEFAULT_CONTROL_PORT: u16 = 9900;
@@ -71,6 +74,11 @@ pub struct UpArgs {
     /// Envoy's log level (trace, debug, info, warning, error).
     #[arg(long, default_value = "warning")]
     envoy_log_level: String,
+    /// What runs the revisions: containers from their images on the engine at DOCKER_HOST (or the
+    /// default socket), local processes from their `command`, or (auto) containers when an engine
+    /// answers and processes otherwise.
+    #[arg(long, value_enum, default_value = "auto", env = "SLUICE_RUNTIME")]
+    runtime: RuntimeChoice,
 }
 
 pub async fn run(args: UpArgs) -> Result<()> {
@@ -154,9 +162,27 @@ pub async fn run(args: UpArgs) -> Result<()> {
     };
     let dir = std::fs::canonicalize(&args.dir)
         .with_context(|| format!("{}: cannot resolve the folder", args.dir.display()))?;
+    let ports = PortPool::for_instances(args.address);
+    let (runtime, decision) = runtime_choice::start(
+        args.runtime,
+        RuntimeOptions {
+            ports: ports.clone(),
+            ..RuntimeOptions::new(&state_dir)
+        },
+    )
+    .await?;
+    tracing::info!("runtime: {} ({})", decision.kind, decision.why);
+    if decision.kind == RuntimeKind::Container {
+        // TODO(issue 13, lead): call `sluice_runtime::reap_leftover_containers(&owner)` here once the
+        // container runtime (branch r13-ctr-runtime) lands: it removes the containers an earlier run
+        // on this state dir left behind (kill -9), before any new one starts.
+    }
     let (plane, serving_report) = ServingPlane::start(ServingOptions {
         dir: dir.clone(),
         state_dir: state_dir.clone(),
+        runtime,
+        runtime_why: decision.why,
+        ports,
         activator: activator_listener,
         envoy_admin: addr(args.admin_port),
         address: args.address,

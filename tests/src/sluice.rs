@@ -279,6 +279,11 @@ fn spawn_up(
     if std::env::var_os("SLUICE_LOG").is_none() {
         cmd.env("SLUICE_LOG", "info");
     }
+    // These tests run revisions from their `command` as local processes; a test for the container
+    // runtime passes `--runtime` (which wins over the variable) or sets SLUICE_RUNTIME itself.
+    if std::env::var_os("SLUICE_RUNTIME").is_none() {
+        cmd.env("SLUICE_RUNTIME", "process");
+    }
     if let Some(envoy) = options.envoy.as_deref().or(envoy) {
         cmd.env("ENVOY_BIN", envoy);
     }
