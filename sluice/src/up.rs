@@ -19,9 +19,7 @@ use sluice_xds_server::status::LoadBalancers;
 use sluice_xds_server::translate::GatewayConfig;
 
 use sluice_runtime::leftovers::{reap_leftovers, stale_run_dirs};
-use sluice_runtime::{
-    InstanceState, PortPool, RuntimeKind, RuntimeOptions, RuntimeSnapshot, StateLock,
-};
+use sluice_runtime::{InstanceState, PortPool, RuntimeOptions, RuntimeSnapshot, StateLock};
 
 use crate::envoy::{self, EnvoyOptions, XdsProtocol};
 use crate::envoy_supervisor::{CrashPolicy, SupervisedEnvoy};
@@ -163,6 +161,17 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let dir = std::fs::canonicalize(&args.dir)
         .with_context(|| format!("{}: cannot resolve the folder", args.dir.display()))?;
     let ports = PortPool::for_instances(args.address);
+    // The containers a killed run left go before this run's runtime makes its network (the reap
+    // removes the owner's networks too).
+    if args.runtime != RuntimeChoice::Process {
+        match sluice_runtime::reap_leftover_containers(&owner).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                "removed {n} container(s) an earlier `sluice up` on this state dir left running"
+            ),
+            Err(e) => tracing::debug!(error = %e, "no leftover containers removed"),
+        }
+    }
     let (runtime, decision) = runtime_choice::start(
         args.runtime,
         RuntimeOptions {
@@ -172,11 +181,6 @@ pub async fn run(args: UpArgs) -> Result<()> {
     )
     .await?;
     tracing::info!("runtime: {} ({})", decision.kind, decision.why);
-    if decision.kind == RuntimeKind::Container {
-        // TODO(issue 13, lead): call `sluice_runtime::reap_leftover_containers(&owner)` here once the
-        // container runtime (branch r13-ctr-runtime) lands: it removes the containers an earlier run
-        // on this state dir left behind (kill -9), before any new one starts.
-    }
     let (plane, serving_report) = ServingPlane::start(ServingOptions {
         dir: dir.clone(),
         state_dir: state_dir.clone(),
