@@ -319,7 +319,7 @@ impl ImageService {
 
     /// As YAML.
     pub fn to_yaml(&self) -> String {
-        yaml::documents(&[self.value.clone()])
+        yaml::documents(std::slice::from_ref(&self.value))
     }
 }
 

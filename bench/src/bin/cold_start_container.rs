@@ -20,7 +20,6 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use http::StatusCode;
-use serde_json::Value;
 use sluice_e2e::Req;
 use sluice_e2e::containers::{ImageService, Stack, revision};
 use sluice_e2e::images::{self, TestImage, docker};
