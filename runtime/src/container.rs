@@ -18,10 +18,9 @@ use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::errors::Error as EngineError;
 use bollard::exec::{StartExecOptions, StartExecResults};
-use bollard::models::{ContainerCreateBody, ExecConfig, NetworkCreateRequest};
+use bollard::models::{ContainerCreateBody, ExecConfig};
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, KillContainerOptions,
-    ListContainersOptions, ListNetworksOptions, LogsOptions, RemoveContainerOptions,
+    CreateContainerOptions, InspectContainerOptions, KillContainerOptions, LogsOptions,
     StartContainerOptions, WaitContainerOptions,
 };
 use tokio::sync::{mpsc, watch};
@@ -31,16 +30,20 @@ use crate::core::{
     Backend, BackendInstance, Core, Exit, Kill, Launch, ResolveFuture, Resolved, StartContext,
     StartFailure, Started, canonical_owner,
 };
-use crate::engine::{self, ContainerPlan, ResolveStep};
+use crate::engine::{self, ContainerPlan};
+use crate::engine_api::{
+    engine_answered, engine_client, engine_words, ensure_network, lock, remove_all,
+    remove_container, remove_when_back, resolve_image, short, short_image, unavailable,
+};
 use crate::logs::{append, format_line};
 use crate::probe::ExecProbe;
 use crate::{
-    ImageSpec, InstanceRuntime, LaunchSpec, LogQuery, PullPolicy, RevisionFailure, RevisionKey,
-    RuntimeError, RuntimeKind, RuntimeOptions, RuntimeSnapshot,
+    InstanceRuntime, LaunchSpec, LogQuery, RevisionFailure, RevisionKey, RuntimeError, RuntimeKind,
+    RuntimeOptions, RuntimeSnapshot,
 };
 
-/// How long `connect` waits for the engine to answer.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// "No timeout" for the log and wait streams (a century; tokio handles far deadlines).
+const STREAM_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Container-runtime knobs beyond [`RuntimeOptions`].
 #[derive(Debug, Clone, Default)]
@@ -57,7 +60,7 @@ pub struct ContainerOptions {
 /// Dropping it removes every container it started (a blocking best effort on a thread of its own,
 /// since Drop cannot await); `sluice up` should still call [`ContainerRuntime::shutdown`] (graceful)
 /// or [`ContainerRuntime::kill_now`]. A run that died by kill -9 leaves containers labelled with its
-/// owner: [`reap_leftover_containers`] removes them.
+/// owner: [`crate::reap_leftover_containers`] removes them.
 pub struct ContainerRuntime {
     core: Arc<Core<ContainerBackend>>,
 }
@@ -206,187 +209,6 @@ impl InstanceRuntime for ContainerRuntime {
     }
 }
 
-/// Removes every container and network labelled with `owner` (the canonical state dir): what a run
-/// killed with kill -9 left. Call it with the state dir locked (see [`crate::StateLock`]), beside
-/// [`crate::leftovers::reap_leftovers`]. Returns how many containers it removed.
-pub async fn reap_leftover_containers(owner: &str) -> Result<usize, RuntimeError> {
-    reap_leftover_containers_at(None, owner).await
-}
-
-/// [`reap_leftover_containers`] on the engine at `engine` (see [`ContainerOptions::engine`]).
-pub async fn reap_leftover_containers_at(
-    engine: Option<&str>,
-    owner: &str,
-) -> Result<usize, RuntimeError> {
-    let docker = engine_client(engine).await?;
-    let filter = |key: &str| {
-        Some(
-            [(
-                key.to_string(),
-                vec![format!("{}={owner}", engine::LABEL_OWNER)],
-            )]
-            .into_iter()
-            .collect(),
-        )
-    };
-    let containers = docker
-        .list_containers(Some(ListContainersOptions {
-            all: true,
-            filters: filter("label"),
-            ..Default::default()
-        }))
-        .await
-        .map_err(engine_error)?;
-    let ids: Vec<String> = containers.into_iter().filter_map(|c| c.id).collect();
-    let count = ids.len();
-    remove_all(&docker, ids).await;
-    let networks = docker
-        .list_networks(Some(ListNetworksOptions {
-            filters: filter("label"),
-        }))
-        .await
-        .map_err(engine_error)?;
-    for net in networks {
-        if let Some(name) = net.name
-            && let Err(e) = docker.remove_network(&name).await
-        {
-            tracing::warn!(network = %name, error = %e, "cannot remove a leftover network");
-        }
-    }
-    Ok(count)
-}
-
-/// The engine client: `DOCKER_HOST` or the default socket, API version negotiated down to the
-/// engine's (Docker 20.10 speaks 1.41; Podman's compatible socket the same way).
-async fn engine_client(engine: Option<&str>) -> Result<Docker, RuntimeError> {
-    // bollard's default request timeout (seconds); streams (logs, wait) are not bound by it.
-    const TIMEOUT: u64 = 120;
-    let docker = match engine {
-        None => Docker::connect_with_defaults(),
-        Some(unix) if unix.starts_with("unix://") || unix.starts_with('/') => {
-            Docker::connect_with_unix(unix, TIMEOUT, bollard::API_DEFAULT_VERSION)
-        }
-        Some(http) => Docker::connect_with_http(http, TIMEOUT, bollard::API_DEFAULT_VERSION),
-    }
-    .map_err(engine_error)?;
-    match tokio::time::timeout(CONNECT_TIMEOUT, docker.negotiate_version()).await {
-        Ok(Ok(docker)) => Ok(docker),
-        Ok(Err(e)) => Err(engine_error(e)),
-        Err(_) => Err(RuntimeError::Engine {
-            message: format!("no answer from the engine within {CONNECT_TIMEOUT:?}"),
-        }),
-    }
-}
-
-fn engine_error(e: EngineError) -> RuntimeError {
-    RuntimeError::Engine {
-        message: engine_words(&e),
-    }
-}
-
-/// What the engine said, or why it could not be reached.
-fn engine_words(e: &EngineError) -> String {
-    match e {
-        EngineError::DockerResponseServerError { message, .. } => message.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// Whether the engine answered (as opposed to: could not be reached).
-fn engine_answered(e: &EngineError) -> bool {
-    matches!(
-        e,
-        EngineError::DockerResponseServerError { .. }
-            | EngineError::DockerContainerWaitError { .. }
-            | EngineError::JsonDataError { .. }
-    )
-}
-
-fn unavailable(e: &EngineError) -> RevisionFailure {
-    RevisionFailure {
-        reason: engine::REASON_ENGINE_UNAVAILABLE.to_string(),
-        message: format!("the container engine does not answer: {}", engine_words(e)),
-    }
-}
-
-async fn ensure_network(
-    docker: &Docker,
-    name: &str,
-    owner: &str,
-    extra: &[(String, String)],
-) -> Result<(), RuntimeError> {
-    match docker
-        .inspect_network(
-            name,
-            None::<bollard::query_parameters::InspectNetworkOptions>,
-        )
-        .await
-    {
-        Ok(_) => return Ok(()),
-        Err(EngineError::DockerResponseServerError {
-            status_code: 404, ..
-        }) => {}
-        Err(e) => return Err(engine_error(e)),
-    }
-    let mut labels: std::collections::HashMap<String, String> = extra.iter().cloned().collect();
-    labels.insert(engine::LABEL_OWNER.to_string(), owner.to_string());
-    let created = docker
-        .create_network(NetworkCreateRequest {
-            name: name.to_string(),
-            driver: Some("bridge".to_string()),
-            labels: Some(labels),
-            ..Default::default()
-        })
-        .await;
-    match created {
-        Ok(_) => Ok(()),
-        // Created meanwhile (a concurrent connect on the same owner).
-        Err(EngineError::DockerResponseServerError {
-            status_code: 409, ..
-        }) => Ok(()),
-        Err(e) => Err(engine_error(e)),
-    }
-}
-
-/// Force-removes a container (killing it if it runs) and its anonymous volumes; a container already
-/// gone is fine.
-async fn remove_container(docker: &Docker, id: &str) -> Result<(), EngineError> {
-    match docker
-        .remove_container(
-            id,
-            Some(RemoveContainerOptions {
-                force: true,
-                v: true,
-                ..Default::default()
-            }),
-        )
-        .await
-    {
-        Err(EngineError::DockerResponseServerError {
-            status_code: 404, ..
-        }) => Ok(()),
-        other => other,
-    }
-}
-
-/// Force-removes containers concurrently and waits for all.
-async fn remove_all(docker: &Docker, ids: impl IntoIterator<Item = String>) {
-    let mut set = tokio::task::JoinSet::new();
-    for id in ids {
-        let docker = docker.clone();
-        set.spawn(async move {
-            if let Err(e) = remove_container(&docker, &id).await {
-                tracing::warn!(container = %short(&id), error = %e, "cannot remove container");
-            }
-        });
-    }
-    while set.join_next().await.is_some() {}
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 pub(crate) struct ContainerBackend {
     docker: Docker,
     network: String,
@@ -397,108 +219,6 @@ pub(crate) struct ContainerBackend {
     /// Containers created and not removed yet: what Drop removes.
     live: Arc<Mutex<BTreeSet<String>>>,
     engine: Option<String>,
-}
-
-/// Resolves one image under its pull policy; returns its ID and its configured user.
-async fn resolve_image(
-    docker: &Docker,
-    image: &ImageSpec,
-    need_user: bool,
-) -> Result<(String, Option<String>), RevisionFailure> {
-    if let Some(pinned) = &image.pinned
-        && !need_user
-    {
-        return Ok((pinned.clone(), None));
-    }
-    let reference = image.pinned.as_deref().unwrap_or(&image.reference);
-    let missing = |words: String| RevisionFailure {
-        reason: engine::REASON_CONTAINER_MISSING.to_string(),
-        message: engine::image_missing_message(&image.reference, &words),
-    };
-    let step = if image.pinned.is_some() {
-        ResolveStep::InspectOnly
-    } else {
-        engine::resolve_step(image.pull_policy)
-    };
-    let inspect = || inspect_image(docker, reference);
-    match step {
-        ResolveStep::InspectOnly => match inspect().await? {
-            Some(found) => Ok(found),
-            None => Err(missing(if image.pull_policy == PullPolicy::Never {
-                format!(
-                    "the image is not present locally and imagePullPolicy is Never (engine: No such image: {reference})"
-                )
-            } else {
-                format!("No such image: {reference}")
-            })),
-        },
-        ResolveStep::InspectThenPull => {
-            if let Some(found) = inspect().await? {
-                return Ok(found);
-            }
-            pull(docker, reference).await.map_err(&missing)?;
-            inspect()
-                .await?
-                .ok_or_else(|| missing(format!("No such image after pull: {reference}")))
-        }
-        ResolveStep::PullThenInspect => {
-            let pulled = pull(docker, reference).await;
-            match (inspect().await?, pulled) {
-                (Some(found), Ok(())) => Ok(found),
-                (Some(found), Err(words)) => {
-                    // No registry on a development machine is normal: run the local image.
-                    tracing::warn!(image = %reference, error = %words, "imagePullPolicy Always: the pull failed, using the local image");
-                    Ok(found)
-                }
-                (None, Err(words)) => Err(missing(words)),
-                (None, Ok(())) => Err(missing(format!("No such image after pull: {reference}"))),
-            }
-        }
-    }
-}
-
-/// `Ok(None)` when the engine has no such image.
-async fn inspect_image(
-    docker: &Docker,
-    reference: &str,
-) -> Result<Option<(String, Option<String>)>, RevisionFailure> {
-    match docker.inspect_image(reference).await {
-        Ok(info) => Ok(Some((
-            info.id.unwrap_or_default(),
-            info.config.and_then(|c| c.user),
-        ))),
-        Err(EngineError::DockerResponseServerError {
-            status_code: 404, ..
-        }) => Ok(None),
-        Err(e) if engine_answered(&e) => Err(RevisionFailure {
-            reason: engine::REASON_CONTAINER_MISSING.to_string(),
-            message: engine::image_missing_message(reference, &engine_words(&e)),
-        }),
-        Err(e) => Err(unavailable(&e)),
-    }
-}
-
-/// Pulls `reference`; `Err` holds the engine's words.
-async fn pull(docker: &Docker, reference: &str) -> Result<(), String> {
-    let mut stream = docker.create_image(
-        Some(CreateImageOptions {
-            from_image: Some(reference.to_string()),
-            ..Default::default()
-        }),
-        None,
-        None,
-    );
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(info) => {
-                if let Some(err) = info.error_detail.and_then(|d| d.message) {
-                    return Err(err);
-                }
-            }
-            Err(e) => return Err(engine_words(&e)),
-        }
-    }
-    Ok(())
 }
 
 impl Backend for ContainerBackend {
@@ -517,6 +237,37 @@ impl Backend for ContainerBackend {
                  `command` runs on the process runtime)"
                     .into(),
             ));
+        }
+        let mounts = spec
+            .mounts
+            .iter()
+            .map(|m| (spec.container_name.as_str(), m))
+            .chain(
+                spec.sidecars
+                    .iter()
+                    .flat_map(|s| s.mounts.iter().map(|m| (s.name.as_str(), m))),
+            );
+        for (container, m) in mounts {
+            match &m.source {
+                crate::MountSource::Dir(dir) if !dir.is_absolute() => {
+                    return Err(fail(format!(
+                        "container {container:?}: volumeMount {:?}: source folder {} must be an \
+                         absolute path",
+                        m.target,
+                        dir.display()
+                    )));
+                }
+                crate::MountSource::EmptyDir { name, .. }
+                    if name.is_empty() || name == ".." || name.contains('/') =>
+                {
+                    return Err(fail(format!(
+                        "container {container:?}: volumeMount {:?}: emptyDir name {name:?} is not \
+                         a valid volume name",
+                        m.target
+                    )));
+                }
+                _ => {}
+            }
         }
         for sidecar in &spec.sidecars {
             if sidecar.image.reference.is_empty() {
@@ -816,37 +567,77 @@ impl StartJob {
         name: &str,
         body: ContainerCreateBody,
     ) -> Result<String, StartFailure> {
-        let created = self
-            .docker
-            .create_container(
-                Some(CreateContainerOptions {
-                    name: Some(name.to_string()),
-                    ..Default::default()
-                }),
-                body,
-            )
+        // The network may have gone away (a reap of leftovers, `docker network prune`); the engine
+        // says so at create or at start. Make it again and retry once.
+        let network_gone = |e: &EngineError| {
+            matches!(e, EngineError::DockerResponseServerError { status_code: 404, message }
+                if message.starts_with("network "))
+        };
+        let mut retried = false;
+        loop {
+            let created = self
+                .docker
+                .create_container(
+                    Some(CreateContainerOptions {
+                        name: Some(name.to_string()),
+                        ..Default::default()
+                    }),
+                    body.clone(),
+                )
+                .await;
+            let id = match created {
+                Ok(created) => created.id,
+                Err(e) if network_gone(&e) && !retried => {
+                    retried = true;
+                    self.recreate_network().await?;
+                    continue;
+                }
+                Err(e) => return Err(self.start_failure("create container", e)),
+            };
+            lock(&self.ids).push(id.clone());
+            lock(&self.live).insert(id.clone());
+            match self
+                .docker
+                .start_container(&id, None::<StartContainerOptions>)
+                .await
+            {
+                Ok(()) => return Ok(id),
+                Err(e) if network_gone(&e) && !retried => {
+                    retried = true;
+                    if remove_container(&self.docker, &id).await.is_ok() {
+                        lock(&self.live).remove(&id);
+                        lock(&self.ids).retain(|i| *i != id);
+                    }
+                    self.recreate_network().await?;
+                }
+                Err(e) => return Err(self.start_failure("start container", e)),
+            }
+        }
+    }
+
+    async fn recreate_network(&self) -> Result<(), StartFailure> {
+        tracing::info!(network = %self.network, "the network is gone; creating it again");
+        ensure_network(&self.docker, &self.network, &self.owner, &self.extra_labels)
             .await
-            .map_err(|e| self.start_failure("create container", e))?;
-        let id = created.id;
-        lock(&self.ids).push(id.clone());
-        lock(&self.live).insert(id.clone());
-        self.docker
-            .start_container(&id, None::<StartContainerOptions>)
-            .await
-            .map_err(|e| self.start_failure("start container", e))?;
-        Ok(id)
+            .map_err(|e| StartFailure {
+                message: e.to_string(),
+                failure: None,
+            })
     }
 
     /// Copies the container's output into the instance log and reports its exit.
     fn follow(&self, id: &str, sidecar: Option<String>, exits: &mpsc::UnboundedSender<Exit>) {
+        // bollard's request timeout covers waiting for the response head; an engine may hold that
+        // back until a wait ends or a log line comes, so these long-lived requests get no timeout.
+        let streams = self.docker.clone().with_timeout(STREAM_TIMEOUT);
         self.handle.spawn(copy_logs(
-            self.docker.clone(),
+            streams.clone(),
             id.to_string(),
             Arc::clone(&self.log),
             self.name.clone(),
             sidecar.clone(),
         ));
-        let docker = self.docker.clone();
+        let docker = streams;
         let id = id.to_string();
         let exits = exits.clone();
         self.handle.spawn(async move {
@@ -963,42 +754,6 @@ async fn copy_logs(
             emit(name, &buf);
         }
     }
-}
-
-/// Retries removing `ids` every 2 s for up to 10 minutes.
-async fn remove_when_back(
-    docker: Docker,
-    mut ids: Vec<String>,
-    live: Arc<Mutex<BTreeSet<String>>>,
-) {
-    for _ in 0..300 {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let mut left = Vec::new();
-        for id in ids {
-            match remove_container(&docker, &id).await {
-                Ok(()) => {
-                    lock(&live).remove(&id);
-                }
-                Err(e) if !engine_answered(&e) => left.push(id),
-                Err(e) => {
-                    tracing::warn!(container = %short(&id), error = %e, "cannot remove container")
-                }
-            }
-        }
-        if left.is_empty() {
-            return;
-        }
-        ids = left;
-    }
-}
-
-fn short(id: &str) -> &str {
-    &id[..id.len().min(12)]
-}
-
-fn short_image(id: &str) -> &str {
-    let hex = id.strip_prefix("sha256:").unwrap_or(id);
-    &hex[..hex.len().min(12)]
 }
 
 /// Kills an instance's containers from any thread.

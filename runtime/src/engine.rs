@@ -63,6 +63,17 @@ pub fn resolve_step(policy: PullPolicy) -> ResolveStep {
     }
 }
 
+/// The reference to pull: an untagged one means `:latest`, as for Kubernetes (the engine's pull API
+/// would fetch every tag of a reference without one).
+pub fn pull_reference(reference: &str) -> String {
+    let name = reference.rsplit('/').next().unwrap_or(reference);
+    if reference.contains('@') || name.contains(':') {
+        reference.to_string()
+    } else {
+        format!("{reference}:latest")
+    }
+}
+
 /// Kubernetes' runAsNonRoot check (kubelet `verifyRunAsNonRoot`): the effective user is the
 /// securityContext's runAsUser, else the image's `User`. Err is the message.
 pub fn verify_run_as_non_root(
@@ -457,6 +468,14 @@ mod tests {
             "Unable to fetch image \"app:v1\": No such image: app:v1"
         );
         assert_eq!(resolve_step(PullPolicy::Never), ResolveStep::InspectOnly);
+        for (reference, want) in [
+            ("app", "app:latest"),
+            ("localhost:5000/app", "localhost:5000/app:latest"),
+            ("localhost:5000/app:v1", "localhost:5000/app:v1"),
+            ("app@sha256:abc", "app@sha256:abc"),
+        ] {
+            assert_eq!(pull_reference(reference), want);
+        }
         assert_eq!(describe_exit(137, true), "exit code 137 (OOMKilled)");
         assert_eq!(describe_exit(1, false), "exit code 1");
     }

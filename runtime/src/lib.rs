@@ -1,4 +1,5 @@
-//! Runs revision instances as local processes: spawn, readiness, stop, restart, logs.
+//! Runs revision instances as containers on a Docker-compatible engine or as local processes, behind
+//! one interface: spawn, probes, stop, restart, logs.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), sluice_runtime::RuntimeError> {
@@ -23,6 +24,7 @@ mod backoff;
 mod container;
 mod core;
 mod engine;
+mod engine_api;
 mod expand;
 mod health;
 mod instance_runtime;
@@ -45,9 +47,8 @@ use std::time::{Instant, SystemTime};
 pub use sluice_api::autoscaling::RevisionKey;
 
 pub use backoff::{BackoffPolicy, RestartBackoff};
-pub use container::{
-    ContainerOptions, ContainerRuntime, reap_leftover_containers, reap_leftover_containers_at,
-};
+pub use container::{ContainerOptions, ContainerRuntime};
+pub use engine_api::{reap_leftover_containers, reap_leftover_containers_at};
 pub use expand::{expand, expand_env};
 pub use health::{HealthEvent, HealthTracker, ProbeKind};
 pub use instance_runtime::{InstanceRuntime, RuntimeKind};
@@ -112,11 +113,13 @@ pub enum InstanceState {
 pub struct InstanceStatus {
     /// `<revision>-<5 random characters>`, as a pod name (also the log file's name).
     pub name: String,
-    /// The PORT given to the process.
+    /// The PORT given to the process, or the container port (container runtime).
     pub port: u16,
-    /// `127.0.0.1:<port>`: where to send its traffic.
+    /// Where to send its traffic: `127.0.0.1:<port>` for a process, `<container IP on the runtime's
+    /// bridge network>:<container port>` for a container (`0.0.0.0:<port>` until it has started).
     pub address: SocketAddr,
     pub state: InstanceState,
+    /// The process (or the serving container's main process, as the host sees it).
     pub pid: Option<u32>,
     /// Just before the process was spawned (monotonic: `ready_at - spawned_at` is the app's startup time
     /// plus at most one startup probe interval).

@@ -253,6 +253,51 @@ mod tests {
         assert_eq!(grpc_health_status(&[0, 0, 0]), None);
     }
 
+    /// A real h2c server answering Health/Check with `status` (and `grpc-status` 0 in trailers).
+    async fn health_server(status: u8) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        use http_body_util::{BodyExt, Full};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| async move {
+                        let path_ok = req.uri().path() == "/grpc.health.v1.Health/Check";
+                        let frame = Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]);
+                        let mut trailers = http::HeaderMap::new();
+                        let code = if path_ok { "0" } else { "12" };
+                        trailers.insert("grpc-status", code.parse().unwrap());
+                        let body =
+                            Full::new(frame).with_trailers(async move { Some(Ok(trailers)) });
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(body)
+                                .unwrap(),
+                        )
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn grpc_probe_wants_serving() {
+        let (serving, a) = health_server(1).await;
+        assert_eq!(grpc_health(serving, "").await, Ok(()));
+        assert_eq!(grpc_health(serving, "my.Service").await, Ok(()));
+        let (not_serving, b) = health_server(2).await;
+        let err = grpc_health(not_serving, "").await.unwrap_err();
+        assert!(err.contains("status 2"), "{err}");
+        a.abort();
+        b.abort();
+    }
+
     #[tokio::test]
     async fn grpc_probe_fails_without_a_server() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

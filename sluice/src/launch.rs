@@ -154,7 +154,7 @@ pub fn launch_spec(rev: &Revision, inputs: &LaunchInputs<'_>) -> Result<Launch, 
     );
     spec.args = container.args.clone();
     spec.container_name = container.name.clone();
-    spec.env = resolve_env(container, rev, inputs, &at(serving_index))?;
+    spec.env = resolve_env(container, rev, inputs, &at(serving_index), &mut warnings)?;
     let timeout_seconds = rev.spec.timeout_seconds.unwrap_or(300).max(0) as u64;
     // Knative: the pod's terminationGracePeriodSeconds is the revision timeout, so in-flight
     // requests can finish; locally at most Kubernetes' default 30 s, so Ctrl-C does not hang.
@@ -219,7 +219,7 @@ pub fn launch_spec(rev: &Revision, inputs: &LaunchInputs<'_>) -> Result<Launch, 
                 image: image_spec(c, &at(i), None)?,
                 command: c.command.clone(),
                 args: c.args.clone(),
-                env: resolve_env(c, rev, inputs, &at(i))?,
+                env: resolve_env(c, rev, inputs, &at(i), &mut warnings)?,
                 working_dir: (!c.working_dir.is_empty()).then(|| PathBuf::from(&c.working_dir)),
                 readiness: sidecar_probe(&c.readiness_probe, "readinessProbe", &mut warnings),
                 liveness: sidecar_probe(&c.liveness_probe, "livenessProbe", &mut warnings),
@@ -296,6 +296,7 @@ fn resolve_env(
     rev: &Revision,
     inputs: &LaunchInputs<'_>,
     at: &str,
+    warnings: &mut Vec<String>,
 ) -> Result<Vec<(String, String)>, LaunchFailure> {
     let ns = &rev.metadata.namespace;
     let mut env = Vec::new();
@@ -348,27 +349,26 @@ fn resolve_env(
             };
             key_value("Secret", ns, &r.name, &r.key, r.optional, data)?
         } else if let Some(f) = &from.field_ref {
-            Some(field_value(rev, &f.field_path).ok_or_else(|| {
-                LaunchFailure::new(
-                    REASON_CONFIG_ERROR,
-                    format!(
-                        "{at}.env[{i}].valueFrom.fieldRef.fieldPath: {:?} is not supported locally \
-                         (supported: metadata.name, metadata.namespace, metadata.labels['...'], \
-                         metadata.annotations['...'], spec.serviceAccountName)",
-                        f.field_path
-                    ),
-                )
-            })?)
+            let value = field_value(rev, &f.field_path);
+            if value.is_none() {
+                warnings.push(format!(
+                    "{at}.env[{i}].valueFrom.fieldRef.fieldPath: {:?} has no local value, so {} is \
+                     left unset (supported: metadata.name, metadata.namespace, \
+                     metadata.labels['...'], metadata.annotations['...'], spec.serviceAccountName)",
+                    f.field_path, e.name
+                ));
+            }
+            value
         } else if let Some(r) = &from.resource_field_ref {
-            Some(resource_field_value(c, r).ok_or_else(|| {
-                LaunchFailure::new(
-                    REASON_CONFIG_ERROR,
-                    format!(
-                        "{at}.env[{i}].valueFrom.resourceFieldRef: {:?} is not set on the container",
-                        r.resource
-                    ),
-                )
-            })?)
+            let value = resource_field_value(c, r);
+            if value.is_none() {
+                warnings.push(format!(
+                    "{at}.env[{i}].valueFrom.resourceFieldRef: {:?} is not set on the container, so \
+                     {} is left unset",
+                    r.resource, e.name
+                ));
+            }
+            value
         } else {
             None
         };

@@ -193,6 +193,19 @@ fn env_comes_from_config_maps_secrets_and_fields_in_kubernetes_order() {
             ("TEAM", "blue"),
         ]
     );
+    // A pod field with no local meaning is left unset and said.
+    let rev = revision(
+        "  containers:\n  - image: web\n    env:\n    - name: IP\n      valueFrom: {fieldRef: {fieldPath: status.podIP}}\n    \
+         - name: CPU\n      valueFrom: {resourceFieldRef: {resource: limits.cpu, divisor: 1m}}\n    \
+         resources: {limits: {cpu: 250m}}\n",
+    );
+    let l = World::new().launch(RuntimeKind::Container, &rev).unwrap();
+    assert_eq!(env_of(&l), [("CPU", "250")]);
+    assert!(
+        l.warnings[0].contains("\"status.podIP\" has no local value, so IP is left unset"),
+        "{:?}",
+        l.warnings
+    );
     // Without a prefix a key that is not an env name is skipped, as Kubernetes does.
     let rev = revision(
         "  containers:\n  - image: web\n    envFrom: [{configMapRef: {name: settings}}]\n",

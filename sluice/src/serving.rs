@@ -32,7 +32,9 @@ use sluice_api::serving::{self, Revision};
 use sluice_autoscaler::{
     AutoscalerConfig, AutoscalerService, Mode, RevisionScaling, ScaleError, Scaler, ServiceOptions,
 };
-use sluice_runtime::{InstanceRuntime, InstanceState, PortLease, PortPool, RuntimeSnapshot};
+use sluice_runtime::{
+    InstanceRuntime, InstanceState, PortLease, PortPool, RuntimeError, RuntimeSnapshot,
+};
 use sluice_serving::{
     KNATIVE_SERVING_NAMESPACE, ReconcileInput, RevisionFacts, RevisionHealth, ServingConfig,
     ServingState, reconcile,
@@ -87,8 +89,6 @@ pub struct ServingReport {
     pub routes: Vec<serving::Route>,
     /// Which runtime runs the instances, and why.
     pub runtime: RuntimeReport,
-    /// Knative kinds in the folder that Sluice does not serve (yet), with their file.
-    pub unsupported: Vec<UnsupportedObject>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -96,16 +96,6 @@ pub struct RuntimeReport {
     /// `container` or `process`.
     pub kind: String,
     pub reason: String,
-}
-
-/// An object of a kind Sluice does not serve, where it was read.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct UnsupportedObject {
-    pub api_version: String,
-    pub kind: String,
-    pub name: String,
-    pub origin: String,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -196,6 +186,8 @@ pub struct ServingPlane {
     state_dir: PathBuf,
     /// The serving state to write to the state file (the writer task keeps the newest).
     state_writes: watch::Sender<Option<ServingState>>,
+    /// Why the state file an earlier run left was not used (shown with the folder's problems).
+    state_problem: Option<String>,
     autoscaler: AutoscalerService,
     activator: Activator,
     _activator_tasks: ActivatorTasks,
@@ -242,6 +234,16 @@ impl ServingPlane {
             tracing::error!("{problem}");
         }
         let state_writes = spawn_state_writer(options.state_dir.clone());
+        // Volume files are written afresh when each revision launches; an earlier run's go first.
+        let volumes = options.state_dir.join("volumes");
+        if volumes.exists()
+            && let Err(e) = std::fs::remove_dir_all(&volumes)
+        {
+            tracing::warn!(
+                "removing an earlier run's volumes at {}: {e}",
+                volumes.display()
+            );
+        }
         let stats_url: http::Uri = format!(
             "http://{}/stats/prometheus?usedonly&filter=^sluice_qp__",
             options.envoy_admin
@@ -282,6 +284,7 @@ impl ServingPlane {
             runtime_report,
             state_dir: options.state_dir,
             state_writes,
+            state_problem: loaded.problem.clone(),
             autoscaler,
             activator,
             _activator_tasks: activator_tasks,
@@ -365,26 +368,17 @@ impl ServingPlane {
         rejected_sidecars: &BTreeMap<String, String>,
     ) -> SourceSnapshot {
         let mut errors = source.errors.clone();
+        if let Some(problem) = &self.state_problem {
+            errors.push(SourceError {
+                origin: "serving state".to_string(),
+                message: problem.clone(),
+            });
+        }
         let mut input = ReconcileInput::default();
         let mut config_maps: Vec<&ConfigMap> = Vec::new();
-        let mut unsupported = Vec::new();
         let mut autoscaler_data = BTreeMap::new();
         for object in &source.objects {
             match object {
-                Object::Other {
-                    api_version,
-                    kind,
-                    name,
-                } => unsupported.push(UnsupportedObject {
-                    api_version: api_version.clone(),
-                    kind: kind.clone(),
-                    name: name.clone(),
-                    origin: source
-                        .origins
-                        .get(&format!("{kind} {name}"))
-                        .cloned()
-                        .unwrap_or_default(),
-                }),
                 Object::KnativeService(s) => input.services.push(s.clone()),
                 Object::Configuration(c) => input.configurations.push(c.clone()),
                 Object::Route(r) => input.routes.push(r.clone()),
@@ -690,7 +684,6 @@ impl ServingPlane {
                 revisions: revision_reports,
                 routes: out.routes.clone(),
                 runtime: self.runtime_report.clone(),
-                unsupported,
             };
             if *current == next {
                 return false;
@@ -832,7 +825,11 @@ impl ServingPlane {
         self.runtime
             .set_revision(key.clone(), launch.spec)
             .map_err(|e| LaunchFailure {
-                reason: launch::REASON_INVALID_SPEC.to_string(),
+                reason: match e {
+                    RuntimeError::Engine { .. } => launch::REASON_ENGINE_UNAVAILABLE,
+                    _ => launch::REASON_INVALID_SPEC,
+                }
+                .to_string(),
                 message: e.to_string(),
             })?;
         let _ = self.autoscaler.upsert_revision(key.clone(), scaling);

@@ -73,8 +73,12 @@ fn set_aside_path(path: &Path, now_unix: u64) -> PathBuf {
 /// Writes `state` to the state file in `state_dir` atomically: a reader (or a crash) sees the old
 /// file or the new one, never half of one.
 pub fn save(state_dir: &Path, state: &ServingState) -> std::io::Result<()> {
+    // A temporary file of its own per write: two writers (the background one and the last write at
+    // shutdown) never rename each other's half-written file into place.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = state_dir.join(STATE_FILE);
-    let tmp = state_dir.join(format!(".{STATE_FILE}.tmp"));
+    let tmp = state_dir.join(format!(".{STATE_FILE}.{}.{n}.tmp", std::process::id()));
     let json = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
     {
         use std::io::Write;

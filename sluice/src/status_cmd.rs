@@ -258,22 +258,6 @@ fn render_table(report: &serde_json::Value) -> String {
             "Envoy rejected the newest configuration: {nack}\n"
         ));
     }
-    let unsupported = report["unsupported"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    if !unsupported.is_empty() {
-        out.push_str("\nNot supported by Sluice (ignored):\n");
-        for o in unsupported {
-            out.push_str(&format!(
-                "  {}: {} {} {}\n",
-                str_of(&o["origin"]),
-                str_of(&o["apiVersion"]),
-                str_of(&o["kind"]),
-                str_of(&o["name"])
-            ));
-        }
-    }
     let warnings: Vec<String> = revisions
         .iter()
         .flat_map(|rev| {
@@ -386,8 +370,6 @@ mod tests {
                 "warnings": ["spec.containers[0].resources.requests: not reserved locally"]
             }],
             "runtime": {"kind": "container", "reason": "a container engine answers"},
-            "unsupported": [{"apiVersion": "serving.knative.dev/v1beta1", "kind": "DomainMapping",
-                "name": "default/example.com", "origin": "dm.yaml:1"}],
             "ingresses": [], "errors": [], "envoy": {"generation": 1, "ackedGeneration": 1}
         });
         let t = render_table(&report);
@@ -404,10 +386,6 @@ mod tests {
         assert!(t.contains("1                2         instances"), "{t}");
         assert!(
             t.contains("Runtime: container (a container engine answers)"),
-            "{t}"
-        );
-        assert!(
-            t.contains("dm.yaml:1: serving.knative.dev/v1beta1 DomainMapping default/example.com"),
             "{t}"
         );
         assert!(

@@ -613,3 +613,185 @@ async fn sixty_services_become_ready_and_answer() {
         status["envoy"]
     );
 }
+
+/// Issue 13: the serving controller's memory is kept in the state dir, so a restart of `sluice up`
+/// (even after kill -9) keeps revision names, and a `traffic` entry pinned to a `revisionName` keeps
+/// reaching the code it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_revision_names_and_what_a_pinned_revision_runs() {
+    let mut sluice = Sluice::start().await.expect("sluice up");
+    sluice
+        .write("keep.yaml", &Svc::new("keep").yaml())
+        .expect("writing v1");
+    wait_service(&mut sluice, "keep", "keep-00001").await;
+    let v2 = Svc {
+        version: "2",
+        traffic: "  - revisionName: keep-00001\n    percent: 100\n  - latestRevision: true\n    percent: 0\n    tag: next",
+        ..Svc::new("keep")
+    };
+    sluice.write("keep.yaml", &v2.yaml()).expect("writing v2");
+    wait_service(&mut sluice, "keep", "keep-00002").await;
+    for signal in [libc::SIGTERM, libc::SIGKILL] {
+        sluice
+            .terminate(signal, Duration::from_secs(30))
+            .expect("sluice up stops");
+        sluice.restart().await.expect("sluice up again");
+        // Without the kept state the template would be generation 1 again: a new keep-00001 running v2.
+        let status = wait_service(&mut sluice, "keep", "keep-00002").await;
+        let names: Vec<&str> = status["revisions"]
+            .as_array()
+            .expect("revisions")
+            .iter()
+            .filter_map(|r| r["metadata"]["name"].as_str())
+            .filter(|n| n.starts_with("keep-"))
+            .collect();
+        assert_eq!(names, ["keep-00001", "keep-00002"], "after signal {signal}");
+        for (host, want) in [
+            ("keep.default.localhost", "1"),
+            ("next-keep.default.localhost", "2"),
+        ] {
+            let (code, body) = get(&sluice, host, "/env/APP_VERSION").await.expect("GET");
+            assert_eq!(
+                (code, body.as_str()),
+                (StatusCode::OK, want),
+                "{host} after signal {signal}"
+            );
+        }
+    }
+}
+
+/// Issue 13: env from a ConfigMap and a Secret of the folder. A missing one makes the revision
+/// Ready=False with Kubernetes' reason, naming it; the revision runs as soon as the YAML appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_from_config_maps_and_secrets_waits_for_them_and_then_runs() {
+    let mut sluice = Sluice::start().await.expect("sluice up");
+    let service = format!(
+        "apiVersion: serving.knative.dev/v1
+kind: Service
+metadata:
+  name: conf
+spec:
+  template:
+    spec:
+      containers:
+      - image: sluice-test-app
+        command: [\"{APP}\"]
+        envFrom:
+        - configMapRef: {{name: settings}}
+          prefix: CFG_
+        env:
+        - name: PASSWORD
+          valueFrom: {{secretKeyRef: {{name: creds, key: password}}}}
+"
+    );
+    sluice
+        .write("conf.yaml", &service)
+        .expect("writing the service");
+    let status = wait_status(
+        &mut sluice,
+        "revision conf-00001 not ready for want of its ConfigMap",
+        READY,
+        |s| {
+            find(s, "revisions", "conf-00001").is_some_and(|r| {
+                r["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter().any(|c| {
+                        c["type"] == "Ready"
+                            && c["status"] == "False"
+                            && c["reason"] == "CreateContainerConfigError"
+                    })
+                })
+            })
+        },
+    )
+    .await;
+    let rev = find(&status, "revisions", "conf-00001").expect("revision");
+    let ready = rev["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+        .expect("Ready condition");
+    assert!(
+        ready["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("configmap \"settings\" not found")),
+        "{ready}"
+    );
+    // base64 `data` for the Secret, as kubectl writes it ("hunter2").
+    sluice
+        .write(
+            "config.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {COLOR: blue}\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata: {name: creds}\ndata: {password: aHVudGVyMg==}\n",
+        )
+        .expect("writing the ConfigMap and Secret");
+    wait_service(&mut sluice, "conf", "conf-00001").await;
+    for (path, want) in [("/env/CFG_COLOR", "blue"), ("/env/PASSWORD", "hunter2")] {
+        let (code, body) = get(&sluice, "conf.default.localhost", path)
+            .await
+            .expect("GET");
+        assert_eq!((code, body.as_str()), (StatusCode::OK, want), "{path}");
+    }
+}
+
+/// Issue 13: with the process runtime, a Service with only an image is Ready=False saying what to do,
+/// while the rest runs; a Knative kind Sluice does not serve is listed with its file, not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_only_service_without_an_engine_says_what_to_do_and_the_rest_runs() {
+    let mut sluice = Sluice::start().await.expect("sluice up");
+    sluice
+        .write(
+            "image.yaml",
+            "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: image-only}\nspec:\n  \
+             template:\n    spec:\n      containers: [{image: example/image-only:v1}]\n---\n\
+             apiVersion: serving.knative.dev/v1beta1\nkind: DomainMapping\nmetadata: {name: example.com}\n\
+             spec:\n  ref: {name: image-only, kind: Service, apiVersion: serving.knative.dev/v1}\n",
+        )
+        .expect("writing the image-only service");
+    sluice
+        .write("fine.yaml", &Svc::new("fine").yaml())
+        .expect("writing a runnable service");
+    let status = wait_status(
+        &mut sluice,
+        "image-only-00001 not ready for want of an engine",
+        READY,
+        |s| {
+            find(s, "revisions", "image-only-00001").is_some_and(|r| {
+                r["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter().any(|c| {
+                        c["type"] == "Ready"
+                            && c["status"] == "False"
+                            && c["reason"] == "ContainerEngineUnavailable"
+                            && c["message"].as_str().is_some_and(|m| {
+                                m.contains("start Docker or Podman") && m.contains("command")
+                            })
+                    })
+                })
+            })
+        },
+    )
+    .await;
+    assert_eq!(
+        status["runtime"]["kind"], "process",
+        "{}",
+        status["runtime"]
+    );
+    let errors = status["errors"].as_array().expect("errors");
+    assert!(
+        errors.iter().any(|e| {
+            e["origin"]
+                .as_str()
+                .is_some_and(|o| o.ends_with("image.yaml:9"))
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("DomainMapping") && m.contains("not supported"))
+        }),
+        "{errors:?}"
+    );
+    wait_service(&mut sluice, "fine", "fine-00001").await;
+    let (code, body) = get(&sluice, "fine.default.localhost", "/")
+        .await
+        .expect("GET");
+    assert_eq!(
+        (code, body.as_str()),
+        (StatusCode::OK, "hello from fine-00001\n")
+    );
+}

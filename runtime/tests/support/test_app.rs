@@ -3,7 +3,7 @@
 //!
 //! `app [serve] [--message=TEXT]`: HTTP/1.1 on $LISTEN_PORT, else $PORT, else 8080, after
 //! $APP_STARTUP_MS. Routes: `/` (`hello <K_REVISION> <message>`), `/env/NAME`, `/crash` (exit 3),
-//! `/sick` (then `/healthz` answers 500), `/healthz`, `/touch/PATH` (creates /PATH), `/fetch/PORT`
+//! `/sick` (then `/healthz` answers 500), `/healthz`, `/touch/PATH` (creates /PATH), `/file/PATH`, `/fetch/PORT`
 //! (GET 127.0.0.1:PORT/ and answer its body).
 //! `app check-file PATH`: exit 0 when PATH exists (exec probes; the image has no shell).
 
@@ -91,6 +91,12 @@ fn route(path: &str, message: &str) -> (&'static str, String) {
         return match std::env::var(name) {
             Ok(v) => ("200 OK", v),
             Err(_) => ("404 Not Found", String::new()),
+        };
+    }
+    if let Some(file) = path.strip_prefix("/file/") {
+        return match std::fs::read_to_string(format!("/{file}")) {
+            Ok(text) => ("200 OK", text),
+            Err(e) => ("404 Not Found", e.to_string()),
         };
     }
     if let Some(file) = path.strip_prefix("/touch/") {

@@ -54,6 +54,9 @@ struct FileEntry {
     /// While the file does not parse, this holds its last good objects too.
     objects: Vec<Defined>,
     errors: Vec<SourceError>,
+    /// Documents of Knative kinds Sluice does not serve: reported with the errors, but the file is
+    /// not broken (its other objects apply as written).
+    notices: Vec<SourceError>,
 }
 
 /// One object of a file, and where it is defined.
@@ -226,6 +229,7 @@ impl FolderScan {
         let mut definitions: BTreeMap<(&'static str, &str, &str), Definitions> = BTreeMap::new();
         for (path, entry) in &self.files {
             errors.extend(entry.errors.iter().cloned());
+            errors.extend(entry.notices.iter().cloned());
             for defined in &entry.objects {
                 if let Some((kind, meta)) = defined.object.identity() {
                     definitions
@@ -322,6 +326,7 @@ impl FolderScan {
 /// before, so the snapshot only needs the objects replaced.
 fn same_objects(old: &FileEntry, new: &FileEntry) -> bool {
     old.errors == new.errors
+        && old.notices == new.notices
         && old.objects.len() == new.objects.len()
         && old.objects.iter().zip(&new.objects).all(|(a, b)| {
             let (a, b) = (a.object.identity(), b.object.identity());
@@ -421,6 +426,7 @@ fn read_file(
         modified,
         objects: Vec::new(),
         errors: Vec::new(),
+        notices: Vec::new(),
     };
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
@@ -451,6 +457,19 @@ fn read_file(
                 origin: at_line(path, document.line),
                 message: format!(
                     "{api_version} {kind} is not served by Sluice's networking layer; the document is ignored"
+                ),
+            }),
+            // A Knative kind no part of Sluice reads (DomainMapping, ContainerSource, SinkBinding,
+            // channels, subscriptions, flows...): said, not dropped silently.
+            Ok(Object::Other {
+                api_version,
+                kind,
+                name,
+            }) => entry.notices.push(SourceError {
+                origin: at_line(path, document.line),
+                message: format!(
+                    "{api_version} {kind} {name:?} is not supported by Sluice (yet); the document is \
+                     ignored"
                 ),
             }),
             Ok(object) => entry.objects.push(Defined {
@@ -510,13 +529,9 @@ fn keep_last_good(entry: &mut FileEntry, previous: Option<&FileEntry>) {
 /// Objects other parts of Sluice read from the same folder (so not an error here).
 fn is_known_elsewhere(api_version: &str, _kind: &str) -> bool {
     let group = api_version.split('/').next().unwrap_or_default();
-    matches!(
-        group,
-        "serving.knative.dev"
-            | "eventing.knative.dev"
-            | "sources.knative.dev"
-            | "messaging.knative.dev"
-    ) || (api_version == "v1" && _kind == "ConfigMap")
+    // Knative's groups (serving, eventing, sources, messaging, flows...): read by the serving and
+    // eventing planes, or reported as not supported.
+    group.ends_with(".knative.dev") || (api_version == "v1" && _kind == "ConfigMap")
 }
 
 impl StateSource for FolderSource {
@@ -829,6 +844,56 @@ spec:
             )
         );
         assert_eq!(snap.objects, good.objects);
+    }
+
+    #[test]
+    fn knative_kinds_sluice_does_not_serve_are_reported_with_file_and_kind() {
+        let service = "\
+apiVersion: serving.knative.dev/v1
+kind: Service
+metadata:
+  name: web
+spec:
+  template:
+    spec:
+      containers:
+      - image: web
+---
+apiVersion: serving.knative.dev/v1beta1
+kind: DomainMapping
+metadata:
+  name: example.com
+spec:
+  ref: {name: web, kind: Service, apiVersion: serving.knative.dev/v1}
+";
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("svc.yaml");
+        std::fs::write(&file, service).unwrap();
+        let mut scan = FolderScan::default();
+        let touched = BTreeSet::from([file.clone()]);
+        let snap = scan.rescan(dir.path(), &touched);
+        assert_eq!(snap.objects.len(), 1, "{:?}", snap.objects);
+        assert_eq!(
+            snap.errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            [format!(
+                "{}:11: serving.knative.dev/v1beta1 DomainMapping \"example.com\" is not \
+                 supported by Sluice (yet); the document is ignored",
+                file.display()
+            )]
+        );
+        // The file is not broken by it: removing the Service removes it (no "last good" kept).
+        std::fs::write(&file, service.split("---\n").nth(1).unwrap()).unwrap();
+        let snap = scan.rescan(dir.path(), &touched);
+        assert!(snap.objects.is_empty(), "{:?}", snap.objects);
+        assert_eq!(snap.errors.len(), 1, "{:?}", snap.errors);
+        assert!(
+            snap.errors[0].origin.ends_with("svc.yaml:1"),
+            "{:?}",
+            snap.errors
+        );
     }
 
     #[test]
