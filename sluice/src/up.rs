@@ -160,12 +160,6 @@ pub async fn run(args: UpArgs) -> Result<()> {
     };
     let dir = std::fs::canonicalize(&args.dir)
         .with_context(|| format!("{}: cannot resolve the folder", args.dir.display()))?;
-    // TODO(issue 13, lead): REAP LEFTOVER CONTAINERS HERE. Once the container runtime (branch
-    // r13-ctr-runtime) is on main, when `args.runtime != RuntimeChoice::Process` call
-    // `sluice_runtime::reap_leftover_containers(&owner).await` (log how many it removed; an error only
-    // means no engine answers, so log it at debug and go on). It removes the containers and networks an
-    // earlier run on this state dir left (kill -9), so it must run before `connect` below, which
-    // creates this run's network.
     let ports = PortPool::for_instances(args.address);
     // The containers a killed run left go before this run's runtime makes its network (the reap
     // removes the owner's networks too).
