@@ -160,18 +160,18 @@ pub async fn run(args: UpArgs) -> Result<()> {
     };
     let dir = std::fs::canonicalize(&args.dir)
         .with_context(|| format!("{}: cannot resolve the folder", args.dir.display()))?;
-    // Containers and the network an earlier run on this state dir left (kill -9): before `connect`
-    // below, which makes this run's network. An error only means no engine answers.
+    let ports = PortPool::for_instances(args.address);
+    // The containers a killed run left go before this run's runtime makes its network (the reap
+    // removes the owner's networks too).
     if args.runtime != RuntimeChoice::Process {
         match sluice_runtime::reap_leftover_containers(&owner).await {
             Ok(0) => {}
-            Ok(n) => tracing::warn!(
+            Ok(n) => tracing::info!(
                 "removed {n} container(s) an earlier `sluice up` on this state dir left running"
             ),
-            Err(e) => tracing::debug!("no leftover containers reaped: {e}"),
+            Err(e) => tracing::debug!(error = %e, "no leftover containers removed"),
         }
     }
-    let ports = PortPool::for_instances(args.address);
     let (runtime, decision) = runtime_choice::start(
         args.runtime,
         RuntimeOptions {

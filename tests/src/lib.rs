@@ -5,6 +5,8 @@
 //!   `wait_ready` on the control API, and the gateway's addresses.
 //! - [`client`]: HTTP/1.1, h2c and HTTPS requests to the gateway with a given Host.
 //! - [`yaml`]: builders for Ingress, Service, Endpoints and Secret objects.
+//! - [`images`]: `FROM scratch` images of the test app (static musl build), and guards that remove
+//!   test images and a run's containers from the engine; [`containers`]: the container tests' fixture.
 //! - [`backends`]: the echo (HTTP/1.1 + h2c), websocket and gRPC-style streaming backends, and TLS material.
 //!
 //! Errors are `anyhow`: this crate is only ever used by tests, which print them.
@@ -12,6 +14,8 @@
 pub mod backends;
 pub mod body;
 pub mod client;
+pub mod containers;
+pub mod images;
 pub mod knative;
 pub mod ports;
 pub mod process;
