@@ -578,14 +578,12 @@ async fn sixty_services_become_ready_and_answer() {
 async fn a_restart_keeps_revision_names_and_what_a_pinned_revision_runs() {
     let mut sluice = Sluice::start().await.expect("sluice up");
     sluice
-        .write("keep.yaml", &Svc::new("keep").yaml())
+        .write("keep.yaml", &svc("keep").yaml())
         .expect("writing v1");
     wait_service(&mut sluice, "keep", "keep-00001").await;
-    let v2 = Svc {
-        version: "2",
-        traffic: "  - revisionName: keep-00001\n    percent: 100\n  - latestRevision: true\n    percent: 0\n    tag: next",
-        ..Svc::new("keep")
-    };
+    let v2 = svc("keep").env("APP_VERSION", "2").traffic(
+        "  - revisionName: keep-00001\n    percent: 100\n  - latestRevision: true\n    percent: 0\n    tag: next",
+    );
     sluice.write("keep.yaml", &v2.yaml()).expect("writing v2");
     wait_service(&mut sluice, "keep", "keep-00002").await;
     for signal in [libc::SIGTERM, libc::SIGKILL] {
@@ -704,7 +702,7 @@ async fn an_image_only_service_without_an_engine_says_what_to_do_and_the_rest_ru
         )
         .expect("writing the image-only service");
     sluice
-        .write("fine.yaml", &Svc::new("fine").yaml())
+        .write("fine.yaml", &svc("fine").yaml())
         .expect("writing a runnable service");
     let status = wait_status(
         &mut sluice,
