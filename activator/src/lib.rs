@@ -111,6 +111,17 @@ pub struct RevisionConfig {
     /// Every instance address of the revision, ready or not: the activator probes them itself and
     /// sends traffic only to those that answered `K-Network-Probe: queue` with 200 "queue".
     pub backends: Vec<SocketAddr>,
+    /// Set while the revision's instances cannot start (its Ready=False reason and message): a
+    /// request no healthy instance can take gets 503 naming it at once, instead of waiting out the
+    /// timeout, and the requests already held get it too.
+    pub failure: Option<RevisionFailure>,
+}
+
+/// Why a revision cannot serve: its Ready=False reason (`ContainerMissing`, `ExitCode`...) and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevisionFailure {
+    pub reason: String,
+    pub message: String,
 }
 
 impl RevisionConfig {
@@ -121,6 +132,7 @@ impl RevisionConfig {
             timeout: DEFAULT_REVISION_TIMEOUT,
             max_queue: DEFAULT_MAX_QUEUE,
             backends,
+            failure: None,
         }
     }
 }
@@ -135,6 +147,8 @@ pub struct RevisionSnapshot {
     pub backends: usize,
     pub in_flight: u64,
     pub waiting: usize,
+    /// The revision is failed (see [`RevisionConfig::failure`]).
+    pub failed: bool,
 }
 
 /// How the activator is wired to the rest of Sluice.

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use crate::body::{Guarded, ProxyBody, empty, full};
 use crate::probe::PROBE_HEADER;
 use crate::revision::{Acquire, Slot};
-use crate::{Inner, lock};
+use crate::{Inner, RevisionFailure, lock};
 
 /// Knative's `activator.Name`: the value of `K-Network-Probe` the activator answers itself.
 const ACTIVATOR_PROBE_VALUE: &str = "activator";
@@ -188,6 +188,9 @@ async fn handle(
         {
             Acquire::Slot(s) => s,
             Acquire::QueueFull => return text(StatusCode::SERVICE_UNAVAILABLE, QUEUE_FULL_BODY),
+            Acquire::Failed(failure) => {
+                return text(StatusCode::SERVICE_UNAVAILABLE, failed_body(&key, &failure));
+            }
             Acquire::TimedOut => return text(StatusCode::GATEWAY_TIMEOUT, TIMEOUT_BODY),
             Acquire::Removed => {
                 return text(
@@ -506,6 +509,15 @@ fn remove_hop_headers(headers: &mut HeaderMap, keep_upgrade: Option<HeaderValue>
     }
 }
 
+/// What a client of a failed revision reads: the revision and its Ready=False reason and message, as
+/// `kn revision describe` would show them.
+fn failed_body(key: &RevisionKey, failure: &RevisionFailure) -> String {
+    format!(
+        "revision {key} cannot serve: {}: {}",
+        failure.reason, failure.message
+    )
+}
+
 fn proxy_error(e: impl std::fmt::Display) -> Response<ProxyBody> {
     // Knative's proxy ErrorHandler: 502 with the error.
     text(
@@ -556,6 +568,21 @@ mod tests {
         assert_eq!(last_header(&h, REVISION_HEADER).as_deref(), Some("b"));
         h.insert(NAMESPACE_HEADER, HeaderValue::from_static("  "));
         assert_eq!(last_header(&h, NAMESPACE_HEADER), None);
+    }
+
+    #[test]
+    fn a_failed_revision_is_named_with_its_reason_and_message() {
+        let body = failed_body(
+            &RevisionKey::new("default", "web-00001"),
+            &RevisionFailure {
+                reason: "ContainerMissing".into(),
+                message: "Unable to fetch image \"app:v1\": No such image".into(),
+            },
+        );
+        assert_eq!(
+            body,
+            "revision default/web-00001 cannot serve: ContainerMissing: Unable to fetch image \"app:v1\": No such image"
+        );
     }
 
     #[test]

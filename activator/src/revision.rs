@@ -12,7 +12,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::throttler::{Admission, Reservation, Throttler, WaiterId};
-use crate::{RevisionConfig, RevisionSnapshot, lock};
+use crate::{RevisionConfig, RevisionFailure, RevisionSnapshot, lock};
 
 pub(crate) struct Revision {
     pub(crate) key: RevisionKey,
@@ -25,10 +25,12 @@ pub(crate) struct Revision {
 struct State {
     throttler: Throttler,
     timeout: Duration,
-    waiters: HashMap<WaiterId, oneshot::Sender<Slot>>,
+    /// A waiter gets its slot, or the revision's failure when it fails while the request waits.
+    waiters: HashMap<WaiterId, oneshot::Sender<Result<Slot, RevisionFailure>>>,
     next_id: WaiterId,
     rng: fastrand::Rng,
     removed: bool,
+    failure: Option<RevisionFailure>,
 }
 
 /// A reserved place on one instance. Dropping it gives the place back and wakes the next waiter.
@@ -61,6 +63,8 @@ pub(crate) enum Acquire {
     TimedOut,
     /// The revision was removed while the request waited.
     Removed,
+    /// The revision cannot start instances, and none could take the request.
+    Failed(RevisionFailure),
 }
 
 /// Removes a waiter from the queue if it leaves before being granted (timeout, client gone).
@@ -92,10 +96,10 @@ fn dispatch_locked(rev: &Arc<Revision>, st: &mut State) {
                 res: Some(res),
             };
             let sent = match st.waiters.remove(&id) {
-                Some(tx) => tx.send(slot),
-                None => Err(slot),
+                Some(tx) => tx.send(Ok(slot)).map_err(|back| back.ok()),
+                None => Err(Some(slot)),
             };
-            if let Err(mut slot) = sent {
+            if let Err(Some(mut slot)) = sent {
                 // Release here, under the lock we hold; the emptied slot's Drop does nothing.
                 if let Some(res) = slot.res.take() {
                     st.throttler.release(res);
@@ -109,6 +113,7 @@ impl Revision {
     pub(crate) fn new(key: RevisionKey, config: &RevisionConfig) -> Arc<Self> {
         let mut throttler = Throttler::new(config.container_concurrency, config.max_queue);
         throttler.set_backends(&config.backends);
+        throttler.set_failed(config.failure.is_some());
         Arc::new(Revision {
             key,
             state: Mutex::new(State {
@@ -118,6 +123,7 @@ impl Revision {
                 next_id: 0,
                 rng: fastrand::Rng::new(),
                 removed: false,
+                failure: config.failure.clone(),
             }),
             probe_wake: Notify::new(),
             prober: Mutex::new(None),
@@ -132,6 +138,16 @@ impl Revision {
         let to_probe = st.throttler.set_backends(&config.backends);
         // New limits may free capacity for waiters.
         dispatch_locked(self, &mut st);
+        st.failure = config.failure.clone();
+        let released = st.throttler.set_failed(config.failure.is_some());
+        if let Some(failure) = &config.failure {
+            for id in released {
+                if let Some(tx) = st.waiters.remove(&id) {
+                    // A waiter that left meanwhile has nothing to answer.
+                    let _ = tx.send(Err(failure.clone()));
+                }
+            }
+        }
         drop(st);
         if !to_probe.is_empty() {
             self.probe_wake.notify_one();
@@ -143,7 +159,9 @@ impl Revision {
     }
 
     /// Waits for a place on an instance until `deadline`. `poke` runs when this request is the first
-    /// to wait (the revision has no free capacity).
+    /// to wait (the revision has no free capacity), and for each request refused because the
+    /// revision is failed: demand keeps the revision scaled up, so the runtime keeps trying to start
+    /// it and it recovers on its own once it can (as a Deployment retries its pods).
     pub(crate) async fn acquire(
         self: &Arc<Self>,
         deadline: Instant,
@@ -165,6 +183,15 @@ impl Revision {
                     });
                 }
                 Admission::QueueFull => return Acquire::QueueFull,
+                Admission::Failed => {
+                    let failure = st.failure.clone().unwrap_or_else(|| RevisionFailure {
+                        reason: "RevisionFailed".into(),
+                        message: String::new(),
+                    });
+                    drop(st);
+                    poke();
+                    return Acquire::Failed(failure);
+                }
                 Admission::Queued { first } => {
                     let (tx, rx) = oneshot::channel();
                     st.waiters.insert(id, tx);
@@ -177,7 +204,8 @@ impl Revision {
             poke();
         }
         match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(slot)) => Acquire::Slot(slot),
+            Ok(Ok(Ok(slot))) => Acquire::Slot(slot),
+            Ok(Ok(Err(failure))) => Acquire::Failed(failure),
             Ok(Err(_)) => Acquire::Removed,
             Err(_) => Acquire::TimedOut,
         }
@@ -235,6 +263,7 @@ impl Revision {
             backends: t.healthy_count() + t.unhealthy().len(),
             in_flight: t.in_flight(),
             waiting: t.waiting(),
+            failed: t.is_failed(),
         }
     }
 }

@@ -40,6 +40,9 @@ pub enum Admission {
     Queued { first: bool },
     /// Knative: `ErrRequestQueueFull` ("pending request queue full") -> 503.
     QueueFull,
+    /// The revision is failed (its instances cannot start) and no instance is free: answer at once
+    /// rather than hold the request until its timeout.
+    Failed,
 }
 
 /// The revision's capacity: containerConcurrency x healthy instances (Knative's `calculateCapacity`
@@ -71,6 +74,8 @@ pub struct Throttler {
     waiting: VecDeque<WaiterId>,
     lb: LbState,
     next_generation: u64,
+    /// Its instances cannot start (Ready=False from the runtime): requests are not held.
+    failed: bool,
 }
 
 impl Throttler {
@@ -83,6 +88,7 @@ impl Throttler {
             waiting: VecDeque::new(),
             lb: LbState::default(),
             next_generation: 0,
+            failed: false,
         }
     }
 
@@ -124,6 +130,22 @@ impl Throttler {
         }
         self.backends = next;
         self.unhealthy()
+    }
+
+    /// Marks the revision failed (its instances cannot start) or recovered. A failed revision holds
+    /// no request: those waiting are returned, to be answered at once, and new ones that no instance
+    /// can take are refused ([`Admission::Failed`]). Instances still healthy keep serving.
+    pub fn set_failed(&mut self, failed: bool) -> Vec<WaiterId> {
+        self.failed = failed;
+        if failed {
+            self.waiting.drain(..).collect()
+        } else {
+            Vec::new()
+        }
+    }
+
+    pub fn is_failed(&self) -> bool {
+        self.failed
     }
 
     /// Every instance address, healthy or not.
@@ -188,6 +210,9 @@ impl Throttler {
             && let Some(r) = self.try_reserve(rand)
         {
             return Admission::Granted(r);
+        }
+        if self.failed {
+            return Admission::Failed;
         }
         if self.waiting.len() >= self.max_queue {
             return Admission::QueueFull;
@@ -419,6 +444,35 @@ mod tests {
         );
         t.release(new);
         assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_failed_revision_releases_its_waiters_and_refuses_new_ones_until_it_recovers() {
+        let mut t = Throttler::new(1, 10);
+        assert_eq!(t.admit(1, &mut zero), Admission::Queued { first: true });
+        assert_eq!(t.admit(2, &mut zero), Admission::Queued { first: false });
+        assert_eq!(
+            t.set_failed(true),
+            vec![1, 2],
+            "held requests, oldest first"
+        );
+        assert_eq!(t.waiting(), 0);
+        assert_eq!(t.admit(3, &mut zero), Admission::Failed);
+        assert!(t.set_failed(true).is_empty(), "nobody waits while failed");
+        // Recovered: requests are held again until an instance is probed.
+        assert!(t.set_failed(false).is_empty());
+        assert_eq!(t.admit(4, &mut zero), Admission::Queued { first: true });
+        t.set_backends(&[addr(1)]);
+        t.mark_healthy(addr(1));
+        assert_eq!(t.dispatch(&mut zero).len(), 1);
+    }
+
+    #[test]
+    fn a_failed_revision_still_serves_on_a_free_healthy_instance() {
+        let mut t = healthy_throttler(1, 10, &[1]);
+        t.set_failed(true);
+        assert!(matches!(t.admit(1, &mut zero), Admission::Granted(_)));
+        assert_eq!(t.admit(2, &mut zero), Admission::Failed, "busy: not held");
     }
 
     #[test]

@@ -14,7 +14,9 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sluice_activator::{Activator, ActivatorOptions, ActivatorTasks, Capacity, RevisionConfig};
+use sluice_activator::{
+    Activator, ActivatorOptions, ActivatorTasks, Capacity, RevisionConfig, RevisionFailure,
+};
 use sluice_api::autoscaling::{RevisionKey, Stat};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
@@ -240,6 +242,14 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The answer to a request spawned earlier, within the wait.
+async fn answer(pending: &mut AbortOnDrop<(StatusCode, String)>) -> (StatusCode, String) {
+    tokio::time::timeout(WAIT, &mut pending.0)
+        .await
+        .expect("answered within the wait")
+        .expect("the request task")
+}
+
 fn key() -> RevisionKey {
     RevisionKey::new("default", "hello-00001")
 }
@@ -272,10 +282,7 @@ async fn scale_from_zero_waits_pokes_then_forwards_with_the_proxy_header() {
     let backend = Backend::start(true).await;
     f.activator
         .update_revision(key(), RevisionConfig::new(1, vec![backend.addr]));
-    let (status, body) = tokio::time::timeout(WAIT, &mut pending.0)
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, body) = answer(&mut pending).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body, format!("hello from {}", backend.addr));
     assert!(
@@ -379,10 +386,7 @@ async fn an_instance_failing_the_probe_gets_no_traffic_until_it_passes() {
     assert!(!pending.0.is_finished());
 
     backend.state.ready.store(true, Ordering::SeqCst);
-    let (status, body) = tokio::time::timeout(WAIT, &mut pending.0)
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, body) = answer(&mut pending).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(backend.state.requests.load(Ordering::SeqCst), 1);
 }
@@ -514,12 +518,64 @@ async fn removing_a_revision_releases_its_waiters() {
     })
     .await;
     assert!(f.activator.remove_revision(&key()));
-    let (status, body) = tokio::time::timeout(WAIT, &mut pending.0)
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, body) = answer(&mut pending).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body.contains("removed"), "{body}");
+}
+
+/// A revision whose instances cannot start answers 503 naming its reason at once: the request held
+/// when it fails and a new one (which still pokes, so the runtime keeps trying); once it recovers,
+/// requests are held and served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_revision_answers_503_with_its_reason_at_once_and_recovers() {
+    let mut f = Fixture::start().await;
+    f.activator
+        .update_revision(key(), RevisionConfig::new(1, vec![]));
+    let mut held = AbortOnDrop(tokio::spawn(f.request(&key(), "")));
+    tokio::time::timeout(WAIT, f.pokes.recv())
+        .await
+        .expect("a poke")
+        .unwrap();
+    let failed = RevisionConfig {
+        failure: Some(RevisionFailure {
+            reason: "ContainerMissing".into(),
+            message: "Unable to fetch image \"app:v1\": No such image".into(),
+        }),
+        ..RevisionConfig::new(1, vec![])
+    };
+    f.activator.update_revision(key(), failed.clone());
+    let (status, body) = answer(&mut held).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(
+        body,
+        "revision default/hello-00001 cannot serve: ContainerMissing: Unable to fetch image \"app:v1\": No such image\n"
+    );
+    // The revision's timeout is 300 s: an answer within the test's wait is an answer at once.
+    let (status, body) = tokio::time::timeout(WAIT, f.request(&key(), ""))
+        .await
+        .expect("a new request is answered at once");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("ContainerMissing"), "{body}");
+    tokio::time::timeout(WAIT, f.pokes.recv())
+        .await
+        .expect("a refused request pokes")
+        .unwrap();
+    let snap = f.activator.revision_snapshot(&key()).unwrap();
+    assert!(snap.failed && snap.waiting == 0, "{snap:?}");
+
+    // Recovered: held until an instance is probed, then served.
+    f.activator
+        .update_revision(key(), RevisionConfig::new(1, vec![]));
+    let mut pending = AbortOnDrop(tokio::spawn(f.request(&key(), "")));
+    f.wait_for("one waiting", |act| {
+        act.revision_snapshot(&key()).unwrap().waiting == 1
+    })
+    .await;
+    let backend = Backend::start(true).await;
+    f.activator
+        .update_revision(key(), RevisionConfig::new(1, vec![backend.addr]));
+    let (status, body) = answer(&mut pending).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 }
 
 #[tokio::test]
