@@ -23,7 +23,7 @@ use bollard::query_parameters::{
     CreateContainerOptions, InspectContainerOptions, KillContainerOptions, LogsOptions,
     StartContainerOptions, WaitContainerOptions,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
 use crate::core::{
@@ -37,9 +37,10 @@ use crate::engine_api::{
 };
 use crate::logs::{append, format_line};
 use crate::probe::ExecProbe;
+use crate::runtime::Runtime;
 use crate::{
-    InstanceRuntime, LaunchSpec, LogQuery, RevisionFailure, RevisionKey, RuntimeError, RuntimeKind,
-    RuntimeOptions, RuntimeSnapshot,
+    ContainerRuntime, LaunchSpec, RevisionFailure, RevisionKey, RuntimeError, RuntimeKind,
+    RuntimeOptions,
 };
 
 /// "No timeout" for the log and wait streams (a century; tokio handles far deadlines).
@@ -53,16 +54,6 @@ pub struct ContainerOptions {
     /// The engine's address (`unix:///path`, `tcp://host:port`); `None`: `DOCKER_HOST`, else the
     /// default socket.
     pub engine: Option<String>,
-}
-
-/// Runs revision instances as containers.
-///
-/// Dropping it removes every container it started (a blocking best effort on a thread of its own,
-/// since Drop cannot await); `sluice up` should still call [`ContainerRuntime::shutdown`] (graceful)
-/// or [`ContainerRuntime::kill_now`]. A run that died by kill -9 leaves containers labelled with its
-/// owner: [`crate::reap_leftover_containers`] removes them.
-pub struct ContainerRuntime {
-    core: Arc<Core<ContainerBackend>>,
 }
 
 impl ContainerRuntime {
@@ -90,77 +81,45 @@ impl ContainerRuntime {
             live: Default::default(),
             engine: container.engine,
         };
-        Ok(ContainerRuntime {
-            core: Arc::new(Core::new(options, backend)?),
-        })
-    }
-
-    /// Registers a revision; its images are resolved in the background (see the crate README).
-    pub fn set_revision(&self, key: RevisionKey, spec: LaunchSpec) -> Result<(), RuntimeError> {
-        self.core.set_revision(key, spec)
-    }
-
-    pub fn scale(&self, key: &RevisionKey, desired: u32) -> Result<(), RuntimeError> {
-        self.core.scale(key, desired)
-    }
-
-    pub fn remove_revision(&self, key: &RevisionKey) -> Result<(), RuntimeError> {
-        self.core.remove_revision(key)
-    }
-
-    pub fn subscribe(&self) -> watch::Receiver<RuntimeSnapshot> {
-        self.core.subscribe()
-    }
-
-    pub fn snapshot(&self) -> RuntimeSnapshot {
-        self.core.snapshot()
-    }
-
-    pub fn logs(&self, query: &LogQuery) -> Result<Vec<String>, RuntimeError> {
-        crate::read_logs(&self.core.options.state_dir, query)
-    }
-
-    pub fn follow_logs(&self, query: LogQuery) -> crate::LogFollower {
-        crate::LogFollower::new(&self.core.options.state_dir, query)
-    }
-
-    pub fn state_dir(&self) -> &std::path::Path {
-        &self.core.options.state_dir
-    }
-
-    /// The owner label value (the canonical state dir) of everything this runtime creates.
-    pub fn owner(&self) -> &str {
-        &self.core.owner
+        Ok(Runtime::with_core(Core::new(options, backend)?))
     }
 
     /// The bridge network the instances run on.
     pub fn network(&self) -> &str {
         &self.core.backend.network
     }
+}
 
-    /// Stops every instance (SIGTERM, SIGKILL after the grace period), removes the containers, then
-    /// the network.
-    pub async fn shutdown(&self) {
-        self.core.shutdown().await;
-        let backend = &self.core.backend;
-        if let Err(e) = backend.docker.remove_network(&backend.network).await {
-            tracing::debug!(network = %backend.network, error = %e, "cannot remove the network");
+/// Runs instances as containers: resolves images, creates, starts, follows and removes them.
+pub struct ContainerBackend {
+    docker: Docker,
+    network: String,
+    owner: String,
+    extra_labels: Vec<(String, String)>,
+    /// `<state_dir>/emptydir/<instance>/<volume>`: emptyDir volumes, shared by an instance's containers.
+    empty_dirs: PathBuf,
+    /// Containers created and not removed yet: what Drop removes.
+    live: Arc<Mutex<BTreeSet<String>>>,
+    engine: Option<String>,
+}
+
+impl Backend for ContainerBackend {
+    type Instance = ContainerInstance;
+    type Exec = EngineExec;
+    type Killer = ContainerKiller;
+    const KIND: RuntimeKind = RuntimeKind::Container;
+
+    /// The network goes once its containers have.
+    async fn after_shutdown(&self) {
+        if let Err(e) = self.docker.remove_network(&self.network).await {
+            tracing::debug!(network = %self.network, error = %e, "cannot remove the network");
         }
     }
 
-    /// SIGKILLs every container now; a pending [`ContainerRuntime::shutdown`] then returns soon.
-    pub fn kill_now(&self) {
-        self.core.kill_now()
-    }
-}
-
-impl Drop for ContainerRuntime {
-    fn drop(&mut self) {
-        self.core.kill_all_on_drop();
-        let backend = &self.core.backend;
-        let live: Vec<String> = lock(&backend.live).iter().cloned().collect();
-        let network = backend.network.clone();
-        let engine = backend.engine.clone();
+    fn on_drop(&self) {
+        let live: Vec<String> = lock(&self.live).iter().cloned().collect();
+        let network = self.network.clone();
+        let engine = self.engine.clone();
         // Drop cannot await, and the caller's runtime may be going away: remove the containers from
         // a thread with a runtime of its own, and wait for it (bounded by the engine's answers).
         let done = std::thread::spawn(move || {
@@ -180,51 +139,6 @@ impl Drop for ContainerRuntime {
         });
         let _ = done.join();
     }
-}
-
-impl InstanceRuntime for ContainerRuntime {
-    fn kind(&self) -> RuntimeKind {
-        RuntimeKind::Container
-    }
-    fn set_revision(&self, key: RevisionKey, spec: LaunchSpec) -> Result<(), RuntimeError> {
-        ContainerRuntime::set_revision(self, key, spec)
-    }
-    fn scale(&self, key: &RevisionKey, desired: u32) -> Result<(), RuntimeError> {
-        ContainerRuntime::scale(self, key, desired)
-    }
-    fn remove_revision(&self, key: &RevisionKey) -> Result<(), RuntimeError> {
-        ContainerRuntime::remove_revision(self, key)
-    }
-    fn subscribe(&self) -> watch::Receiver<RuntimeSnapshot> {
-        ContainerRuntime::subscribe(self)
-    }
-    fn snapshot(&self) -> RuntimeSnapshot {
-        ContainerRuntime::snapshot(self)
-    }
-    fn shutdown(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
-        Box::pin(ContainerRuntime::shutdown(self))
-    }
-    fn kill_now(&self) {
-        ContainerRuntime::kill_now(self)
-    }
-}
-
-pub(crate) struct ContainerBackend {
-    docker: Docker,
-    network: String,
-    owner: String,
-    extra_labels: Vec<(String, String)>,
-    /// `<state_dir>/emptydir/<instance>/<volume>`: emptyDir volumes, shared by an instance's containers.
-    empty_dirs: PathBuf,
-    /// Containers created and not removed yet: what Drop removes.
-    live: Arc<Mutex<BTreeSet<String>>>,
-    engine: Option<String>,
-}
-
-impl Backend for ContainerBackend {
-    type Instance = ContainerInstance;
-    type Exec = EngineExec;
-    type Killer = ContainerKiller;
 
     fn check(&self, key: &RevisionKey, spec: &LaunchSpec) -> Result<(), RuntimeError> {
         let fail = |reason: String| RuntimeError::InvalidSpec {
@@ -431,13 +345,16 @@ impl StartJob {
 
     fn start_failure(&self, what: &str, e: EngineError) -> StartFailure {
         let words = engine_words(&e);
+        let image_gone = matches!(
+            &e,
+            EngineError::DockerResponseServerError {
+                status_code: 404,
+                ..
+            }
+        ) && words.contains("image");
         let failure = if !engine_answered(&e) {
             Some(unavailable(&e))
-        } else if let EngineError::DockerResponseServerError {
-            status_code: 404, ..
-        } = &e
-            && words.contains("image")
-        {
+        } else if image_gone {
             Some(RevisionFailure {
                 reason: engine::REASON_CONTAINER_MISSING.to_string(),
                 message: engine::image_missing_message(
@@ -457,6 +374,7 @@ impl StartJob {
         StartFailure {
             message: format!("{what}: {words}"),
             failure,
+            resolve_again: image_gone,
         }
     }
 
@@ -509,6 +427,7 @@ impl StartJob {
                     self.network
                 ),
                 failure: None,
+                resolve_again: false,
             })?;
         self.follow(&main_id, None, exits);
         self.event(&format!(
@@ -622,6 +541,7 @@ impl StartJob {
             .map_err(|e| StartFailure {
                 message: e.to_string(),
                 failure: None,
+                resolve_again: false,
             })
     }
 
@@ -757,7 +677,7 @@ async fn copy_logs(
 }
 
 /// Kills an instance's containers from any thread.
-pub(crate) struct ContainerKiller {
+pub struct ContainerKiller {
     docker: Docker,
     ids: Arc<Mutex<Vec<String>>>,
     handle: tokio::runtime::Handle,
@@ -782,7 +702,7 @@ impl Kill for ContainerKiller {
     }
 }
 
-pub(crate) struct ContainerInstance {
+pub struct ContainerInstance {
     docker: Docker,
     /// The serving container first, then the sidecars.
     ids: Vec<String>,
@@ -858,7 +778,7 @@ impl BackendInstance for ContainerInstance {
 
 /// Exec probes through the engine's exec API, inside the serving container.
 #[derive(Clone)]
-pub(crate) struct EngineExec {
+pub struct EngineExec {
     docker: Docker,
     container: String,
 }

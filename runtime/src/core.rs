@@ -21,11 +21,12 @@ use crate::logs::{append, format_line, open_instance_log};
 use crate::probe::{ExecProbe, probe_once};
 use crate::{
     InstanceState, InstanceStatus, LaunchSpec, PlanInstance, RestartBackoff, RevisionFailure,
-    RevisionKey, RevisionStatus, RuntimeError, RuntimeOptions, RuntimeSnapshot, plan_scale,
+    RevisionKey, RevisionStatus, RuntimeError, RuntimeKind, RuntimeOptions, RuntimeSnapshot,
+    plan_scale,
 };
 
 /// What the backend needs to start one instance.
-pub(crate) struct StartContext {
+pub struct StartContext {
     pub key: RevisionKey,
     /// `<revision>-<5 random characters>`.
     pub name: String,
@@ -39,7 +40,7 @@ pub(crate) struct StartContext {
 }
 
 /// The synchronous part of a start is done; the rest is `started`.
-pub(crate) struct Launch<B: Backend> {
+pub struct Launch<B: Backend> {
     /// Held while the instance lives; kills it at once from any thread ([`Kill::kill_now`]).
     pub killer: B::Killer,
     /// Provisional, until `started` gives the real ones.
@@ -49,7 +50,7 @@ pub(crate) struct Launch<B: Backend> {
     pub started: StartFuture<B>,
 }
 
-pub(crate) type StartFuture<B> = Pin<
+pub type StartFuture<B> = Pin<
     Box<
         dyn Future<
                 Output = Result<
@@ -61,7 +62,7 @@ pub(crate) type StartFuture<B> = Pin<
 >;
 
 /// A running instance.
-pub(crate) struct Started<I, E> {
+pub struct Started<I, E> {
     pub instance: I,
     pub exec: E,
     /// Where its traffic and TCP/HTTP/gRPC probes go.
@@ -76,14 +77,16 @@ pub(crate) struct Started<I, E> {
 
 /// Why an instance could not start; `failure` also marks the revision (engine gone, bad config).
 #[derive(Debug, Clone)]
-pub(crate) struct StartFailure {
+pub struct StartFailure {
     pub message: String,
     pub failure: Option<RevisionFailure>,
+    /// The image the revision resolved to is gone (`docker rmi`): resolve its references again.
+    pub resolve_again: bool,
 }
 
 /// How an instance ended.
 #[derive(Debug, Clone)]
-pub(crate) struct Exit {
+pub struct Exit {
     /// `exit status: 1`, `exit code 137 (OOMKilled)`...
     pub how: String,
     /// Set when the exit says something about the revision (the engine is unreachable).
@@ -91,12 +94,12 @@ pub(crate) struct Exit {
 }
 
 /// Kills an instance now, from any thread and without awaiting (kill_now, Drop).
-pub(crate) trait Kill: Send + Sync + 'static {
+pub trait Kill: Send + Sync + 'static {
     fn kill_now(&self);
 }
 
 /// A started instance, owned by its task.
-pub(crate) trait BackendInstance: Send + 'static {
+pub trait BackendInstance: Send + 'static {
     /// Resolves when the instance has exited (on its own or signalled).
     fn wait(&mut self) -> impl Future<Output = Exit> + Send + '_;
     /// SIGTERM.
@@ -109,7 +112,7 @@ pub(crate) trait BackendInstance: Send + 'static {
 
 /// What a revision's instances run, once resolved.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Resolved {
+pub struct Resolved {
     /// Shown as the revision's image digest (the serving container's image ID).
     pub digest: Option<String>,
     /// Every container's image ID, serving container first.
@@ -117,14 +120,15 @@ pub(crate) struct Resolved {
 }
 
 /// Resolves what a revision needs before its instances can start (its images).
-pub(crate) type ResolveFuture =
-    Pin<Box<dyn Future<Output = Result<Resolved, RevisionFailure>> + Send>>;
+pub type ResolveFuture = Pin<Box<dyn Future<Output = Result<Resolved, RevisionFailure>> + Send>>;
 
-/// How instances are run.
-pub(crate) trait Backend: Send + Sync + Sized + 'static {
+/// How instances are run. Public only in name (this module is private): the crate's two backends
+/// are the only ones, and [`crate::Runtime`] names them in its public type.
+pub trait Backend: Send + Sync + Sized + 'static {
     type Instance: BackendInstance;
     type Exec: ExecProbe + 'static;
     type Killer: Kill;
+    const KIND: RuntimeKind;
     /// What this backend cannot run, at `set_revision`.
     fn check(&self, key: &RevisionKey, spec: &LaunchSpec) -> Result<(), RuntimeError>;
     /// `None`: instances can start at once. Otherwise the revision's instances wait until the future
@@ -133,6 +137,12 @@ pub(crate) trait Backend: Send + Sync + Sized + 'static {
     /// Starts an instance: the synchronous part here (an error is returned by `scale`), the rest in
     /// [`Launch::started`].
     fn launch(&self, ctx: &StartContext) -> Result<Launch<Self>, RuntimeError>;
+    /// What the backend leaves once every instance is gone (the containers' network).
+    fn after_shutdown(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+    /// On Drop, after every instance was killed: release what must not outlive the runtime.
+    fn on_drop(&self) {}
 }
 
 /// The runtime state and its lifecycle, generic over the backend.
@@ -741,6 +751,18 @@ impl<B: Backend> Core<B> {
         rev.last_exit = Some(failure.message);
         if failure.failure.is_some() {
             rev.failure = failure.failure;
+        }
+        // The pinned image is gone: no start can work until the reference names an image again (a
+        // rebuild), so starts wait for a fresh resolution, retried with backoff. `resolved` false
+        // already means another failed start began it.
+        if failure.resolve_again && rev.resolved && !shutting_down && !rev.removed {
+            let unpinned = Arc::new(rev.spec.unpinned());
+            if let Some(first) = self.backend.resolve(&unpinned) {
+                tracing::info!(revision = %key, "its image is gone from the engine: resolving the reference again");
+                rev.resolved = false;
+                rev.generation += 1;
+                self.spawn_resolver(key.clone(), unpinned, rev.generation, first);
+            }
         }
         if !shutting_down && !rev.removed {
             self.back_off(rev, key, Instant::now(), None);

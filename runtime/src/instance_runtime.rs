@@ -5,7 +5,7 @@ use std::pin::Pin;
 
 use tokio::sync::watch;
 
-use crate::{LaunchSpec, ProcessRuntime, RevisionKey, RuntimeError, RuntimeSnapshot};
+use crate::{LaunchSpec, RevisionKey, RuntimeError, RuntimeSnapshot};
 
 /// Which runtime runs the instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,7 +26,8 @@ impl std::fmt::Display for RuntimeKind {
 }
 
 /// Runs revision instances: the autoscaler scales through it, the serving plane reads its snapshots.
-/// The methods behave as [`ProcessRuntime`]'s do, for every implementation.
+/// Implemented by [`crate::Runtime`] over either backend ([`crate::ProcessRuntime`],
+/// [`crate::ContainerRuntime`]).
 pub trait InstanceRuntime: Send + Sync {
     fn kind(&self) -> RuntimeKind;
     fn set_revision(&self, key: RevisionKey, spec: LaunchSpec) -> Result<(), RuntimeError>;
@@ -38,31 +39,4 @@ pub trait InstanceRuntime: Send + Sync {
     fn shutdown(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
     /// Kills every instance now (a second Ctrl-C).
     fn kill_now(&self);
-}
-
-impl InstanceRuntime for ProcessRuntime {
-    fn kind(&self) -> RuntimeKind {
-        RuntimeKind::Process
-    }
-    fn set_revision(&self, key: RevisionKey, spec: LaunchSpec) -> Result<(), RuntimeError> {
-        ProcessRuntime::set_revision(self, key, spec)
-    }
-    fn scale(&self, key: &RevisionKey, desired: u32) -> Result<(), RuntimeError> {
-        ProcessRuntime::scale(self, key, desired)
-    }
-    fn remove_revision(&self, key: &RevisionKey) -> Result<(), RuntimeError> {
-        ProcessRuntime::remove_revision(self, key)
-    }
-    fn subscribe(&self) -> watch::Receiver<RuntimeSnapshot> {
-        ProcessRuntime::subscribe(self)
-    }
-    fn snapshot(&self) -> RuntimeSnapshot {
-        ProcessRuntime::snapshot(self)
-    }
-    fn shutdown(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        Box::pin(ProcessRuntime::shutdown(self))
-    }
-    fn kill_now(&self) {
-        ProcessRuntime::kill_now(self)
-    }
 }

@@ -33,6 +33,7 @@ mod logs;
 mod plan;
 mod ports;
 mod probe;
+mod process;
 mod readiness;
 mod runtime;
 mod spawner;
@@ -47,7 +48,7 @@ use std::time::{Instant, SystemTime};
 pub use sluice_api::autoscaling::RevisionKey;
 
 pub use backoff::{BackoffPolicy, RestartBackoff};
-pub use container::{ContainerOptions, ContainerRuntime};
+pub use container::ContainerOptions;
 pub use engine_api::{reap_leftover_containers, reap_leftover_containers_at};
 pub use expand::{expand, expand_env};
 pub use health::{HealthEvent, HealthTracker, ProbeKind};
@@ -59,7 +60,7 @@ pub use logs::{
 pub use plan::{PlanInstance, ScalePlan, plan_scale};
 pub use ports::{PortLease, PortPool, PortsExhausted, instance_port_range};
 pub use readiness::{ProbeTiming, ReadinessTracker};
-pub use runtime::ProcessRuntime;
+pub use runtime::{ContainerRuntime, ProcessRuntime, Runtime};
 pub use spawner::spawn_tied;
 pub use spec::{
     ImageSpec, LaunchSpec, Mount, MountSource, Probe, ProbeAction, PullPolicy, Resources,

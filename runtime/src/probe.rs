@@ -32,14 +32,14 @@ pub(crate) async fn probe_once(
 }
 
 /// Runs an exec probe's command where the instance runs (a local process, or inside its container).
-pub(crate) trait ExecProbe: Send + Sync {
+pub trait ExecProbe: Send + Sync {
     /// Exit status 0 is success; `Err` says what happened otherwise.
     fn exec(&self, command: &[String]) -> impl Future<Output = Result<(), String>> + Send;
 }
 
 /// Exec probes of the process runtime: a local command with the instance's env and working dir.
 #[derive(Debug, Clone)]
-pub(crate) struct LocalExec {
+pub struct LocalExec {
     pub env: Vec<(String, String)>,
     pub working_dir: Option<std::path::PathBuf>,
 }

@@ -1,6 +1,6 @@
-//! The process runtime: revision instances as local child processes. The lifecycle (scale plans,
-//! probes, restarts, stops, logs) is the shared core's (`core.rs`); this file is the process backend:
-//! spawn in its own process group, wait, signal the group.
+//! The process backend: revision instances as local child processes. The lifecycle (scale plans,
+//! probes, restarts, stops, logs) is the shared core's (`core.rs`), the public face `runtime.rs`'s;
+//! this file spawns in its own process group, waits, and signals the group.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{ExitStatus, Stdio};
@@ -9,104 +9,33 @@ use std::time::SystemTime;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Child;
-use tokio::sync::watch;
 
 use crate::core::{
     Backend, BackendInstance, Core, Exit, Kill, Launch, ResolveFuture, StartContext, Started,
 };
 use crate::logs::{append, format_line};
 use crate::probe::LocalExec;
-use crate::{LaunchSpec, LogQuery, RevisionKey, RuntimeError, RuntimeOptions, RuntimeSnapshot};
-
-/// Runs revision instances as local child processes. Create it inside a Tokio runtime; its methods are
-/// synchronous (they start work on that runtime) except [`ProcessRuntime::shutdown`].
-///
-/// Dropping it SIGKILLs every instance's process group at once, so no process outlives it even when
-/// the caller panics; call [`ProcessRuntime::shutdown`] for a graceful stop.
-pub struct ProcessRuntime {
-    core: Arc<Core<ProcessBackend>>,
-}
+use crate::runtime::Runtime;
+use crate::{LaunchSpec, ProcessRuntime, RevisionKey, RuntimeError, RuntimeKind, RuntimeOptions};
 
 impl ProcessRuntime {
-    /// Creates the runtime; `options.state_dir` is created if missing.
+    /// Creates the runtime; `options.state_dir` is created if missing. Must be called inside a Tokio
+    /// runtime; the methods are synchronous (they start work on that runtime) except `shutdown`.
     pub fn new(options: RuntimeOptions) -> Result<Self, RuntimeError> {
         let backend = ProcessBackend {
             ports: Arc::clone(&options.ports),
         };
-        Ok(ProcessRuntime {
-            core: Arc::new(Core::new(options, backend)?),
-        })
-    }
-
-    /// Registers a revision (with desired scale 0). Revisions are immutable: registering the same key
-    /// again with an equal spec is a no-op, with a different spec an error ([`RuntimeError::SpecChanged`]),
-    /// unless the revision was removed (its old instances may still be terminating).
-    pub fn set_revision(&self, key: RevisionKey, spec: LaunchSpec) -> Result<(), RuntimeError> {
-        self.core.set_revision(key, spec)
-    }
-
-    /// Starts or stops instances to reach `desired`. Scale-down stops not-ready, then newest instances
-    /// first. A spawn failure is returned (the desired count is kept and retried with backoff, as a
-    /// crash would be).
-    pub fn scale(&self, key: &RevisionKey, desired: u32) -> Result<(), RuntimeError> {
-        self.core.scale(key, desired)
-    }
-
-    /// Stops all instances of a revision and forgets it once they have exited.
-    pub fn remove_revision(&self, key: &RevisionKey) -> Result<(), RuntimeError> {
-        self.core.remove_revision(key)
-    }
-
-    /// The current snapshot and every change after it.
-    pub fn subscribe(&self) -> watch::Receiver<RuntimeSnapshot> {
-        self.core.subscribe()
-    }
-
-    /// The current snapshot.
-    pub fn snapshot(&self) -> RuntimeSnapshot {
-        self.core.snapshot()
-    }
-
-    /// The log lines of the selected instances, merged in time order (see [`crate::read_logs`]).
-    pub fn logs(&self, query: &LogQuery) -> Result<Vec<String>, RuntimeError> {
-        crate::read_logs(&self.core.options.state_dir, query)
-    }
-
-    /// Follows the selected logs (see [`crate::LogFollower`]).
-    pub fn follow_logs(&self, query: LogQuery) -> crate::LogFollower {
-        crate::LogFollower::new(&self.core.options.state_dir, query)
-    }
-
-    pub fn state_dir(&self) -> &std::path::Path {
-        &self.core.options.state_dir
-    }
-
-    /// Stops every instance (SIGTERM, then SIGKILL after each revision's grace period) and waits until
-    /// all have exited. Later `set_revision`/`scale` calls fail with [`RuntimeError::ShuttingDown`].
-    pub async fn shutdown(&self) {
-        self.core.shutdown().await
-    }
-
-    /// SIGKILLs every instance's process group now, without a grace period (a second Ctrl-C). Their
-    /// tasks reap them as usual, so a pending [`ProcessRuntime::shutdown`] then returns at once.
-    pub fn kill_now(&self) {
-        self.core.kill_now()
-    }
-}
-
-impl Drop for ProcessRuntime {
-    fn drop(&mut self) {
-        self.core.kill_all_on_drop();
+        Ok(Runtime::with_core(Core::new(options, backend)?))
     }
 }
 
 /// Spawns instances as process-group leaders with a leased PORT on 127.0.0.1.
-pub(crate) struct ProcessBackend {
+pub struct ProcessBackend {
     ports: Arc<crate::PortPool>,
 }
 
 /// What the core holds while a process instance lives: its group to SIGKILL, and its PORT.
-pub(crate) struct ProcessKiller {
+pub struct ProcessKiller {
     pgid: Option<i32>,
     _port: crate::PortLease,
 }
@@ -119,7 +48,7 @@ impl Kill for ProcessKiller {
     }
 }
 
-pub(crate) struct ProcessInstance {
+pub struct ProcessInstance {
     child: Child,
     pgid: Option<i32>,
     status: Option<Option<ExitStatus>>,
@@ -164,6 +93,7 @@ impl Backend for ProcessBackend {
     type Instance = ProcessInstance;
     type Exec = LocalExec;
     type Killer = ProcessKiller;
+    const KIND: RuntimeKind = RuntimeKind::Process;
 
     fn check(&self, key: &RevisionKey, spec: &LaunchSpec) -> Result<(), RuntimeError> {
         let fail = |reason: &str| RuntimeError::InvalidSpec {
@@ -385,12 +315,6 @@ fn signal_group(pgid: i32, signal: i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn runtime_can_be_shared_across_tasks() {
-        fn is<T: Send + Sync>() {}
-        is::<ProcessRuntime>();
-    }
 
     #[test]
     fn knative_env_wins_over_the_spec_env() {

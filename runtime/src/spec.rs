@@ -189,6 +189,21 @@ impl LaunchSpec {
         }
     }
 
+    /// The same spec with no image pinned, to resolve every reference afresh: what a revision runs
+    /// once the image it was pinned to is gone from the engine (the engine's store is the only copy
+    /// locally, where a cluster would pull the digest again from its registry).
+    pub(crate) fn unpinned(&self) -> LaunchSpec {
+        let mut spec = self.clone();
+        let images = spec
+            .image
+            .iter_mut()
+            .chain(spec.sidecars.iter_mut().map(|s| &mut s.image));
+        for image in images {
+            image.pinned = None;
+        }
+        spec
+    }
+
     /// The program and its full argument list (`command[1..]` then `args`).
     pub fn argv(&self) -> (&str, Vec<&str>) {
         let program = self.command.first().map(String::as_str).unwrap_or("");
@@ -324,6 +339,39 @@ mod tests {
             "svc",
             "svc-00001",
         )
+    }
+
+    #[test]
+    fn unpinned_clears_every_pin_and_nothing_else() {
+        let pinned = |reference: &str| ImageSpec {
+            reference: reference.into(),
+            pull_policy: PullPolicy::IfNotPresent,
+            pinned: Some("sha256:aaa".into()),
+        };
+        let mut s = spec(&[]);
+        s.image = Some(pinned("app:v1"));
+        s.sidecars.push(SidecarSpec {
+            name: "log".into(),
+            image: pinned("log:v1"),
+            command: Vec::new(),
+            args: Vec::new(),
+            env: Vec::new(),
+            working_dir: None,
+            readiness: None,
+            liveness: None,
+            startup: None,
+            resources: Resources::default(),
+            mounts: Vec::new(),
+            security: SecurityContext::default(),
+        });
+        let u = s.unpinned();
+        assert_eq!(u.image.as_ref().unwrap().pinned, None);
+        assert_eq!(u.sidecars[0].image.pinned, None);
+        assert_eq!(u.image.as_ref().unwrap().reference, "app:v1");
+        let mut back = u.clone();
+        back.image = s.image.clone();
+        back.sidecars[0].image = s.sidecars[0].image.clone();
+        assert_eq!(back, s);
     }
 
     #[test]

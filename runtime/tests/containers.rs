@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use sluice_runtime::{
     ContainerOptions, ContainerRuntime, ImageSpec, LaunchSpec, LogQuery, Mount, MountSource, Probe,
-    PullPolicy, RevisionKey, RuntimeOptions, RuntimeSnapshot, SecurityContext, SidecarSpec,
-    reap_leftover_containers,
+    PullPolicy, RevisionFailure, RevisionKey, RuntimeOptions, RuntimeSnapshot, SecurityContext,
+    SidecarSpec, reap_leftover_containers,
 };
 use tokio::sync::watch;
 
@@ -138,6 +138,24 @@ impl Drop for OwnerGuard {
     }
 }
 
+/// The test's [`Fixture`] on the default engine (or on `$engine`); with no engine answering, the test
+/// prints why and returns.
+macro_rules! fixture {
+    () => {
+        fixture!(None)
+    };
+    ($engine:expr) => {
+        match Fixture::new_with($engine).await {
+            Some(f) => f,
+            None => return,
+        }
+    };
+}
+
+fn key(revision: &str) -> RevisionKey {
+    RevisionKey::new("default", revision)
+}
+
 /// One test's runtime, image and guards, dropped in this order.
 struct Fixture {
     rt: ContainerRuntime,
@@ -148,12 +166,8 @@ struct Fixture {
 }
 
 impl Fixture {
-    /// `None` (with the reason printed) when no engine answers.
-    async fn new() -> Option<Fixture> {
-        Self::new_with(None).await
-    }
-
-    /// On the engine at `engine` (`None`: DOCKER_HOST or the default socket).
+    /// On the engine at `engine` (`None`: DOCKER_HOST or the default socket); `None` (with the reason
+    /// printed) when no engine answers.
     async fn new_with(engine: Option<String>) -> Option<Fixture> {
         let dir = tempfile::tempdir().unwrap();
         let id = unique();
@@ -200,6 +214,48 @@ impl Fixture {
         spec
     }
 
+    /// Registers `spec` (under `default/<spec.revision>`), scales it to `n` and waits until all `n`
+    /// are ready.
+    async fn start(&self, spec: LaunchSpec, n: u32) -> RuntimeSnapshot {
+        let key = key(&spec.revision);
+        self.rt.set_revision(key.clone(), spec).unwrap();
+        self.rt.scale(&key, n).unwrap();
+        let mut rx = self.rt.subscribe();
+        wait_for(&mut rx, &format!("{n} ready"), ready(&key, n)).await
+    }
+
+    /// [`Fixture::start`] with one instance: its address.
+    async fn one_ready(&self, spec: LaunchSpec) -> SocketAddr {
+        let key = key(&spec.revision);
+        self.start(spec, 1).await.revision(&key).unwrap().instances[0].address
+    }
+
+    /// Registers `spec`, scales it to 1 and waits until the revision reports why it cannot run.
+    async fn failure(&self, spec: LaunchSpec) -> RevisionFailure {
+        let key = key(&spec.revision);
+        self.rt.set_revision(key.clone(), spec).unwrap();
+        self.rt.scale(&key, 1).unwrap();
+        let mut rx = self.rt.subscribe();
+        let s = wait_for(&mut rx, "a revision failure", |s| {
+            s.revision(&key).is_some_and(|r| r.failure.is_some())
+        })
+        .await;
+        s.revision(&key).unwrap().failure.clone().unwrap()
+    }
+
+    /// Waits until exactly `n` of this runtime's containers exist (replaced ones are removed).
+    async fn wait_containers(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.containers().len() != n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "want {n} containers: {:?}",
+                self.containers()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     fn containers(&self) -> Vec<String> {
         let filter = format!("label=sluice.owner={}", self.rt.owner());
         docker_ok(&["ps", "-aq", "--filter", &filter])
@@ -233,15 +289,6 @@ fn ready(key: &RevisionKey, n: u32) -> impl FnMut(&RuntimeSnapshot) -> bool + '_
     }
 }
 
-/// Brings one instance of `spec` up and returns its address.
-async fn one_ready(f: &Fixture, key: &RevisionKey, spec: LaunchSpec) -> SocketAddr {
-    f.rt.set_revision(key.clone(), spec).unwrap();
-    f.rt.scale(key, 1).unwrap();
-    let mut rx = f.rt.subscribe();
-    let s = wait_for(&mut rx, "one ready instance", ready(key, 1)).await;
-    s.revision(key).unwrap().instances[0].address
-}
-
 /// GET `path` from `addr` with a plain HTTP/1.1 request: (status, body).
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -271,11 +318,9 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 #[tokio::test]
 async fn an_image_only_revision_answers_at_its_container_ip_with_labels_and_logs() {
-    let Some(f) = Fixture::new().await else {
-        return;
-    };
-    let key = RevisionKey::new("default", "img-00001");
-    let addr = one_ready(&f, &key, f.spec("img-00001")).await;
+    let f = fixture!();
+    let key = key("img-00001");
+    let addr = f.one_ready(f.spec("img-00001")).await;
     assert_eq!(addr.port(), 8080);
     assert!(
         !addr.ip().is_loopback() && !addr.ip().is_unspecified(),
@@ -333,17 +378,13 @@ async fn an_image_only_revision_answers_at_its_container_ip_with_labels_and_logs
 
 #[tokio::test]
 async fn kill_now_ends_a_shutdown_waiting_on_the_grace_period() {
-    let Some(f) = Fixture::new().await else {
-        return;
-    };
-    let key = RevisionKey::new("default", "kill-00001");
+    let f = fixture!();
+    let key = key("kill-00001");
     let mut spec = f.spec("kill-00001");
     // The app ignores SIGTERM (PID 1 without a handler): only the SIGKILL after this would stop it.
     spec.grace_period = Duration::from_secs(3600);
-    f.rt.set_revision(key.clone(), spec.clone()).unwrap();
-    f.rt.scale(&key, 2).unwrap();
+    f.start(spec, 2).await;
     let mut rx = f.rt.subscribe();
-    wait_for(&mut rx, "two ready", ready(&key, 2)).await;
     let shutdown = f.rt.shutdown();
     tokio::pin!(shutdown);
     // Once both are Terminating, kill_now ends the wait.
@@ -362,15 +403,8 @@ async fn kill_now_ends_a_shutdown_waiting_on_the_grace_period() {
 
 #[tokio::test]
 async fn dropping_the_runtime_removes_every_container_and_the_network() {
-    let Some(f) = Fixture::new().await else {
-        return;
-    };
-    let key = RevisionKey::new("default", "drop-00001");
-    f.rt.set_revision(key.clone(), f.spec("drop-00001"))
-        .unwrap();
-    f.rt.scale(&key, 2).unwrap();
-    let mut rx = f.rt.subscribe();
-    wait_for(&mut rx, "two ready", ready(&key, 2)).await;
+    let f = fixture!();
+    f.start(f.spec("drop-00001"), 2).await;
     assert_eq!(f.containers().len(), 2);
     let network = f.rt.network().to_string();
     let Fixture {
@@ -387,10 +421,8 @@ async fn dropping_the_runtime_removes_every_container_and_the_network() {
 
 #[tokio::test]
 async fn container_port_env_command_and_args_are_honoured() {
-    let Some(f) = Fixture::new().await else {
-        return;
-    };
-    let key = RevisionKey::new("default", "args-00001");
+    let f = fixture!();
+    let key = key("args-00001");
     let mut spec = f.spec("args-00001");
     spec.container_port = Some(9090);
     spec.env = vec![
@@ -410,7 +442,7 @@ async fn container_port_env_command_and_args_are_honoured() {
         cpu_millis: Some(500),
         memory_bytes: Some(64 << 20),
     };
-    let addr = one_ready(&f, &key, spec).await;
+    let addr = f.one_ready(spec).await;
     assert_eq!(addr.port(), 9090);
     assert_eq!(get(addr, "/file/cfg/greeting").await.1, "from a config map");
     assert_eq!(get(addr, "/touch/cfg/x").await.0, 500, "read-only mount");
@@ -436,10 +468,8 @@ async fn container_port_env_command_and_args_are_honoured() {
 
 #[tokio::test]
 async fn an_exec_readiness_probe_runs_in_the_container() {
-    let Some(f) = Fixture::new().await else {
-        return;
-    };
-    let key = RevisionKey::new("default", "exec-00001");
+    let f = fixture!();
+    let key = key("exec-00001");
     let mut spec = f.spec("exec-00001");
     spec.readiness = Probe::exec(strings(&["/app", "check-file", "/tmp/ready"]));
     f.rt.set_revision(key.clone(), spec).unwrap();
@@ -461,17 +491,15 @@ async fn an_exec_readiness_probe_runs_in_the_container() {
 
 #[tokio::test]
 async fn liveness_failure_and_crashes_restart_with_counts() {
-    let Some(f) = Fixture::new().await else {
-        return;
-    };
-    let key = RevisionKey::new("default", "live-00001");
+    let f = fixture!();
+    let key = key("live-00001");
     let mut spec = f.spec("live-00001");
     spec.liveness = Some(Probe {
         period: Some(Duration::from_millis(200)),
         failure_threshold: 2,
         ..Probe::http("/healthz")
     });
-    let addr = one_ready(&f, &key, spec).await;
+    let addr = f.one_ready(spec).await;
     let mut rx = f.rt.subscribe();
     let first = f.rt.snapshot().revision(&key).unwrap().instances[0].clone();
     assert_eq!(get(addr, "/sick").await.0, 200);
@@ -500,23 +528,12 @@ async fn liveness_failure_and_crashes_restart_with_counts() {
     );
     wait_for(&mut rx, "ready again", ready(&key, 1)).await;
     // Replaced containers are removed: only the live one is left.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while f.containers().len() != 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            f.containers()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    f.wait_containers(1).await;
 }
 
 #[tokio::test]
 async fn a_startup_probe_gates_readiness() {
-    let Some(f) = Fixture::new().await else {
-        return;
-    };
-    let key = RevisionKey::new("default", "startup-00001");
+    let f = fixture!();
     let mut spec = f.spec("startup-00001");
     spec.env = vec![("APP_STARTUP_MS".into(), "500".into())];
     spec.startup = Some(Probe {
@@ -524,7 +541,7 @@ async fn a_startup_probe_gates_readiness() {
         failure_threshold: 600,
         ..Probe::http("/healthz")
     });
-    one_ready(&f, &key, spec).await;
+    f.one_ready(spec).await;
     let lines =
         f.rt.logs(&LogQuery::revision("default", "startup-00001"))
             .unwrap();
@@ -535,15 +552,10 @@ async fn a_startup_probe_gates_readiness() {
 
 #[tokio::test]
 async fn scale_zero_to_two_to_zero_removes_the_containers() {
-    let Some(f) = Fixture::new().await else {
-        return;
-    };
-    let key = RevisionKey::new("default", "scale-00001");
-    f.rt.set_revision(key.clone(), f.spec("scale-00001"))
-        .unwrap();
+    let f = fixture!();
+    let key = key("scale-00001");
+    let s = f.start(f.spec("scale-00001"), 2).await;
     let mut rx = f.rt.subscribe();
-    f.rt.scale(&key, 2).unwrap();
-    let s = wait_for(&mut rx, "two ready", ready(&key, 2)).await;
     let addrs = s.revision(&key).unwrap().ready_addresses();
     assert_ne!(addrs[0], addrs[1]);
     assert_eq!(f.containers().len(), 2);
@@ -564,26 +576,17 @@ async fn scale_zero_to_two_to_zero_removes_the_containers() {
 
 #[tokio::test]
 async fn image_resolution_never_missing_retag_and_pinned() {
-    let Some(f) = Fixture::new().await else {
-        return;
-    };
+    let f = fixture!();
     let mut rx = f.rt.subscribe();
 
     // Never with a missing image: ContainerMissing with the engine's words.
-    let missing = RevisionKey::new("default", "missing-00001");
     let mut spec = f.spec("missing-00001");
     spec.image = Some(ImageSpec {
         reference: format!("sluice-rt-test-missing-{}:v1", f.id),
         pull_policy: PullPolicy::Never,
         pinned: None,
     });
-    f.rt.set_revision(missing.clone(), spec).unwrap();
-    f.rt.scale(&missing, 1).unwrap();
-    let s = wait_for(&mut rx, "a ContainerMissing failure", |s| {
-        s.revision(&missing).is_some_and(|r| r.failure.is_some())
-    })
-    .await;
-    let failure = s.revision(&missing).unwrap().failure.clone().unwrap();
+    let failure = f.failure(spec).await;
     assert_eq!(failure.reason, "ContainerMissing");
     assert!(
         failure
@@ -593,20 +596,28 @@ async fn image_resolution_never_missing_retag_and_pinned() {
         "{}",
         failure.message
     );
-    assert!(s.revision(&missing).unwrap().instances.is_empty());
+    let snap = f.rt.snapshot();
+    assert!(
+        snap.revision(&key("missing-00001"))
+            .unwrap()
+            .instances
+            .is_empty()
+    );
 
     // Re-tagging after set_revision does not change what the revision runs.
-    let key = RevisionKey::new("default", "tag-00001");
-    f.rt.set_revision(key.clone(), f.spec("tag-00001")).unwrap();
+    let tagged = key("tag-00001");
+    f.rt.set_revision(tagged.clone(), f.spec("tag-00001"))
+        .unwrap();
     wait_for(&mut rx, "resolved", |s| {
-        s.revision(&key).is_some_and(|r| r.image_digest.is_some())
+        s.revision(&tagged)
+            .is_some_and(|r| r.image_digest.is_some())
     })
     .await;
     let two = TestImage::build(&format!("sluice-rt-test-{}-two:v1", f.id), "two", None);
     docker_ok(&["tag", &two.id, &f.image.tag]);
-    f.rt.scale(&key, 1).unwrap();
-    let s = wait_for(&mut rx, "ready", ready(&key, 1)).await;
-    let rev = s.revision(&key).unwrap();
+    f.rt.scale(&tagged, 1).unwrap();
+    let s = wait_for(&mut rx, "ready", ready(&tagged, 1)).await;
+    let rev = s.revision(&tagged).unwrap();
     assert_eq!(rev.image_digest.as_deref(), Some(f.image.id.as_str()));
     assert_eq!(
         get(rev.instances[0].address, "/").await.1,
@@ -614,14 +625,13 @@ async fn image_resolution_never_missing_retag_and_pinned() {
     );
 
     // A pinned image ID wins over the tag and is never resolved again.
-    let pinned = RevisionKey::new("default", "pin-00001");
     let mut spec = f.spec("pin-00001");
     spec.image.as_mut().unwrap().pinned = Some(f.image.id.clone());
-    let addr = one_ready(&f, &pinned, spec).await;
+    let addr = f.one_ready(spec).await;
     assert_eq!(get(addr, "/").await.1, "hello pin-00001 one");
     // The tag now names image two: a new revision takes it.
-    let new = RevisionKey::new("default", "tag-00002");
-    let addr = one_ready(&f, &new, f.spec("tag-00002")).await;
+    let new = key("tag-00002");
+    let addr = f.one_ready(f.spec("tag-00002")).await;
     assert_eq!(get(addr, "/").await.1, "hello tag-00002 two");
     assert_eq!(
         f.rt.snapshot()
@@ -635,25 +645,51 @@ async fn image_resolution_never_missing_retag_and_pinned() {
     drop(two);
 }
 
+/// An image removed under a revision at zero (`docker rmi -f`): the next start fails with
+/// ContainerMissing; once the tag names an image again (a rebuild), the revision resolves it anew and
+/// runs it.
+#[tokio::test]
+async fn an_image_removed_under_a_revision_is_resolved_again_once_rebuilt() {
+    let f = fixture!();
+    let key = key("gone-00001");
+    f.start(f.spec("gone-00001"), 1).await;
+    let mut rx = f.rt.subscribe();
+    f.rt.scale(&key, 0).unwrap();
+    f.wait_containers(0).await;
+    docker_ok(&["rmi", "-f", &f.image.tag]);
+
+    f.rt.scale(&key, 1).unwrap();
+    let s = wait_for(&mut rx, "ContainerMissing", |s| {
+        s.revision(&key)
+            .and_then(|r| r.failure.as_ref())
+            .is_some_and(|f| f.reason == "ContainerMissing")
+    })
+    .await;
+    let failure = s.revision(&key).unwrap().failure.clone().unwrap();
+    assert!(failure.message.contains(&f.image.tag), "{failure:?}");
+
+    let rebuilt = TestImage::build(&f.image.tag, "rebuilt", None);
+    let s = wait_for(&mut rx, "ready from the rebuilt image", ready(&key, 1)).await;
+    let rev = s.revision(&key).unwrap();
+    assert_eq!(rev.failure, None);
+    assert_eq!(rev.image_digest.as_deref(), Some(rebuilt.id.as_str()));
+    assert_eq!(
+        get(rev.instances[0].address, "/").await.1,
+        "hello gone-00001 rebuilt"
+    );
+    // Its container gone first, the rebuilt image can be removed.
+    f.rt.shutdown().await;
+}
+
 #[tokio::test]
 async fn run_as_non_root_with_a_root_image_is_refused() {
-    let Some(f) = Fixture::new().await else {
-        return;
-    };
-    let key = RevisionKey::new("default", "root-00001");
+    let f = fixture!();
     let mut spec = f.spec("root-00001");
     spec.security = SecurityContext {
         run_as_non_root: true,
         ..Default::default()
     };
-    f.rt.set_revision(key.clone(), spec.clone()).unwrap();
-    f.rt.scale(&key, 1).unwrap();
-    let mut rx = f.rt.subscribe();
-    let s = wait_for(&mut rx, "a config error", |s| {
-        s.revision(&key).is_some_and(|r| r.failure.is_some())
-    })
-    .await;
-    let failure = s.revision(&key).unwrap().failure.clone().unwrap();
+    let failure = f.failure(spec.clone()).await;
     assert_eq!(failure.reason, "CreateContainerConfigError");
     assert!(
         failure.message.contains("run as root"),
@@ -662,19 +698,16 @@ async fn run_as_non_root_with_a_root_image_is_refused() {
     );
     assert!(f.containers().is_empty());
     // With a non-root runAsUser it runs.
-    let ok = RevisionKey::new("default", "root-00002");
     spec.revision = "root-00002".into();
     spec.security.run_as_user = Some(1000);
-    let addr = one_ready(&f, &ok, spec).await;
+    let addr = f.one_ready(spec).await;
     assert_eq!(get(addr, "/").await.0, 200);
 }
 
 #[tokio::test]
 async fn a_sidecar_shares_localhost_and_an_empty_dir() {
-    let Some(f) = Fixture::new().await else {
-        return;
-    };
-    let key = RevisionKey::new("default", "side-00001");
+    let f = fixture!();
+    let key = key("side-00001");
     let mut spec = f.spec("side-00001");
     let shared = Mount {
         source: MountSource::EmptyDir {
@@ -704,7 +737,7 @@ async fn a_sidecar_shares_localhost_and_an_empty_dir() {
         port: Some(9000),
         ..Probe::default()
     };
-    let addr = one_ready(&f, &key, spec).await;
+    let addr = f.one_ready(spec).await;
     let (status, body) = get(addr, "/fetch/9000").await;
     assert_eq!(
         (status, body.as_str()),
@@ -732,9 +765,7 @@ async fn a_sidecar_shares_localhost_and_an_empty_dir() {
 
 #[tokio::test]
 async fn reap_leftover_containers_removes_the_owners_containers() {
-    let Some(f) = Fixture::new().await else {
-        return;
-    };
+    let f = fixture!();
     // A leftover of an earlier run: a container labelled with our owner, not known to the runtime.
     let owner_label = format!("sluice.owner={}", f.rt.owner());
     docker_ok(&[
@@ -769,8 +800,7 @@ async fn reap_leftover_containers_removes_the_owners_containers() {
             .status
             .success()
     );
-    let key = RevisionKey::new("default", "after-reap-00001");
-    let addr = one_ready(&f, &key, f.spec("after-reap-00001")).await;
+    let addr = f.one_ready(f.spec("after-reap-00001")).await;
     assert_eq!(get(addr, "/").await.0, 200);
 }
 
@@ -837,11 +867,9 @@ async fn the_engine_going_away_is_reported_and_the_runtime_recovers() {
     };
     proxy.up();
     let engine = format!("unix://{}", proxy.path.display());
-    let Some(f) = Fixture::new_with(Some(engine)).await else {
-        return;
-    };
-    let key = RevisionKey::new("default", "engine-00001");
-    one_ready(&f, &key, f.spec("engine-00001")).await;
+    let f = fixture!(Some(engine));
+    let key = key("engine-00001");
+    f.one_ready(f.spec("engine-00001")).await;
     let first = f.rt.snapshot().revision(&key).unwrap().instances[0]
         .name
         .clone();
@@ -869,15 +897,7 @@ async fn the_engine_going_away_is_reported_and_the_runtime_recovers() {
     .await;
     assert_eq!(s.revision(&key).unwrap().restarts, 0);
     // The container of the lost instance is removed once the engine answers again.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while f.containers().len() != 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            f.containers()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    f.wait_containers(1).await;
     f.rt.shutdown().await;
 }
 
@@ -893,15 +913,13 @@ async fn cold_start_overhead_report() {
         StartContainerOptions,
     };
     use std::time::Instant;
-    let Some(f) = Fixture::new().await else {
-        return;
-    };
+    let f = fixture!();
     let docker = bollard::Docker::connect_with_defaults()
         .unwrap()
         .negotiate_version()
         .await
         .unwrap();
-    let key = RevisionKey::new("default", "cold-00001");
+    let key = key("cold-00001");
     f.rt.set_revision(key.clone(), f.spec("cold-00001"))
         .unwrap();
     let mut rx = f.rt.subscribe();
@@ -1039,10 +1057,8 @@ async fn connect_fails_with_an_engine_error_when_nothing_answers() {
 
 #[tokio::test]
 async fn specs_the_container_runtime_cannot_run_are_refused_with_what_to_fix() {
-    let Some(f) = Fixture::new().await else {
-        return;
-    };
-    let key = RevisionKey::new("default", "bad-00001");
+    let f = fixture!();
+    let key = key("bad-00001");
     let mut no_image = f.spec("bad-00001");
     no_image.image = None;
     no_image.command = strings(&["/app"]);

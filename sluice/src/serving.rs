@@ -638,6 +638,10 @@ impl ServingPlane {
                 .set_ready_instances(key, ready_sidecars.len() as u32);
             let config = RevisionConfig {
                 timeout: Duration::from_secs(l.timeout_seconds.max(1)),
+                failure: input
+                    .revision_facts
+                    .get(key)
+                    .and_then(|f| activator_failure(&f.health)),
                 ..RevisionConfig::new(l.container_concurrency, ready_sidecars.clone())
             };
             if l.activator_config.as_ref() != Some(&config) {
@@ -988,6 +992,18 @@ fn facts(
     }
 }
 
+/// What the activator answers a failed revision's requests with, instead of holding them: its
+/// Ready=False reason and message, whatever made it fail (the runtime's verdict, a crash loop).
+fn activator_failure(health: &RevisionHealth) -> Option<sluice_activator::RevisionFailure> {
+    match health {
+        RevisionHealth::Failed { reason, message } => Some(sluice_activator::RevisionFailure {
+            reason: reason.clone(),
+            message: message.clone(),
+        }),
+        RevisionHealth::Ready | RevisionHealth::Deploying => None,
+    }
+}
+
 /// The revision's Endpoints: one subset per address, since each sidecar listens on its own port.
 fn revision_endpoints(key: &RevisionKey, port_name: &str, addrs: &[SocketAddr]) -> Endpoints {
     let mut eps = Endpoints::default();
@@ -1140,23 +1156,38 @@ mod tests {
         assert_eq!(eps.subsets[0].ports[0].name, "http");
     }
 
+    /// A revision wanting one instance and having none yet.
+    fn no_instance() -> sluice_runtime::RevisionStatus {
+        sluice_runtime::RevisionStatus {
+            desired: 1,
+            instances: Vec::new(),
+            restarts: 0,
+            last_exit: None,
+            removed: false,
+            image_digest: None,
+            failure: None,
+        }
+    }
+
+    fn one_revision(key: &RevisionKey, status: sluice_runtime::RevisionStatus) -> RuntimeSnapshot {
+        let mut snapshot = RuntimeSnapshot::default();
+        snapshot.revisions.insert(key.clone(), status);
+        snapshot
+    }
+
     #[test]
     fn a_runtime_failure_makes_the_revision_fail_even_after_it_was_ready() {
         let key = RevisionKey::new("default", "web-00001");
-        let mut snapshot = RuntimeSnapshot::default();
-        snapshot.revisions.insert(
-            key.clone(),
+        let mut snapshot = one_revision(
+            &key,
             sluice_runtime::RevisionStatus {
-                desired: 1,
-                instances: Vec::new(),
                 restarts: 2,
-                last_exit: None,
-                removed: false,
                 image_digest: Some("sha256:abc".into()),
                 failure: Some(sluice_runtime::RevisionFailure {
                     reason: "ContainerMissing".into(),
                     message: "No such image: web:v1".into(),
                 }),
+                ..no_instance()
             },
         );
         let f = facts(&snapshot, &key, None, true);
@@ -1166,6 +1197,14 @@ mod tests {
                 reason: "ContainerMissing".into(),
                 message: "No such image: web:v1".into()
             }
+        );
+        // The activator answers its requests with that reason at once.
+        assert_eq!(
+            activator_failure(&f.health),
+            Some(sluice_activator::RevisionFailure {
+                reason: "ContainerMissing".into(),
+                message: "No such image: web:v1".into()
+            })
         );
         assert_eq!(f.image_digest.as_deref(), Some("sha256:abc"));
         // Once it clears, a revision that was ready is Ready again.
@@ -1177,6 +1216,31 @@ mod tests {
         assert_eq!(
             facts(&snapshot, &key, None, false).health,
             RevisionHealth::Deploying
+        );
+        // Held again (deploying, or ready at zero): the activator waits for an instance.
+        for health in [RevisionHealth::Ready, RevisionHealth::Deploying] {
+            assert_eq!(activator_failure(&health), None);
+        }
+    }
+
+    #[test]
+    fn a_crash_loop_before_ready_fails_the_revision_for_the_activator_too() {
+        let key = RevisionKey::new("default", "web-00001");
+        let snapshot = one_revision(
+            &key,
+            sluice_runtime::RevisionStatus {
+                restarts: FAILED_AFTER_RESTARTS,
+                last_exit: Some("exit code 1".into()),
+                ..no_instance()
+            },
+        );
+        let failure = activator_failure(&facts(&snapshot, &key, None, false).health)
+            .expect("a crash loop fails the revision");
+        assert_eq!(failure.reason, "ExitCode");
+        assert!(
+            failure.message.contains("exit code 1"),
+            "{}",
+            failure.message
         );
     }
 

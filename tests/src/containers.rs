@@ -168,6 +168,29 @@ impl Stack {
         }
     }
 
+    /// Waits until `revision` is at zero: no instance desired nor left, and no container of it on the
+    /// engine (scale to zero removes them).
+    pub async fn wait_at_zero(&mut self, revision_name: &str) -> Result<()> {
+        self.wait_status(&format!("{revision_name} at zero"), WAIT, |s| {
+            revision(s, revision_name).is_some_and(|r| {
+                r["desiredInstances"] == 0 && r["instances"].as_array().is_some_and(Vec::is_empty)
+            })
+        })
+        .await?;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = self.containers_of(revision_name)?;
+            if left.is_empty() {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the containers of {revision_name}, at zero, are still there: {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// This run's containers of revision `revision` (any state).
     pub fn containers_of(&self, revision: &str) -> Result<Vec<String>> {
         images::owned_containers_with(self.owner(), "sluice.revision", revision)

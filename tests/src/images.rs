@@ -213,6 +213,8 @@ pub struct TestImage {
     id: String,
     /// More tags pointed at this image ([`TestImage::tag_as`]); removed with it.
     extra_tags: Vec<String>,
+    /// What it was built with, for [`TestImage::rebuild`].
+    options: ImageOptions,
 }
 
 impl TestImage {
@@ -230,6 +232,7 @@ impl TestImage {
             tag,
             id,
             extra_tags: Vec::new(),
+            options,
         })
     }
 
@@ -241,6 +244,18 @@ impl TestImage {
     /// The engine's image ID (`sha256:...`).
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Removes the image from the engine (`docker rmi -f` of its tag), as a user cleaning up would.
+    pub fn remove(&self) -> Result<()> {
+        docker(&["rmi", "--force", &self.tag]).map(drop)
+    }
+
+    /// Builds the same image under the same tag again (after [`TestImage::remove`]): a new image ID
+    /// (the classic builder stamps the build time), which this guard now removes.
+    pub fn rebuild(&mut self) -> Result<()> {
+        self.id = build_image(&test_app_musl()?, &self.tag, &self.options)?;
+        Ok(())
     }
 
     /// Points `other`'s tag at this image (`docker tag`), as a user re-pushing a tag would: `other`

@@ -362,22 +362,7 @@ async fn scale_to_zero_removes_the_container_and_a_cold_request_brings_it_back()
     let first = stack.containers_of("cold-00001").or_panic();
     assert_eq!(first.len(), 1, "{first:?}");
 
-    stack
-        .wait_status("cold-00001 at zero", WAIT, |s| {
-            revision(s, "cold-00001").is_some_and(|r| {
-                r["desiredInstances"] == 0 && r["instances"].as_array().is_some_and(Vec::is_empty)
-            })
-        })
-        .await
-        .or_panic();
-    let deadline = std::time::Instant::now() + WAIT;
-    while !stack.containers_of("cold-00001").or_panic().is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the container of a revision at zero is still there"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    stack.wait_at_zero("cold-00001").await.or_panic();
 
     assert_eq!(
         stack.get_ok("cold", "/").await.or_panic(),
@@ -386,6 +371,82 @@ async fn scale_to_zero_removes_the_container_and_a_cold_request_brings_it_back()
     let again = stack.running_containers_of("cold-00001").or_panic();
     assert_eq!(again.len(), 1, "{again:?}");
     assert_ne!(again, first, "a new container");
+}
+
+/// A Service at zero whose image is removed (`docker rmi -f`): a request gets 503 at once, not after the
+/// revision's 300 s timeout, naming the revision and its Ready=False reason, and so does the next one;
+/// once the image is rebuilt under the same tag, requests are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_whose_image_is_removed_fails_fast_then_recovers_when_it_is_rebuilt() {
+    // Far below the 300 s a held request would wait, far above a loaded machine's cold start.
+    const FAST: Duration = Duration::from_secs(30);
+    let mut image = image();
+    let mut stack = stack().await;
+    stack
+        .sluice
+        .write("config-autoscaler.yaml", FAST_AUTOSCALER)
+        .or_panic();
+    stack
+        .apply(&ImageService::new("gone", image.tag()))
+        .or_panic();
+    stack.wait_service("gone", "gone-00001").await.or_panic();
+    assert_eq!(
+        stack.get_ok("gone", "/").await.or_panic(),
+        "hello from gone-00001\n"
+    );
+    // A container still there would keep the image (rmi -f would only untag it).
+    stack.wait_at_zero("gone-00001").await.or_panic();
+    image.remove().or_panic();
+
+    for attempt in ["the cold request", "a request while failed"] {
+        let started = std::time::Instant::now();
+        let (code, body) = stack.get("gone", "/").await.or_panic();
+        let took = started.elapsed();
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{attempt}: {body}");
+        assert!(
+            body.contains("default/gone-00001") && body.contains("ContainerMissing"),
+            "{attempt}: {body}"
+        );
+        assert!(
+            took < FAST,
+            "{attempt} answered after {took:?}: held, not failed"
+        );
+    }
+    let status = stack
+        .wait_status("gone-00001 Ready=False with ContainerMissing", WAIT, |s| {
+            revision(s, "gone-00001")
+                .and_then(|r| condition(r, "Ready"))
+                .is_some_and(|c| c.status == "False" && c.reason == "ContainerMissing")
+        })
+        .await
+        .or_panic();
+    let ready = condition(revision(&status, "gone-00001").unwrap(), "Ready").unwrap();
+    assert!(ready.message.contains(image.tag()), "{ready:?}");
+
+    image.rebuild().or_panic();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        stack.sluice.check_alive().or_panic();
+        let (code, body) = stack.get("gone", "/").await.or_panic();
+        if code == StatusCode::OK {
+            assert_eq!(body, "hello from gone-00001\n");
+            break;
+        }
+        // Until the runtime's next try finds the rebuilt image, the failure stands.
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not served again after the rebuild: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let status = stack.wait_service("gone", "gone-00001").await.or_panic();
+    assert_eq!(
+        revision(&status, "gone-00001")
+            .and_then(|r| condition(r, "Ready"))
+            .map(|c| c.status),
+        Some("True".to_string())
+    );
 }
 
 /// Two revisions of an image with an 80/20 split: answers counted by K_REVISION.
