@@ -225,6 +225,16 @@ impl Fixture {
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 
+    /// A request held for `key()`, a revision with no instance: sent, and waiting in the queue.
+    async fn held_request(&self) -> AbortOnDrop<(StatusCode, String)> {
+        let pending = AbortOnDrop(tokio::spawn(self.request(&key(), "")));
+        self.wait_for("one waiting", |act| {
+            act.revision_snapshot(&key()).unwrap().waiting == 1
+        })
+        .await;
+        pending
+    }
+
     async fn wait_for(&self, what: &str, mut cond: impl FnMut(&Activator) -> bool) {
         let start = tokio::time::Instant::now();
         while !cond(&self.activator) {
@@ -512,11 +522,7 @@ async fn removing_a_revision_releases_its_waiters() {
     let f = Fixture::start().await;
     f.activator
         .update_revision(key(), RevisionConfig::new(1, vec![]));
-    let mut pending = AbortOnDrop(tokio::spawn(f.request(&key(), "")));
-    f.wait_for("one waiting", |act| {
-        act.revision_snapshot(&key()).unwrap().waiting == 1
-    })
-    .await;
+    let mut pending = f.held_request().await;
     assert!(f.activator.remove_revision(&key()));
     let (status, body) = answer(&mut pending).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -531,10 +537,10 @@ async fn a_failed_revision_answers_503_with_its_reason_at_once_and_recovers() {
     let mut f = Fixture::start().await;
     f.activator
         .update_revision(key(), RevisionConfig::new(1, vec![]));
-    let mut held = AbortOnDrop(tokio::spawn(f.request(&key(), "")));
+    let mut held = f.held_request().await;
     tokio::time::timeout(WAIT, f.pokes.recv())
         .await
-        .expect("a poke")
+        .expect("the held request pokes")
         .unwrap();
     let failed = RevisionConfig {
         failure: Some(RevisionFailure {
@@ -566,11 +572,7 @@ async fn a_failed_revision_answers_503_with_its_reason_at_once_and_recovers() {
     // Recovered: held until an instance is probed, then served.
     f.activator
         .update_revision(key(), RevisionConfig::new(1, vec![]));
-    let mut pending = AbortOnDrop(tokio::spawn(f.request(&key(), "")));
-    f.wait_for("one waiting", |act| {
-        act.revision_snapshot(&key()).unwrap().waiting == 1
-    })
-    .await;
+    let mut pending = f.held_request().await;
     let backend = Backend::start(true).await;
     f.activator
         .update_revision(key(), RevisionConfig::new(1, vec![backend.addr]));

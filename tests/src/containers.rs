@@ -168,6 +168,22 @@ impl Stack {
         }
     }
 
+    /// Serves `image` as Service `name` with autoscaler windows short enough to reach zero within a
+    /// test; returns once `<name>-00001` answered through the gateway.
+    pub async fn serve_scaling_to_zero(&mut self, name: &str, image: &str) -> Result<()> {
+        self.sluice
+            .write("config-autoscaler.yaml", FAST_AUTOSCALER)?;
+        self.apply(&ImageService::new(name, image))?;
+        let revision_name = format!("{name}-00001");
+        self.wait_service(name, &revision_name).await?;
+        let body = self.get_ok(name, "/").await?;
+        anyhow::ensure!(
+            body == format!("hello from {revision_name}\n"),
+            "{name} answered {body:?}"
+        );
+        Ok(())
+    }
+
     /// Waits until `revision` is at zero: no instance desired nor left, and no container of it on the
     /// engine (scale to zero removes them).
     pub async fn wait_at_zero(&mut self, revision_name: &str) -> Result<()> {

@@ -12,8 +12,8 @@ use std::time::Duration;
 use http::StatusCode;
 use serde_json::json;
 use sluice_e2e::containers::{
-    FAST_AUTOSCALER, ImageService, Stack, WAIT, config_map, find, image_digest, ready_instances,
-    restarts, revision, secret,
+    ImageService, Stack, WAIT, config_map, find, image_digest, ready_instances, restarts, revision,
+    secret,
 };
 use sluice_e2e::images::{self, APP_IN_IMAGE, ImageOptions, TestImage};
 use sluice_e2e::sluice::condition;
@@ -348,17 +348,9 @@ async fn scale_to_zero_removes_the_container_and_a_cold_request_brings_it_back()
     let image = image();
     let mut stack = stack().await;
     stack
-        .sluice
-        .write("config-autoscaler.yaml", FAST_AUTOSCALER)
+        .serve_scaling_to_zero("cold", image.tag())
+        .await
         .or_panic();
-    stack
-        .apply(&ImageService::new("cold", image.tag()))
-        .or_panic();
-    stack.wait_service("cold", "cold-00001").await.or_panic();
-    assert_eq!(
-        stack.get_ok("cold", "/").await.or_panic(),
-        "hello from cold-00001\n"
-    );
     let first = stack.containers_of("cold-00001").or_panic();
     assert_eq!(first.len(), 1, "{first:?}");
 
@@ -383,17 +375,9 @@ async fn a_revision_whose_image_is_removed_fails_fast_then_recovers_when_it_is_r
     let mut image = image();
     let mut stack = stack().await;
     stack
-        .sluice
-        .write("config-autoscaler.yaml", FAST_AUTOSCALER)
+        .serve_scaling_to_zero("gone", image.tag())
+        .await
         .or_panic();
-    stack
-        .apply(&ImageService::new("gone", image.tag()))
-        .or_panic();
-    stack.wait_service("gone", "gone-00001").await.or_panic();
-    assert_eq!(
-        stack.get_ok("gone", "/").await.or_panic(),
-        "hello from gone-00001\n"
-    );
     // A container still there would keep the image (rmi -f would only untag it).
     stack.wait_at_zero("gone-00001").await.or_panic();
     image.remove().or_panic();
