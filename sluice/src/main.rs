@@ -14,6 +14,7 @@ mod state_file;
 mod status_cmd;
 mod up;
 mod xds_cmd;
+mod xds_replicas;
 
 use clap::{Parser, Subcommand};
 
