@@ -50,6 +50,7 @@ pub struct XdsArgs {
     /// gateway pod: an Ingress is Ready once every connected gateway serves it.
     #[arg(long, requires = "probe_internal")]
     probe_external: Option<String>,
+    /// With --probe-external: where every gateway's cluster-local listener is probed.
     #[arg(long, requires = "probe_external")]
     probe_internal: Option<String>,
     /// DNS names written to status.publicLoadBalancer / privateLoadBalancer (domainInternal).

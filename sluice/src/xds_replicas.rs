@@ -102,10 +102,22 @@ mod tests {
     fn defaults_are_the_libraries() {
         let cli = Cli::parse_from(["x"]);
         let r = cli.replicas;
-        assert_eq!(r.ack_timeout, sluice_xds_server::gateways::DEFAULT_ACK_TIMEOUT);
-        assert_eq!(r.lease_duration, sluice_xds_server::lease::DEFAULT_LEASE_DURATION);
-        assert_eq!(r.renew_deadline, sluice_xds_server::lease::DEFAULT_RENEW_DEADLINE);
-        assert_eq!(r.retry_period, sluice_xds_server::lease::DEFAULT_RETRY_PERIOD);
+        assert_eq!(
+            r.ack_timeout,
+            sluice_xds_server::gateways::DEFAULT_ACK_TIMEOUT
+        );
+        assert_eq!(
+            r.lease_duration,
+            sluice_xds_server::lease::DEFAULT_LEASE_DURATION
+        );
+        assert_eq!(
+            r.renew_deadline,
+            sluice_xds_server::lease::DEFAULT_RENEW_DEADLINE
+        );
+        assert_eq!(
+            r.retry_period,
+            sluice_xds_server::lease::DEFAULT_RETRY_PERIOD
+        );
         let cli = Cli::parse_from(["x", "--lease-duration", "2s", "--retry-period", "300ms"]);
         assert_eq!(cli.replicas.lease_duration, Duration::from_secs(2));
         assert_eq!(cli.replicas.retry_period, Duration::from_millis(300));

@@ -53,7 +53,10 @@ pub struct ControllerConfig {
 pub enum ProbeTargets {
     /// Every gateway at its ADS stream's peer IP with these ports, as net-kourier probes each gateway
     /// pod (not the Service VIP, which would prove only that some gateway serves the Ingress).
-    PerGateway { external_port: u16, internal_port: u16 },
+    PerGateway {
+        external_port: u16,
+        internal_port: u16,
+    },
     /// Fixed addresses, probed once for all gateways (`sluice up`, where Envoy is local).
     Fixed {
         external: SocketAddr,
@@ -899,8 +902,8 @@ impl Reconciler {
             }
             for pk in keys {
                 let flying = self.in_flight.get(key).is_some_and(|f| f.contains(&pk));
-                let done = results
-                    .is_some_and(|(_, r)| matches!(r.get(&pk), Some(Probe::Succeeded)));
+                let done =
+                    results.is_some_and(|(_, r)| matches!(r.get(&pk), Some(Probe::Succeeded)));
                 if !flying && !done {
                     wanted.push((key.clone(), pk));
                 }
@@ -1377,8 +1380,13 @@ mod tests {
         use sluice_api::ConditionStatus;
         let bound = Duration::from_secs(30);
         let mut r = per_gateway_reconciler();
-        r.apply_source(source(&[ingress("public", "web.example.com", "ExternalIP", "web")]))
-            .expect("a first snapshot");
+        r.apply_source(source(&[ingress(
+            "public",
+            "web.example.com",
+            "ExternalIP",
+            "web",
+        )]))
+        .expect("a first snapshot");
         let generation = r.generation;
         let t0 = Instant::now();
         let published = BTreeMap::from([(generation, t0)]);
@@ -1390,7 +1398,10 @@ mod tests {
         let view = gateways::assess(&gateways, generation, &published, t0, bound);
         let (report, _) = r.report(&ack, &view, t0);
         let (status, reason, message) = ready_of(&report, "public");
-        assert_eq!((status, reason.as_str()), (ConditionStatus::Unknown, status::REASON_NOT_ACKED));
+        assert_eq!(
+            (status, reason.as_str()),
+            (ConditionStatus::Unknown, status::REASON_NOT_ACKED)
+        );
         assert!(message.contains("gw-2 (10.0.0.2:5000)"), "{message}");
 
         // Each gateway that ACKed is probed at its own address.
@@ -1398,9 +1409,15 @@ mod tests {
         let targets: Vec<_> = starts.iter().flat_map(|p| p.targets.clone()).collect();
         assert_eq!(
             targets,
-            [("10.0.0.1:8080".parse().unwrap(), "web.example.com".to_string())]
+            [(
+                "10.0.0.1:8080".parse().unwrap(),
+                "web.example.com".to_string()
+            )]
         );
-        assert!(r.probes_to_start(&view).is_empty(), "one probe in flight per gateway");
+        assert!(
+            r.probes_to_start(&view).is_empty(),
+            "one probe in flight per gateway"
+        );
         for p in starts {
             r.apply_probe(ProbeResult {
                 key: p.key,
@@ -1411,7 +1428,11 @@ mod tests {
             });
         }
         let (report, _) = r.report(&ack, &view, t0);
-        assert_eq!(ready_of(&report, "public").1, status::REASON_NOT_ACKED, "gw-2 still counts");
+        assert_eq!(
+            ready_of(&report, "public").1,
+            status::REASON_NOT_ACKED,
+            "gw-2 still counts"
+        );
 
         // Past the bound gw-2 is stale: not waited for, and reported.
         let later = t0 + bound;
@@ -1421,21 +1442,35 @@ mod tests {
         assert_eq!(changed.len(), 1);
         assert_eq!(report.gateways[1].state, "NotAcking");
         assert_eq!(report.gateways[1].peer, "10.0.0.2:5000");
-        assert!(!r.unprobed.contains(&("ns".to_string(), "public".to_string())));
+        assert!(
+            !r.unprobed
+                .contains(&("ns".to_string(), "public".to_string()))
+        );
     }
 
     #[test]
     fn a_gateways_nack_shows_on_the_ingresses_waiting_for_it() {
         use sluice_api::ConditionStatus;
         let mut r = per_gateway_reconciler();
-        r.apply_source(source(&[ingress("public", "web.example.com", "ExternalIP", "web")]))
-            .expect("a first snapshot");
+        r.apply_source(source(&[ingress(
+            "public",
+            "web.example.com",
+            "ExternalIP",
+            "web",
+        )]))
+        .expect("a first snapshot");
         let t0 = Instant::now();
         let mut rejecting = gateway(2, "10.0.0.2", None, t0);
         rejecting.nack = Some("Envoy \"gw-2\" rejected routes: bad weights".to_string());
         let gateways = [gateway(1, "10.0.0.1", Some(r.generation), t0), rejecting];
         let published = BTreeMap::from([(r.generation, t0)]);
-        let view = gateways::assess(&gateways, r.generation, &published, t0, Duration::from_secs(30));
+        let view = gateways::assess(
+            &gateways,
+            r.generation,
+            &published,
+            t0,
+            Duration::from_secs(30),
+        );
         let (report, _) = r.report(&ConfigStatus::default(), &view, t0);
         assert_eq!(
             ready_of(&report, "public"),
@@ -1465,13 +1500,27 @@ mod tests {
         stale.metadata.name = "stale".to_string();
         stale.spec.rules[0].hosts = vec!["b.example.com".to_string()];
         stale.metadata.generation = 3;
-        r.apply_source(source(&[proved, stale])).expect("a snapshot");
+        r.apply_source(source(&[proved, stale]))
+            .expect("a snapshot");
         let t0 = Instant::now();
         let gateways = [gateway(1, "10.0.0.1", Some(r.generation), t0)];
-        let view = gateways::assess(&gateways, r.generation, &BTreeMap::new(), t0, Duration::from_secs(30));
-        assert!(r.probes_to_start(&view).is_empty(), "a follower never probes");
+        let view = gateways::assess(
+            &gateways,
+            r.generation,
+            &BTreeMap::new(),
+            t0,
+            Duration::from_secs(30),
+        );
+        assert!(
+            r.probes_to_start(&view).is_empty(),
+            "a follower never probes"
+        );
         let (report, _) = r.report(&ConfigStatus::default(), &view, t0);
-        assert_eq!(ready_of(&report, "proved").0, ConditionStatus::True, "Ready at its generation");
+        assert_eq!(
+            ready_of(&report, "proved").0,
+            ConditionStatus::True,
+            "Ready at its generation"
+        );
         assert_eq!(ready_of(&report, "stale").1, status::REASON_UNINITIALIZED);
         r.set_leading(true);
         let starts = r.probes_to_start(&view);

@@ -53,8 +53,8 @@ pub fn assess(
     let mut out: Vec<Assessed> = gateways
         .iter()
         .map(|g| {
-            let behind_since = (newest > 0 && g.acked_generation.is_none_or(|a| a < newest))
-                .then(|| {
+            let behind_since =
+                (newest > 0 && g.acked_generation.is_none_or(|a| a < newest)).then(|| {
                     let next = g.acked_generation.map_or(1, |a| a + 1);
                     let since = published
                         .range(next..)
@@ -208,24 +208,46 @@ mod tests {
         let published = BTreeMap::from([(1, t0), (2, t0 + Duration::from_secs(10))]);
         let gateways = [gw(1, t0, Some(2)), gw(2, t0, Some(1))];
         // Behind since generation 2 was published (t0 + 10 s).
-        let a = assess(&gateways, 2, &published, t0 + Duration::from_secs(39), BOUND);
+        let a = assess(
+            &gateways,
+            2,
+            &published,
+            t0 + Duration::from_secs(39),
+            BOUND,
+        );
         assert_eq!(counted(&a), [1, 2], "within the bound");
         assert_eq!(a.next_check, Some(t0 + Duration::from_secs(40)));
         assert_eq!(a.acked_generation(), Some(1));
-        let a = assess(&gateways, 2, &published, t0 + Duration::from_secs(40), BOUND);
+        let a = assess(
+            &gateways,
+            2,
+            &published,
+            t0 + Duration::from_secs(40),
+            BOUND,
+        );
         assert_eq!(counted(&a), [1], "stale");
         assert_eq!(a.next_check, None);
         assert_eq!(a.acked_generation(), Some(2));
         let report = a.report(t0 + Duration::from_secs(40));
         assert_eq!(report[0].state, "Serving");
         assert_eq!(
-            (report[1].state.as_str(), report[1].counted, report[1].node.as_str()),
+            (
+                report[1].state.as_str(),
+                report[1].counted,
+                report[1].node.as_str()
+            ),
             ("NotAcking", false, "node-2")
         );
         assert!(report[1].message.contains("30s"), "{}", report[1].message);
         // It catches up: counted again.
         let caught_up = [gw(1, t0, Some(2)), gw(2, t0, Some(2))];
-        let a = assess(&caught_up, 2, &published, t0 + Duration::from_secs(90), BOUND);
+        let a = assess(
+            &caught_up,
+            2,
+            &published,
+            t0 + Duration::from_secs(90),
+            BOUND,
+        );
         assert_eq!(counted(&a), [1, 2]);
     }
 
@@ -235,7 +257,13 @@ mod tests {
         let published = BTreeMap::from([(5, t0)]);
         let late = t0 + Duration::from_secs(100);
         let gateways = [gw(1, t0, Some(5)), gw(2, late, None)];
-        let a = assess(&gateways, 5, &published, late + Duration::from_secs(29), BOUND);
+        let a = assess(
+            &gateways,
+            5,
+            &published,
+            late + Duration::from_secs(29),
+            BOUND,
+        );
         assert_eq!(counted(&a), [1, 2], "a newcomer gets the bound to catch up");
         let a = assess(&gateways, 5, &published, late + BOUND, BOUND);
         assert_eq!(counted(&a), [1]);
@@ -249,10 +277,17 @@ mod tests {
         rejecting.nack = Some("Envoy \"node-2\" rejected routes: bad".into());
         let gateways = [gw(1, t0, Some(1)), rejecting];
         let a = assess(&gateways, 2, &published, t0 + BOUND, BOUND);
-        assert_eq!(counted(&a), [1, 2], "the configuration, not a gateway, is at fault");
+        assert_eq!(
+            counted(&a),
+            [1, 2],
+            "the configuration, not a gateway, is at fault"
+        );
         assert_eq!(a.acked_generation(), Some(1));
         let report = a.report(t0 + BOUND);
-        assert!(report[1].message.ends_with("rejected routes: bad"), "{report:?}");
+        assert!(
+            report[1].message.ends_with("rejected routes: bad"),
+            "{report:?}"
+        );
     }
 
     #[test]

@@ -46,7 +46,9 @@ pub struct LeaseConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
-    #[error("lease timing: renew deadline {renew:?} must be shorter than the lease duration {duration:?} and longer than the retry period {retry:?}")]
+    #[error(
+        "lease timing: renew deadline {renew:?} must be shorter than the lease duration {duration:?} and longer than the retry period {retry:?}"
+    )]
     Timing {
         duration: Duration,
         renew: Duration,
@@ -193,7 +195,9 @@ impl LeaderElector {
                     }
                 }
                 Ok(Err(e)) => tracing::warn!(lease = %c.name, "lease: {e}"),
-                Err(_) => tracing::warn!(lease = %c.name, "lease: no answer within {:?}", c.retry_period),
+                Err(_) => {
+                    tracing::warn!(lease = %c.name, "lease: no answer within {:?}", c.retry_period)
+                }
             }
             if renewed.is_some_and(|at| at.elapsed() >= c.renew_deadline) {
                 tracing::warn!(lease = %c.name, "no renewal within the renew deadline: stepping down");
@@ -229,7 +233,10 @@ impl LeaderElector {
         let c = &self.config;
         let current = self.api.get_opt(&c.name).await?;
         let step = candidate.decide(
-            current.as_ref().map(|l| l.spec.clone().unwrap_or_default()).as_ref(),
+            current
+                .as_ref()
+                .map(|l| l.spec.clone().unwrap_or_default())
+                .as_ref(),
             &c.identity,
             c.lease_duration,
             Instant::now(),
@@ -253,7 +260,9 @@ impl LeaderElector {
                 lease.spec = Some(spec.clone());
                 (
                     spec,
-                    self.api.replace(&c.name, &PostParams::default(), &lease).await,
+                    self.api
+                        .replace(&c.name, &PostParams::default(), &lease)
+                        .await,
                 )
             }
             (Step::Replace(_), None) => unreachable!("replace is decided only on a Lease read"),
@@ -264,9 +273,9 @@ impl LeaderElector {
                 Ok(Attempt::Leading)
             }
             // Another candidate wrote first (409 Conflict or AlreadyExists): it leads.
-            Err(kube::Error::Api(e)) if e.code == 409 => {
-                Ok(Attempt::Held("another replica (write conflict)".to_string()))
-            }
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::Held(
+                "another replica (write conflict)".to_string(),
+            )),
             Err(e) => Err(e),
         }
     }
@@ -365,7 +374,11 @@ mod tests {
         let free = released(&spec, wall);
         let mut other = Candidate::default();
         let step = other.decide(Some(&free), "b", D, t0, wall);
-        assert_eq!(holder(&step), Some(("b", 3)), "no wait for a released lease");
+        assert_eq!(
+            holder(&step),
+            Some(("b", 3)),
+            "no wait for a released lease"
+        );
     }
 
     #[test]

@@ -234,8 +234,15 @@ async fn a_gateway_that_never_acks_is_reported_and_does_not_hold_ingresses_back(
         .expect("the stuck gateway is reported");
     assert_eq!(stuck_report.state, "NotAcking", "{stuck_report:?}");
     assert!(!stuck_report.counted);
-    assert!(stuck_report.peer.starts_with("127.0.0.1:"), "{stuck_report:?}");
-    let good = rep.gateways.iter().find(|g| g.node == "good-gateway").unwrap();
+    assert!(
+        stuck_report.peer.starts_with("127.0.0.1:"),
+        "{stuck_report:?}"
+    );
+    let good = rep
+        .gateways
+        .iter()
+        .find(|g| g.node == "good-gateway")
+        .unwrap();
     assert_eq!((good.state.as_str(), good.counted), ("Serving", true));
 
     // A new Ingress does not wait for the stuck gateway again.

@@ -178,9 +178,15 @@ async fn one_replica_writes_status_and_another_takes_over_when_it_dies() {
         .expect("the Lease was created");
     assert_eq!(lease["spec"]["holderIdentity"], json!(leader.name));
 
-    wait_for("first's status written", || !status_writers(&server, "first").is_empty()).await;
+    wait_for("first's status written", || {
+        !status_writers(&server, "first").is_empty()
+    })
+    .await;
     server.apply(ingress("second"));
-    wait_for("second's status written", || !status_writers(&server, "second").is_empty()).await;
+    wait_for("second's status written", || {
+        !status_writers(&server, "second").is_empty()
+    })
+    .await;
     // The follower has computed both statuses too (it would have written them before reporting).
     wait_for("the follower's report", || {
         reported(&follower, "first") && reported(&follower, "second")
@@ -238,7 +244,10 @@ async fn two_candidates_racing_for_a_free_lease_get_one_leader() {
     let lease = server
         .get("coordination.k8s.io/v1", "Lease", NAMESPACE, "sluice-xds")
         .unwrap();
-    let holder = lease["spec"]["holderIdentity"].as_str().unwrap().to_string();
+    let holder = lease["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let leader = replicas.iter().find(|r| *r.leading.borrow()).unwrap();
     assert_eq!(holder, leader.name);
 }

@@ -633,12 +633,20 @@ fn create(inner: &Inner, target: &Target, body: &[u8]) -> Response<Body> {
         Err(e) => return status_error(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
     };
     let Some(name) = object["metadata"]["name"].as_str().map(str::to_string) else {
-        return status_error(StatusCode::BAD_REQUEST, "BadRequest", "metadata.name is required");
+        return status_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "metadata.name is required",
+        );
     };
     let namespace = target.namespace.clone().unwrap_or_default();
     let mut store = inner.store.lock().unwrap();
     let Some((api_version, kind)) = body_type(&store, target, &object) else {
-        return status_error(StatusCode::BAD_REQUEST, "BadRequest", "apiVersion and kind are required");
+        return status_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "apiVersion and kind are required",
+        );
     };
     let key = (namespace.clone(), name.clone());
     if store
@@ -694,7 +702,11 @@ fn replace(inner: &Inner, target: &Target, name: &str, body: &[u8]) -> Response<
         .and_then(|objects| objects.get(&key))
         .cloned()
     else {
-        return status_error(StatusCode::NOT_FOUND, "NotFound", &format!("{name} not found"));
+        return status_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{name} not found"),
+        );
     };
     let stored_rv = current["metadata"]["resourceVersion"].clone();
     match object["metadata"]["resourceVersion"].as_str() {
@@ -756,7 +768,11 @@ fn remove(inner: &Inner, target: &Target, name: &str) -> Response<Body> {
         .get_mut(&target.resource)
         .and_then(|objects| objects.remove(&(namespace.clone(), name.to_string())))
     else {
-        return status_error(StatusCode::NOT_FOUND, "NotFound", &format!("{name} not found"));
+        return status_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{name} not found"),
+        );
     };
     store.resource_version += 1;
     let rv = store.resource_version;
