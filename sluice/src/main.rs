@@ -14,6 +14,7 @@ mod state_file;
 mod status_cmd;
 mod up;
 mod xds_cmd;
+mod xds_replicas;
 
 use clap::{Parser, Subcommand};
 
@@ -39,7 +40,9 @@ enum Command {
     Up(up::UpArgs),
     /// Show the Ingresses `sluice up` serves, their status, and problems with the folder's files.
     Status(status_cmd::StatusArgs),
-    /// Run only the xds-server (for a cluster: Envoy gateways connect to it over ADS).
+    /// Run only the xds-server (for a cluster: Envoy gateways connect to it over ADS). With --kube,
+    /// several replicas may run: all serve ADS, the holder of a Lease writes status. Stops cleanly on
+    /// SIGTERM (releases the Lease, closes ADS streams, exits 0).
     Xds(xds_cmd::XdsArgs),
     /// Print the Envoy bootstrap (JSON) for a gateway that gets everything from `sluice xds` over ADS.
     Bootstrap(envoy::BootstrapArgs),

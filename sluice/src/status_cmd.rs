@@ -258,6 +258,31 @@ fn render_table(report: &serde_json::Value) -> String {
             "Envoy rejected the newest configuration: {nack}\n"
         ));
     }
+    if report["leading"] == false {
+        out.push_str(
+            "This xds-server replica does not hold the leader Lease: another one writes status.\n",
+        );
+    }
+    let gateways = report["gateways"].as_array().cloned().unwrap_or_default();
+    if !gateways.is_empty() {
+        let mut rows = vec![header(&[
+            "GATEWAY", "PEER", "STATE", "ACKED", "COUNTED", "MESSAGE",
+        ])];
+        for g in &gateways {
+            rows.push(vec![
+                str_of(&g["node"]),
+                str_of(&g["peer"]),
+                str_of(&g["state"]),
+                g["ackedGeneration"]
+                    .as_u64()
+                    .map_or("-".to_string(), |g| g.to_string()),
+                if g["counted"] == true { "yes" } else { "no" }.to_string(),
+                str_of(&g["message"]),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&table(&rows));
+    }
     let warnings: Vec<String> = revisions
         .iter()
         .flat_map(|rev| {
@@ -297,6 +322,29 @@ fn render_table(report: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_shows_each_gateway_and_which_ones_ingresses_wait_for() {
+        let report = serde_json::json!({
+            "ingresses": [],
+            "envoy": {"generation": 4, "ackedGeneration": 4},
+            "leading": true,
+            "gateways": [
+                {"node": "gw-a", "peer": "10.0.0.1:41000", "state": "Serving", "ackedGeneration": 4, "counted": true, "message": ""},
+                {"node": "gw-b", "peer": "10.0.0.2:41000", "state": "NotAcking", "ackedGeneration": null, "counted": false,
+                 "message": "has not applied the newest configuration for 31s: not counted for readiness until it does"},
+            ],
+        });
+        let out = render_table(&report);
+        assert!(out.contains("GATEWAY  PEER"), "{out}");
+        let line = out.lines().find(|l| l.starts_with("gw-b")).expect(&out);
+        for want in ["10.0.0.2:41000", "NotAcking", " -  ", " no ", "not counted"] {
+            assert!(line.contains(want), "{want:?} in {line:?}");
+        }
+        assert!(!out.contains("does not hold the leader Lease"));
+        let follower = serde_json::json!({"ingresses": [], "envoy": {}, "leading": false});
+        assert!(render_table(&follower).contains("does not hold the leader Lease"));
+    }
 
     #[test]
     fn table_shows_ready_reason_hosts_and_problems() {

@@ -155,8 +155,13 @@ pub async fn run(args: UpArgs) -> Result<()> {
                 ..Default::default()
             },
         },
-        probe_external: addr(args.external_port),
-        probe_internal: addr(args.internal_port),
+        // Envoy is local: probe it where it listens.
+        probe: controller::ProbeTargets::Fixed {
+            external: addr(args.external_port),
+            internal: addr(args.internal_port),
+        },
+        ack_timeout: sluice_xds_server::gateways::DEFAULT_ACK_TIMEOUT,
+        leader: None,
     };
     let dir = std::fs::canonicalize(&args.dir)
         .with_context(|| format!("{}: cannot resolve the folder", args.dir.display()))?;

@@ -1,5 +1,7 @@
 //! `sluice xds`: the xds-server alone, for a cluster (Envoy runs elsewhere and connects over ADS).
-//! The state comes from Kubernetes (`--kube`) or a folder.
+//! The state comes from Kubernetes (`--kube`) or a folder. With `--kube`, several replicas may run:
+//! all serve ADS, and the holder of a Lease writes status and probes (see `xds_replicas`). SIGTERM
+//! or SIGINT stops it cleanly: status writes stop, the Lease is released, ADS streams close, exit 0.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -11,7 +13,8 @@ use tokio::sync::watch;
 
 use sluice_api::ingress::LoadBalancerIngressStatus;
 use sluice_xds_server::ads::{self, AdsServer};
-use sluice_xds_server::controller::{self, ControllerConfig, StatusReport};
+use sluice_xds_server::controller::{self, ControllerConfig, ProbeTargets, StatusReport};
+use sluice_xds_server::lease::LeaderElector;
 use sluice_xds_server::snapshot::Snapshot;
 use sluice_xds_server::source::StateSource;
 use sluice_xds_server::source::folder::FolderSource;
@@ -41,11 +44,15 @@ pub struct XdsArgs {
     internal_listener: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:8443")]
     tls_listener: SocketAddr,
-    /// Where the gateway's external and internal listeners are reached for readiness probes (host:port).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    probe_external: String,
-    #[arg(long, default_value = "127.0.0.1:8081")]
-    probe_internal: String,
+    /// Probe every gateway here instead of at its own address (host:port of the external listener;
+    /// give --probe-internal too). By default each gateway is probed at its ADS connection's peer
+    /// IP with the ports of --external-listener and --internal-listener, as net-kourier probes each
+    /// gateway pod: an Ingress is Ready once every connected gateway serves it.
+    #[arg(long, requires = "probe_internal")]
+    probe_external: Option<String>,
+    /// With --probe-external: where every gateway's cluster-local listener is probed.
+    #[arg(long, requires = "probe_external")]
+    probe_internal: Option<String>,
     /// DNS names written to status.publicLoadBalancer / privateLoadBalancer (domainInternal).
     #[arg(long, default_value = "sluice-gateway.sluice-system.svc.cluster.local")]
     public_domain: String,
@@ -54,6 +61,8 @@ pub struct XdsArgs {
         default_value = "sluice-gateway-internal.sluice-system.svc.cluster.local"
     )]
     private_domain: String,
+    #[command(flatten)]
+    replicas: crate::xds_replicas::ReplicaArgs,
 }
 
 async fn resolve(what: &str, addr: &str) -> Result<SocketAddr> {
@@ -65,15 +74,32 @@ async fn resolve(what: &str, addr: &str) -> Result<SocketAddr> {
 }
 
 pub async fn run(args: XdsArgs) -> Result<()> {
-    let source: Arc<dyn StateSource> = match (&args.dir, args.kube) {
-        (Some(dir), false) => Arc::new(FolderSource::new(dir)),
+    let (source, client): (Arc<dyn StateSource>, _) = match (&args.dir, args.kube) {
+        (Some(dir), false) => (Arc::new(FolderSource::new(dir)), None),
         (None, true) => {
             let client = ::kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
-            Arc::new(KubeSource::new(client))
+            (Arc::new(KubeSource::new(client.clone())), Some(client))
         }
         _ => bail!("say where the state comes from: --kube or --dir DIR"),
+    };
+    let election = match &client {
+        Some(client) => Some(LeaderElector::new(
+            client.clone(),
+            args.replicas.lease_config(client)?,
+        )),
+        None => None,
+    };
+    let probe = match (&args.probe_external, &args.probe_internal) {
+        (Some(external), Some(internal)) => ProbeTargets::Fixed {
+            external: resolve("--probe-external", external).await?,
+            internal: resolve("--probe-internal", internal).await?,
+        },
+        _ => ProbeTargets::PerGateway {
+            external_port: args.external_listener.port(),
+            internal_port: args.internal_listener.port(),
+        },
     };
     let xds_listener = TcpListener::bind((args.listen, args.xds_port))
         .await
@@ -101,21 +127,53 @@ pub async fn run(args: XdsArgs) -> Result<()> {
                 ..Default::default()
             },
         },
-        probe_external: resolve("--probe-external", &args.probe_external).await?,
-        probe_internal: resolve("--probe-internal", &args.probe_internal).await?,
+        probe,
+        ack_timeout: args.replicas.ack_timeout,
+        leader: election.as_ref().map(|(_, leading)| leading.clone()),
     };
     tracing::info!("xds-server on {}:{}", args.listen, args.xds_port);
     let control = tokio::spawn(crate::http::serve_control(control_listener, move || {
         serde_json::to_value(&*report_rx.borrow()).unwrap_or_default()
     }));
-    let xds = tokio::spawn(ads::serve(xds_listener, ads_server, async {
-        let _ = tokio::signal::ctrl_c().await;
-    }));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut xds = tokio::spawn(ads::serve(xds_listener, ads_server, stopped()));
+    let elector = election.map(|(elector, _)| {
+        let stop = stopped();
+        tokio::spawn(async move { elector.run(stop).await })
+    });
+    let signal = crate::xds_replicas::shutdown_signal();
     let result = tokio::select! {
         r = controller::run(source, config, snapshot_tx, acks, report_tx) => r.map_err(|e| anyhow::anyhow!("state source failed: {e}")),
-        _ = tokio::signal::ctrl_c() => Ok(()),
+        r = &mut xds => match r {
+            Ok(Ok(())) => Err(anyhow::anyhow!("the ADS server stopped")),
+            Ok(Err(e)) => Err(anyhow::anyhow!("ADS server: {e}")),
+            Err(e) => Err(anyhow::anyhow!("ADS server: {e}")),
+        },
+        s = signal => {
+            tracing::info!("{}: shutting down", s?);
+            Ok(())
+        }
     };
+    // The controller is stopped (no more status writes): release the Lease, so another replica
+    // takes over at once, and close the ADS streams, so gateways reconnect to another replica.
+    stop_tx.send_replace(true);
+    if let Some(elector) = elector {
+        let _ = elector.await;
+    }
+    if !xds.is_finished()
+        && tokio::time::timeout(std::time::Duration::from_secs(5), &mut xds)
+            .await
+            .is_err()
+    {
+        tracing::warn!("ADS streams did not close within 5 s");
+        xds.abort();
+    }
     control.abort();
-    xds.abort();
     result
 }

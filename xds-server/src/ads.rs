@@ -14,9 +14,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
@@ -162,6 +163,25 @@ pub struct ConfigStatus {
     last_nack: Option<String>,
     rejected: Vec<Rejection>,
     connected: usize,
+    gateways: Vec<GatewayStatus>,
+}
+
+/// One connected gateway (one ADS stream): who it is and how far it has come, for the controller to
+/// decide which gateways an Ingress must be served by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayStatus {
+    /// The ADS stream's id (unique while the server runs).
+    pub stream: u64,
+    /// Envoy's node id (empty until its first request names it).
+    pub node: String,
+    /// The stream's peer address: where the gateway is (its pod IP in a cluster).
+    pub peer: Option<SocketAddr>,
+    pub connected_at: Instant,
+    /// The newest generation this gateway has fully applied (monotonic while it stays connected).
+    pub acked_generation: Option<u64>,
+    /// Its newest rejection that names no resource (a bad route), until it ACKs a newer
+    /// configuration: Envoy's words with the node id.
+    pub nack: Option<String>,
 }
 
 /// One resource Envoy rejected by name, while the stream has not ACKed a newer response of its type.
@@ -228,6 +248,11 @@ impl ConfigStatus {
     pub fn connected(&self) -> usize {
         self.connected
     }
+
+    /// Every connected gateway (ADS stream), in the order they connected.
+    pub fn gateways(&self) -> &[GatewayStatus] {
+        &self.gateways
+    }
 }
 
 /// The AggregatedDiscoveryService: serves the newest snapshot of `snapshots` to every Envoy.
@@ -256,6 +281,7 @@ impl AdsServer {
     fn start<S: XdsStream>(
         &self,
         state: S,
+        peer: Option<SocketAddr>,
         requests: Streaming<S::Request>,
     ) -> ReceiverStream<Result<S::Response, Status>> {
         let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
@@ -264,6 +290,7 @@ impl AdsServer {
         tokio::spawn(
             run_stream(
                 id,
+                peer,
                 state,
                 requests,
                 tx,
@@ -285,18 +312,24 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(Response::new(
-            self.start(SotwStream::default(), request.into_inner()),
-        ))
+        let peer = request.remote_addr();
+        Ok(Response::new(self.start(
+            SotwStream::default(),
+            peer,
+            request.into_inner(),
+        )))
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Ok(Response::new(
-            self.start(DeltaStream::default(), request.into_inner()),
-        ))
+        let peer = request.remote_addr();
+        Ok(Response::new(self.start(
+            DeltaStream::default(),
+            peer,
+            request.into_inner(),
+        )))
     }
 }
 
@@ -346,13 +379,24 @@ struct Shared {
 
 #[derive(Default)]
 struct Tracker {
-    streams: BTreeMap<u64, StreamSync>,
+    streams: BTreeMap<u64, StreamEntry>,
     acked_generation: Option<u64>,
+}
+
+/// One stream in the tracker.
+struct StreamEntry {
+    peer: Option<SocketAddr>,
+    connected_at: Instant,
+    sync: StreamSync,
+    /// The newest generation the stream was ever synced with.
+    acked: Option<u64>,
 }
 
 /// One stream's progress, as its state machine reports it.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct StreamSync {
+    /// Envoy's node id, once known.
+    node: String,
     /// The generation whose resources Envoy has ACKed, for everything this stream subscribes to.
     synced: Option<u64>,
     /// Rejections not yet superseded by an ACK, one per type at most.
@@ -400,17 +444,30 @@ impl Shared {
         self.tracker.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn register(&self, id: u64) {
+    fn register(&self, id: u64, peer: Option<SocketAddr>) {
         let mut tracker = self.lock();
-        tracker.streams.insert(id, StreamSync::default());
+        tracker.streams.insert(
+            id,
+            StreamEntry {
+                peer,
+                connected_at: Instant::now(),
+                sync: StreamSync::default(),
+                acked: None,
+            },
+        );
         self.publish(&mut tracker);
     }
 
     fn update(&self, id: u64, sync: StreamSync) {
         let mut tracker = self.lock();
         match tracker.streams.get_mut(&id) {
-            Some(current) if *current == sync => return,
-            Some(current) => *current = sync,
+            Some(current) if current.sync == sync => return,
+            Some(current) => {
+                if sync.synced > current.acked {
+                    current.acked = sync.synced;
+                }
+                current.sync = sync;
+            }
             None => return,
         }
         self.publish(&mut tracker);
@@ -423,7 +480,7 @@ impl Shared {
     }
 
     fn publish(&self, tracker: &mut Tracker) {
-        let mut synced = tracker.streams.values().map(|s| s.synced);
+        let mut synced = tracker.streams.values().map(|s| s.sync.synced);
         if let Some(Some(first)) = synced.next()
             && synced.all(|g| g == Some(first))
             && tracker.acked_generation.is_none_or(|acked| acked < first)
@@ -436,7 +493,7 @@ impl Shared {
             last_nack: tracker
                 .streams
                 .values()
-                .flat_map(|s| &s.nacks)
+                .flat_map(|s| &s.sync.nacks)
                 .filter(|n| n.rejected.is_empty())
                 .max_by_key(|n| n.seq)
                 .map(|n| n.message.clone()),
@@ -444,12 +501,30 @@ impl Shared {
                 let all: BTreeSet<&Rejection> = tracker
                     .streams
                     .values()
-                    .flat_map(|s| &s.nacks)
+                    .flat_map(|s| &s.sync.nacks)
                     .flat_map(|n| &n.rejected)
                     .collect();
                 all.into_iter().cloned().collect()
             },
             connected: tracker.streams.len(),
+            gateways: tracker
+                .streams
+                .iter()
+                .map(|(id, s)| GatewayStatus {
+                    stream: *id,
+                    node: s.sync.node.clone(),
+                    peer: s.peer,
+                    connected_at: s.connected_at,
+                    acked_generation: s.acked,
+                    nack: s
+                        .sync
+                        .nacks
+                        .iter()
+                        .filter(|n| n.rejected.is_empty())
+                        .max_by_key(|n| n.seq)
+                        .map(|n| n.message.clone()),
+                })
+                .collect(),
         };
         self.status.send_if_modified(|current| {
             if *current == status {
@@ -494,6 +569,7 @@ trait XdsStream: Send + 'static {
 
 async fn run_stream<S: XdsStream>(
     id: u64,
+    peer: Option<SocketAddr>,
     mut state: S,
     mut requests: Streaming<S::Request>,
     tx: mpsc::Sender<Result<S::Response, Status>>,
@@ -504,12 +580,12 @@ async fn run_stream<S: XdsStream>(
     if *closing.borrow_and_update() {
         return;
     }
-    shared.register(id);
+    shared.register(id, peer);
     let _registration = Registration {
         id,
         shared: shared.clone(),
     };
-    tracing::info!("stream opened");
+    tracing::info!(peer = ?peer, "stream opened");
     // Until the controller has read its source, the snapshot is the empty default: serving it would
     // make an Envoy that reconnects to a restarted xds-server drop the config it is serving.
     let ready = tokio::select! {
@@ -842,6 +918,7 @@ impl XdsStream for SotwStream {
 
     fn sync(&self, snap: &Snapshot) -> StreamSync {
         StreamSync {
+            node: self.node.clone(),
             synced: stream_sync(snap, &self.types, |t, st: &SotwType| {
                 st.answered && st.sub.matches(snap, t, &st.acked)
             }),
@@ -1163,6 +1240,7 @@ impl XdsStream for DeltaStream {
 
     fn sync(&self, snap: &Snapshot) -> StreamSync {
         StreamSync {
+            node: self.node.clone(),
             synced: stream_sync(snap, &self.types, |t, st: &DeltaType| {
                 st.exact(snap) || (st.pending.is_empty() && st.sub.matches(snap, t, &st.acked))
             }),
@@ -1193,15 +1271,15 @@ mod tests {
     fn synced(generation: u64) -> StreamSync {
         StreamSync {
             synced: Some(generation),
-            nacks: Vec::new(),
+            ..Default::default()
         }
     }
 
     #[test]
     fn acked_generation_needs_every_stream_and_never_goes_back() {
         let (shared, status) = shared();
-        shared.register(1);
-        shared.register(2);
+        shared.register(1, None);
+        shared.register(2, None);
         shared.update(1, synced(2));
         assert_eq!(status.borrow().acked_generation(), None);
         shared.update(2, synced(1));
@@ -1211,6 +1289,13 @@ mod tests {
         shared.update(1, synced(1));
         shared.update(2, synced(1));
         assert_eq!(status.borrow().acked_generation(), Some(2), "monotonic");
+        let per_gateway: Vec<_> = status
+            .borrow()
+            .gateways()
+            .iter()
+            .map(|g| (g.stream, g.acked_generation))
+            .collect();
+        assert_eq!(per_gateway, [(1, Some(2)), (2, Some(2))], "each monotonic");
         shared.unregister(1);
         shared.unregister(2);
         assert_eq!(
@@ -1220,6 +1305,7 @@ mod tests {
                 last_nack: None,
                 rejected: Vec::new(),
                 connected: 0,
+                gateways: Vec::new(),
             }
         );
     }
@@ -1227,13 +1313,14 @@ mod tests {
     #[test]
     fn newest_nack_is_reported_and_leaves_with_its_stream() {
         let (shared, status) = shared();
-        shared.register(1);
-        shared.register(2);
+        shared.register(1, None);
+        shared.register(2, None);
         let older = Nack::new(CLUSTER_TYPE_URL, "one", "v1", "old problem");
         let newer = Nack::new(LISTENER_TYPE_URL, "two", "v2", "new problem");
         shared.update(
             2,
             StreamSync {
+                node: String::new(),
                 synced: None,
                 nacks: vec![newer.clone()],
             },
@@ -1241,6 +1328,7 @@ mod tests {
         shared.update(
             1,
             StreamSync {
+                node: String::new(),
                 synced: None,
                 nacks: vec![older.clone()],
             },

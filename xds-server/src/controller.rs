@@ -3,9 +3,9 @@
 //! into the module that does it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -17,7 +17,8 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use prost::Message;
 
-use crate::ads::{ConfigStatus, Rejection};
+use crate::ads::{ConfigStatus, GatewayStatus, Rejection};
+use crate::gateways::{self, Assessment, GatewayReport};
 use crate::prober::{self, CATCH_ALL_PROBE_HOST};
 use crate::resources::{CLUSTER_TYPE_URL, LISTENER_TYPE_URL, Resources};
 use crate::snapshot::{Snapshot, content_version};
@@ -36,11 +37,35 @@ const REPORT_DELAY: Duration = Duration::from_millis(20);
 pub struct ControllerConfig {
     pub gateway: GatewayConfig,
     pub load_balancers: LoadBalancers,
-    /// Where to probe external rules (Envoy's external listener, as seen from here).
-    pub probe_external: SocketAddr,
-    /// Where to probe cluster-local rules.
-    pub probe_internal: SocketAddr,
+    /// Where each gateway is probed.
+    pub probe: ProbeTargets,
+    /// How long a gateway may be behind the newest configuration before Ingresses stop waiting for
+    /// it (see [`gateways`]).
+    pub ack_timeout: Duration,
+    /// Whether this replica is the leader (writes status, runs probes), when several run; None:
+    /// always (the only replica). A source's status that is Ready at the Ingress's generation is
+    /// then trusted as proved by an earlier leader, so a new leader does not flap Ready.
+    pub leader: Option<watch::Receiver<bool>>,
 }
+
+/// Where the gateways' listeners are reached for readiness probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeTargets {
+    /// Every gateway at its ADS stream's peer IP with these ports, as net-kourier probes each gateway
+    /// pod (not the Service VIP, which would prove only that some gateway serves the Ingress).
+    PerGateway {
+        external_port: u16,
+        internal_port: u16,
+    },
+    /// Fixed addresses, probed once for all gateways (`sluice up`, where Envoy is local).
+    Fixed {
+        external: SocketAddr,
+        internal: SocketAddr,
+    },
+}
+
+/// Which probe a gateway needs: its IP (None: the fixed addresses).
+type ProbeKey = Option<IpAddr>;
 
 /// What `sluice status` and the control API show.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -55,6 +80,10 @@ pub struct StatusReport {
     /// Listeners and Clusters Envoy rejected: left out of the configuration (or kept at the version
     /// Envoy runs) until their content changes, so the rest is applied and ACKed.
     pub rejected: Vec<RejectedResource>,
+    /// Every gateway connected over ADS, and whether Ingresses wait for it.
+    pub gateways: Vec<GatewayReport>,
+    /// This replica writes status (the only one, or the Lease's holder).
+    pub leading: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -84,10 +113,11 @@ pub struct EnvoyReport {
     pub last_nack: Option<String>,
 }
 
-/// A probe to run: every (listener, host) of one Ingress version.
+/// A probe to run: every (listener, host) of one Ingress version on one gateway.
 struct ProbeStart {
     key: ObjectKey,
     hash: String,
+    gateway: ProbeKey,
     targets: Vec<(SocketAddr, String)>,
     attempt: u32,
 }
@@ -95,6 +125,7 @@ struct ProbeStart {
 struct ProbeResult {
     key: ObjectKey,
     hash: String,
+    gateway: ProbeKey,
     result: Result<(), String>,
     attempt: u32,
 }
@@ -117,13 +148,24 @@ pub async fn run(
 
     let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<ProbeResult>();
     let probe_slots = Arc::new(Semaphore::new(PROBE_CONCURRENCY));
+    let ack_timeout = config.ack_timeout;
+    let mut leader = config.leader.clone();
     let mut r = Reconciler::new(config);
+    r.leading = leader.as_ref().is_none_or(|l| *l.borrow());
     let mut written: BTreeMap<ObjectKey, IngressStatus> = BTreeMap::new();
+    // When each generation was first served: how long a gateway has been behind.
+    let mut published: BTreeMap<u64, Instant> = BTreeMap::new();
+    let serve = |snapshot: Arc<Snapshot>, published: &mut BTreeMap<u64, Instant>| {
+        published.insert(snapshot.generation(), Instant::now());
+        let _ = snapshots.send(snapshot);
+    };
+    let mut view = Assessment::default();
 
     // Statuses are recomputed at most every REPORT_DELAY: the report is O(Ingresses), and one change
     // brings several events (source, ACKs, probe results) that must not each pay for it.
     let mut report_due: Option<tokio::time::Instant> = None;
     loop {
+        let next_check = view.next_check.map(tokio::time::Instant::from_std);
         tokio::select! {
             res = &mut source_task => return res,
             () = async {
@@ -134,13 +176,20 @@ pub async fn run(
             } => {
                 report_due = None;
                 let ack = acks.borrow().clone();
-                let (rep, changed) = r.report(&ack);
-                for ingress in &changed {
+                let (rep, changed) = r.report(&ack, &view, Instant::now());
+                // Only the leader writes; the others compute the same statuses for their report.
+                let writes: &[Arc<Ingress>] = if r.leading { &changed } else { &[] };
+                for ingress in writes {
                     let key = (
                         ingress.metadata.namespace.clone(),
                         ingress.metadata.name.clone(),
                     );
-                    if written.get(&key) != Some(&ingress.status) {
+                    // What the source holds counts as written: a restarted or new leader does not
+                    // rewrite what an earlier one wrote.
+                    let current = written.get(&key).or_else(|| {
+                        r.source.state.ingresses.get(&key).map(|i| &i.status)
+                    });
+                    if current != Some(&ingress.status) {
                         if let Err(e) = source.write_ingress_status(ingress).await {
                             tracing::warn!(ingress = %ingress.metadata.key(), "writing status: {e}");
                             // Retried at the next report (forgotten, so it counts as changed).
@@ -160,7 +209,9 @@ pub async fn run(
                         || current.ingresses.len() != rep.ingresses.len()
                         || current.errors != rep.errors
                         || current.envoy != rep.envoy
-                        || current.rejected != rep.rejected;
+                        || current.rejected != rep.rejected
+                        || current.gateways != rep.gateways
+                        || current.leading != rep.leading;
                     if modified {
                         *current = rep;
                     }
@@ -179,29 +230,60 @@ pub async fn run(
                     "translated the source's state"
                 );
                 if let Some(new) = new {
-                    let _ = snapshots.send(new);
+                    serve(new, &mut published);
                 }
             }
             changed = acks.changed() => {
                 if changed.is_err() { return Ok(()); }
-                let ack = acks.borrow().clone();
-                r.note_acked(&ack);
-                if let Some(new) = r.quarantine(ack.rejected()) {
-                    let _ = snapshots.send(new);
+            }
+            changed = async {
+                match &mut leader {
+                    Some(l) => l.changed().await,
+                    None => std::future::pending().await,
                 }
-                if let Some(new) = r.finish_removals(&ack) {
-                    let _ = snapshots.send(new);
+            } => {
+                let leading = changed.is_ok() && leader.as_mut().is_some_and(|l| *l.borrow_and_update());
+                if changed.is_err() {
+                    leader = None;
+                }
+                if leading != r.leading {
+                    tracing::info!(leading, "leadership changed");
+                    r.set_leading(leading);
+                    written.clear();
                 }
             }
+            () = async {
+                match next_check {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
             Some(p) = probe_rx.recv() => r.apply_probe(p),
         }
         let ack = acks.borrow().clone();
+        gateways::prune_published(&mut published, ack.gateways());
+        view = gateways::assess(
+            ack.gateways(),
+            r.generation,
+            &published,
+            Instant::now(),
+            ack_timeout,
+        );
+        let acked = view.acked_generation().or(ack.acked_generation());
+        r.note_acked(acked);
+        if let Some(new) = r.quarantine(ack.rejected()) {
+            serve(new, &mut published);
+        }
+        if let Some(new) = r.finish_removals(acked) {
+            serve(new, &mut published);
+        }
         for ProbeStart {
             key,
             hash,
+            gateway,
             targets,
             attempt,
-        } in r.probes_to_start(&ack)
+        } in r.probes_to_start(&view)
         {
             let tx = probe_tx.clone();
             let slots = probe_slots.clone();
@@ -222,6 +304,7 @@ pub async fn run(
                 let _ = tx.send(ProbeResult {
                     key,
                     hash,
+                    gateway,
                     result,
                     attempt,
                 });
@@ -289,6 +372,16 @@ fn decode_kept(type_url: &str, bytes: &[u8]) -> Option<Kept> {
     }
 }
 
+/// How a gateway is named in messages: its node id and address.
+fn gateway_name(g: &GatewayStatus) -> String {
+    match (g.node.as_str(), g.peer) {
+        ("", Some(peer)) => peer.to_string(),
+        ("", None) => format!("stream {}", g.stream),
+        (node, Some(peer)) => format!("{node} ({peer})"),
+        (node, None) => node.to_string(),
+    }
+}
+
 /// Walks a sorted map along with ascending keys.
 struct Cursor<'a, K, V> {
     entries: std::iter::Peekable<std::collections::btree_map::Iter<'a, K, V>>,
@@ -326,13 +419,18 @@ struct Reconciler {
     outcomes: BTreeMap<ObjectKey, IngressOutcome>,
     /// For each programmed Ingress: its hash and the first generation that carried it.
     programmed: BTreeMap<ObjectKey, (String, u64)>,
-    probes: BTreeMap<ObjectKey, (String, Probe)>,
+    /// Probe results of each Ingress's current hash, per gateway.
+    probes: BTreeMap<ObjectKey, (String, BTreeMap<ProbeKey, Probe>)>,
     /// Programmed Ingresses whose current hash has no successful probe yet: the only ones whose
     /// status can change without a change of their own (an ACK, a NACK, a probe), and the only ones
     /// probes are started for. Small once things settle, so an event costs what is in flight.
     unprobed: BTreeSet<ObjectKey>,
-    in_flight: BTreeSet<ObjectKey>,
-    attempts: BTreeMap<ObjectKey, u32>,
+    in_flight: BTreeMap<ObjectKey, BTreeSet<ProbeKey>>,
+    attempts: BTreeMap<ObjectKey, BTreeMap<ProbeKey, u32>>,
+    /// Writes status and probes (see [`ControllerConfig::leader`]).
+    leading: bool,
+    /// Trust a source status that is Ready at the Ingress's generation.
+    trust_ready: bool,
     /// The Ingresses of the last report, with their status.
     reported: BTreeMap<ObjectKey, Arc<Ingress>>,
     /// Ingresses whose status must be recomputed at the next report (besides `unprobed`).
@@ -364,6 +462,8 @@ enum Kept {
 impl Reconciler {
     fn new(config: ControllerConfig) -> Self {
         Reconciler {
+            leading: true,
+            trust_ready: config.leader.is_some(),
             translator: Translator::new(config.gateway.clone()),
             config,
             generation: 0,
@@ -375,7 +475,7 @@ impl Reconciler {
             programmed: BTreeMap::new(),
             probes: BTreeMap::new(),
             unprobed: BTreeSet::new(),
-            in_flight: BTreeSet::new(),
+            in_flight: BTreeMap::new(),
             attempts: BTreeMap::new(),
             reported: BTreeMap::new(),
             dirty: BTreeSet::new(),
@@ -385,10 +485,20 @@ impl Reconciler {
         }
     }
 
-    /// Remembers the snapshot Envoy runs, once it ACKed the newest one.
-    fn note_acked(&mut self, ack: &ConfigStatus) {
+    /// Starts or stops writing status and probing. A new leader recomputes every status against
+    /// what the source holds (an earlier leader wrote it).
+    fn set_leading(&mut self, leading: bool) {
+        self.leading = leading;
+        if leading {
+            self.reported.clear();
+            self.dirty.extend(self.outcomes.keys().cloned());
+        }
+    }
+
+    /// Remembers the snapshot Envoy runs, once the gateways ACKed the newest one.
+    fn note_acked(&mut self, acked: Option<u64>) {
         if let Some(last) = &self.last
-            && ack.acked_generation() >= Some(last.generation())
+            && acked >= Some(last.generation())
         {
             self.acked = Some(last.clone());
         }
@@ -631,8 +741,8 @@ impl Reconciler {
     }
 
     /// Once Envoy runs the configuration that still carries dropped clusters, drops them.
-    fn finish_removals(&mut self, ack: &ConfigStatus) -> Option<Arc<Snapshot>> {
-        if ack.acked_generation() < Some(self.generation) {
+    fn finish_removals(&mut self, acked: Option<u64>) -> Option<Arc<Snapshot>> {
+        if acked < Some(self.generation) {
             return None;
         }
         let resources = self.without_removed.take()?;
@@ -642,56 +752,180 @@ impl Reconciler {
     }
 
     fn apply_probe(&mut self, p: ProbeResult) {
-        self.in_flight.remove(&p.key);
+        if let Some(flying) = self.in_flight.get_mut(&p.key) {
+            flying.remove(&p.gateway);
+            if flying.is_empty() {
+                self.in_flight.remove(&p.key);
+            }
+        }
         let current = self.programmed.get(&p.key).map(|(h, _)| h.as_str());
         if current != Some(p.hash.as_str()) {
             return; // a newer version replaced it while probing
         }
         let probe = match p.result {
             Ok(()) => Probe::Succeeded,
-            Err(e) => Probe::Failed(e),
+            Err(e) => {
+                self.attempts
+                    .entry(p.key.clone())
+                    .or_default()
+                    .insert(p.gateway, p.attempt + 1);
+                Probe::Failed(e)
+            }
         };
-        match probe {
-            Probe::Failed(_) => {
-                self.attempts.insert(p.key.clone(), p.attempt + 1);
-            }
-            _ => {
-                self.unprobed.remove(&p.key);
-            }
-        }
         self.dirty.insert(p.key.clone());
-        self.probes.insert(p.key, (p.hash, probe));
+        let entry = self
+            .probes
+            .entry(p.key)
+            .or_insert_with(|| (p.hash.clone(), BTreeMap::new()));
+        if entry.0 != p.hash {
+            *entry = (p.hash, BTreeMap::new());
+        }
+        entry.1.insert(p.gateway, probe);
     }
 
-    fn acked(&self, key: &ObjectKey, ack: &ConfigStatus) -> bool {
-        match (self.programmed.get(key), ack.acked_generation()) {
+    /// The probe a gateway needs.
+    fn probe_key(&self, gateway: &GatewayStatus) -> ProbeKey {
+        match self.config.probe {
+            ProbeTargets::Fixed { .. } => None,
+            ProbeTargets::PerGateway { .. } => Some(
+                gateway
+                    .peer
+                    .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |p| p.ip()),
+            ),
+        }
+    }
+
+    /// Whether the source's status says an earlier leader proved this version served.
+    fn proved_earlier(&self, key: &ObjectKey) -> bool {
+        self.trust_ready
+            && self.source.state.ingresses.get(key).is_some_and(|i| {
+                i.metadata.generation > 0
+                    && i.status.status.observed_generation == i.metadata.generation
+                    && status::is_ready(&i.status)
+            })
+    }
+
+    /// Whether the gateway runs a configuration carrying the Ingress's current version.
+    fn acked_by(&self, key: &ObjectKey, gateway: &GatewayStatus) -> bool {
+        match (self.programmed.get(key), gateway.acked_generation) {
             (Some((_, first)), Some(acked)) => acked >= *first,
             _ => false,
         }
     }
 
-    /// Probes to start now: acked Ingresses whose current hash has no success and none in flight.
-    fn probes_to_start(&mut self, ack: &ConfigStatus) -> Vec<ProbeStart> {
+    /// How far a programmed Ingress is: ACKed by every counted gateway, then probed on each.
+    fn serving_progress(&self, key: &ObjectKey, view: &Assessment) -> Progress {
+        if self.proved_earlier(key) {
+            return Progress::Programmed {
+                acked: true,
+                probe: Probe::Succeeded,
+                nack: None,
+                waiting: None,
+            };
+        }
+        let counted: Vec<&GatewayStatus> = view.counted().collect();
+        if counted.is_empty() {
+            return Progress::Programmed {
+                acked: false,
+                probe: Probe::NotYet,
+                nack: None,
+                waiting: Some("Waiting for a gateway to connect".to_string()),
+            };
+        }
+        let lagging: Vec<&&GatewayStatus> =
+            counted.iter().filter(|g| !self.acked_by(key, g)).collect();
+        if !lagging.is_empty() {
+            let names: Vec<String> = lagging.iter().map(|g| gateway_name(g)).collect();
+            return Progress::Programmed {
+                acked: false,
+                probe: Probe::NotYet,
+                nack: lagging.iter().find_map(|g| g.nack.clone()),
+                waiting: Some(format!(
+                    "Waiting for gateway {} to accept the configuration",
+                    names.join(", ")
+                )),
+            };
+        }
+        let hash = self.programmed.get(key).map(|(h, _)| h.as_str());
+        let results = self
+            .probes
+            .get(key)
+            .filter(|(h, _)| Some(h.as_str()) == hash)
+            .map(|(_, r)| r);
+        let mut probe = Probe::Succeeded;
+        for g in counted {
+            match results.and_then(|r| r.get(&self.probe_key(g))) {
+                Some(Probe::Succeeded) => {}
+                Some(Probe::Failed(e)) => {
+                    probe = Probe::Failed(format!("gateway {}: {e}", gateway_name(g)));
+                    break;
+                }
+                _ => probe = Probe::NotYet,
+            }
+        }
+        Progress::Programmed {
+            acked: true,
+            probe,
+            nack: None,
+            waiting: None,
+        }
+    }
+
+    /// Probes to start now: for each Ingress whose current hash is not yet proved served, each
+    /// counted gateway that ACKed it and has no success and none in flight. Only the leader probes.
+    fn probes_to_start(&mut self, view: &Assessment) -> Vec<ProbeStart> {
         let mut out = Vec::new();
-        // Called on every event: select without cloning, so thousands of settled Ingresses cost
-        // only lookups.
-        let keys: Vec<ObjectKey> = self
-            .unprobed
-            .iter()
-            .filter(|key| !self.in_flight.contains(*key) && self.acked(key, ack))
-            .cloned()
-            .collect();
-        for key in keys {
+        if !self.leading {
+            return out;
+        }
+        let counted: Vec<&GatewayStatus> = view.counted().collect();
+        if counted.is_empty() {
+            return out;
+        }
+        // Called on every event: select without cloning, so thousands of settled Ingresses stay
+        // untouched.
+        let mut wanted: Vec<(ObjectKey, ProbeKey)> = Vec::new();
+        for key in &self.unprobed {
+            if self.proved_earlier(key) {
+                continue;
+            }
+            let hash = self.programmed.get(key).map(|(h, _)| h.as_str());
+            let results = self
+                .probes
+                .get(key)
+                .filter(|(h, _)| Some(h.as_str()) == hash);
+            let mut keys: BTreeSet<ProbeKey> = BTreeSet::new();
+            for g in &counted {
+                if self.acked_by(key, g) {
+                    keys.insert(self.probe_key(g));
+                }
+            }
+            for pk in keys {
+                let flying = self.in_flight.get(key).is_some_and(|f| f.contains(&pk));
+                let done =
+                    results.is_some_and(|(_, r)| matches!(r.get(&pk), Some(Probe::Succeeded)));
+                if !flying && !done {
+                    wanted.push((key.clone(), pk));
+                }
+            }
+        }
+        for (key, pk) in wanted {
             let (hash, _) = &self.programmed[&key];
             let Some(ingress) = self.source.state.ingresses.get(&key) else {
                 continue;
             };
-            let targets = self.probe_targets(ingress);
-            let attempt = self.attempts.get(&key).copied().unwrap_or(0);
-            self.in_flight.insert(key.clone());
+            let targets = self.probe_targets(ingress, pk);
+            let attempt = self
+                .attempts
+                .get(&key)
+                .and_then(|a| a.get(&pk))
+                .copied()
+                .unwrap_or(0);
+            self.in_flight.entry(key.clone()).or_default().insert(pk);
             out.push(ProbeStart {
                 key,
                 hash: hash.clone(),
+                gateway: pk,
                 targets,
                 attempt,
             });
@@ -699,14 +933,30 @@ impl Reconciler {
         out
     }
 
-    /// Every (listener, host) the Ingress must be served on.
-    fn probe_targets(&self, ingress: &Ingress) -> Vec<(SocketAddr, String)> {
+    /// Every (listener, host) the Ingress must be served on, at one gateway.
+    fn probe_targets(&self, ingress: &Ingress, gateway: ProbeKey) -> Vec<(SocketAddr, String)> {
+        let (external, internal) = match (self.config.probe, gateway) {
+            (ProbeTargets::Fixed { external, internal }, _) => (external, internal),
+            (
+                ProbeTargets::PerGateway {
+                    external_port,
+                    internal_port,
+                },
+                ip,
+            ) => {
+                let ip = ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+                (
+                    SocketAddr::new(ip, external_port),
+                    SocketAddr::new(ip, internal_port),
+                )
+            }
+        };
         let mut targets = BTreeSet::new();
         for rule in &ingress.spec.rules {
             let addr = if rule.visibility == VISIBILITY_CLUSTER_LOCAL {
-                self.config.probe_internal
+                internal
             } else {
-                self.config.probe_external
+                external
             };
             if rule.hosts.is_empty() {
                 targets.insert((addr, CATCH_ALL_PROBE_HOST.to_string()));
@@ -781,7 +1031,12 @@ impl Reconciler {
 
     /// The report, recomputing only the Ingresses that may have changed; also returns those whose
     /// status did change.
-    fn report(&mut self, ack: &ConfigStatus) -> (StatusReport, Vec<Arc<Ingress>>) {
+    fn report(
+        &mut self,
+        ack: &ConfigStatus,
+        view: &Assessment,
+        at: Instant,
+    ) -> (StatusReport, Vec<Arc<Ingress>>) {
         let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         let nack = ack.last_nack();
         let mut changed = Vec::new();
@@ -803,17 +1058,17 @@ impl Reconciler {
                 },
                 (None, Some(message)) => Progress::EnvoyRejected { message },
                 (None, None) => {
-                    let acked = self.acked(&key, ack);
-                    let hash = self.programmed.get(&key).map(|(h, _)| h.as_str());
-                    let probe = match self.probes.get(&key) {
-                        Some((h, p)) if Some(h.as_str()) == hash => p.clone(),
-                        _ => Probe::NotYet,
-                    };
-                    Progress::Programmed {
-                        acked,
-                        probe,
-                        nack: if acked { None } else { nack.clone() },
+                    let progress = self.serving_progress(&key, view);
+                    if matches!(
+                        progress,
+                        Progress::Programmed {
+                            probe: Probe::Succeeded,
+                            ..
+                        }
+                    ) {
+                        self.unprobed.remove(&key);
                     }
+                    progress
                 }
             };
             let mut with_status = Ingress::clone(ingress);
@@ -848,9 +1103,11 @@ impl Reconciler {
                 .collect(),
             envoy: EnvoyReport {
                 generation: self.generation,
-                acked_generation: ack.acked_generation(),
+                acked_generation: view.acked_generation().or(ack.acked_generation()),
                 last_nack: nack,
             },
+            gateways: view.report(at),
+            leading: self.leading,
             rejected: self
                 .quarantined
                 .iter()
@@ -935,8 +1192,12 @@ mod tests {
                 public: Default::default(),
                 private: Default::default(),
             },
-            probe_external: addr,
-            probe_internal: addr,
+            probe: ProbeTargets::Fixed {
+                external: addr,
+                internal: addr,
+            },
+            ack_timeout: Duration::from_secs(30),
+            leader: None,
         })
     }
 
@@ -1021,7 +1282,7 @@ mod tests {
         ]))
         .expect("a first snapshot");
         let ack = ConfigStatus::default();
-        let (report, _) = r.report(&ack);
+        let (report, _) = r.report(&ack, &Assessment::default(), Instant::now());
         for name in ["local", "public"] {
             assert_eq!(ready_of(&report, name).1, status::REASON_NOT_ACKED);
         }
@@ -1046,7 +1307,7 @@ mod tests {
         let internal = rejection(&r, LISTENER_TYPE_URL, "internal", bind);
         r.quarantine(std::slice::from_ref(&internal))
             .expect("held back");
-        let (report, changed) = r.report(&ack);
+        let (report, changed) = r.report(&ack, &Assessment::default(), Instant::now());
         assert_eq!(
             ready_of(&report, "local"),
             (
@@ -1065,7 +1326,7 @@ mod tests {
         // A rejected cluster concerns every Ingress routed to it.
         let cluster = rejection(&r, CLUSTER_TYPE_URL, "ns/web:80", "bad cluster");
         r.quarantine(&[internal, cluster]).expect("held back");
-        let (report, _) = r.report(&ack);
+        let (report, _) = r.report(&ack, &Assessment::default(), Instant::now());
         assert_eq!(
             ready_of(&report, "public"),
             (
@@ -1086,12 +1347,185 @@ mod tests {
             ingress("public", "web.example.com", "ExternalIP", "web2"),
         ]))
         .expect("changed");
-        let (report, _) = r.report(&ack);
+        let (report, _) = r.report(&ack, &Assessment::default(), Instant::now());
         assert_eq!(ready_of(&report, "public").1, status::REASON_NOT_ACKED);
         assert_eq!(
             ready_of(&report, "local").2,
             format!("Envoy rejected Listener internal: {bind}")
         );
+    }
+
+    fn gateway(stream: u64, ip: &str, acked: Option<u64>, at: Instant) -> GatewayStatus {
+        GatewayStatus {
+            stream,
+            node: format!("gw-{stream}"),
+            peer: Some(SocketAddr::new(ip.parse().unwrap(), 5000)),
+            connected_at: at,
+            acked_generation: acked,
+            nack: None,
+        }
+    }
+
+    fn per_gateway_reconciler() -> Reconciler {
+        let mut r = reconciler();
+        r.config.probe = ProbeTargets::PerGateway {
+            external_port: 8080,
+            internal_port: 8081,
+        };
+        r
+    }
+
+    #[test]
+    fn an_ingress_is_ready_once_every_counted_gateway_acked_and_served_it() {
+        use sluice_api::ConditionStatus;
+        let bound = Duration::from_secs(30);
+        let mut r = per_gateway_reconciler();
+        r.apply_source(source(&[ingress(
+            "public",
+            "web.example.com",
+            "ExternalIP",
+            "web",
+        )]))
+        .expect("a first snapshot");
+        let generation = r.generation;
+        let t0 = Instant::now();
+        let published = BTreeMap::from([(generation, t0)]);
+        let gateways = [
+            gateway(1, "10.0.0.1", Some(generation), t0),
+            gateway(2, "10.0.0.2", None, t0),
+        ];
+        let ack = ConfigStatus::default();
+        let view = gateways::assess(&gateways, generation, &published, t0, bound);
+        let (report, _) = r.report(&ack, &view, t0);
+        let (status, reason, message) = ready_of(&report, "public");
+        assert_eq!(
+            (status, reason.as_str()),
+            (ConditionStatus::Unknown, status::REASON_NOT_ACKED)
+        );
+        assert!(message.contains("gw-2 (10.0.0.2:5000)"), "{message}");
+
+        // Each gateway that ACKed is probed at its own address.
+        let starts = r.probes_to_start(&view);
+        let targets: Vec<_> = starts.iter().flat_map(|p| p.targets.clone()).collect();
+        assert_eq!(
+            targets,
+            [(
+                "10.0.0.1:8080".parse().unwrap(),
+                "web.example.com".to_string()
+            )]
+        );
+        assert!(
+            r.probes_to_start(&view).is_empty(),
+            "one probe in flight per gateway"
+        );
+        for p in starts {
+            r.apply_probe(ProbeResult {
+                key: p.key,
+                hash: p.hash,
+                gateway: p.gateway,
+                result: Ok(()),
+                attempt: 0,
+            });
+        }
+        let (report, _) = r.report(&ack, &view, t0);
+        assert_eq!(
+            ready_of(&report, "public").1,
+            status::REASON_NOT_ACKED,
+            "gw-2 still counts"
+        );
+
+        // Past the bound gw-2 is stale: not waited for, and reported.
+        let later = t0 + bound;
+        let view = gateways::assess(&gateways, generation, &published, later, bound);
+        let (report, changed) = r.report(&ack, &view, later);
+        assert_eq!(ready_of(&report, "public").0, ConditionStatus::True);
+        assert_eq!(changed.len(), 1);
+        assert_eq!(report.gateways[1].state, "NotAcking");
+        assert_eq!(report.gateways[1].peer, "10.0.0.2:5000");
+        assert!(
+            !r.unprobed
+                .contains(&("ns".to_string(), "public".to_string()))
+        );
+    }
+
+    #[test]
+    fn a_gateways_nack_shows_on_the_ingresses_waiting_for_it() {
+        use sluice_api::ConditionStatus;
+        let mut r = per_gateway_reconciler();
+        r.apply_source(source(&[ingress(
+            "public",
+            "web.example.com",
+            "ExternalIP",
+            "web",
+        )]))
+        .expect("a first snapshot");
+        let t0 = Instant::now();
+        let mut rejecting = gateway(2, "10.0.0.2", None, t0);
+        rejecting.nack = Some("Envoy \"gw-2\" rejected routes: bad weights".to_string());
+        let gateways = [gateway(1, "10.0.0.1", Some(r.generation), t0), rejecting];
+        let published = BTreeMap::from([(r.generation, t0)]);
+        let view = gateways::assess(
+            &gateways,
+            r.generation,
+            &published,
+            t0,
+            Duration::from_secs(30),
+        );
+        let (report, _) = r.report(&ConfigStatus::default(), &view, t0);
+        assert_eq!(
+            ready_of(&report, "public"),
+            (
+                ConditionStatus::False,
+                status::REASON_REJECTED_BY_ENVOY.to_string(),
+                "Envoy \"gw-2\" rejected routes: bad weights".to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn only_the_leader_probes_and_a_proved_status_is_trusted() {
+        use sluice_api::ConditionStatus;
+        let mut r = per_gateway_reconciler();
+        r.trust_ready = true;
+        r.leading = false;
+        let mut proved = ingress("proved", "a.example.com", "ExternalIP", "web");
+        proved.metadata.generation = 2;
+        proved.status.status.observed_generation = 2;
+        proved.status.status.set_condition(sluice_api::Condition {
+            type_: sluice_api::ingress::CONDITION_READY.to_string(),
+            status: ConditionStatus::True,
+            ..Default::default()
+        });
+        let mut stale = proved.clone();
+        stale.metadata.name = "stale".to_string();
+        stale.spec.rules[0].hosts = vec!["b.example.com".to_string()];
+        stale.metadata.generation = 3;
+        r.apply_source(source(&[proved, stale]))
+            .expect("a snapshot");
+        let t0 = Instant::now();
+        let gateways = [gateway(1, "10.0.0.1", Some(r.generation), t0)];
+        let view = gateways::assess(
+            &gateways,
+            r.generation,
+            &BTreeMap::new(),
+            t0,
+            Duration::from_secs(30),
+        );
+        assert!(
+            r.probes_to_start(&view).is_empty(),
+            "a follower never probes"
+        );
+        let (report, _) = r.report(&ConfigStatus::default(), &view, t0);
+        assert_eq!(
+            ready_of(&report, "proved").0,
+            ConditionStatus::True,
+            "Ready at its generation"
+        );
+        assert_eq!(ready_of(&report, "stale").1, status::REASON_UNINITIALIZED);
+        r.set_leading(true);
+        let starts = r.probes_to_start(&view);
+        assert_eq!(starts.len(), 1);
+        assert_eq!(starts[0].key.1, "stale");
     }
 
     #[test]

@@ -9,6 +9,8 @@
 
 pub mod ads;
 pub mod controller;
+pub mod gateways;
+pub mod lease;
 pub mod prober;
 pub mod resources;
 pub mod snapshot;

@@ -24,6 +24,8 @@ pub enum Progress {
         probe: Probe,
         /// Envoy rejected the newest configuration (its NACK message), if it did.
         nack: Option<String>,
+        /// While not acked: who is waited for (the gateways that have not ACKed it).
+        waiting: Option<String>,
     },
 }
 
@@ -99,7 +101,12 @@ pub fn ingress_status(
                 message.as_str(),
             ),
         ),
-        Progress::Programmed { acked, probe, nack } => {
+        Progress::Programmed {
+            acked,
+            probe,
+            nack,
+            waiting,
+        } => {
             let lb = match (acked, probe, nack) {
                 (false, _, Some(err)) => (
                     ConditionStatus::False,
@@ -109,7 +116,9 @@ pub fn ingress_status(
                 (false, _, None) => (
                     ConditionStatus::Unknown,
                     REASON_NOT_ACKED,
-                    "Waiting for Envoy to accept the configuration",
+                    waiting
+                        .as_deref()
+                        .unwrap_or("Waiting for Envoy to accept the configuration"),
                 ),
                 (true, Probe::Succeeded, _) => (ConditionStatus::True, "", ""),
                 (true, Probe::NotYet, _) => (
@@ -215,6 +224,7 @@ mod tests {
             acked,
             probe,
             nack: nack.map(str::to_string),
+            waiting: None,
         }
     }
 

@@ -362,6 +362,23 @@ pub struct Sotw {
 }
 
 impl Sotw {
+    /// A SotW stream to any ADS server at `addr`, as node `node`.
+    pub async fn open(addr: SocketAddr, node: &str) -> Sotw {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let responses = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connecting to the ADS server")
+            .stream_aggregated_resources(UnboundedReceiverStream::new(rx))
+            .await
+            .expect("opening a SotW stream")
+            .into_inner();
+        Sotw {
+            tx,
+            responses,
+            node: Some(node_named(node)),
+        }
+    }
+
     pub fn send(&mut self, mut request: DiscoveryRequest) {
         request.node = self.node.take();
         self.tx.send(request).expect("request stream open");

@@ -8,7 +8,14 @@
 //!   "object": ...}` events after N, then live ones, kept open until `timeoutSeconds`, [`FakeApiServer::close_watches`]
 //!   or the server is dropped; a resourceVersion older than [`FakeApiServer::compact`] gets the real
 //!   server's in-stream `ERROR` with a 410 `Expired` Status;
-//! - `GET` one object; `PATCH` (JSON merge patch) of an object or its `status` subresource, recorded.
+//! - `GET` one object; `PATCH` (JSON merge patch) of an object or its `status` subresource, recorded;
+//! - `POST` create (409 `AlreadyExists` when the name is taken), `PUT` replace (409 `Conflict` when
+//!   the body's `metadata.resourceVersion` is not the stored one, as the real server's optimistic
+//!   concurrency; 404 when absent), `DELETE`: what leader election on a coordination.k8s.io/v1 Lease
+//!   needs (every kind works the same way).
+//!
+//! Every request records the value of the `x-test-client` header, so a test that runs several clients
+//! (replicas) against one server can tell who wrote what.
 //!
 //! `labelSelector` and `fieldSelector` are honoured for `key=value`, `key==value` and `key!=value` terms
 //! (field paths are dotted, e.g. `metadata.name`, `type`).
@@ -48,7 +55,12 @@ pub struct RecordedRequest {
     pub method: String,
     pub path: String,
     pub query: String,
+    /// The `x-test-client` header, if the client sent one.
+    pub client: Option<String>,
 }
+
+/// The header a test client may send to be told apart in [`FakeApiServer::requests`].
+pub const CLIENT_HEADER: &str = "x-test-client";
 
 impl RecordedRequest {
     /// A query parameter, decoded.
@@ -507,10 +519,16 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Bo
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
+    let client = req
+        .headers()
+        .get(CLIENT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     inner.store.lock().unwrap().requests.push(RecordedRequest {
         method: method.to_string(),
         path: path.clone(),
         query: query.clone(),
+        client,
     });
     let params = query_params(&query);
     let Some(target) = parse_target(&path) else {
@@ -539,6 +557,11 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Bo
         (&Method::PATCH, Some(name)) => {
             patch(&inner, &path, &target, name, &query, &content_type, &body)
         }
+        (&Method::POST, None) => create(&inner, &target, &body),
+        (&Method::PUT, Some(name)) if target.subresource.is_none() => {
+            replace(&inner, &target, name, &body)
+        }
+        (&Method::DELETE, Some(name)) => remove(&inner, &target, name),
         _ => status_error(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
@@ -594,6 +617,175 @@ fn get(inner: &Inner, target: &Target, name: &str) -> Response<Body> {
             &format!("{name} not found"),
         ),
     }
+}
+
+/// The apiVersion and kind a body names, or those learnt for the resource.
+fn body_type(store: &Store, target: &Target, object: &Value) -> Option<(String, String)> {
+    match (object["apiVersion"].as_str(), object["kind"].as_str()) {
+        (Some(a), Some(k)) => Some((a.to_string(), k.to_string())),
+        _ => store.kinds.get(&target.resource).cloned(),
+    }
+}
+
+fn create(inner: &Inner, target: &Target, body: &[u8]) -> Response<Body> {
+    let mut object: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return status_error(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+    };
+    let Some(name) = object["metadata"]["name"].as_str().map(str::to_string) else {
+        return status_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "metadata.name is required",
+        );
+    };
+    let namespace = target.namespace.clone().unwrap_or_default();
+    let mut store = inner.store.lock().unwrap();
+    let Some((api_version, kind)) = body_type(&store, target, &object) else {
+        return status_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "apiVersion and kind are required",
+        );
+    };
+    let key = (namespace.clone(), name.clone());
+    if store
+        .objects
+        .get(&target.resource)
+        .is_some_and(|objects| objects.contains_key(&key))
+    {
+        return full(
+            StatusCode::CONFLICT,
+            status_object(409, "AlreadyExists", &format!("{name} already exists")),
+        );
+    }
+    store.resource_version += 1;
+    let rv = store.resource_version;
+    object["apiVersion"] = json!(api_version);
+    object["kind"] = json!(kind);
+    let meta = &mut object["metadata"];
+    meta["namespace"] = json!(namespace);
+    meta["resourceVersion"] = json!(rv.to_string());
+    meta["uid"] = json!(format!("uid-{rv}"));
+    meta["generation"] = json!(1);
+    store
+        .kinds
+        .insert(target.resource.clone(), (api_version, kind));
+    store
+        .objects
+        .entry(target.resource.clone())
+        .or_default()
+        .insert(key, object.clone());
+    let change = Change {
+        resource: target.resource.clone(),
+        namespace,
+        resource_version: rv,
+        type_: "ADDED",
+        object: object.clone(),
+    };
+    publish(inner, &mut store, change);
+    full(StatusCode::CREATED, object)
+}
+
+/// PUT: the whole object, guarded by its resourceVersion (optimistic concurrency).
+fn replace(inner: &Inner, target: &Target, name: &str, body: &[u8]) -> Response<Body> {
+    let mut object: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return status_error(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+    };
+    let namespace = target.namespace.clone().unwrap_or_default();
+    let key = (namespace.clone(), name.to_string());
+    let mut store = inner.store.lock().unwrap();
+    let Some(current) = store
+        .objects
+        .get(&target.resource)
+        .and_then(|objects| objects.get(&key))
+        .cloned()
+    else {
+        return status_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{name} not found"),
+        );
+    };
+    let stored_rv = current["metadata"]["resourceVersion"].clone();
+    match object["metadata"]["resourceVersion"].as_str() {
+        Some(rv) if json!(rv) != stored_rv => {
+            return full(
+                StatusCode::CONFLICT,
+                status_object(
+                    409,
+                    "Conflict",
+                    &format!(
+                        "Operation cannot be fulfilled on {name}: the object has been modified; please apply your changes to the latest version and try again"
+                    ),
+                ),
+            );
+        }
+        Some(_) => {}
+        None => {
+            return status_error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                "metadata.resourceVersion: must be specified for an update",
+            );
+        }
+    }
+    store.resource_version += 1;
+    let rv = store.resource_version;
+    let generation = current["metadata"]["generation"].as_i64().unwrap_or(1)
+        + i64::from(current.get("spec") != object.get("spec"));
+    if object.get("apiVersion").is_none() {
+        object["apiVersion"] = current["apiVersion"].clone();
+        object["kind"] = current["kind"].clone();
+    }
+    let meta = &mut object["metadata"];
+    meta["namespace"] = json!(namespace);
+    meta["resourceVersion"] = json!(rv.to_string());
+    meta["uid"] = current["metadata"]["uid"].clone();
+    meta["generation"] = json!(generation);
+    store
+        .objects
+        .get_mut(&target.resource)
+        .expect("resource")
+        .insert(key, object.clone());
+    let change = Change {
+        resource: target.resource.clone(),
+        namespace,
+        resource_version: rv,
+        type_: "MODIFIED",
+        object: object.clone(),
+    };
+    publish(inner, &mut store, change);
+    full(StatusCode::OK, object)
+}
+
+fn remove(inner: &Inner, target: &Target, name: &str) -> Response<Body> {
+    let namespace = target.namespace.clone().unwrap_or_default();
+    let mut store = inner.store.lock().unwrap();
+    let Some(mut object) = store
+        .objects
+        .get_mut(&target.resource)
+        .and_then(|objects| objects.remove(&(namespace.clone(), name.to_string())))
+    else {
+        return status_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{name} not found"),
+        );
+    };
+    store.resource_version += 1;
+    let rv = store.resource_version;
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let change = Change {
+        resource: target.resource.clone(),
+        namespace,
+        resource_version: rv,
+        type_: "DELETED",
+        object: object.clone(),
+    };
+    publish(inner, &mut store, change);
+    full(StatusCode::OK, object)
 }
 
 /// RFC 7386 JSON merge patch.
