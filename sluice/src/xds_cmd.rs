@@ -17,6 +17,7 @@ use sluice_xds_server::source::StateSource;
 use sluice_xds_server::source::folder::FolderSource;
 use sluice_xds_server::source::kube::KubeSource;
 use sluice_xds_server::status::LoadBalancers;
+use sluice_xds_server::tls::{ReloadingServerConfig, TlsFiles};
 use sluice_xds_server::translate::GatewayConfig;
 
 #[derive(clap::Args)]
@@ -27,6 +28,18 @@ pub struct XdsArgs {
     /// Read them from a folder of YAML instead.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// mTLS for ADS: the xds-server's certificate (PEM, chain leaf first). With --tls-key and
+    /// --client-ca (all three or none), only gateways presenting a certificate signed by the client
+    /// CA get config. The files are re-read when they change (a renewed Secret): new connections use
+    /// them without a restart.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The CA certificate(s) (PEM) that sign the gateways' client certificates.
+    #[arg(long, value_name = "FILE")]
+    client_ca: Option<PathBuf>,
     /// Address the xds-server and control API bind to.
     #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
     listen: IpAddr,
@@ -75,6 +88,16 @@ pub async fn run(args: XdsArgs) -> Result<()> {
         }
         _ => bail!("say where the state comes from: --kube or --dir DIR"),
     };
+    // Checked before anything binds: a half-configured mTLS is an error, never plain gRPC.
+    let tls = TlsFiles::from_options(
+        args.tls_cert.clone(),
+        args.tls_key.clone(),
+        args.client_ca.clone(),
+    )?
+    .map(ReloadingServerConfig::load)
+    .transpose()
+    .context("loading the xds TLS files")?
+    .map(Arc::new);
     let xds_listener = TcpListener::bind((args.listen, args.xds_port))
         .await
         .with_context(|| format!("xds port {}", args.xds_port))?;
@@ -104,13 +127,22 @@ pub async fn run(args: XdsArgs) -> Result<()> {
         probe_external: resolve("--probe-external", &args.probe_external).await?,
         probe_internal: resolve("--probe-internal", &args.probe_internal).await?,
     };
-    tracing::info!("xds-server on {}:{}", args.listen, args.xds_port);
+    tracing::info!(
+        mtls = tls.is_some(),
+        "xds-server on {}:{}",
+        args.listen,
+        args.xds_port
+    );
     let control = tokio::spawn(crate::http::serve_control(control_listener, move || {
         serde_json::to_value(&*report_rx.borrow()).unwrap_or_default()
     }));
-    let xds = tokio::spawn(ads::serve(xds_listener, ads_server, async {
+    let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
-    }));
+    };
+    let xds = match tls {
+        Some(tls) => tokio::spawn(ads::serve_tls(xds_listener, tls, ads_server, shutdown)),
+        None => tokio::spawn(ads::serve(xds_listener, ads_server, shutdown)),
+    };
     let result = tokio::select! {
         r = controller::run(source, config, snapshot_tx, acks, report_tx) => r.map_err(|e| anyhow::anyhow!("state source failed: {e}")),
         _ = tokio::signal::ctrl_c() => Ok(()),
