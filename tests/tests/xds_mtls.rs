@@ -88,11 +88,13 @@ fn start_gateway(
     xds_port: u16,
     dir: &Path,
     certs: Option<&Path>,
+    protocol: &str,
 ) -> Gateway {
     let admin_port = free_port();
     let mut boot = Command::new(bin);
     boot.arg("bootstrap")
         .args(["--xds", &format!("127.0.0.1:{xds_port}")])
+        .args(["--xds-protocol", protocol])
         .args(["--admin", &format!("127.0.0.1:{admin_port}")])
         .arg("--output-dir")
         .arg(dir);
@@ -294,6 +296,7 @@ async fn mtls_gateways_get_config_others_are_refused_and_keys_come_over_sds() {
         p.xds,
         &root.path().join("good"),
         Some(&good_certs),
+        "delta",
     );
     wait_served(loopback(p.external), PLAIN_HOST, "the mTLS gateway").await;
     wait_served_tls(loopback(p.tls), SECURE_HOST, &site).await;
@@ -342,8 +345,16 @@ async fn mtls_gateways_get_config_others_are_refused_and_keys_come_over_sds() {
         p.xds,
         &root.path().join("wrong-ca"),
         Some(&bad_certs),
+        "delta",
     );
-    let no_cert = start_gateway(&bin, &envoy, p.xds, &root.path().join("no-cert"), None);
+    let no_cert = start_gateway(
+        &bin,
+        &envoy,
+        p.xds,
+        &root.path().join("no-cert"),
+        None,
+        "sotw",
+    );
     assert_refused(&wrong_ca, "a certificate from another CA", 2).await;
     assert_refused(&no_cert, "no client certificate", 2).await;
     let xds_log = std::fs::read_to_string(root.path().join("xds.log")).unwrap();
@@ -355,7 +366,8 @@ async fn mtls_gateways_get_config_others_are_refused_and_keys_come_over_sds() {
     wait_served(loopback(p.external), PLAIN_HOST, "after the refusals").await;
 
     // Renewal: a new server certificate from a new CA, on disk while `sluice xds` runs. A gateway
-    // that trusts only the new CA connects (so the new connection got the new certificate).
+    // that trusts only the new CA connects (so the new connection got the new certificate). It speaks
+    // state of the world: the TLS key comes over SotW SDS as well.
     drop(good);
     let renewed = TlsMaterial::issue(&[XDS_NAME]).unwrap();
     replace(&xds_certs.join("tls.crt"), &renewed.cert_pem);
@@ -371,8 +383,10 @@ async fn mtls_gateways_get_config_others_are_refused_and_keys_come_over_sds() {
         p.xds,
         &root.path().join("after-renewal"),
         Some(&renewed_certs),
+        "sotw",
     );
     wait_served(loopback(p.external), PLAIN_HOST, "after the renewal").await;
+    wait_served_tls(loopback(p.tls), SECURE_HOST, &site).await;
     assert_eq!(after.stat("control_plane.connected_state").await, Some(1));
     drop(backend);
 }
