@@ -98,6 +98,13 @@ pub async fn run(args: XdsArgs) -> Result<()> {
     .transpose()
     .context("loading the xds TLS files")?
     .map(Arc::new);
+    if tls.is_none() && !args.listen.is_loopback() {
+        tracing::warn!(
+            "ADS is plain gRPC on {}: anyone who reaches the port gets every gateway's config, TLS \
+             keys included; give --tls-cert, --tls-key and --client-ca for mTLS",
+            args.listen
+        );
+    }
     let xds_listener = TcpListener::bind((args.listen, args.xds_port))
         .await
         .with_context(|| format!("xds port {}", args.xds_port))?;

@@ -235,13 +235,6 @@ impl ReloadingServerConfig {
 /// An accepted ADS connection after its TLS handshake.
 pub struct TlsConnection(TlsStream<TcpStream>);
 
-impl TlsConnection {
-    /// The client's certificate chain (leaf first), as it presented it.
-    pub fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
-        self.0.get_ref().1.peer_certificates()
-    }
-}
-
 impl Connected for TlsConnection {
     type ConnectInfo = TcpConnectInfo;
 
