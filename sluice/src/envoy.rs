@@ -112,11 +112,215 @@ pub struct BootstrapArgs {
     node_id: String,
     #[arg(long, value_enum, default_value = "delta")]
     xds_protocol: XdsProtocol,
+    /// mTLS to `sluice xds --tls-cert --tls-key --client-ca`: the gateway's client certificate (PEM,
+    /// an absolute path inside the gateway, e.g. a mounted Secret's tls.crt). With --xds-client-key
+    /// and --xds-ca (all three or none) and --output-dir. Envoy reads them through file-based SDS and
+    /// reloads them when they change (it watches the certificate's directory, where a Secret volume
+    /// swaps its `..data` link), so a renewed certificate needs no restart.
+    #[arg(long, value_name = "FILE")]
+    xds_client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM, absolute path inside the gateway).
+    #[arg(long, value_name = "FILE")]
+    xds_client_key: Option<PathBuf>,
+    /// The CA that signed the xds-server's certificate (PEM, absolute path inside the gateway).
+    #[arg(long, value_name = "FILE")]
+    xds_ca: Option<PathBuf>,
+    /// With mTLS: the SNI Envoy sends and the DNS name the xds-server's certificate must carry as a
+    /// subject alternative name.
+    #[arg(long, default_value = "sluice-xds-server.sluice-system.svc")]
+    xds_server_name: String,
+    /// With mTLS: where the gateway finds the SDS files --output-dir writes (default: --output-dir).
+    #[arg(long, value_name = "DIR")]
+    sds_dir: Option<PathBuf>,
+    /// Write `envoy.json` (and with mTLS the SDS files it refers to) into DIR instead of printing the
+    /// bootstrap.
+    #[arg(long, value_name = "DIR")]
+    output_dir: Option<PathBuf>,
 }
 
 impl BootstrapArgs {
-    pub fn render(&self) -> String {
-        bootstrap(&self.node_id, self.admin, self.xds, self.xds_protocol, None)
+    /// Prints the bootstrap, or writes it and its SDS files into --output-dir.
+    pub fn run(&self) -> Result<()> {
+        let tls = self.xds_tls()?;
+        let mut json = bootstrap_json(&self.node_id, self.admin, self.xds, self.xds_protocol, None);
+        if let Some(tls) = &tls {
+            tls.apply(&mut json);
+        }
+        let Some(out) = &self.output_dir else {
+            println!("{json}");
+            return Ok(());
+        };
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let mut files = vec![(BOOTSTRAP_FILE.to_string(), json.to_string())];
+        if let Some(tls) = &tls {
+            files.extend(tls.sds_files());
+        }
+        for (name, content) in files {
+            let path = out.join(&name);
+            std::fs::write(&path, content)
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+        Ok(())
+    }
+
+    fn xds_tls(&self) -> Result<Option<XdsClientTls>> {
+        let (cert, key, ca) = match (&self.xds_client_cert, &self.xds_client_key, &self.xds_ca) {
+            (None, None, None) => return Ok(None),
+            (Some(c), Some(k), Some(ca)) => (c, k, ca),
+            _ => bail!(
+                "--xds-client-cert, --xds-client-key and --xds-ca go together (mTLS to the xds-server needs all three)"
+            ),
+        };
+        for (flag, path) in [
+            ("--xds-client-cert", cert),
+            ("--xds-client-key", key),
+            ("--xds-ca", ca),
+        ] {
+            if !path.is_absolute() {
+                bail!(
+                    "{flag} {}: give the absolute path inside the gateway",
+                    path.display()
+                );
+            }
+        }
+        let Some(out) = &self.output_dir else {
+            bail!(
+                "mTLS to the xds-server needs --output-dir: Envoy reloads a renewed certificate only \
+                 through SDS, so the bootstrap comes with SDS files to write beside it"
+            );
+        };
+        let sds_dir = match &self.sds_dir {
+            Some(dir) if dir.is_absolute() => dir.clone(),
+            Some(dir) => bail!(
+                "--sds-dir {}: give the absolute path inside the gateway",
+                dir.display()
+            ),
+            None => std::path::absolute(out)
+                .with_context(|| format!("--output-dir {}", out.display()))?,
+        };
+        if self.xds_server_name.is_empty() {
+            bail!(
+                "--xds-server-name: the xds-server's DNS name is needed to verify its certificate"
+            );
+        }
+        Ok(Some(XdsClientTls {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+            server_name: self.xds_server_name.clone(),
+            sds_dir,
+        }))
+    }
+}
+
+/// The bootstrap's file name in `sluice bootstrap --output-dir`.
+pub const BOOTSTRAP_FILE: &str = "envoy.json";
+/// File-based SDS resources for the xds cluster's TLS: Envoy re-reads the files they name when those
+/// change, which a certificate given inline in the bootstrap would never get (checked with Envoy 1.40:
+/// neither `tls_certificates` nor bootstrap `static_resources.secrets` reload, file-based SDS does).
+pub const XDS_CLIENT_CERT_SECRET: &str = "xds-client-certificate";
+pub const XDS_SERVER_CA_SECRET: &str = "xds-server-ca";
+const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// How a gateway's Envoy authenticates to the xds-server and verifies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XdsClientTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    /// SNI, and the DNS SAN the server certificate must have.
+    pub server_name: String,
+    /// Where the gateway reads the SDS files ([`XdsClientTls::sds_files`]).
+    pub sds_dir: PathBuf,
+}
+
+impl XdsClientTls {
+    fn sds_file(&self, secret: &str) -> PathBuf {
+        self.sds_dir.join(format!("{secret}.json"))
+    }
+
+    fn sds_config(&self, secret: &str) -> serde_json::Value {
+        serde_json::json!({
+            "name": secret,
+            "sds_config": {
+                "resource_api_version": "V3",
+                "path_config_source": {
+                    "path": self.sds_file(secret).display().to_string(),
+                    // A ConfigMap volume updates the file by swapping a link in this directory.
+                    "watched_directory": {"path": self.sds_dir.display().to_string()}
+                }
+            }
+        })
+    }
+
+    /// Makes the bootstrap's `xds` cluster speak TLS with this client certificate.
+    pub fn apply(&self, bootstrap: &mut serde_json::Value) {
+        let socket = serde_json::json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": self.server_name,
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],
+                    "tls_certificate_sds_secret_configs": [self.sds_config(XDS_CLIENT_CERT_SECRET)],
+                    "combined_validation_context": {
+                        "default_validation_context": {
+                            "match_typed_subject_alt_names": [{
+                                "san_type": "DNS",
+                                "matcher": {"exact": self.server_name}
+                            }]
+                        },
+                        "validation_context_sds_secret_config": self.sds_config(XDS_SERVER_CA_SECRET)
+                    }
+                }
+            }
+        });
+        if let Some(clusters) = bootstrap["static_resources"]["clusters"].as_array_mut() {
+            for c in clusters.iter_mut().filter(|c| c["name"] == "xds") {
+                c["transport_socket"] = socket.clone();
+            }
+        }
+    }
+
+    /// `(file name, content)` of the SDS files the bootstrap refers to.
+    pub fn sds_files(&self) -> Vec<(String, String)> {
+        // Watch the files' directory: a Secret volume renews them by swapping its `..data` link there,
+        // which a watch on the file names alone would miss. Without one shared directory Envoy
+        // watches each file for a move onto it.
+        let dir_of = |files: &[&Path]| {
+            let first = files[0].parent()?;
+            files
+                .iter()
+                .all(|f| f.parent() == Some(first))
+                .then(|| serde_json::json!({"path": first.display().to_string()}))
+        };
+        let file = |p: &Path| serde_json::json!({"filename": p.display().to_string()});
+        let mut cert = serde_json::json!({
+            "certificate_chain": file(&self.cert),
+            "private_key": file(&self.key),
+        });
+        if let Some(dir) = dir_of(&[&self.cert, &self.key]) {
+            cert["watched_directory"] = dir;
+        }
+        let mut ca = serde_json::json!({"trusted_ca": file(&self.ca)});
+        if let Some(dir) = dir_of(&[&self.ca]) {
+            ca["watched_directory"] = dir;
+        }
+        [
+            (XDS_CLIENT_CERT_SECRET, "tls_certificate", cert),
+            (XDS_SERVER_CA_SECRET, "validation_context", ca),
+        ]
+        .into_iter()
+        .map(|(name, kind, body)| {
+            let mut secret = serde_json::json!({"@type": SECRET_TYPE, "name": name});
+            secret[kind] = body;
+            (
+                format!("{name}.json"),
+                serde_json::json!({"resources": [secret]}).to_string(),
+            )
+        })
+        .collect()
     }
 }
 
@@ -145,6 +349,16 @@ pub fn bootstrap(
     protocol: XdsProtocol,
     queue_proxy_wasm: Option<&Path>,
 ) -> String {
+    bootstrap_json(node_id, admin, xds, protocol, queue_proxy_wasm).to_string()
+}
+
+fn bootstrap_json(
+    node_id: &str,
+    admin: SocketAddr,
+    xds: SocketAddr,
+    protocol: XdsProtocol,
+    queue_proxy_wasm: Option<&Path>,
+) -> serde_json::Value {
     let api_type = match protocol {
         XdsProtocol::Delta => "DELTA_GRPC",
         XdsProtocol::Sotw => "GRPC",
@@ -213,7 +427,6 @@ pub fn bootstrap(
             }
         }]}
     })
-    .to_string()
 }
 
 pub struct EnvoyOptions {
@@ -325,6 +538,8 @@ pub fn log_tail(path: &Path, n: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[test]
@@ -385,6 +600,105 @@ mod tests {
         ] {
             assert!(!dropped(stat), "{stat}");
         }
+    }
+
+    fn args(extra: &[&str]) -> BootstrapArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: BootstrapArgs,
+        }
+        use clap::Parser;
+        let mut argv = vec!["bootstrap"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).expect("arguments parse").args
+    }
+
+    const TLS: [&str; 6] = [
+        "--xds-client-cert",
+        "/certs/tls.crt",
+        "--xds-client-key",
+        "/certs/tls.key",
+        "--xds-ca",
+        "/ca/ca.crt",
+    ];
+
+    #[test]
+    fn xds_mtls_options_go_together_and_need_an_output_dir() {
+        assert_eq!(args(&[]).xds_tls().unwrap(), None);
+        let e = args(&TLS[..4]).xds_tls().unwrap_err().to_string();
+        assert!(e.contains("go together"), "{e}");
+        let e = args(&TLS).xds_tls().unwrap_err().to_string();
+        assert!(e.contains("--output-dir"), "{e}");
+        let mut relative = TLS.to_vec();
+        relative[1] = "certs/tls.crt";
+        relative.extend(["--output-dir", "/out"]);
+        let e = args(&relative).xds_tls().unwrap_err().to_string();
+        assert!(
+            e.contains("--xds-client-cert certs/tls.crt") && e.contains("absolute"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn xds_mtls_bootstrap_reads_the_certificates_through_file_sds() {
+        let mut argv = TLS.to_vec();
+        argv.extend(["--output-dir", "/out", "--sds-dir", "/etc/envoy"]);
+        argv.extend(["--xds-server-name", "xds.example"]);
+        let tls = args(&argv).xds_tls().unwrap().expect("mTLS");
+        let mut b = bootstrap_json(
+            "n",
+            "127.0.0.1:9901".parse().unwrap(),
+            "127.0.0.1:18000".parse().unwrap(),
+            XdsProtocol::Delta,
+            None,
+        );
+        tls.apply(&mut b);
+        let socket = &b["static_resources"]["clusters"][0]["transport_socket"]["typed_config"];
+        assert_eq!(socket["sni"], "xds.example");
+        let common = &socket["common_tls_context"];
+        assert_eq!(common["alpn_protocols"][0], "h2");
+        let cert_sds = &common["tls_certificate_sds_secret_configs"][0];
+        assert_eq!(cert_sds["name"], XDS_CLIENT_CERT_SECRET);
+        assert_eq!(
+            cert_sds["sds_config"]["path_config_source"]["path"],
+            "/etc/envoy/xds-client-certificate.json"
+        );
+        let validation = &common["combined_validation_context"];
+        assert_eq!(
+            validation["default_validation_context"]["match_typed_subject_alt_names"][0]["matcher"]
+                ["exact"],
+            "xds.example"
+        );
+        assert_eq!(
+            validation["validation_context_sds_secret_config"]["sds_config"]["path_config_source"]
+                ["path"],
+            "/etc/envoy/xds-server-ca.json"
+        );
+        // No key material in the bootstrap: only file names, in the SDS files.
+        assert!(!b.to_string().contains("tls.key"));
+
+        let files: BTreeMap<String, serde_json::Value> = tls
+            .sds_files()
+            .into_iter()
+            .map(|(name, content)| (name, serde_json::from_str(&content).unwrap()))
+            .collect();
+        let cert = &files["xds-client-certificate.json"]["resources"][0];
+        assert_eq!(cert["name"], XDS_CLIENT_CERT_SECRET);
+        assert_eq!(
+            cert["tls_certificate"]["private_key"]["filename"],
+            "/certs/tls.key"
+        );
+        assert_eq!(
+            cert["tls_certificate"]["watched_directory"]["path"],
+            "/certs"
+        );
+        let ca = &files["xds-server-ca.json"]["resources"][0];
+        assert_eq!(
+            ca["validation_context"]["trusted_ca"]["filename"],
+            "/ca/ca.crt"
+        );
+        assert_eq!(ca["validation_context"]["watched_directory"]["path"], "/ca");
     }
 
     #[test]

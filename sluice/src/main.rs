@@ -44,7 +44,8 @@ enum Command {
     /// several replicas may run: all serve ADS, the holder of a Lease writes status. Stops cleanly on
     /// SIGTERM (releases the Lease, closes ADS streams, exits 0).
     Xds(xds_cmd::XdsArgs),
-    /// Print the Envoy bootstrap (JSON) for a gateway that gets everything from `sluice xds` over ADS.
+    /// Print the Envoy bootstrap (JSON) for a gateway that gets everything from `sluice xds` over ADS
+    /// (with --xds-client-cert/-key/--xds-ca: over mTLS, written with its SDS files to --output-dir).
     Bootstrap(envoy::BootstrapArgs),
     /// Print the output of a Knative Service's instances.
     Logs(logs_cmd::LogsArgs),
@@ -71,10 +72,7 @@ fn main() -> anyhow::Result<()> {
             Command::Xds(args) => xds_cmd::run(args).await,
             Command::Broker(args) => broker_cmd::run(args).await,
             Command::Logs(args) => logs_cmd::run(args).await,
-            Command::Bootstrap(args) => {
-                println!("{}", args.render());
-                Ok(())
-            }
+            Command::Bootstrap(args) => args.run(),
         }
     })
 }

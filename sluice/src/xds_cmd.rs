@@ -20,6 +20,7 @@ use sluice_xds_server::source::StateSource;
 use sluice_xds_server::source::folder::FolderSource;
 use sluice_xds_server::source::kube::KubeSource;
 use sluice_xds_server::status::LoadBalancers;
+use sluice_xds_server::tls::{ReloadingServerConfig, TlsFiles};
 use sluice_xds_server::translate::GatewayConfig;
 
 #[derive(clap::Args)]
@@ -30,6 +31,18 @@ pub struct XdsArgs {
     /// Read them from a folder of YAML instead.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// mTLS for ADS: the xds-server's certificate (PEM, chain leaf first). With --tls-key and
+    /// --client-ca (all three or none), only gateways presenting a certificate signed by the client
+    /// CA get config. The files are re-read when they change (a renewed Secret): new connections use
+    /// them without a restart.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The CA certificate(s) (PEM) that sign the gateways' client certificates.
+    #[arg(long, value_name = "FILE")]
+    client_ca: Option<PathBuf>,
     /// Address the xds-server and control API bind to.
     #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
     listen: IpAddr,
@@ -101,6 +114,23 @@ pub async fn run(args: XdsArgs) -> Result<()> {
             internal_port: args.internal_listener.port(),
         },
     };
+    // Checked before anything binds: a half-configured mTLS is an error, never plain gRPC.
+    let tls = TlsFiles::from_options(
+        args.tls_cert.clone(),
+        args.tls_key.clone(),
+        args.client_ca.clone(),
+    )?
+    .map(ReloadingServerConfig::load)
+    .transpose()
+    .context("loading the xds TLS files")?
+    .map(Arc::new);
+    if tls.is_none() && !args.listen.is_loopback() {
+        tracing::warn!(
+            "ADS is plain gRPC on {}: anyone who reaches the port gets every gateway's config, TLS \
+             keys included; give --tls-cert, --tls-key and --client-ca for mTLS",
+            args.listen
+        );
+    }
     let xds_listener = TcpListener::bind((args.listen, args.xds_port))
         .await
         .with_context(|| format!("xds port {}", args.xds_port))?;
@@ -131,7 +161,12 @@ pub async fn run(args: XdsArgs) -> Result<()> {
         ack_timeout: args.replicas.ack_timeout,
         leader: election.as_ref().map(|(_, leading)| leading.clone()),
     };
-    tracing::info!("xds-server on {}:{}", args.listen, args.xds_port);
+    tracing::info!(
+        mtls = tls.is_some(),
+        "xds-server on {}:{}",
+        args.listen,
+        args.xds_port
+    );
     let control = tokio::spawn(crate::http::serve_control(control_listener, move || {
         serde_json::to_value(&*report_rx.borrow()).unwrap_or_default()
     }));
@@ -142,7 +177,10 @@ pub async fn run(args: XdsArgs) -> Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let mut xds = tokio::spawn(ads::serve(xds_listener, ads_server, stopped()));
+    let mut xds = match tls {
+        Some(tls) => tokio::spawn(ads::serve_tls(xds_listener, tls, ads_server, stopped())),
+        None => tokio::spawn(ads::serve(xds_listener, ads_server, stopped())),
+    };
     let elector = election.map(|(elector, _)| {
         let stop = stopped();
         tokio::spawn(async move { elector.run(stop).await })

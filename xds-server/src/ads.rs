@@ -339,10 +339,6 @@ pub async fn serve(
     server: AdsServer,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let shared = server.shared.clone();
-    let service = AggregatedDiscoveryServiceServer::new(server)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // Pushes are small and latency matters (a route change should reach Envoy within a millisecond).
     let incoming = TcpListenerStream::new(listener).map(|conn| {
         if let Ok(conn) = &conn
@@ -352,6 +348,38 @@ pub async fn serve(
         }
         conn
     });
+    serve_incoming(incoming, server, shutdown).await
+}
+
+/// Serves ADS over mTLS on the listener until `shutdown` completes: only clients with a certificate
+/// signed by the client CA get a stream (see [`crate::tls`]).
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<crate::tls::ReloadingServerConfig>,
+    server: AdsServer,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    serve_incoming(crate::tls::incoming(listener, tls), server, shutdown).await
+}
+
+async fn serve_incoming<IO, IE>(
+    incoming: impl futures::Stream<Item = Result<IO, IE>>,
+    server: AdsServer,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error>
+where
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let shared = server.shared.clone();
+    let service = AggregatedDiscoveryServiceServer::new(server)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // ADS streams never end on their own: end them when shutting down, or the graceful shutdown would
     // wait for them forever.
     let shutdown = async move {

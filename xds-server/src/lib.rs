@@ -5,6 +5,7 @@
 //! - [`translate`]: pure translation from [`state::ClusterState`] to [`resources::Resources`].
 //! - [`snapshot`]: per-resource content versions, so an unchanged resource is never pushed again.
 //! - [`ads`]: the gRPC AggregatedDiscoveryService (SotW and delta), ACK/NACK tracking.
+//! - [`tls`]: mTLS for the ADS server, with certificates re-read from disk when they are renewed.
 //! - [`source`]: where state comes from (a watched folder of YAML, or Kubernetes).
 
 pub mod ads;
@@ -17,4 +18,5 @@ pub mod snapshot;
 pub mod source;
 pub mod state;
 pub mod status;
+pub mod tls;
 pub mod translate;

@@ -37,7 +37,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     http_filter, scoped_routes,
 };
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    CommonTlsContext, DownstreamTlsContext, TlsCertificate,
+    CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret, TlsCertificate, secret,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
@@ -49,7 +49,9 @@ use envoy_types::util::pack_any;
 
 use sluice_api::ingress::{HASH_HEADER, PROBE_HEADER};
 
-use super::plan::{ClusterKind, ClusterPlan, Plan, RoutePlan, TlsChainPlan, VirtualHostPlan};
+use super::plan::{
+    ClusterKind, ClusterPlan, Plan, RoutePlan, TlsChainPlan, TlsSecretPlan, VirtualHostPlan,
+};
 use super::{
     EXTERNAL_LISTENER, GatewayConfig, INTERNAL_LISTENER, QUEUE_PROXY_RUNTIME, QUEUE_PROXY_VM_ID,
     SIDECAR_PREFIX, TLS_LISTENER,
@@ -110,6 +112,7 @@ pub struct RenderCache {
     vhosts: HashMap<usize, RenderedVirtualHost>,
     clusters: HashMap<usize, RenderedCluster>,
     sidecars: HashMap<String, RenderedSidecar>,
+    secrets: HashMap<usize, RenderedSecret>,
 }
 
 /// A virtual host's scopes on every listener that serves it.
@@ -123,6 +126,11 @@ struct RenderedCluster {
     plan: Arc<ClusterPlan>,
     cluster: Arc<Cluster>,
     assignment: Option<Arc<ClusterLoadAssignment>>,
+}
+
+struct RenderedSecret {
+    plan: Arc<TlsSecretPlan>,
+    secret: Arc<Secret>,
 }
 
 struct RenderedSidecar {
@@ -150,6 +158,24 @@ pub fn render(plan: &Plan, gateway: &GatewayConfig, cache: &mut RenderCache) -> 
     if let Some(addr) = tls {
         r.listeners
             .push(Arc::new(tls_listener(addr, &plan.tls_chains, routing)));
+        // One SDS Secret per Kubernetes Secret, however many chains use it.
+        let mut named = std::collections::BTreeSet::new();
+        for chain in &plan.tls_chains {
+            let s = &chain.secret;
+            if !named.insert(s.name.as_str()) {
+                continue;
+            }
+            let key = Arc::as_ptr(s) as usize;
+            let rendered = match cache.secrets.remove(&key) {
+                Some(done) if Arc::ptr_eq(&done.plan, s) => done,
+                _ => RenderedSecret {
+                    plan: s.clone(),
+                    secret: Arc::new(tls_secret(s)),
+                },
+            };
+            r.secrets.push(rendered.secret.clone());
+            next.secrets.insert(key, rendered);
+        }
     }
     match routing {
         Routing::Whole => {
@@ -489,13 +515,25 @@ fn tls_listener(addr: SocketAddr, chains: &[TlsChainPlan], routing: Routing) -> 
     }
 }
 
+/// A TLS Secret for SDS: the key material goes only here, and Envoy fetches it by name over ADS.
+fn tls_secret(s: &TlsSecretPlan) -> Secret {
+    Secret {
+        name: s.name.clone(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: Some(inline(&s.cert_chain)),
+            private_key: Some(inline(&s.private_key)),
+            ..Default::default()
+        })),
+    }
+}
+
 fn tls_filter_chain(chain: &TlsChainPlan, routing: Routing) -> FilterChain {
     let context = DownstreamTlsContext {
         common_tls_context: Some(CommonTlsContext {
-            tls_certificates: vec![TlsCertificate {
-                certificate_chain: Some(inline(&chain.cert_chain)),
-                private_key: Some(inline(&chain.private_key)),
-                ..Default::default()
+            // By reference: the key itself comes over the same ADS stream as an SDS Secret.
+            tls_certificate_sds_secret_configs: vec![SdsSecretConfig {
+                name: chain.secret.name.clone(),
+                sds_config: Some(ads_source()),
             }],
             alpn_protocols: vec!["h2".to_string(), "http/1.1".to_string()],
             ..Default::default()

@@ -96,6 +96,16 @@ pub struct TlsChainPlan {
     /// `namespace/name/tls[i]`.
     pub name: String,
     pub server_names: Vec<String>,
+    /// The certificate and key, which reach Envoy as an SDS Secret (never inline in the Listener, so
+    /// a config dump or a listener NACK never shows a private key).
+    pub secret: Arc<TlsSecretPlan>,
+}
+
+/// One Kubernetes TLS Secret as Envoy gets it: an SDS Secret named `namespace/name`. Ingresses that
+/// use the same Secret share it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSecretPlan {
+    pub name: String,
     pub cert_chain: Vec<u8>,
     pub private_key: Vec<u8>,
 }
@@ -532,8 +542,11 @@ fn plan_ingress(
         tls_chains.push(TlsChainPlan {
             name: format!("{ns}/{name}/tls[{ti}]"),
             server_names: tls.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
-            cert_chain,
-            private_key,
+            secret: Arc::new(TlsSecretPlan {
+                name: format!("{secret_ns}/{}", tls.secret_name),
+                cert_chain,
+                private_key,
+            }),
         });
     }
 

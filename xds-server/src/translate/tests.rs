@@ -514,6 +514,150 @@ fn tls_hosts_get_an_sni_filter_chain_with_the_secret() {
     assert!(vhost(route_config(&t, "external-tls"), "t.example.com").is_some());
 }
 
+fn tls_secret_yaml(name: &str, key: &str) -> Secret {
+    serde_yaml::from_str(&format!(
+        "metadata: {{name: {name}, namespace: ns}}\nstringData:\n  tls.crt: {CERT:?}\n  tls.key: {key:?}\n"
+    ))
+    .unwrap()
+}
+
+fn with_tls(name: &str, host: &str, secret: &str) -> Ingress {
+    let mut i = simple(name, host, "t");
+    i.spec.tls = vec![sluice_api::ingress::IngressTls {
+        hosts: vec![host.into()],
+        secret_name: secret.into(),
+        secret_namespace: "ns".into(),
+    }];
+    i
+}
+
+#[test]
+fn tls_keys_reach_envoy_only_as_sds_secrets_over_ads() {
+    use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        DownstreamTlsContext, secret,
+    };
+    use prost::Message;
+
+    const MARKED_KEY: &str =
+        "-----BEGIN PRIVATE KEY-----\nS3cr3tK3yMat3r1alOnlyInSDS\n-----END PRIVATE KEY-----\n";
+    let mut s = state(
+        &[
+            with_tls("a", "a.example.com", "shared"),
+            with_tls("b", "b.example.com", "shared"),
+        ],
+        &["t"],
+    );
+    s.secrets.insert(
+        ("ns".into(), "shared".into()),
+        tls_secret_yaml("shared", MARKED_KEY).into(),
+    );
+    let t = translate(&s, &gateway());
+    assert!(
+        t.ingresses.values().all(|o| o.hash().is_some()),
+        "{:?}",
+        t.ingresses
+    );
+
+    // No listener carries key bytes, in any field: search the encoding itself.
+    for l in &t.resources.listeners {
+        let bytes = l.encode_to_vec();
+        assert!(
+            !bytes.windows(b"S3cr3tK3y".len()).any(|w| w == b"S3cr3tK3y"),
+            "listener {} holds private key bytes",
+            l.name
+        );
+    }
+    let l = t
+        .resources
+        .listeners
+        .iter()
+        .find(|l| l.name == "external-tls")
+        .expect("TLS listener");
+    assert_eq!(l.filter_chains.len(), 2);
+    for chain in &l.filter_chains {
+        let Some(
+            envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
+                any,
+            ),
+        ) = &chain.transport_socket.as_ref().unwrap().config_type
+        else {
+            panic!("typed transport socket");
+        };
+        let ctx = DownstreamTlsContext::decode(any.value.as_slice()).unwrap();
+        let common = ctx.common_tls_context.unwrap();
+        assert!(common.tls_certificates.is_empty(), "no inline certificate");
+        assert_eq!(common.tls_certificate_sds_secret_configs.len(), 1);
+        let sds = &common.tls_certificate_sds_secret_configs[0];
+        assert_eq!(sds.name, "ns/shared");
+        assert!(matches!(
+            sds.sds_config.as_ref().unwrap().config_source_specifier,
+            Some(ConfigSourceSpecifier::Ads(_))
+        ));
+    }
+
+    // One Secret for the Kubernetes Secret both Ingresses use, holding the certificate and key.
+    assert_eq!(t.resources.secrets.len(), 1);
+    let secret = &t.resources.secrets[0];
+    assert_eq!(secret.name, "ns/shared");
+    let Some(secret::Type::TlsCertificate(cert)) = &secret.r#type else {
+        panic!("a TLS certificate secret");
+    };
+    let inline = |d: &Option<envoy_types::pb::envoy::config::core::v3::DataSource>| match d
+        .as_ref()
+        .and_then(|d| d.specifier.clone())
+    {
+        Some(envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineBytes(b)) => b,
+        other => panic!("inline bytes, got {other:?}"),
+    };
+    assert_eq!(inline(&cert.private_key), MARKED_KEY.as_bytes());
+    assert_eq!(inline(&cert.certificate_chain), CERT.as_bytes());
+}
+
+#[test]
+fn secrets_follow_their_kubernetes_secret_and_go_with_the_last_tls_ingress() {
+    let mut s = state(&[with_tls("a", "a.example.com", "one")], &["t"]);
+    s.secrets.insert(
+        ("ns".into(), "one".into()),
+        tls_secret_yaml("one", KEY).into(),
+    );
+    let mut translator = Translator::new(gateway());
+    let first = translator.translate(&s);
+    assert_eq!(first.resources.secrets.len(), 1);
+
+    // Unchanged: the very same Secret resource (the snapshot sees a pointer, not a new version).
+    let again = translator.translate(&s);
+    assert!(Arc::ptr_eq(
+        &first.resources.secrets[0],
+        &again.resources.secrets[0]
+    ));
+
+    // A renewed key: a new Secret with the same name, the Listener unchanged.
+    let renewed = KEY.replace("MIIE", "MIIF");
+    s.secrets.insert(
+        ("ns".into(), "one".into()),
+        tls_secret_yaml("one", &renewed).into(),
+    );
+    let rotated = translator.translate(&s);
+    assert_eq!(rotated.resources.secrets.len(), 1);
+    assert_eq!(rotated.resources.secrets[0].name, "ns/one");
+    assert_ne!(rotated.resources.secrets[0], first.resources.secrets[0]);
+    let tls_listener = |t: &Translation| {
+        t.resources
+            .listeners
+            .iter()
+            .find(|l| l.name == "external-tls")
+            .cloned()
+            .expect("TLS listener")
+    };
+    assert_eq!(tls_listener(&rotated), tls_listener(&first));
+    assert_eq!(translate(&s, &gateway()), rotated, "cache agrees");
+
+    // No TLS Ingress left: no Secret either.
+    s.ingresses.clear();
+    assert!(translator.translate(&s).resources.secrets.is_empty());
+}
+
 #[test]
 fn host_conflicts_reject_the_newer_ingress_only() {
     let mut old = simple("old", "dup.example.com", "a");
