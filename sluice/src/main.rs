@@ -68,10 +68,7 @@ fn main() -> anyhow::Result<()> {
             Command::Xds(args) => xds_cmd::run(args).await,
             Command::Broker(args) => broker_cmd::run(args).await,
             Command::Logs(args) => logs_cmd::run(args).await,
-            Command::Bootstrap(args) => {
-                println!("{}", args.render());
-                Ok(())
-            }
+            Command::Bootstrap(args) => args.run(),
         }
     })
 }
