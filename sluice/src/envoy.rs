@@ -102,15 +102,16 @@ pub enum XdsProtocol {
 
 #[derive(clap::Args)]
 pub struct BootstrapArgs {
-    /// Where `sluice xds` serves ADS, as Envoy reaches it.
-    #[arg(long, default_value = "127.0.0.1:18000")]
-    xds: SocketAddr,
+    /// Where `sluice xds` serves ADS, as Envoy reaches it: `IP:PORT`, or `NAME:PORT` for a DNS name
+    /// (a Kubernetes Service), which Envoy resolves and re-resolves (a STRICT_DNS cluster).
+    #[arg(long, env = "SLUICE_BOOTSTRAP_XDS", default_value = "127.0.0.1:18000", value_parser = parse_xds_target)]
+    xds: XdsTarget,
     /// Envoy's admin address.
     #[arg(long, default_value = "127.0.0.1:9901")]
     admin: SocketAddr,
     #[arg(long, default_value = "sluice-gateway")]
     node_id: String,
-    #[arg(long, value_enum, default_value = "delta")]
+    #[arg(long, env = "SLUICE_BOOTSTRAP_XDS_PROTOCOL", value_enum, default_value = "delta")]
     xds_protocol: XdsProtocol,
     /// mTLS to `sluice xds --tls-cert --tls-key --client-ca`: the gateway's client certificate (PEM,
     /// an absolute path inside the gateway, e.g. a mounted Secret's tls.crt). With --xds-client-key
@@ -136,18 +137,81 @@ pub struct BootstrapArgs {
     /// bootstrap.
     #[arg(long, value_name = "DIR")]
     output_dir: Option<PathBuf>,
+    /// Write the bootstrap to this file instead of stdout (an image build runs this without a shell
+    /// to redirect with).
+    #[arg(long, short, conflicts_with = "output_dir")]
+    output: Option<PathBuf>,
+}
+
+
+/// The xds-server's address in a gateway's bootstrap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XdsTarget {
+    Addr(SocketAddr),
+    /// A DNS name and port.
+    Dns(String, u16),
+}
+
+fn parse_xds_target(value: &str) -> Result<XdsTarget, String> {
+    if let Ok(addr) = value.parse::<SocketAddr>() {
+        return Ok(XdsTarget::Addr(addr));
+    }
+    let (host, port) = value
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{value}: want HOST:PORT"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{value}: {port} is not a port"))?;
+    let valid = !host.is_empty()
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    if !valid {
+        return Err(format!("{value}: {host} is neither an IP address nor a DNS name"));
+    }
+    Ok(XdsTarget::Dns(host.to_string(), port))
 }
 
 impl BootstrapArgs {
+    /// The bootstrap without the xds cluster's TLS.
+    fn json(&self) -> serde_json::Value {
+        match &self.xds {
+            XdsTarget::Addr(addr) => {
+                bootstrap_json(&self.node_id, self.admin, *addr, self.xds_protocol, None)
+            }
+            XdsTarget::Dns(host, port) => {
+                let placeholder = SocketAddr::from(([127, 0, 0, 1], *port));
+                let mut v =
+                    bootstrap_json(&self.node_id, self.admin, placeholder, self.xds_protocol, None);
+                let cluster = &mut v["static_resources"]["clusters"][0];
+                // STRICT_DNS: every address the name resolves to is an endpoint (several xds-server
+                // replicas behind a headless Service), re-resolved as pods come and go.
+                cluster["type"] = "STRICT_DNS".into();
+                cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                    ["socket_address"]["address"] = host.as_str().into();
+                v
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn render(&self) -> String {
+        self.json().to_string()
+    }
+
     /// Prints the bootstrap, or writes it and its SDS files into --output-dir.
     pub fn run(&self) -> Result<()> {
         let tls = self.xds_tls()?;
-        let mut json = bootstrap_json(&self.node_id, self.admin, self.xds, self.xds_protocol, None);
+        let mut json = self.json();
         if let Some(tls) = &tls {
             tls.apply(&mut json);
         }
         let Some(out) = &self.output_dir else {
-            println!("{json}");
+            match &self.output {
+                None => println!("{json}"),
+                Some(path) => std::fs::write(path, json.to_string() + "\n")
+                    .with_context(|| format!("writing {}", path.display()))?,
+            }
             return Ok(());
         };
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -415,7 +479,12 @@ fn bootstrap_json(
                 {"socket_address": {"address": xds.ip().to_string(), "port_value": xds.port()}}}}]}]},
             "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}}
+                // Pings on the ADS connection: an xds-server that vanished without a reset (its node
+                // died, its network was cut) is noticed within seconds and the stream is opened again,
+                // instead of waiting on TCP's retransmissions for many minutes.
+                "explicit_http_config": {"http2_protocol_options": {
+                    "connection_keepalive": {"interval": "5s", "timeout": "5s"}
+                }}
             }}
         }]},
         // Without this Envoy warns at start and never caps downstream connections.
@@ -541,6 +610,38 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    fn bootstrap_args(args: &[&str]) -> BootstrapArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: BootstrapArgs,
+        }
+        let argv = std::iter::once("bootstrap").chain(args.iter().copied());
+        <Cli as clap::Parser>::try_parse_from(argv).unwrap().args
+    }
+
+    #[test]
+    fn bootstrap_reaches_a_named_xds_server_through_dns() {
+        let b = bootstrap_args(&["--xds", "sluice-xds-server.sluice-system.svc.cluster.local:18000"]);
+        let v: serde_json::Value = serde_json::from_str(&b.render()).unwrap();
+        let cluster = &v["static_resources"]["clusters"][0];
+        assert_eq!(cluster["type"], "STRICT_DNS");
+        let address = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+            ["address"]["socket_address"];
+        assert_eq!(
+            address["address"],
+            "sluice-xds-server.sluice-system.svc.cluster.local"
+        );
+        assert_eq!(address["port_value"], 18000);
+        // An IP stays a STATIC cluster, as `sluice up` writes it.
+        let b = bootstrap_args(&["--xds", "10.0.0.7:18000"]);
+        let v: serde_json::Value = serde_json::from_str(&b.render()).unwrap();
+        assert_eq!(v["static_resources"]["clusters"][0]["type"], "STATIC");
+        for bad in ["no-port", "bad_name:18000", "host:port", ":18000"] {
+            assert!(parse_xds_target(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn bootstrap_names_only_the_ads_cluster() {

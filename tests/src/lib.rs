@@ -7,6 +7,8 @@
 //! - [`yaml`]: builders for Ingress, Service, Endpoints and Secret objects.
 //! - [`images`]: `FROM scratch` images of the test app (static musl build), and guards that remove
 //!   test images and a run's containers from the engine; [`containers`]: the container tests' fixture.
+//! - [`cluster`]: Sluice's own images from docker/ and a cluster's container topology; [`manifests`]:
+//!   manifests/ as typed Kubernetes objects.
 //! - [`backends`]: the echo (HTTP/1.1 + h2c), websocket and gRPC-style streaming backends, and TLS material.
 //!
 //! Errors are `anyhow`: this crate is only ever used by tests, which print them.
@@ -14,9 +16,11 @@
 pub mod backends;
 pub mod body;
 pub mod client;
+pub mod cluster;
 pub mod containers;
 pub mod images;
 pub mod knative;
+pub mod manifests;
 pub mod ports;
 pub mod process;
 pub mod queue_proxy;
