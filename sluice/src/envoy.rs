@@ -111,7 +111,12 @@ pub struct BootstrapArgs {
     admin: SocketAddr,
     #[arg(long, default_value = "sluice-gateway")]
     node_id: String,
-    #[arg(long, env = "SLUICE_BOOTSTRAP_XDS_PROTOCOL", value_enum, default_value = "delta")]
+    #[arg(
+        long,
+        env = "SLUICE_BOOTSTRAP_XDS_PROTOCOL",
+        value_enum,
+        default_value = "delta"
+    )]
     xds_protocol: XdsProtocol,
     /// mTLS to `sluice xds --tls-cert --tls-key --client-ca`: the gateway's client certificate (PEM,
     /// an absolute path inside the gateway, e.g. a mounted Secret's tls.crt). With --xds-client-key
@@ -143,7 +148,6 @@ pub struct BootstrapArgs {
     output: Option<PathBuf>,
 }
 
-
 /// The xds-server's address in a gateway's bootstrap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum XdsTarget {
@@ -167,7 +171,9 @@ fn parse_xds_target(value: &str) -> Result<XdsTarget, String> {
             .split('.')
             .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
     if !valid {
-        return Err(format!("{value}: {host} is neither an IP address nor a DNS name"));
+        return Err(format!(
+            "{value}: {host} is neither an IP address nor a DNS name"
+        ));
     }
     Ok(XdsTarget::Dns(host.to_string(), port))
 }
@@ -181,8 +187,13 @@ impl BootstrapArgs {
             }
             XdsTarget::Dns(host, port) => {
                 let placeholder = SocketAddr::from(([127, 0, 0, 1], *port));
-                let mut v =
-                    bootstrap_json(&self.node_id, self.admin, placeholder, self.xds_protocol, None);
+                let mut v = bootstrap_json(
+                    &self.node_id,
+                    self.admin,
+                    placeholder,
+                    self.xds_protocol,
+                    None,
+                );
                 let cluster = &mut v["static_resources"]["clusters"][0];
                 // STRICT_DNS: every address the name resolves to is an endpoint (several xds-server
                 // replicas behind a headless Service), re-resolved as pods come and go.
@@ -623,12 +634,15 @@ mod tests {
 
     #[test]
     fn bootstrap_reaches_a_named_xds_server_through_dns() {
-        let b = bootstrap_args(&["--xds", "sluice-xds-server.sluice-system.svc.cluster.local:18000"]);
+        let b = bootstrap_args(&[
+            "--xds",
+            "sluice-xds-server.sluice-system.svc.cluster.local:18000",
+        ]);
         let v: serde_json::Value = serde_json::from_str(&b.render()).unwrap();
         let cluster = &v["static_resources"]["clusters"][0];
         assert_eq!(cluster["type"], "STRICT_DNS");
-        let address = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-            ["address"]["socket_address"];
+        let address = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+            ["socket_address"];
         assert_eq!(
             address["address"],
             "sluice-xds-server.sluice-system.svc.cluster.local"

@@ -58,7 +58,10 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| root.join("target"))
 }
 
-fn once(cell: &'static OnceLock<Result<PathBuf, String>>, f: fn() -> Result<PathBuf>) -> Result<PathBuf> {
+fn once(
+    cell: &'static OnceLock<Result<PathBuf, String>>,
+    f: fn() -> Result<PathBuf>,
+) -> Result<PathBuf> {
     cell.get_or_init(|| f().map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(anyhow::Error::msg)
@@ -69,10 +72,22 @@ pub fn sluice_musl() -> Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     once(&BIN, || {
         cargo_build(&[
-            "build", "--release", "--locked", "--target", MUSL_TARGET, "-p", "sluice", "--bin", "sluice",
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            MUSL_TARGET,
+            "-p",
+            "sluice",
+            "--bin",
+            "sluice",
         ])?;
         let bin = target_dir().join(MUSL_TARGET).join("release/sluice");
-        anyhow::ensure!(bin.is_file(), "{} is missing after the build", bin.display());
+        anyhow::ensure!(
+            bin.is_file(),
+            "{} is missing after the build",
+            bin.display()
+        );
         Ok(bin)
     })
 }
@@ -82,11 +97,21 @@ pub fn queue_proxy_wasm() -> Result<PathBuf> {
     static WASM: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     once(&WASM, || {
         cargo_build(&[
-            "build", "--locked", "-p", "sluice-queue-proxy", "--target", "wasm32-wasip1", "--profile",
+            "build",
+            "--locked",
+            "-p",
+            "sluice-queue-proxy",
+            "--target",
+            "wasm32-wasip1",
+            "--profile",
             "wasm",
         ])?;
         let wasm = target_dir().join("wasm32-wasip1/wasm/sluice_queue_proxy.wasm");
-        anyhow::ensure!(wasm.is_file(), "{} is missing after the build", wasm.display());
+        anyhow::ensure!(
+            wasm.is_file(),
+            "{} is missing after the build",
+            wasm.display()
+        );
         Ok(wasm)
     })
 }
@@ -98,7 +123,12 @@ pub fn envoy_binary() -> Result<PathBuf> {
     }
     let lib = workspace_root().join(".venv/lib");
     std::fs::read_dir(&lib)
-        .with_context(|| format!("{} (bash scripts/setup installs Envoy there)", lib.display()))?
+        .with_context(|| {
+            format!(
+                "{} (bash scripts/setup installs Envoy there)",
+                lib.display()
+            )
+        })?
         .flatten()
         .map(|python| python.path().join("site-packages/envoy/_bin/envoy"))
         .find(|p| p.is_file())
@@ -127,7 +157,9 @@ fn make_envoy_base() -> Result<String> {
     if images::image_id(&tag).is_ok() {
         return Ok(tag);
     }
-    let rootfs = tempfile::Builder::new().prefix("sluice-envoy-rootfs-").tempdir()?;
+    let rootfs = tempfile::Builder::new()
+        .prefix("sluice-envoy-rootfs-")
+        .tempdir()?;
     let put = |from: &Path, to: &str| -> Result<()> {
         let dest = rootfs.path().join(to.trim_start_matches('/'));
         std::fs::create_dir_all(dest.parent().expect("an absolute path has a parent"))?;
@@ -136,8 +168,16 @@ fn make_envoy_base() -> Result<String> {
         Ok(())
     };
     put(&envoy, ENVOY_IN_IMAGE)?;
-    let ldd = Command::new("ldd").arg(&envoy).output().context("running ldd")?;
-    anyhow::ensure!(ldd.status.success(), "ldd {}: {}", envoy.display(), String::from_utf8_lossy(&ldd.stderr));
+    let ldd = Command::new("ldd")
+        .arg(&envoy)
+        .output()
+        .context("running ldd")?;
+    anyhow::ensure!(
+        ldd.status.success(),
+        "ldd {}: {}",
+        envoy.display(),
+        String::from_utf8_lossy(&ldd.stderr)
+    );
     for lib in shared_libraries(&String::from_utf8_lossy(&ldd.stdout)) {
         put(Path::new(&lib), &lib)?;
     }
@@ -162,8 +202,15 @@ fn make_envoy_base() -> Result<String> {
         .output()
         .context("running docker import")?;
     let tarred = tar.wait()?;
-    anyhow::ensure!(tarred.success(), "tar of the Envoy root filesystem: {tarred}");
-    anyhow::ensure!(out.status.success(), "docker import {tag}: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        tarred.success(),
+        "tar of the Envoy root filesystem: {tarred}"
+    );
+    anyhow::ensure!(
+        out.status.success(),
+        "docker import {tag}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(tag)
 }
 
@@ -236,17 +283,26 @@ pub fn docker_build(
         }
         let err = String::from_utf8_lossy(&out.stderr);
         if attempt >= 3 {
-            bail!("docker build -f {} -t {tag}: {}", dockerfile.display(), err.trim());
+            bail!(
+                "docker build -f {} -t {tag}: {}",
+                dockerfile.display(),
+                err.trim()
+            );
         }
         eprintln!("docker build -t {tag} failed (attempt {attempt}), trying again: {err}");
     }
     let id = images::image_id(tag)?;
-    Ok(BuiltImage { tag: tag.to_string(), id })
+    Ok(BuiltImage {
+        tag: tag.to_string(),
+        id,
+    })
 }
 
 /// The build context scripts/images makes: `sluice`, `queue-proxy.wasm`, `plugin.wasm`.
 fn context() -> Result<tempfile::TempDir> {
-    let dir = tempfile::Builder::new().prefix("sluice-images-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("sluice-images-")
+        .tempdir()?;
     std::fs::copy(sluice_musl()?, dir.path().join("sluice"))?;
     let wasm = queue_proxy_wasm()?;
     std::fs::copy(&wasm, dir.path().join("queue-proxy.wasm"))?;
@@ -283,7 +339,9 @@ impl ClusterImages {
 
 /// The queue-proxy filter's OCI wasm image (docker/queue-proxy-wasm.Dockerfile).
 pub fn wasm_image() -> Result<BuiltImage> {
-    let context = tempfile::Builder::new().prefix("sluice-wasm-image-").tempdir()?;
+    let context = tempfile::Builder::new()
+        .prefix("sluice-wasm-image-")
+        .tempdir()?;
     std::fs::copy(queue_proxy_wasm()?, context.path().join("plugin.wasm"))?;
     docker_build(
         WASM_DOCKERFILE,
@@ -320,7 +378,10 @@ impl Topology {
     pub fn create(prefix: &str) -> Result<Topology> {
         let unique = images::unique_tag(prefix).replace([':', '/'], "-");
         let owner = format!("sluice-test-topology/{unique}");
-        let topology = Topology { network: unique, owner };
+        let topology = Topology {
+            network: unique,
+            owner,
+        };
         docker(&[
             "network",
             "create",
@@ -418,7 +479,10 @@ impl Topology {
 
     /// The container's output (stdout and stderr), for failure messages.
     pub fn logs(&self, container: &str) -> String {
-        match Command::new("docker").args(["logs", "--tail", "60", container]).output() {
+        match Command::new("docker")
+            .args(["logs", "--tail", "60", container])
+            .output()
+        {
             Ok(out) => format!(
                 "{}{}",
                 String::from_utf8_lossy(&out.stdout),
@@ -432,7 +496,10 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         if let Err(e) = images::remove_owned(&self.owner) {
-            eprintln!("removing the containers and network of {}: {e:#}", self.owner);
+            eprintln!(
+                "removing the containers and network of {}: {e:#}",
+                self.owner
+            );
         }
     }
 }
@@ -448,7 +515,10 @@ mod tests {
                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
         assert_eq!(
             shared_libraries(ldd),
-            ["/lib/x86_64-linux-gnu/libm.so.6", "/lib64/ld-linux-x86-64.so.2"]
+            [
+                "/lib/x86_64-linux-gnu/libm.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
         );
     }
 }

@@ -100,8 +100,9 @@ impl Stack {
             }
             if Instant::now() > deadline {
                 anyhow::bail!(
-                    "timed out after {timeout:?} waiting for {what}; status:\n{}\nlog (tail):\n{}",
-                    serde_json::to_string_pretty(&status).unwrap_or_default(),
+                    "timed out after {timeout:?} waiting for {what}; status (each object's \
+                     conditions):\n{}\nlog (tail):\n{}",
+                    summary(&status),
                     tail(&self.sluice.logs(), 60)
                 );
             }
@@ -252,6 +253,54 @@ pub fn find<'a>(status: &'a Value, list: &str, name: &str) -> Option<&'a Value> 
         .as_array()?
         .iter()
         .find(|o| o["metadata"]["name"] == name && o["metadata"]["namespace"] == "default")
+}
+
+/// A /status answer in a few lines: each object with its conditions (status, reason, message), then
+/// Envoy's ACK state and the gateways; short enough that a CI log cut in the middle still shows it.
+pub fn summary(status: &Value) -> String {
+    let mut out = String::new();
+    for list in [
+        "services",
+        "configurations",
+        "revisions",
+        "routes",
+        "ingresses",
+        "brokers",
+        "triggers",
+    ] {
+        for o in status[list].as_array().into_iter().flatten() {
+            let conditions: Vec<String> = o["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    format!(
+                        "{}={} {} {}",
+                        c["type"].as_str().unwrap_or("?"),
+                        c["status"].as_str().unwrap_or("?"),
+                        c["reason"].as_str().unwrap_or(""),
+                        c["message"].as_str().unwrap_or("")
+                    )
+                    .trim_end()
+                    .to_string()
+                })
+                .collect();
+            out += &format!(
+                "{list} {}/{} gen {} observed {}: {}\n",
+                o["metadata"]["namespace"].as_str().unwrap_or(""),
+                o["metadata"]["name"].as_str().unwrap_or("?"),
+                o["metadata"]["generation"],
+                o["status"]["observedGeneration"],
+                conditions.join("; ")
+            );
+        }
+    }
+    for key in ["envoy", "gateways", "gatewayLive", "errors", "rejected"] {
+        if let Some(v) = status.get(key) {
+            out += &format!("{key}: {v}\n");
+        }
+    }
+    out
 }
 
 /// Revision `name` in a /status answer.

@@ -279,9 +279,7 @@ impl Objects {
             }
             ("apps/v1", "Deployment") => strict(doc).map(|o| self.deployments.push(o)),
             ("policy/v1", "PodDisruptionBudget") => strict(doc).map(|o| self.pdbs.push(o)),
-            ("autoscaling/v2", "HorizontalPodAutoscaler") => {
-                strict(doc).map(|o| self.hpas.push(o))
-            }
+            ("autoscaling/v2", "HorizontalPodAutoscaler") => strict(doc).map(|o| self.hpas.push(o)),
             ("cert-manager.io/v1", "Certificate") => serde_path_to_error::deserialize(doc)
                 .map_err(|e| anyhow::anyhow!("{}: {}", e.path(), e.inner()))
                 .map(|o| self.certificates.push(o)),
@@ -337,7 +335,9 @@ pub fn kustomize(dir: &Path) -> Result<Objects> {
     );
     let mut objects = Objects::default();
     for doc in documents(&String::from_utf8_lossy(&out.stdout))? {
-        objects.add(&doc).with_context(|| format!("built from {}", dir.display()))?;
+        objects
+            .add(&doc)
+            .with_context(|| format!("built from {}", dir.display()))?;
     }
     Ok(objects)
 }
@@ -392,7 +392,9 @@ pub fn api_call(method: &str, path: &str, query: &str) -> Option<ApiCall> {
         [resource, _name, sub] => (format!("{resource}/{sub}"), true),
         _ => return None,
     };
-    let watch = query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1");
+    let watch = query
+        .split('&')
+        .any(|kv| kv == "watch=true" || kv == "watch=1");
     let verb = match (method, named, watch) {
         ("GET", _, true) => "watch",
         ("GET", false, false) => "list",
@@ -438,9 +440,17 @@ mod tests {
         let call = |m, p, q| api_call(m, p, q).unwrap();
         assert_eq!(
             call("GET", "/api/v1/services", "watch=true&resourceVersion=1"),
-            ApiCall { verb: "watch".into(), group: "".into(), resource: "services".into(), namespace: None }
+            ApiCall {
+                verb: "watch".into(),
+                group: "".into(),
+                resource: "services".into(),
+                namespace: None
+            }
         );
-        assert_eq!(call("GET", "/apis/discovery.k8s.io/v1/endpointslices", "").verb, "list");
+        assert_eq!(
+            call("GET", "/apis/discovery.k8s.io/v1/endpointslices", "").verb,
+            "list"
+        );
         let patch = call(
             "PATCH",
             "/apis/networking.internal.knative.dev/v1alpha1/namespaces/default/ingresses/hello/status",
@@ -449,7 +459,12 @@ mod tests {
         assert_eq!(patch.resource, "ingresses/status");
         assert_eq!(patch.namespace.as_deref(), Some("default"));
         assert_eq!(
-            call("PUT", "/apis/coordination.k8s.io/v1/namespaces/sluice-system/leases/x", "").verb,
+            call(
+                "PUT",
+                "/apis/coordination.k8s.io/v1/namespaces/sluice-system/leases/x",
+                ""
+            )
+            .verb,
             "update"
         );
     }

@@ -226,7 +226,9 @@ async fn gateways_on_containers_share_state_survive_a_cut_off_and_an_xds_restart
     let backend_ip = topology.ip(&backend)?.to_string();
 
     // The KIngress folder, readable by the xds-server's non-root user.
-    let config = tempfile::Builder::new().prefix("sluice-cluster-config-").tempdir()?;
+    let config = tempfile::Builder::new()
+        .prefix("sluice-cluster-config-")
+        .tempdir()?;
     set_mode(config.path(), 0o755)?;
     write_config(config.path(), &backend_ip, &[])?;
 
@@ -287,7 +289,10 @@ async fn gateways_on_containers_share_state_survive_a_cut_off_and_an_xds_restart
         .await
         .with_context(|| format!("--- xds-server:\n{}", topology.logs(&xds)))?;
     wait_ingress_ready(topology.published(&xds, 9900)?, &topology, &xds).await?;
-    eprintln!("phase 1 (all gateways serve, Ingress Ready) at {:?}", started.elapsed());
+    eprintln!(
+        "phase 1 (all gateways serve, Ingress Ready) at {:?}",
+        started.elapsed()
+    );
 
     // 2. A gateway started later gets the whole state.
     let ext3 = topology.run("gw-ext-3", &external_gateway(gateway, "gw-ext-3"))?;
@@ -304,8 +309,14 @@ async fn gateways_on_containers_share_state_survive_a_cut_off_and_an_xds_restart
     let until = Instant::now() + CUT_OFF_FOR;
     while Instant::now() < until {
         for (name, addr) in external.iter().chain(&local_gateway) {
-            let (status, _) = get(*addr, HOST).await.with_context(|| format!("{name}, cut off"))?;
-            assert_eq!(status, StatusCode::OK, "{HOST} via {name} while the xds-server is cut off");
+            let (status, _) = get(*addr, HOST)
+                .await
+                .with_context(|| format!("{name}, cut off"))?;
+            assert_eq!(
+                status,
+                StatusCode::OK,
+                "{HOST} via {name} while the xds-server is cut off"
+            );
         }
         for (name, addr) in &external {
             let (status, _) = get(*addr, ADDED_HOST).await?;
@@ -320,7 +331,12 @@ async fn gateways_on_containers_share_state_survive_a_cut_off_and_an_xds_restart
     topology.connect(&xds, &xds_aliases)?;
     wait_served(&external, ADDED_HOST, StatusCode::OK, &topology)
         .await
-        .with_context(|| format!("after the reconnect\n--- xds-server:\n{}", topology.logs(&xds)))?;
+        .with_context(|| {
+            format!(
+                "after the reconnect\n--- xds-server:\n{}",
+                topology.logs(&xds)
+            )
+        })?;
     wait_served(&local_gateway, ADDED_HOST, StatusCode::OK, &topology).await?;
     eprintln!("phase 3 (cut off, converged) at {:?}", started.elapsed());
 
@@ -332,7 +348,10 @@ async fn gateways_on_containers_share_state_survive_a_cut_off_and_an_xds_restart
     docker(&["kill", &xds])?;
     let deadline = Instant::now() + WAIT;
     while running(&xds)? {
-        anyhow::ensure!(Instant::now() < deadline, "{xds} still runs after docker kill");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{xds} still runs after docker kill"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Served while there is no xds-server at all.
@@ -347,7 +366,12 @@ async fn gateways_on_containers_share_state_survive_a_cut_off_and_an_xds_restart
     .await;
     stop.store(true, Ordering::SeqCst);
     let (ok, failures) = load.await?;
-    converged.with_context(|| format!("after the restart\n--- xds-server:\n{}", topology.logs(&xds)))?;
+    converged.with_context(|| {
+        format!(
+            "after the restart\n--- xds-server:\n{}",
+            topology.logs(&xds)
+        )
+    })?;
     assert!(
         failures.is_empty(),
         "{} of {} requests failed while the xds-server restarted, first: {:?}",
@@ -367,11 +391,26 @@ async fn gateways_on_containers_share_state_survive_a_cut_off_and_an_xds_restart
 /// name, and the image runs as a non-root user.
 #[test]
 fn gateway_image_holds_the_bootstrap_for_the_xds_service() -> Result<()> {
-    assert!(engine_answers(), "no container engine answers (`docker info`)");
+    assert!(
+        engine_answers(),
+        "no container engine answers (`docker info`)"
+    );
     let images = ClusterImages::build()?;
-    let user = docker(&["image", "inspect", "--format", "{{.Config.User}}", images.gateway.tag()])?;
+    let user = docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{.Config.User}}",
+        images.gateway.tag(),
+    ])?;
     assert_eq!(user, "65532:65532");
-    let user = docker(&["image", "inspect", "--format", "{{.Config.User}}", images.sluice.tag()])?;
+    let user = docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{.Config.User}}",
+        images.sluice.tag(),
+    ])?;
     assert_eq!(user, "65532:65532");
     // A scratch-based image has no cat: copy the file out.
     let container = docker(&["create", images.gateway.tag()])?;
@@ -392,7 +431,10 @@ fn gateway_image_holds_the_bootstrap_for_the_xds_service() -> Result<()> {
         ["socket_address"];
     assert_eq!(address["address"], XDS_SERVICE_NAME);
     assert_eq!(address["port_value"], 18000);
-    assert_eq!(bootstrap["dynamic_resources"]["ads_config"]["api_type"], "DELTA_GRPC");
+    assert_eq!(
+        bootstrap["dynamic_resources"]["ads_config"]["api_type"],
+        "DELTA_GRPC"
+    );
     // And the image's Envoy accepts it.
     let out = std::process::Command::new("docker")
         .args([

@@ -76,7 +76,9 @@ fn cli_flags(subcommand: &str) -> Result<BTreeMap<String, Option<String>>> {
             }
         }
         if let (Some(flag), Some(at)) = (&current, line.find("[default: ")) {
-            let value = line[at + "[default: ".len()..].trim_end_matches(']').to_string();
+            let value = line[at + "[default: ".len()..]
+                .trim_end_matches(']')
+                .to_string();
             flags.insert(flag.clone(), Some(value));
         }
     }
@@ -97,7 +99,10 @@ fn check_flags(
             eprintln!("{what}: {flag} is not a flag of this sluice yet (pending merge)");
             continue;
         }
-        bail!("{what}: {flag} is not a flag of the sluice binary (known: {:?})", known.keys());
+        bail!(
+            "{what}: {flag} is not a flag of the sluice binary (known: {:?})",
+            known.keys()
+        );
     }
     Ok(())
 }
@@ -198,7 +203,9 @@ fn service_by_dns<'a>(objects: &'a Objects, host: &str) -> Result<&'a Service> {
 }
 
 fn host_port(value: &str) -> Result<(String, i32)> {
-    let (host, port) = value.rsplit_once(':').with_context(|| format!("{value}: no port"))?;
+    let (host, port) = value
+        .rsplit_once(':')
+        .with_context(|| format!("{value}: no port"))?;
     Ok((host.to_string(), port.parse()?))
 }
 
@@ -224,12 +231,17 @@ fn every_manifest_file_parses_into_typed_objects_and_every_file_is_used() -> Res
         let rel = file.strip_prefix(manifests::root())?.display().to_string();
         if file.file_name().is_some_and(|n| n == "kustomization.yaml") {
             kustomizations += 1;
-            let k: Kustomization = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text))
-                .map_err(|e| anyhow::anyhow!("{rel}: {}: {}", e.path(), e.inner()))?;
+            let k: Kustomization =
+                serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text))
+                    .map_err(|e| anyhow::anyhow!("{rel}: {}: {}", e.path(), e.inner()))?;
             let dir = file.parent().expect("a file has a folder");
             match k.kind.as_str() {
-                "Kustomization" => assert_eq!(k.api_version, "kustomize.config.k8s.io/v1beta1", "{rel}"),
-                "Component" => assert_eq!(k.api_version, "kustomize.config.k8s.io/v1alpha1", "{rel}"),
+                "Kustomization" => {
+                    assert_eq!(k.api_version, "kustomize.config.k8s.io/v1beta1", "{rel}")
+                }
+                "Component" => {
+                    assert_eq!(k.api_version, "kustomize.config.k8s.io/v1alpha1", "{rel}")
+                }
                 other => bail!("{rel}: kind {other}"),
             }
             for entry in k.resources.iter().chain(&k.components) {
@@ -250,7 +262,10 @@ fn every_manifest_file_parses_into_typed_objects_and_every_file_is_used() -> Res
                     .with_context(|| format!("{rel}: patch for {:?}", patch.target))?;
                 for op in ops {
                     let verb = op["op"].as_str().unwrap_or_default();
-                    anyhow::ensure!(["add", "replace", "remove"].contains(&verb), "{rel}: op {op}");
+                    anyhow::ensure!(
+                        ["add", "replace", "remove"].contains(&verb),
+                        "{rel}: op {op}"
+                    );
                 }
             }
             continue;
@@ -283,30 +298,74 @@ fn the_builds_give_typed_objects_with_requests_and_non_root_pods() -> Result<()>
             let name = d.metadata.name.clone().unwrap_or_default();
             let spec = pod(d);
             let pod_ctx = spec.security_context.as_ref();
-            assert_eq!(pod_ctx.and_then(|c| c.run_as_non_root), Some(true), "{build}: {name}");
-            assert!(pod_ctx.and_then(|c| c.run_as_user).is_some_and(|u| u != 0), "{build}: {name}");
-            for c in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
+            assert_eq!(
+                pod_ctx.and_then(|c| c.run_as_non_root),
+                Some(true),
+                "{build}: {name}"
+            );
+            assert!(
+                pod_ctx.and_then(|c| c.run_as_user).is_some_and(|u| u != 0),
+                "{build}: {name}"
+            );
+            for c in spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+            {
                 let requests = c.resources.as_ref().and_then(|r| r.requests.as_ref());
-                assert!(requests.is_some_and(|r| r.contains_key("cpu") && r.contains_key("memory")),
-                    "{build}: {name}/{}: resource requests", c.name);
+                assert!(
+                    requests.is_some_and(|r| r.contains_key("cpu") && r.contains_key("memory")),
+                    "{build}: {name}/{}: resource requests",
+                    c.name
+                );
                 let ctx = c.security_context.as_ref();
-                assert_eq!(ctx.and_then(|s| s.allow_privilege_escalation), Some(false), "{build}: {name}/{}", c.name);
-                assert_eq!(ctx.and_then(|s| s.read_only_root_filesystem), Some(true), "{build}: {name}/{}", c.name);
-                let dropped = ctx.and_then(|s| s.capabilities.as_ref()).and_then(|c| c.drop.clone());
-                assert_eq!(dropped, Some(vec!["ALL".to_string()]), "{build}: {name}/{}", c.name);
+                assert_eq!(
+                    ctx.and_then(|s| s.allow_privilege_escalation),
+                    Some(false),
+                    "{build}: {name}/{}",
+                    c.name
+                );
+                assert_eq!(
+                    ctx.and_then(|s| s.read_only_root_filesystem),
+                    Some(true),
+                    "{build}: {name}/{}",
+                    c.name
+                );
+                let dropped = ctx
+                    .and_then(|s| s.capabilities.as_ref())
+                    .and_then(|c| c.drop.clone());
+                assert_eq!(
+                    dropped,
+                    Some(vec!["ALL".to_string()]),
+                    "{build}: {name}/{}",
+                    c.name
+                );
             }
             // Every gateway Deployment has a PodDisruptionBudget and an HPA.
             if name.starts_with("sluice-gateway") {
-                let labels = d.spec.as_ref().and_then(|s| s.selector.match_labels.clone());
+                let labels = d
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.selector.match_labels.clone());
                 assert!(
-                    objects.pdbs.iter().any(|p| p.spec.as_ref().and_then(|s| s.selector.as_ref())
-                        .and_then(|s| s.match_labels.clone()) == labels),
+                    objects.pdbs.iter().any(|p| p
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.selector.as_ref())
+                        .and_then(|s| s.match_labels.clone())
+                        == labels),
                     "{build}: no PodDisruptionBudget for {name}"
                 );
                 assert!(
-                    objects.hpas.iter().any(|h| h.spec.as_ref().is_some_and(|s|
-                        s.scale_target_ref.kind == "Deployment" && s.scale_target_ref.name == name
-                        && s.min_replicas.unwrap_or(1) >= 2)),
+                    objects
+                        .hpas
+                        .iter()
+                        .any(|h| h
+                            .spec
+                            .as_ref()
+                            .is_some_and(|s| s.scale_target_ref.kind == "Deployment"
+                                && s.scale_target_ref.name == name
+                                && s.min_replicas.unwrap_or(1) >= 2)),
                     "{build}: no HorizontalPodAutoscaler (min 2) for {name}"
                 );
             }
@@ -326,19 +385,37 @@ fn xds_server_arguments_are_its_flags_and_reach_the_gateways_ports() -> Result<(
         let args = c.args.clone().unwrap_or_default();
         assert_eq!(args.first().map(String::as_str), Some("xds"), "{build}");
         let given = flags(&args);
-        check_flags(&format!("{build}: sluice xds"), &given, &cli, &PENDING_XDS_FLAGS)?;
-        assert!(given.contains_key("--kube"), "{build}: the xds-server reads the cluster");
+        check_flags(
+            &format!("{build}: sluice xds"),
+            &given,
+            &cli,
+            &PENDING_XDS_FLAGS,
+        )?;
+        assert!(
+            given.contains_key("--kube"),
+            "{build}: the xds-server reads the cluster"
+        );
 
         // Its ports are the ones it binds, and its Service reaches them.
         let xds_port: i32 = given["--xds-port"].parse()?;
         assert_eq!(port_named(c, "grpc-xds"), Some(xds_port), "{build}");
-        assert_eq!(port_named(c, "http-control"), Some(given["--control-port"].parse()?), "{build}");
-        let xds_service = objects.service("sluice-xds-server").context("xds Service")?;
-        assert_eq!(target_container_port(&objects, xds_service, 18000)?, xds_port);
+        assert_eq!(
+            port_named(c, "http-control"),
+            Some(given["--control-port"].parse()?),
+            "{build}"
+        );
+        let xds_service = objects
+            .service("sluice-xds-server")
+            .context("xds Service")?;
+        assert_eq!(
+            target_container_port(&objects, xds_service, 18000)?,
+            xds_port
+        );
 
         // The gateways' bootstrap names that Service: the gateway image's own (its Dockerfile's
         // default), and in the mTLS overlay the init container's.
-        let dockerfile = std::fs::read_to_string(workspace_root().join(cluster::GATEWAY_DOCKERFILE))?;
+        let dockerfile =
+            std::fs::read_to_string(workspace_root().join(cluster::GATEWAY_DOCKERFILE))?;
         let baked = dockerfile
             .lines()
             .find_map(|l| l.strip_prefix("ARG SLUICE_BOOTSTRAP_XDS="))
@@ -349,25 +426,43 @@ fn xds_server_arguments_are_its_flags_and_reach_the_gateways_ports() -> Result<(
                 let args = init.args.clone().unwrap_or_default();
                 assert_eq!(args.first().map(String::as_str), Some("bootstrap"));
                 let given = flags(&args);
-                check_flags(&format!("{build}: sluice bootstrap"), &given, &bootstrap_cli, &PENDING_BOOTSTRAP_FLAGS)?;
+                check_flags(
+                    &format!("{build}: sluice bootstrap"),
+                    &given,
+                    &bootstrap_cli,
+                    &PENDING_BOOTSTRAP_FLAGS,
+                )?;
                 bootstrap_targets.push(given["--xds"].clone());
                 // Envoy starts from the file it writes.
                 let out = &given["--output"];
                 let envoy = &pod(d).containers[0];
-                assert!(envoy.args.iter().flatten().any(|a| a == out), "{build}: envoy -c {out}");
+                assert!(
+                    envoy.args.iter().flatten().any(|a| a == out),
+                    "{build}: envoy -c {out}"
+                );
             }
         }
         for target in bootstrap_targets {
             let (host, port) = host_port(&target)?;
             let service = service_by_dns(&objects, &host)?;
-            assert_eq!(service.metadata.name, xds_service.metadata.name, "{build}: {target}");
-            assert_eq!(target_container_port(&objects, service, port)?, xds_port, "{build}: {target}");
+            assert_eq!(
+                service.metadata.name, xds_service.metadata.name,
+                "{build}: {target}"
+            );
+            assert_eq!(
+                target_container_port(&objects, service, port)?,
+                xds_port,
+                "{build}: {target}"
+            );
         }
 
         // Readiness probes reach each gateway's listener through its Service's exposed port.
         let external = listener_port(&given, &cli, "--external-listener")?;
         let internal = listener_port(&given, &cli, "--internal-listener")?;
-        for (flag, listener) in [("--probe-external", external), ("--probe-internal", internal)] {
+        for (flag, listener) in [
+            ("--probe-external", external),
+            ("--probe-internal", internal),
+        ] {
             let (host, port) = host_port(&given[flag])?;
             let service = service_by_dns(&objects, &host)?;
             assert_eq!(
@@ -386,12 +481,19 @@ fn xds_server_arguments_are_its_flags_and_reach_the_gateways_ports() -> Result<(
         assert_eq!(public_spec.type_.as_deref(), Some("LoadBalancer"));
         for p in public_spec.ports.iter().flatten() {
             let target = target_container_port(&objects, public, p.port)?;
-            assert_ne!(target, internal, "{build}: the public gateway exposes the cluster-local listener");
+            assert_ne!(
+                target, internal,
+                "{build}: the public gateway exposes the cluster-local listener"
+            );
         }
         let private_spec = private.spec.as_ref().context("spec")?;
         assert_eq!(private_spec.type_.as_deref(), Some("ClusterIP"));
         for p in private_spec.ports.iter().flatten() {
-            assert_eq!(target_container_port(&objects, private, p.port)?, internal, "{build}");
+            assert_eq!(
+                target_container_port(&objects, private, p.port)?,
+                internal,
+                "{build}"
+            );
         }
         // The gateways declare the listener ports the xds-server programs.
         let tls = listener_port(&given, &cli, "--tls-listener")?;
@@ -402,13 +504,21 @@ fn xds_server_arguments_are_its_flags_and_reach_the_gateways_ports() -> Result<(
         assert_eq!(port_named(envoy, "https"), Some(tls));
         // Each gateway pod is its own xDS node: ACKs and probes are per gateway.
         let envoy_args = envoy.args.clone().unwrap_or_default();
-        let node = envoy_args.iter().position(|a| a == "--service-node").context("--service-node")?;
+        let node = envoy_args
+            .iter()
+            .position(|a| a == "--service-node")
+            .context("--service-node")?;
         assert_eq!(envoy_args[node + 1], "$(POD_NAME)");
     }
     // The cluster-local gateway overlay moves the private load balancer to its own pods.
     let objects = kustomize(&manifests_path("overlays/cluster"))?;
-    let private = objects.service("sluice-gateway-internal").context("private Service")?;
-    assert_eq!(selected(&objects, private)?.metadata.name.as_deref(), Some("sluice-gateway-internal"));
+    let private = objects
+        .service("sluice-gateway-internal")
+        .context("private Service")?;
+    assert_eq!(
+        selected(&objects, private)?.metadata.name.as_deref(),
+        Some("sluice-gateway-internal")
+    );
     Ok(())
 }
 
@@ -419,38 +529,64 @@ fn images_are_the_ones_scripts_images_builds() -> Result<()> {
     let built: BTreeSet<String> = script
         .lines()
         .filter_map(|l| l.trim().strip_prefix("build \"sluice/"))
-        .filter_map(|rest| rest.split_once(":$tag\"").map(|(name, _)| format!("sluice/{name}")))
+        .filter_map(|rest| {
+            rest.split_once(":$tag\"")
+                .map(|(name, _)| format!("sluice/{name}"))
+        })
         .collect();
     assert_eq!(
         built,
-        BTreeSet::from(["sluice/gateway", "sluice/queue-proxy-wasm", "sluice/sluice"].map(String::from))
+        BTreeSet::from(
+            ["sluice/gateway", "sluice/queue-proxy-wasm", "sluice/sluice"].map(String::from)
+        )
     );
     let default_tag = script
         .lines()
         .find_map(|l| l.strip_prefix("tag="))
         .context("scripts/images: tag=")?;
     let want = |image: &str| -> Result<()> {
-        let (repo, tag) = image.rsplit_once(':').with_context(|| format!("{image}: no tag"))?;
-        anyhow::ensure!(built.contains(repo), "{image} is not built by scripts/images ({built:?})");
-        anyhow::ensure!(tag == default_tag, "{image}: scripts/images tags {default_tag}");
+        let (repo, tag) = image
+            .rsplit_once(':')
+            .with_context(|| format!("{image}: no tag"))?;
+        anyhow::ensure!(
+            built.contains(repo),
+            "{image} is not built by scripts/images ({built:?})"
+        );
+        anyhow::ensure!(
+            tag == default_tag,
+            "{image}: scripts/images tags {default_tag}"
+        );
         Ok(())
     };
     for build in BUILDS {
         let objects = kustomize(&manifests_path(build))?;
         for d in &objects.deployments {
             let spec = pod(d);
-            for c in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
+            for c in spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+            {
                 want(c.image.as_deref().unwrap_or_default())?;
             }
         }
         for plugin in &objects.wasm_plugins {
-            let image = plugin.spec.url.strip_prefix("oci://").context("an oci:// url")?;
+            let image = plugin
+                .spec
+                .url
+                .strip_prefix("oci://")
+                .context("an oci:// url")?;
             want(image)?;
         }
     }
     // The gateway Dockerfile's default sluice image is the one the script builds first.
     let dockerfile = std::fs::read_to_string(workspace_root().join(cluster::GATEWAY_DOCKERFILE))?;
-    want(dockerfile.lines().find_map(|l| l.strip_prefix("ARG SLUICE_IMAGE=")).context("ARG SLUICE_IMAGE")?)?;
+    want(
+        dockerfile
+            .lines()
+            .find_map(|l| l.strip_prefix("ARG SLUICE_IMAGE="))
+            .context("ARG SLUICE_IMAGE")?,
+    )?;
     Ok(())
 }
 
@@ -460,7 +596,10 @@ fn the_wasm_plugin_config_parses_with_the_filters_own_parser() -> Result<()> {
     assert!(!objects.wasm_plugins.is_empty());
     for plugin in &objects.wasm_plugins {
         let spec = &plugin.spec;
-        assert!(!spec.selector.match_labels.is_empty(), "a WasmPlugin without a selector applies to every pod");
+        assert!(
+            !spec.selector.match_labels.is_empty(),
+            "a WasmPlugin without a selector applies to every pod"
+        );
         assert_eq!(spec.phase, Some(Phase::Stats));
         assert!(spec.match_.iter().all(|m| m.mode == TrafficMode::Server));
         let raw = serde_json::to_vec(&spec.plugin_config)?;
@@ -468,11 +607,19 @@ fn the_wasm_plugin_config_parses_with_the_filters_own_parser() -> Result<()> {
             .map_err(|e| anyhow::anyhow!("pluginConfig of {:?}: {e}", plugin.metadata.name))?;
         // It serves the revision its selector picks.
         assert_eq!(
-            spec.selector.match_labels.get("serving.knative.dev/revision"),
+            spec.selector
+                .match_labels
+                .get("serving.knative.dev/revision"),
             Some(&config.identity.revision)
         );
-        assert_eq!(plugin.metadata.namespace.as_deref(), Some(config.identity.namespace.as_str()));
-        assert!(config.limits.is_some(), "containerConcurrency set: the breaker runs");
+        assert_eq!(
+            plugin.metadata.namespace.as_deref(),
+            Some(config.identity.namespace.as_str())
+        );
+        assert!(
+            config.limits.is_some(),
+            "containerConcurrency set: the breaker runs"
+        );
     }
     Ok(())
 }
@@ -481,15 +628,26 @@ fn the_wasm_plugin_config_parses_with_the_filters_own_parser() -> Result<()> {
 /// layer, holding only `plugin.wasm`, byte for byte the filter cargo built.
 #[test]
 fn the_wasm_image_holds_exactly_the_built_filter() -> Result<()> {
-    assert!(engine_answers(), "no container engine answers (`docker info`)");
+    assert!(
+        engine_answers(),
+        "no container engine answers (`docker info`)"
+    );
     let built = std::fs::read(cluster::queue_proxy_wasm()?)?;
     let image = cluster::wasm_image()?;
     let dir = tempfile::tempdir()?;
     let saved = dir.path().join("image.tar");
-    docker(&["save", "--output", &saved.display().to_string(), image.tag()])?;
+    docker(&[
+        "save",
+        "--output",
+        &saved.display().to_string(),
+        image.tag(),
+    ])?;
     untar(&saved, dir.path())?;
-    let manifest: Value = serde_json::from_slice(&std::fs::read(dir.path().join("manifest.json"))?)?;
-    let layers = manifest[0]["Layers"].as_array().context("manifest.json: Layers")?;
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("manifest.json"))?)?;
+    let layers = manifest[0]["Layers"]
+        .as_array()
+        .context("manifest.json: Layers")?;
     assert_eq!(layers.len(), 1, "one layer: {layers:?}");
     let layer = dir.path().join(layers[0].as_str().context("a layer path")?);
     let unpacked = dir.path().join("layer");
@@ -498,7 +656,12 @@ fn the_wasm_image_holds_exactly_the_built_filter() -> Result<()> {
     let files: Vec<String> = walk(&unpacked)?;
     assert_eq!(files, ["plugin.wasm"], "the layer holds only plugin.wasm");
     let in_image = std::fs::read(unpacked.join("plugin.wasm"))?;
-    assert!(in_image == built, "plugin.wasm differs from the built filter ({} vs {} bytes)", in_image.len(), built.len());
+    assert!(
+        in_image == built,
+        "plugin.wasm differs from the built filter ({} vs {} bytes)",
+        in_image.len(),
+        built.len()
+    );
     Ok(())
 }
 
@@ -564,7 +727,9 @@ async fn fake_api_server(calls: Arc<Mutex<Vec<(String, String, String)>>>) -> Re
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             let calls = calls.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -573,13 +738,18 @@ async fn fake_api_server(calls: Arc<Mutex<Vec<(String, String, String)>>>) -> Re
                         let method = req.method().to_string();
                         let path = req.uri().path().to_string();
                         let query = req.uri().query().unwrap_or_default().to_string();
-                        calls.lock().unwrap().push((method.clone(), path.clone(), query.clone()));
+                        calls
+                            .lock()
+                            .unwrap()
+                            .push((method.clone(), path.clone(), query.clone()));
                         Ok::<_, Infallible>(answer(&method, &path, &query))
                     }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
             });
         }
     });
@@ -588,7 +758,10 @@ async fn fake_api_server(calls: Arc<Mutex<Vec<(String, String, String)>>>) -> Re
 
 fn answer(method: &str, path: &str, query: &str) -> Response<Body> {
     let Some(call) = api_call(method, path, query) else {
-        return Response::builder().status(404).body(full(json!({}))).expect("a response");
+        return Response::builder()
+            .status(404)
+            .body(full(json!({})))
+            .expect("a response");
     };
     match call.verb.as_str() {
         "watch" => {
@@ -643,27 +816,48 @@ async fn rbac_grants_exactly_what_sluice_xds_kube_calls() -> Result<()> {
     let objects = kustomize(&manifests_path("base"))?;
     let xds = objects.deployment("sluice-xds-server")?;
     let spec = pod(xds);
-    let account = spec.service_account_name.clone().context("the xds-server's ServiceAccount")?;
+    let account = spec
+        .service_account_name
+        .clone()
+        .context("the xds-server's ServiceAccount")?;
     let namespace = xds.metadata.namespace.clone().context("namespace")?;
-    assert!(objects.service_accounts.iter().any(|s| s.metadata.name.as_deref() == Some(&*account)
-        && s.metadata.namespace.as_deref() == Some(&*namespace)));
+    assert!(
+        objects
+            .service_accounts
+            .iter()
+            .any(|s| s.metadata.name.as_deref() == Some(&*account)
+                && s.metadata.namespace.as_deref() == Some(&*namespace))
+    );
     let bound = |subjects: &Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
-        subjects.iter().flatten().any(|s| s.kind == "ServiceAccount" && s.name == account
-            && s.namespace.as_deref() == Some(&*namespace))
+        subjects.iter().flatten().any(|s| {
+            s.kind == "ServiceAccount"
+                && s.name == account
+                && s.namespace.as_deref() == Some(&*namespace)
+        })
     };
     // The rules that hold for this ServiceAccount: cluster-wide, and per namespace.
     let mut cluster_rules = Vec::new();
-    for binding in objects.cluster_role_bindings.iter().filter(|b| bound(&b.subjects)) {
-        let role = objects.cluster_roles.iter()
+    for binding in objects
+        .cluster_role_bindings
+        .iter()
+        .filter(|b| bound(&b.subjects))
+    {
+        let role = objects
+            .cluster_roles
+            .iter()
             .find(|r| r.metadata.name.as_deref() == Some(&*binding.role_ref.name))
             .context("the bound ClusterRole")?;
         cluster_rules.extend(role.rules.clone().unwrap_or_default());
     }
     let mut namespaced_rules = Vec::new();
     for binding in objects.role_bindings.iter().filter(|b| bound(&b.subjects)) {
-        let role = objects.roles.iter()
-            .find(|r| r.metadata.name.as_deref() == Some(&*binding.role_ref.name)
-                && r.metadata.namespace == binding.metadata.namespace)
+        let role = objects
+            .roles
+            .iter()
+            .find(|r| {
+                r.metadata.name.as_deref() == Some(&*binding.role_ref.name)
+                    && r.metadata.namespace == binding.metadata.namespace
+            })
             .context("the bound Role")?;
         for rule in role.rules.clone().unwrap_or_default() {
             namespaced_rules.push((binding.metadata.namespace.clone().unwrap_or_default(), rule));
@@ -675,11 +869,20 @@ async fn rbac_grants_exactly_what_sluice_xds_kube_calls() -> Result<()> {
     let api = fake_api_server(calls.clone()).await?;
     let dir = tempfile::tempdir()?;
     let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{api}\"}}\n\
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{api}\"}}\n\
          users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\n\
-         current-context: fake\n"))?;
-    let args = local_args(&container(xds, "xds-server").args.clone().unwrap_or_default())?;
+         current-context: fake\n"
+        ),
+    )?;
+    let args = local_args(
+        &container(xds, "xds-server")
+            .args
+            .clone()
+            .unwrap_or_default(),
+    )?;
     let mut child = tokio::process::Command::new(sluice_bin()?)
         .args(&args)
         .env("KUBECONFIG", &kubeconfig)
@@ -691,8 +894,12 @@ async fn rbac_grants_exactly_what_sluice_xds_kube_calls() -> Result<()> {
     // Until it has listed and watched every kind and written the Ingress's status.
     let deadline = Instant::now() + Duration::from_secs(90);
     let made = loop {
-        let made: BTreeSet<ApiCall> = calls.lock().unwrap().iter()
-            .filter_map(|(m, p, q)| api_call(m, p, q)).collect();
+        let made: BTreeSet<ApiCall> = calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(m, p, q)| api_call(m, p, q))
+            .collect();
         let watches = made.iter().filter(|c| c.verb == "watch").count();
         if watches >= 5 && made.iter().any(|c| c.resource == "ingresses/status") {
             break made;
@@ -704,28 +911,48 @@ async fn rbac_grants_exactly_what_sluice_xds_kube_calls() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     child.kill().await?;
-    let unparsed: Vec<_> = calls.lock().unwrap().iter()
-        .filter(|(m, p, q)| api_call(m, p, q).is_none()).cloned().collect();
-    assert!(unparsed.is_empty(), "requests outside the resource API: {unparsed:?}");
+    let unparsed: Vec<_> = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(m, p, q)| api_call(m, p, q).is_none())
+        .cloned()
+        .collect();
+    assert!(
+        unparsed.is_empty(),
+        "requests outside the resource API: {unparsed:?}"
+    );
 
     // Every call is allowed...
     for call in &made {
         let allowed = cluster_rules.iter().any(|r| rule_allows(r, call))
-            || namespaced_rules.iter().any(|(ns, r)| call.namespace.as_deref() == Some(ns) && rule_allows(r, call));
+            || namespaced_rules
+                .iter()
+                .any(|(ns, r)| call.namespace.as_deref() == Some(ns) && rule_allows(r, call));
         assert!(allowed, "the manifests' RBAC does not allow {call:?}");
     }
     // ...and every grant is used (least privilege).
-    for rule in cluster_rules.iter().chain(namespaced_rules.iter().map(|(_, r)| r)) {
+    for rule in cluster_rules
+        .iter()
+        .chain(namespaced_rules.iter().map(|(_, r)| r))
+    {
         for group in rule.api_groups.iter().flatten() {
             for resource in rule.resources.iter().flatten() {
                 for verb in &rule.verbs {
-                    let used = made.iter().any(|c| &c.group == group && &c.resource == resource && &c.verb == verb);
+                    let used = made
+                        .iter()
+                        .any(|c| &c.group == group && &c.resource == resource && &c.verb == verb);
                     let pending = PENDING_GRANTS.contains(&(group.as_str(), resource.as_str()));
                     if pending && !used {
-                        eprintln!("{verb} {group}/{resource}: granted for leader election, not called by this sluice yet");
+                        eprintln!(
+                            "{verb} {group}/{resource}: granted for leader election, not called by this sluice yet"
+                        );
                         continue;
                     }
-                    assert!(used, "granted but never called: {verb} {group:?}/{resource}");
+                    assert!(
+                        used,
+                        "granted but never called: {verb} {group:?}/{resource}"
+                    );
                 }
             }
         }
