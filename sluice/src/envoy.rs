@@ -59,7 +59,8 @@ const WASM_HINT: &str = "the queue-proxy filter is not built: run `cargo build -
 --target wasm32-wasip1 --profile wasm` (bash scripts/setup does it), or set SLUICE_QUEUE_PROXY_WASM";
 
 /// The queue-proxy filter's .wasm: `$SLUICE_QUEUE_PROXY_WASM`, else `target/wasm32-wasip1/wasm/` beside
-/// the running binary's target folder (target/release/sluice), else under the current folder.
+/// the running binary's target folder (target/release/sluice or target/<triple>/release/sluice), else
+/// under the current folder.
 pub fn find_queue_proxy_wasm() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("SLUICE_QUEUE_PROXY_WASM").filter(|v| !v.is_empty()) {
         let path = PathBuf::from(path);
@@ -70,10 +71,9 @@ pub fn find_queue_proxy_wasm() -> Result<PathBuf> {
     }
     const REL: &str = "wasm32-wasip1/wasm/sluice_queue_proxy.wasm";
     let mut candidates = Vec::new();
-    if let Ok(exe) = std::env::current_exe()
-        && let Some(target) = exe.parent().and_then(Path::parent)
-    {
-        candidates.push(target.join(REL));
+    if let Ok(exe) = std::env::current_exe() {
+        // target/release/sluice, or target/<triple>/release/sluice for a static build.
+        candidates.extend(exe.ancestors().skip(2).take(2).map(|d| d.join(REL)));
     }
     if let Ok(cwd) = std::env::current_dir() {
         candidates.extend(cwd.ancestors().map(|d| d.join("target").join(REL)));
