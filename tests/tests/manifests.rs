@@ -32,15 +32,6 @@ use sluice_e2e::manifests::{
 };
 use sluice_e2e::sluice::{sluice_bin, workspace_root};
 
-/// `sluice xds` flags the manifests carry that belong to work merged separately (mTLS between the
-/// gateways and the xds-server): accepted only while the binary does not know them yet.
-const PENDING_XDS_FLAGS: [&str; 3] = ["--tls-cert", "--tls-key", "--client-ca"];
-/// The same for `sluice bootstrap` (the gateways' client certificate).
-const PENDING_BOOTSTRAP_FLAGS: [&str; 3] = ["--tls-cert", "--tls-key", "--server-ca"];
-/// RBAC the manifests grant for work merged separately (the xds-server's leader election with a
-/// Lease): allowed to go unused while `sluice xds` makes no such call.
-const PENDING_GRANTS: [(&str, &str); 1] = [("coordination.k8s.io", "leases")];
-
 fn manifests_path(rel: &str) -> std::path::PathBuf {
     manifests::root().join(rel)
 }
@@ -89,14 +80,9 @@ fn check_flags(
     what: &str,
     given: &BTreeMap<String, String>,
     known: &BTreeMap<String, Option<String>>,
-    pending: &[&str],
 ) -> Result<()> {
     for flag in given.keys() {
         if known.contains_key(flag) {
-            continue;
-        }
-        if pending.contains(&flag.as_str()) {
-            eprintln!("{what}: {flag} is not a flag of this sluice yet (pending merge)");
             continue;
         }
         bail!(
@@ -385,12 +371,7 @@ fn xds_server_arguments_are_its_flags_and_reach_the_gateways_ports() -> Result<(
         let args = c.args.clone().unwrap_or_default();
         assert_eq!(args.first().map(String::as_str), Some("xds"), "{build}");
         let given = flags(&args);
-        check_flags(
-            &format!("{build}: sluice xds"),
-            &given,
-            &cli,
-            &PENDING_XDS_FLAGS,
-        )?;
+        check_flags(&format!("{build}: sluice xds"), &given, &cli)?;
         assert!(
             given.contains_key("--kube"),
             "{build}: the xds-server reads the cluster"
@@ -430,11 +411,15 @@ fn xds_server_arguments_are_its_flags_and_reach_the_gateways_ports() -> Result<(
                     &format!("{build}: sluice bootstrap"),
                     &given,
                     &bootstrap_cli,
-                    &PENDING_BOOTSTRAP_FLAGS,
                 )?;
                 bootstrap_targets.push(given["--xds"].clone());
                 // Envoy starts from the file it writes.
-                let out = &given["--output"];
+                let out = match (given.get("--output"), given.get("--output-dir")) {
+                    (Some(file), None) => file.clone(),
+                    (None, Some(dir)) => format!("{dir}/envoy.json"),
+                    _ => bail!("{build}: sluice bootstrap needs --output or --output-dir"),
+                };
+                let out = &out;
                 let envoy = &pod(d).containers[0];
                 assert!(
                     envoy.args.iter().flatten().any(|a| a == out),
@@ -456,21 +441,31 @@ fn xds_server_arguments_are_its_flags_and_reach_the_gateways_ports() -> Result<(
             );
         }
 
-        // Readiness probes reach each gateway's listener through its Service's exposed port.
+        // Readiness is probed on each gateway pod (its ADS peer address, on the listener ports),
+        // as net-kourier probes each pod: a fixed --probe-* target (a Service VIP) would reach one
+        // pod per probe and call an Ingress Ready that other pods do not serve yet.
         let external = listener_port(&given, &cli, "--external-listener")?;
         let internal = listener_port(&given, &cli, "--internal-listener")?;
-        for (flag, listener) in [
-            ("--probe-external", external),
-            ("--probe-internal", internal),
-        ] {
-            let (host, port) = host_port(&given[flag])?;
-            let service = service_by_dns(&objects, &host)?;
-            assert_eq!(
-                target_container_port(&objects, service, port)?,
-                listener,
-                "{build}: {flag}={} must reach the listener on {listener}",
-                given[flag]
+        for flag in ["--probe-external", "--probe-internal"] {
+            assert!(
+                !given.contains_key(flag),
+                "{build}: {flag} replaces the per-gateway probes"
             );
+        }
+        // The Lease's holder identity and namespace come from the downward API.
+        for (var, field) in [
+            ("POD_NAME", "metadata.name"),
+            ("POD_NAMESPACE", "metadata.namespace"),
+        ] {
+            let from = c
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == var)
+                .and_then(|e| e.value_from.as_ref())
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.as_str());
+            assert_eq!(from, Some(field), "{build}: env {var}");
         }
         // The load balancers in status: public is the LoadBalancer Service of the external
         // listener, private the cluster-only Service of the cluster-local one.
@@ -720,20 +715,27 @@ fn ingress() -> Value {
     })
 }
 
+/// Leases by path, with their resourceVersion.
+type Leases = Arc<Mutex<BTreeMap<String, Value>>>;
+
 /// A fake API server that answers lists (the Ingress above, nothing else), holds watches open, echoes
-/// patches, answers 404 to anything else, and records every request.
+/// patches, keeps Leases (get, create, update), answers 404 to anything else, and records every
+/// request.
 async fn fake_api_server(calls: Arc<Mutex<Vec<(String, String, String)>>>) -> Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let leases: Leases = Arc::default();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
             let calls = calls.clone();
+            let leases = leases.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let calls = calls.clone();
+                    let leases = leases.clone();
                     async move {
                         let method = req.method().to_string();
                         let path = req.uri().path().to_string();
@@ -742,7 +744,13 @@ async fn fake_api_server(calls: Arc<Mutex<Vec<(String, String, String)>>>) -> Re
                             .lock()
                             .unwrap()
                             .push((method.clone(), path.clone(), query.clone()));
-                        Ok::<_, Infallible>(answer(&method, &path, &query))
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        Ok::<_, Infallible>(answer(&method, &path, &query, &body, &leases))
                     }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(
@@ -756,7 +764,7 @@ async fn fake_api_server(calls: Arc<Mutex<Vec<(String, String, String)>>>) -> Re
     Ok(addr)
 }
 
-fn answer(method: &str, path: &str, query: &str) -> Response<Body> {
+fn answer(method: &str, path: &str, query: &str, body: &[u8], leases: &Leases) -> Response<Body> {
     let Some(call) = api_call(method, path, query) else {
         return Response::builder()
             .status(404)
@@ -770,17 +778,56 @@ fn answer(method: &str, path: &str, query: &str) -> Response<Body> {
             Response::new(StreamBody::new(pending).boxed())
         }
         "list" => {
-            let items = if call.resource == "ingresses" { vec![ingress()] } else { vec![] };
+            let items = if call.resource == "ingresses" {
+                vec![ingress()]
+            } else {
+                vec![]
+            };
             Response::new(full(json!({
                 "apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items,
             })))
         }
         "patch" if call.resource == "ingresses/status" => Response::new(full(ingress())),
-        _ => Response::builder()
-            .status(404)
-            .body(full(json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})))
-            .expect("a response"),
+        "get" if call.resource == "leases" => match leases.lock().unwrap().get(path) {
+            Some(lease) => Response::new(full(lease.clone())),
+            None => not_found(),
+        },
+        "create" | "update" if call.resource == "leases" => {
+            let Ok(mut lease) = serde_json::from_slice::<Value>(body) else {
+                return Response::builder()
+                    .status(400)
+                    .body(full(json!({})))
+                    .expect("a response");
+            };
+            let mut leases = leases.lock().unwrap();
+            // Create names the collection, update the object.
+            let key = match call.verb.as_str() {
+                "create" => format!(
+                    "{path}/{}",
+                    lease["metadata"]["name"].as_str().unwrap_or("")
+                ),
+                _ => path.to_string(),
+            };
+            let version = 1 + lease["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            lease["metadata"]["resourceVersion"] = version.to_string().into();
+            leases.insert(key, lease.clone());
+            Response::builder()
+                .status(if call.verb == "create" { 201 } else { 200 })
+                .body(full(lease))
+                .expect("a response")
+        }
+        _ => not_found(),
     }
+}
+
+fn not_found() -> Response<Body> {
+    Response::builder()
+        .status(404)
+        .body(full(json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})))
+        .expect("a response")
 }
 
 /// The manifest's arguments made runnable on this machine: loopback instead of every address and
@@ -886,6 +933,9 @@ async fn rbac_grants_exactly_what_sluice_xds_kube_calls() -> Result<()> {
     let mut child = tokio::process::Command::new(sluice_bin()?)
         .args(&args)
         .env("KUBECONFIG", &kubeconfig)
+        // What the manifest's downward API gives the pod.
+        .env("POD_NAME", "sluice-xds-server-0")
+        .env("POD_NAMESPACE", &namespace)
         .env_remove("KUBERNETES_SERVICE_HOST")
         .env_remove("KUBERNETES_SERVICE_PORT")
         .stdin(std::process::Stdio::null())
@@ -901,7 +951,11 @@ async fn rbac_grants_exactly_what_sluice_xds_kube_calls() -> Result<()> {
             .filter_map(|(m, p, q)| api_call(m, p, q))
             .collect();
         let watches = made.iter().filter(|c| c.verb == "watch").count();
-        if watches >= 5 && made.iter().any(|c| c.resource == "ingresses/status") {
+        // The leader renews its Lease (an update) every --retry-period (10 s).
+        let renewed = made
+            .iter()
+            .any(|c| c.resource == "leases" && c.verb == "update");
+        if watches >= 5 && renewed && made.iter().any(|c| c.resource == "ingresses/status") {
             break made;
         }
         if let Some(status) = child.try_wait()? {
@@ -942,13 +996,6 @@ async fn rbac_grants_exactly_what_sluice_xds_kube_calls() -> Result<()> {
                     let used = made
                         .iter()
                         .any(|c| &c.group == group && &c.resource == resource && &c.verb == verb);
-                    let pending = PENDING_GRANTS.contains(&(group.as_str(), resource.as_str()));
-                    if pending && !used {
-                        eprintln!(
-                            "{verb} {group}/{resource}: granted for leader election, not called by this sluice yet"
-                        );
-                        continue;
-                    }
                     assert!(
                         used,
                         "granted but never called: {verb} {group:?}/{resource}"
