@@ -140,7 +140,7 @@ fn external_gateway(image: &str, node: &str) -> Run {
 }
 
 /// Waits until the xds-server's control API (`GET /status`) reports Ingress default/hello Ready:
-/// ACKed by the gateways and probed through the probe addresses.
+/// ACKed by every connected gateway and probed on each (its container IP).
 async fn wait_ingress_ready(control: SocketAddr, topology: &Topology, xds: &str) -> Result<()> {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -232,7 +232,7 @@ async fn gateways_on_containers_share_state_survive_a_cut_off_and_an_xds_restart
     set_mode(config.path(), 0o755)?;
     write_config(config.path(), &backend_ip, &[])?;
 
-    // Gateways first: the xds-server resolves its probe addresses when it starts.
+    // Gateways first: the Ingress is Ready once each of them serves it.
     let gateway = images.gateway.tag();
     let ext1 = topology.run("gw-ext-1", &external_gateway(gateway, "gw-ext-1"))?;
     let ext2 = topology.run("gw-ext-2", &external_gateway(gateway, "gw-ext-2"))?;
@@ -254,19 +254,11 @@ async fn gateways_on_containers_share_state_survive_a_cut_off_and_an_xds_restart
             aliases: xds_aliases.clone(),
             publish: vec![9900],
             mounts: vec![(config.path().to_path_buf(), "/config".into())],
-            args: [
-                "xds",
-                "--dir",
-                "/config",
-                "--listen",
-                "0.0.0.0",
-                "--probe-external",
-                &format!("{EXTERNAL_GATEWAY}:8080"),
-                "--probe-internal",
-                &format!("{LOCAL_GATEWAY}:8081"),
-            ]
-            .map(str::to_string)
-            .to_vec(),
+            // No --probe-*: as the manifests, readiness is probed on each connected gateway (its
+            // container IP, the ADS stream's peer), not through a shared name.
+            args: ["xds", "--dir", "/config", "--listen", "0.0.0.0"]
+                .map(str::to_string)
+                .to_vec(),
             ..Run::default()
         },
     )?;
@@ -288,7 +280,39 @@ async fn gateways_on_containers_share_state_survive_a_cut_off_and_an_xds_restart
     check
         .await
         .with_context(|| format!("--- xds-server:\n{}", topology.logs(&xds)))?;
-    wait_ingress_ready(topology.published(&xds, 9900)?, &topology, &xds).await?;
+    let control = topology.published(&xds, 9900)?;
+    wait_ingress_ready(control, &topology, &xds).await?;
+    // Each gateway is its own node, known by its container IP: the address its probes went to.
+    let report: Value =
+        serde_json::from_slice(&Req::get("localhost", "/status").send(control).await?.body)?;
+    let mut seen: Vec<(String, String)> = report["gateways"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|g| {
+            (
+                g["node"].as_str().unwrap_or_default().to_string(),
+                g["peer"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let mut want = Vec::new();
+    for (node, container) in [
+        ("gw-ext-1", &ext1),
+        ("gw-ext-2", &ext2),
+        ("gw-local", &local),
+    ] {
+        want.push((node.to_string(), topology.ip(container)?.to_string()));
+    }
+    anyhow::ensure!(
+        seen.len() == want.len()
+            && seen
+                .iter()
+                .zip(&want)
+                .all(|((node, peer), (n, ip))| node == n && peer.starts_with(&format!("{ip}:"))),
+        "gateways in /status: {seen:?}, want {want:?}"
+    );
     eprintln!(
         "phase 1 (all gateways serve, Ingress Ready) at {:?}",
         started.elapsed()
