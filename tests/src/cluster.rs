@@ -33,9 +33,8 @@ pub const XDS_SERVICE_NAME: &str = "sluice-xds-server.sluice-system.svc.cluster.
 const MUSL_CC_VAR: &str = "CC_x86_64_unknown_linux_musl";
 
 fn cargo_build(args: &[&str]) -> Result<()> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let musl_cc = std::env::var_os(MUSL_CC_VAR).unwrap_or_else(|| "musl-gcc".into());
-    let status = Command::new(&cargo)
+    let status = crate::cargo()
         .args(args)
         .env(MUSL_CC_VAR, musl_cc)
         .current_dir(workspace_root())
@@ -441,6 +440,24 @@ impl Topology {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         docker(&args)?;
         Ok(container)
+    }
+
+    /// The test app as the backend on this network (container `backend`), answering
+    /// `hello from <revision>` on port 8080: its container name and address.
+    pub fn run_backend(&self, image: &str, revision: &str) -> Result<(String, IpAddr)> {
+        let name = self.run(
+            "backend",
+            &Run {
+                image: image.to_string(),
+                env: vec![
+                    ("PORT".into(), "8080".into()),
+                    ("K_REVISION".into(), revision.into()),
+                ],
+                ..Run::default()
+            },
+        )?;
+        let ip = self.ip(&name)?;
+        Ok((name, ip))
     }
 
     /// Where container port `port` of `container` is published on loopback.

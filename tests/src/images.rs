@@ -86,7 +86,6 @@ fn build_test_app_musl() -> Result<PathBuf> {
         );
         return Ok(bin);
     }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let args = [
         "build",
         "--release",
@@ -95,12 +94,12 @@ fn build_test_app_musl() -> Result<PathBuf> {
         "-p",
         "sluice-test-app-static",
     ];
-    let status = Command::new(&cargo)
+    let status = crate::cargo()
         .args(args)
         .current_dir(workspace_root())
         .stdin(Stdio::null())
         .status()
-        .with_context(|| format!("running {cargo:?} {}", args.join(" ")))?;
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
     anyhow::ensure!(
         status.success(),
         "cargo {} failed ({status}); is the target installed (`rustup target add {MUSL_TARGET}`, \

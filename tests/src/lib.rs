@@ -34,3 +34,33 @@ pub use backends::websocket::{WebsocketClient, WebsocketEchoServer};
 pub use client::{Conn, Proto, Req, Resp};
 pub use ports::free_port;
 pub use sluice::{Condition, Sluice, StartOptions};
+
+/// `cargo` for a build a test needs (the binary under test, an image's contents), as a shell runs
+/// it: without the variables `cargo test` sets for the test process (`CARGO_PKG_NAME`,
+/// `CARGO_MANIFEST_DIR`...). Build scripts that watch those (ring's) would otherwise see them change
+/// and rebuild what scripts/test has just built.
+pub fn cargo() -> std::process::Command {
+    let mut cmd =
+        std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let set_by_cargo_test = key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_EXE_")
+            || matches!(
+                key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+                    | "OUT_DIR"
+            );
+        if set_by_cargo_test {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}

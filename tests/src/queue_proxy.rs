@@ -54,7 +54,6 @@ fn build_wasm() -> Result<PathBuf> {
         return Ok(wasm);
     }
     let root = workspace_root();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let args = [
         "build",
         "-p",
@@ -64,12 +63,12 @@ fn build_wasm() -> Result<PathBuf> {
         "--profile",
         "wasm",
     ];
-    let status = Command::new(&cargo)
+    let status = crate::cargo()
         .args(args)
         .current_dir(&root)
         .stdin(Stdio::null())
         .status()
-        .with_context(|| format!("running {cargo:?} {}", args.join(" ")))?;
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
     anyhow::ensure!(
         status.success(),
         "cargo {} failed ({status}); is the target installed? (rustup target add wasm32-wasip1)",

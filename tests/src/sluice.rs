@@ -51,13 +51,12 @@ fn locate_or_build_sluice() -> Result<PathBuf> {
         return Ok(bin);
     }
     let root = workspace_root();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(&cargo)
+    let status = crate::cargo()
         .args(["build", "--release", "--bin", "sluice"])
         .current_dir(&root)
         .stdin(Stdio::null())
         .status()
-        .with_context(|| format!("running {cargo:?} build --release --bin sluice"))?;
+        .with_context(|| "running cargo build --release --bin sluice".to_string())?;
     anyhow::ensure!(
         status.success(),
         "cargo build --release --bin sluice failed ({status})"

@@ -6,10 +6,11 @@
 //!
 //! One test, in phases, on one topology: images and containers cost most of the time, and the phases
 //! build on each other (the gateway started later must get the state the others have, the cut-off
-//! and the restart must leave every gateway converged).
+//! and the restart must leave every gateway converged). Its last phase deploys mTLS as the mtls
+//! overlay does, on a second topology from the same images.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -19,8 +20,9 @@ use http::StatusCode;
 use serde_json::{Value, json};
 
 use sluice_e2e::Req;
-use sluice_e2e::cluster::{ClusterImages, Run, Topology, XDS_SERVICE_NAME};
+use sluice_e2e::cluster::{self, ClusterImages, Run, Topology, XDS_SERVICE_NAME};
 use sluice_e2e::images::{TestImage, docker, engine_answers};
+use sluice_e2e::tls::TlsMaterial;
 use sluice_e2e::yaml::{self, Ingress, Path as IngressPath, Rule, Split};
 
 /// Generous: containers on two shared cores.
@@ -201,7 +203,8 @@ fn hammer(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gateways_on_containers_share_state_survive_a_cut_off_and_an_xds_restart() -> Result<()> {
+async fn gateways_on_containers_share_state_survive_outages_and_mtls_refuses_strangers()
+-> Result<()> {
     assert!(
         engine_answers(),
         "no container engine answers (`docker info`); bash scripts/setup starts one"
@@ -212,18 +215,7 @@ async fn gateways_on_containers_share_state_survive_a_cut_off_and_an_xds_restart
     eprintln!("images built in {:?}", started.elapsed());
     let topology = Topology::create("sluice-cluster")?;
 
-    let backend = topology.run(
-        "backend",
-        &Run {
-            image: app.tag().to_string(),
-            env: vec![
-                ("PORT".into(), "8080".into()),
-                ("K_REVISION".into(), REVISION.into()),
-            ],
-            ..Run::default()
-        },
-    )?;
-    let backend_ip = topology.ip(&backend)?.to_string();
+    let backend_ip = topology.run_backend(app.tag(), REVISION)?.1.to_string();
 
     // The KIngress folder, readable by the xds-server's non-root user.
     let config = tempfile::Builder::new()
@@ -408,6 +400,11 @@ async fn gateways_on_containers_share_state_survive_a_cut_off_and_an_xds_restart
         "phase 4 (xds-server restarted, {ok} requests, none failed) at {:?}",
         started.elapsed()
     );
+    drop(topology);
+
+    // 5. mTLS, on a topology of its own from the same images.
+    mtls_phase(&images, &app).await?;
+    eprintln!("phase 5 (mTLS) at {:?}", started.elapsed());
     Ok(())
 }
 
@@ -480,5 +477,215 @@ fn gateway_image_holds_the_bootstrap_for_the_xds_service() -> Result<()> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    Ok(())
+}
+
+const SECURE_HOST: &str = "secure.example.com";
+/// Where the mtls overlay mounts a certificate Secret, and where its init container writes the
+/// gateway's bootstrap.
+const CERTS_IN_POD: &str = "/etc/sluice/tls";
+const BOOTSTRAP_IN_POD: &str = "/etc/envoy/mtls";
+
+/// A folder as a mounted `kubernetes.io/tls` Secret with `ca.crt`, readable by the images' non-root
+/// users (a test key: its mode does not matter).
+fn secret_dir(root: &Path, name: &str, leaf: &TlsMaterial, ca_pem: &str) -> Result<PathBuf> {
+    let dir = root.join(name);
+    std::fs::create_dir(&dir)?;
+    for (file, content) in [
+        ("tls.crt", &leaf.cert_pem),
+        ("tls.key", &leaf.key_pem),
+        ("ca.crt", &ca_pem.to_string()),
+    ] {
+        std::fs::write(dir.join(file), content)?;
+        set_mode(&dir.join(file), 0o644)?;
+    }
+    set_mode(&dir, 0o755)?;
+    Ok(dir)
+}
+
+/// What the mtls overlay's init container does: `sluice bootstrap` (the binary the sluice image
+/// holds) writes envoy.json and its SDS files for a gateway that mounts `certs` at CERTS_IN_POD.
+fn mtls_bootstrap(root: &Path, name: &str) -> Result<PathBuf> {
+    let dir = root.join(name);
+    let status = std::process::Command::new(cluster::sluice_musl()?)
+        .args([
+            "bootstrap",
+            &format!("--xds={XDS_SERVICE_NAME}:18000"),
+            &format!("--xds-client-cert={CERTS_IN_POD}/tls.crt"),
+            &format!("--xds-client-key={CERTS_IN_POD}/tls.key"),
+            &format!("--xds-ca={CERTS_IN_POD}/ca.crt"),
+            &format!("--xds-server-name={XDS_SERVICE_NAME}"),
+            &format!("--sds-dir={BOOTSTRAP_IN_POD}"),
+        ])
+        .arg("--output-dir")
+        .arg(&dir)
+        .stdin(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "sluice bootstrap --output-dir: {status}");
+    set_mode(&dir, 0o755)?;
+    for entry in std::fs::read_dir(&dir)? {
+        set_mode(&entry?.path(), 0o644)?;
+    }
+    Ok(dir)
+}
+
+fn mtls_gateway(image: &str, node: &str, certs: &Path, bootstrap: &Path) -> Run {
+    let mut args = gateway_args(node, "sluice-gateway");
+    args[1] = format!("{BOOTSTRAP_IN_POD}/envoy.json");
+    Run {
+        image: image.to_string(),
+        publish: vec![8080, 8443],
+        mounts: vec![
+            (certs.to_path_buf(), CERTS_IN_POD.into()),
+            (bootstrap.to_path_buf(), BOOTSTRAP_IN_POD.into()),
+        ],
+        args,
+        ..Run::default()
+    }
+}
+
+/// mTLS on the cluster's topology, as the mtls overlay deploys it: the xds-server container serves
+/// ADS only to gateways with a certificate from the client CA; two such gateways serve a plain and a
+/// TLS Ingress (the key came over SDS: the Listener names it, the gateway never saw a file of it);
+/// a gateway whose certificate another CA signed, and one with the image's plain bootstrap, get no
+/// configuration at all and are not among the gateways the Ingress waits for. Phase 5 of the test
+/// above (the images are built once).
+async fn mtls_phase(images: &ClusterImages, app: &TestImage) -> Result<()> {
+    let topology = Topology::create("sluice-mtls")?;
+    let backend_ip = topology.run_backend(app.tag(), REVISION)?.1.to_string();
+
+    let root = tempfile::Builder::new().prefix("sluice-mtls-").tempdir()?;
+    let config = root.path().join("config");
+    std::fs::create_dir(&config)?;
+    set_mode(&config, 0o755)?;
+    write_config(&config, &backend_ip, &[])?;
+    let site = TlsMaterial::issue(&[SECURE_HOST])?;
+    let secure = Ingress::new("default", "secure")
+        .rule(
+            Rule::external(&[SECURE_HOST])
+                .path(IngressPath::any().split(Split::to("hello", yaml::SERVICE_PORT))),
+        )
+        .tls(&[SECURE_HOST], "secure-cert");
+    let text = yaml::documents(&[
+        yaml::tls_secret("default", "secure-cert", &site),
+        secure.to_value(),
+    ]);
+    std::fs::write(config.join("secure.yaml"), text)?;
+    set_mode(&config.join("secure.yaml"), 0o644)?;
+
+    // The server's certificate names the Service the gateways dial; the gateways' come from the
+    // client CA.
+    let server = TlsMaterial::issue(&[XDS_SERVICE_NAME])?;
+    let member = TlsMaterial::issue(&["sluice-gateway"])?;
+    let stranger = TlsMaterial::issue(&["sluice-gateway"])?;
+    let xds_certs = secret_dir(root.path(), "xds-tls", &server, &member.ca_cert_pem)?;
+    let member_certs = secret_dir(root.path(), "gateway-tls", &member, &server.ca_cert_pem)?;
+    let stranger_certs = secret_dir(root.path(), "stranger-tls", &stranger, &server.ca_cert_pem)?;
+    let member_boot = mtls_bootstrap(root.path(), "bootstrap")?;
+
+    let gateway = images.gateway.tag();
+    let members = [
+        topology.run(
+            "gw-1",
+            &mtls_gateway(gateway, "gw-1", &member_certs, &member_boot),
+        )?,
+        topology.run(
+            "gw-2",
+            &mtls_gateway(gateway, "gw-2", &member_certs, &member_boot),
+        )?,
+    ];
+    let xds = topology.run(
+        "xds",
+        &Run {
+            image: images.sluice.tag().to_string(),
+            aliases: vec![XDS_SERVICE_NAME.to_string()],
+            publish: vec![9900],
+            mounts: vec![
+                (config.clone(), "/config".into()),
+                (xds_certs, CERTS_IN_POD.into()),
+            ],
+            args: [
+                "xds",
+                "--dir",
+                "/config",
+                "--listen",
+                "0.0.0.0",
+                &format!("--tls-cert={CERTS_IN_POD}/tls.crt"),
+                &format!("--tls-key={CERTS_IN_POD}/tls.key"),
+                &format!("--client-ca={CERTS_IN_POD}/ca.crt"),
+            ]
+            .map(str::to_string)
+            .to_vec(),
+            ..Run::default()
+        },
+    )?;
+    let mut served = Vec::new();
+    for gw in &members {
+        served.push((gw.clone(), topology.published(gw, 8080)?));
+    }
+    wait_served(&served, HOST, StatusCode::OK, &topology)
+        .await
+        .with_context(|| format!("--- xds-server:\n{}", topology.logs(&xds)))?;
+    for gw in &members {
+        let addr = topology.published(gw, 8443)?;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match Req::get(SECURE_HOST, "/").send_tls(addr, &site).await {
+                Ok(resp) if resp.status == StatusCode::OK => break,
+                other if Instant::now() > deadline => bail!(
+                    "{SECURE_HOST} over TLS via {gw}: {other:?}\n--- {gw}:\n{}",
+                    topology.logs(gw)
+                ),
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+    let control = topology.published(&xds, 9900)?;
+    wait_ingress_ready(control, &topology, &xds).await?;
+
+    // Strangers: another CA's certificate (with the mTLS bootstrap), and no certificate at all (the
+    // gateway image's own bootstrap, plain gRPC).
+    let stranger_boot = mtls_bootstrap(root.path(), "stranger-bootstrap")?;
+    let strangers = [
+        topology.run(
+            "gw-wrong-ca",
+            &mtls_gateway(gateway, "gw-wrong-ca", &stranger_certs, &stranger_boot),
+        )?,
+        topology.run("gw-plain", &external_gateway(gateway, "gw-plain"))?,
+    ];
+    // Refused at the handshake, each more than once (Envoy retries with backoff).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let logs = topology.logs(&xds);
+        let refusals = logs.matches("refused an ADS client").count();
+        if refusals >= 4 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the xds-server refused {refusals} clients, want 4 (two strangers, twice):\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for gw in &strangers {
+        let addr = topology.published(gw, 8080)?;
+        let answer = get(addr, HOST).await;
+        anyhow::ensure!(
+            answer.is_err(),
+            "{gw} has a listener though it was refused: {answer:?}"
+        );
+    }
+    let report: Value =
+        serde_json::from_slice(&Req::get("localhost", "/status").send(control).await?.body)?;
+    let mut nodes: Vec<&str> = report["gateways"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|g| g["node"].as_str())
+        .collect();
+    nodes.sort();
+    assert_eq!(nodes, ["gw-1", "gw-2"], "{}", report["gateways"]);
+    // The members still serve.
+    wait_served(&served, HOST, StatusCode::OK, &topology).await?;
     Ok(())
 }

@@ -184,18 +184,7 @@ async fn main() -> Result<()> {
     let app = TestImage::app()?;
     eprintln!("images built in {:.1} s", started.elapsed().as_secs_f64());
     let topology = Topology::create("sluice-bench-gw")?;
-    let backend = topology.run(
-        "backend",
-        &Run {
-            image: app.tag().to_string(),
-            env: vec![
-                ("PORT".into(), "8080".into()),
-                ("K_REVISION".into(), "upstream".into()),
-            ],
-            ..Run::default()
-        },
-    )?;
-    let backend_ip = topology.ip(&backend)?.to_string();
+    let backend_ip = topology.run_backend(app.tag(), "upstream")?.1.to_string();
 
     let config = tempfile::Builder::new()
         .prefix("sluice-bench-gw-")
@@ -249,6 +238,8 @@ async fn main() -> Result<()> {
     );
 
     let mut gateways: Vec<SocketAddr> = Vec::new();
+    let mut previous_rss = rss_none;
+    let mut previous_count = 0;
     let mut round = 0;
     let mut lines = Vec::new();
     for &count in &args.gateways {
@@ -291,16 +282,19 @@ async fn main() -> Result<()> {
         latencies.sort();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let line = format!(
-            "gateways={count} ingresses={} changes={}: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; new gateways had the whole state in {:.1} s; xds-server RSS {rss:.0} MiB ({:.1} MiB per gateway over the {rss_none:.0} MiB with none)",
+            "gateways={count} ingresses={} changes={}: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; the {} new gateways had the whole state in {:.1} s; xds-server RSS {rss:.0} MiB ({rss_none:.0} MiB with none; {:+.1} MiB per gateway added in this phase)",
             args.ingresses,
             args.changes,
             ms(percentile(&latencies, 0.5)),
             ms(percentile(&latencies, 0.9)),
             ms(percentile(&latencies, 0.99)),
             ms(*latencies.last().unwrap_or(&Duration::ZERO)),
+            count - previous_count,
             synced.as_secs_f64(),
-            (rss - rss_none) / count as f64,
+            (rss - previous_rss) / (count - previous_count) as f64,
         );
+        previous_rss = rss;
+        previous_count = count;
         eprintln!("{line}");
         lines.push(line);
     }
