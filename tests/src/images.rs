@@ -177,28 +177,33 @@ pub fn build_image(binary: &Path, tag: &str, options: &ImageOptions) -> Result<S
     }
     args.push(context.path().display().to_string());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    // The classic builder: nothing to pull for FROM scratch, and BuildKit (buildx) may be missing.
-    // Concurrent classic builds of the same layers can trip over each other on this engine (tests
-    // run in parallel, other test processes too): a failed build is tried again, twice.
+    docker_build_retrying(&args, &format!("-t {tag}"))?;
+    image_id(tag)
+}
+
+/// `docker build ARGS` with the classic builder: nothing to pull for FROM scratch, and BuildKit
+/// (buildx) may be missing. Concurrent classic builds of the same layers can trip over each other on
+/// this engine (tests run in parallel, other test processes too): a failed build is tried again,
+/// twice. `what` names the build in errors.
+pub fn docker_build_retrying(args: &[&str], what: &str) -> Result<()> {
     let mut attempt = 0;
     loop {
         attempt += 1;
         let out = Command::new("docker")
-            .args(&args)
+            .args(args)
             .env("DOCKER_BUILDKIT", "0")
             .stdin(Stdio::null())
             .output()
             .context("running docker build")?;
         if out.status.success() {
-            break;
+            return Ok(());
         }
         let err = String::from_utf8_lossy(&out.stderr);
         if attempt >= 3 {
-            bail!("docker build -t {tag}: {}", err.trim());
+            bail!("docker build {what}: {}", err.trim());
         }
-        eprintln!("docker build -t {tag} failed (attempt {attempt}), trying again: {err}");
+        eprintln!("docker build {what} failed (attempt {attempt}), trying again: {err}");
     }
-    image_id(tag)
 }
 
 /// The engine's ID of image `reference` (`sha256:...`).

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 
+use sluice_bench::ingress_yaml;
 use sluice_e2e::Req;
 use sluice_e2e::cluster::{ClusterImages, Run, Topology};
 use sluice_e2e::images::{TestImage, docker};
@@ -34,34 +35,6 @@ struct Args {
     /// Gateways connected in each phase, ascending (comma-separated).
     #[arg(long, default_value = "1,4,16", value_delimiter = ',')]
     gateways: Vec<usize>,
-}
-
-fn ingress_yaml(i: usize, extra_hosts: &[String]) -> String {
-    let mut hosts = format!("    - svc-{i}.bench.localhost\n");
-    for h in extra_hosts {
-        hosts.push_str(&format!("    - {h}\n"));
-    }
-    format!(
-        "apiVersion: networking.internal.knative.dev/v1alpha1
-kind: Ingress
-metadata:
-  name: ing-{i}
-  namespace: bench
-  annotations:
-    networking.knative.dev/ingress.class: sluice.ingress.networking.knative.dev
-spec:
-  rules:
-  - hosts:
-{hosts}    visibility: ExternalIP
-    http:
-      paths:
-      - splits:
-        - serviceName: upstream
-          serviceNamespace: bench
-          servicePort: 80
-          percent: 100
-"
-    )
 }
 
 fn backend_yaml(ip: &str) -> String {

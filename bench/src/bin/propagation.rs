@@ -4,7 +4,7 @@
 //! Each change adds a new host to one Ingress's file; the clock stops at the first request for that host
 //! that Envoy routes (200 from the upstream instead of Envoy's 404 for an unknown host).
 
-use sluice_bench::free_port;
+use sluice_bench::{free_port, ingress_yaml};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -31,34 +31,6 @@ struct Args {
     /// xDS flavour: delta or sotw.
     #[arg(long, default_value = "delta")]
     xds_protocol: String,
-}
-
-fn ingress_yaml(i: usize, extra_hosts: &[String]) -> String {
-    let mut hosts = format!("    - svc-{i}.bench.localhost\n");
-    for h in extra_hosts {
-        hosts.push_str(&format!("    - {h}\n"));
-    }
-    format!(
-        "apiVersion: networking.internal.knative.dev/v1alpha1
-kind: Ingress
-metadata:
-  name: ing-{i}
-  namespace: bench
-  annotations:
-    networking.knative.dev/ingress.class: sluice.ingress.networking.knative.dev
-spec:
-  rules:
-  - hosts:
-{hosts}    visibility: ExternalIP
-    http:
-      paths:
-      - splits:
-        - serviceName: upstream
-          serviceNamespace: bench
-          servicePort: 80
-          percent: 100
-"
-    )
 }
 
 fn backend_yaml(port: u16) -> String {
