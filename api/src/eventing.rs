@@ -18,6 +18,13 @@ pub const SOURCES_API_VERSION: &str = "sources.knative.dev/v1";
 pub const BROKER_CLASS_ANNOTATION: &str = "eventing.knative.dev/broker.class";
 /// Knative Kafka broker's per-trigger delivery order annotation; values `ordered` or `unordered`.
 pub const DELIVERY_ORDER_ANNOTATION: &str = "kafka.eventing.knative.dev/delivery.order";
+/// Knative's RabbitMQ broker: the Broker class whose events live in RabbitMQ.
+pub const RABBITMQ_BROKER_CLASS: &str = "RabbitMQBroker";
+/// Knative's RabbitMQ broker: `RabbitmqBrokerConfig` is in this group and version.
+pub const RABBITMQ_API_VERSION: &str = "eventing.knative.dev/v1alpha1";
+pub const RABBITMQ_BROKER_CONFIG_KIND: &str = "RabbitmqBrokerConfig";
+/// Knative's RabbitMQ broker: a Trigger's prefetch count (deliveries in flight); 1 is ordered.
+pub const RABBITMQ_PARALLELISM_ANNOTATION: &str = "rabbitmq.eventing.knative.dev/parallelism";
 
 /// A Broker: an addressable event mesh whose events Triggers select and deliver.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -204,6 +211,51 @@ pub struct PingSourceStatus {
     pub status: Status,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sink_uri: Option<String>,
+}
+
+/// eventing.knative.dev/v1alpha1 RabbitmqBrokerConfig (knative-extensions/eventing-rabbitmq): where a
+/// `RabbitMQBroker` Broker keeps its events.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RabbitmqBrokerConfig {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: RabbitmqBrokerConfigSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RabbitmqBrokerConfigSpec {
+    #[serde(default)]
+    pub rabbitmq_cluster_reference: RabbitmqClusterReference,
+    /// `quorum` (Knative's default) or `classic`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub queue_type: String,
+    /// Names of existing exchange and queue to use (kept, not interpreted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rabbitmq_resources_config: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RabbitmqClusterReference {
+    /// A RabbitmqCluster of the RabbitMQ cluster operator (needs Kubernetes; Sluice reads
+    /// `connectionSecret`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    /// A Secret with keys `uri`, `username`, `password` (and `port` when `uri` is the management API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_secret: Option<LocalObjectReference>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalObjectReference {
+    #[serde(default)]
+    pub name: String,
 }
 
 #[cfg(test)]

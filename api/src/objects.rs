@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
 use crate::core::{ConfigMap, EndpointSlice, Endpoints, Secret, Service};
-use crate::eventing::{self, Broker, PingSource, Trigger};
+use crate::eventing::{self, Broker, PingSource, RabbitmqBrokerConfig, Trigger};
 use crate::ingress::{self, Ingress};
 use crate::meta::ObjectMeta;
 use crate::serving::{self, Configuration, Revision, Route};
@@ -33,6 +33,7 @@ pub enum Object {
     Broker(Broker),
     Trigger(Trigger),
     PingSource(PingSource),
+    RabbitmqBrokerConfig(RabbitmqBrokerConfig),
     /// A kind Sluice does not read; kept so callers can say what they skipped.
     Other {
         api_version: String,
@@ -59,6 +60,7 @@ impl Object {
             Object::Broker(_) => "Broker",
             Object::Trigger(_) => "Trigger",
             Object::PingSource(_) => "PingSource",
+            Object::RabbitmqBrokerConfig(_) => "RabbitmqBrokerConfig",
             Object::Other { .. } => return None,
         })
     }
@@ -79,6 +81,7 @@ impl Object {
             Object::Broker(o) => Some(&o.metadata),
             Object::Trigger(o) => Some(&o.metadata),
             Object::PingSource(o) => Some(&o.metadata),
+            Object::RabbitmqBrokerConfig(o) => Some(&o.metadata),
             Object::Other { .. } => None,
         }
     }
@@ -271,6 +274,9 @@ fn parse_document(
         (eventing::SOURCES_API_VERSION, "PingSource") => {
             Object::PingSource(typed_object(document, typed)?)
         }
+        (eventing::RABBITMQ_API_VERSION, eventing::RABBITMQ_BROKER_CONFIG_KIND) => {
+            Object::RabbitmqBrokerConfig(typed_object(document, typed)?)
+        }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             Object::EndpointSlice(typed_object(document, typed)?)
         }
@@ -345,6 +351,7 @@ fn finish_metadata(document: usize, mut object: Object) -> Result<Object, ParseE
         Object::Broker(o) => &mut o.metadata,
         Object::Trigger(o) => &mut o.metadata,
         Object::PingSource(o) => &mut o.metadata,
+        Object::RabbitmqBrokerConfig(o) => &mut o.metadata,
         Object::Other { .. } => return Ok(object),
     };
     if meta.name.is_empty() {

@@ -71,9 +71,15 @@ impl EventingPlane {
         }))
     }
 
-    /// Applies the folder's eventing objects when they changed.
-    pub async fn apply(&self, objects: &[Object]) {
-        let wanted = EventingObjects::from_objects(objects.iter().cloned());
+    /// Applies the folder's eventing objects when they changed; `secrets` are the folder's
+    /// Secrets (a RabbitMQ Broker's connection Secret among them).
+    pub async fn apply(
+        &self,
+        objects: &[Object],
+        secrets: &std::collections::BTreeMap<(String, String), Arc<sluice_api::core::Secret>>,
+    ) {
+        let mut wanted = EventingObjects::from_objects(objects.iter().cloned());
+        wanted.secrets = secrets.values().map(|s| (**s).clone()).collect();
         let mut applied = self.applied.lock().await;
         if applied.as_ref() == Some(&wanted) {
             return;

@@ -1113,7 +1113,7 @@ impl StateSource for ServingSource {
                 sidecars_rx.borrow_and_update();
                 let mut next = self.plane.sync(&source, &statuses, &rejected);
                 if let Some(eventing) = &self.eventing {
-                    eventing.apply(&source.objects).await;
+                    eventing.apply(&source.objects, &source.state.secrets).await;
                     eventing.add_routes(&mut next.state);
                 }
                 tx.send_if_modified(|current| {

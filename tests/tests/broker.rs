@@ -43,6 +43,11 @@ impl Drop for Recorder {
 
 impl Recorder {
     async fn start() -> Recorder {
+        Self::start_slow(Duration::ZERO).await
+    }
+
+    /// A recorder that takes `delay` to answer each event.
+    async fn start_slow(delay: Duration) -> Recorder {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let ids: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -64,6 +69,9 @@ impl Recorder {
                                 .unwrap_or("")
                                 .to_string();
                             let _ = req.into_body().collect().await;
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
                             seen.lock().unwrap().push(id);
                             Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new())))
                         }
@@ -236,6 +244,170 @@ spec:
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _ = broker.signal_and_wait(libc::SIGTERM, Duration::from_secs(10));
+}
+
+// ---- RabbitMQ: replicas of `sluice broker` sharing one RabbitMQ ----
+
+#[path = "../../eventing/broker/tests/support/rabbitmq.rs"]
+#[allow(dead_code)]
+mod rabbitmq;
+
+/// Sends events to whichever replicas are listed in `targets` (round robin) until stopped,
+/// remembering what was accepted.
+fn produce(
+    targets: Arc<Mutex<Vec<SocketAddr>>>,
+    accepted: Arc<Mutex<HashSet<String>>>,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..PRODUCERS)
+        .map(|p| {
+            let (targets, accepted, stop) = (targets.clone(), accepted.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let id = format!("p{p}-{n}");
+                    let addr = {
+                        let t = targets.lock().unwrap();
+                        t[n % t.len()]
+                    };
+                    n += 1;
+                    if post_event(addr, &id).await == Some(StatusCode::ACCEPTED) {
+                        accepted.lock().unwrap().insert(id);
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_replicas_come_and_go_and_a_kill_9_loses_no_accepted_event() {
+    let bin = tokio::task::spawn_blocking(sluice_bin)
+        .await
+        .unwrap()
+        .unwrap();
+    let node = tokio::task::spawn_blocking(|| rabbitmq::RabbitNode::start("replicas"))
+        .await
+        .unwrap();
+    let root = tempfile::Builder::new()
+        .prefix("sluice-broker-rabbitmq-")
+        .tempdir()
+        .unwrap();
+    let config = root.path().join("config");
+    std::fs::create_dir(&config).unwrap();
+    // Slow enough that the killed replica holds unacked events when it dies.
+    let recorder = Recorder::start_slow(Duration::from_millis(20)).await;
+    std::fs::write(
+        config.join("broker.yaml"),
+        format!(
+            r#"apiVersion: eventing.knative.dev/v1
+kind: Broker
+metadata:
+  name: default
+  namespace: crash
+  annotations: {{eventing.knative.dev/broker.class: RabbitMQBroker}}
+spec:
+  config: {{apiVersion: eventing.knative.dev/v1alpha1, kind: RabbitmqBrokerConfig, name: rabbitmq}}
+---
+apiVersion: eventing.knative.dev/v1alpha1
+kind: RabbitmqBrokerConfig
+metadata: {{name: rabbitmq, namespace: crash}}
+spec:
+  rabbitmqClusterReference: {{connectionSecret: {{name: rabbitmq}}}}
+  queueType: quorum
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: rabbitmq, namespace: crash}}
+stringData: {{uri: "amqp://127.0.0.1:{}", username: guest, password: guest}}
+---
+apiVersion: eventing.knative.dev/v1
+kind: Trigger
+metadata: {{name: all, namespace: crash}}
+spec:
+  broker: default
+  subscriber: {{uri: "http://{}/"}}
+"#,
+            node.amqp_port(),
+            recorder.addr
+        ),
+    )
+    .unwrap();
+    let replica = |name: &str| {
+        let port = free_port();
+        let data = root.path().join(name);
+        let log = root.path().join(format!("{name}.log"));
+        let guard = start_broker(&bin, &config, &data, port, &log);
+        (guard, loopback(port), log)
+    };
+    let (mut a, a_addr, a_log) = replica("a");
+    let (mut b, b_addr, b_log) = replica("b");
+    wait_accepting(&mut a, a_addr, &a_log, "probe-a").await;
+    wait_accepting(&mut b, b_addr, &b_log, "probe-b").await;
+
+    let accepted: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let targets = Arc::new(Mutex::new(vec![a_addr, b_addr]));
+    let producers = produce(targets.clone(), accepted.clone(), stop.clone());
+    let until = |n: usize| {
+        let accepted = accepted.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while accepted.lock().unwrap().len() < n {
+                assert!(Instant::now() < deadline, "producers got too few 202s");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    until(BEFORE_KILL).await;
+
+    // kill -9 of one replica while events flow; the producers go on with the other.
+    let killed = a.signal_and_wait(libc::SIGKILL, Duration::from_secs(10));
+    assert!(killed.is_some(), "replica a did not die on SIGKILL");
+    *targets.lock().unwrap() = vec![b_addr];
+    until(2 * BEFORE_KILL).await;
+    // A replica joins while events flow.
+    let (mut c, c_addr, c_log) = replica("c");
+    wait_accepting(&mut c, c_addr, &c_log, "probe-c").await;
+    *targets.lock().unwrap() = vec![b_addr, c_addr];
+    until(3 * BEFORE_KILL).await;
+    stop.store(true, Ordering::SeqCst);
+    for p in producers {
+        p.await.unwrap();
+    }
+
+    let mut want = accepted.lock().unwrap().clone();
+    want.extend(["probe-a", "probe-b", "probe-c"].map(String::from));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let got = recorder.ids();
+        let missing: Vec<&String> = want.iter().filter(|id| !got.contains(*id)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{} of {} accepted events never delivered, e.g. {:?}\nreplica b log:\n{}",
+                missing.len(),
+                want.len(),
+                &missing[..missing.len().min(10)],
+                std::fs::read_to_string(&b_log).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deliveries = recorder.ids.lock().unwrap().len();
+    eprintln!(
+        "{} accepted, {} deliveries, {} duplicates (redelivered after the kill)",
+        want.len(),
+        deliveries,
+        deliveries - recorder.ids().len()
+    );
+    for mut r in [b, c] {
+        let _ = r.signal_and_wait(libc::SIGTERM, Duration::from_secs(10));
+    }
 }
 
 // ---- `sluice up`: the broker behind the real gateway ----

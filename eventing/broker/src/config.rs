@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use sluice_api::eventing::{
-    Broker, DELIVERY_ORDER_ANNOTATION, DeliverySpec, Destination, PingSource, Trigger,
+    Broker, DELIVERY_ORDER_ANNOTATION, DeliverySpec, Destination, PingSource,
+    RABBITMQ_PARALLELISM_ANNOTATION, Trigger,
 };
 use sluice_api::filters::{SubscriptionsApiFilter, TriggerFilter};
 use sluice_api::validation::FieldError;
@@ -23,6 +24,9 @@ pub struct EventingObjects {
     /// `config-br-defaults` in knative-eventing, when the folder has one (else Knative's shipped
     /// defaults apply, see [`crate::defaults`]).
     pub br_defaults: Option<sluice_api::core::ConfigMap>,
+    /// What `RabbitMQBroker` Brokers name in `spec.config`, and the Secrets those name.
+    pub rabbitmq_configs: Vec<sluice_api::eventing::RabbitmqBrokerConfig>,
+    pub secrets: Vec<sluice_api::core::Secret>,
 }
 
 impl EventingObjects {
@@ -34,6 +38,8 @@ impl EventingObjects {
                 sluice_api::Object::Broker(b) => out.brokers.push(b),
                 sluice_api::Object::Trigger(t) => out.triggers.push(t),
                 sluice_api::Object::PingSource(p) => out.pingsources.push(p),
+                sluice_api::Object::RabbitmqBrokerConfig(c) => out.rabbitmq_configs.push(c),
+                sluice_api::Object::Secret(s) => out.secrets.push(s),
                 sluice_api::Object::ConfigMap(cm)
                     if cm.metadata.namespace == crate::defaults::NAMESPACE
                         && cm.metadata.name == crate::defaults::CONFIG_MAP =>
@@ -273,8 +279,10 @@ pub struct TriggerConfig {
     pub subscriber: Destination,
     /// The Trigger's own delivery; None falls back to the Broker's.
     pub delivery: Option<Delivery>,
-    /// `kafka.eventing.knative.dev/delivery.order: ordered`.
+    /// `kafka.eventing.knative.dev/delivery.order: ordered`, or RabbitMQ's parallelism 1.
     pub ordered: bool,
+    /// `rabbitmq.eventing.knative.dev/parallelism`: deliveries in flight (else the broker's default).
+    pub parallelism: Option<usize>,
 }
 
 /// Validates a Trigger (Knative's webhook checks that matter at run time).
@@ -311,6 +319,21 @@ pub fn trigger(t: &Trigger) -> Result<TriggerConfig, ConfigError> {
             false
         }
     };
+    let parallelism = match t.metadata.annotations.get(RABBITMQ_PARALLELISM_ANNOTATION) {
+        None => None,
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=1000).contains(&n) => Some(n),
+            _ => {
+                errors.push(FieldError {
+                    field: format!("metadata.annotations[{RABBITMQ_PARALLELISM_ANNOTATION}]"),
+                    message: format!("invalid value {v:?}, want a whole number from 1 to 1000"),
+                });
+                None
+            }
+        },
+    };
+    // Knative's RabbitMQ broker: a parallelism of 1 delivers one event at a time, in order.
+    let ordered = ordered || parallelism == Some(1);
     let filter = t.spec.filter.clone().unwrap_or_default();
     for name in filter.attributes.keys() {
         if name.is_empty() {
@@ -335,6 +358,7 @@ pub fn trigger(t: &Trigger) -> Result<TriggerConfig, ConfigError> {
         subscriber: s.clone(),
         delivery,
         ordered,
+        parallelism,
     })
 }
 

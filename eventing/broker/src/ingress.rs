@@ -19,11 +19,24 @@ use tokio::net::TcpListener;
 use crate::codec;
 use crate::config::BrokerKey;
 
-/// The running brokers: their logs, found by `namespace/name`. Shared by the ingress, the
-/// dispatchers (replies) and PingSources.
+/// The running brokers: where each keeps its events, found by `namespace/name`. Shared by the
+/// ingress, the dispatchers (replies) and PingSources.
 pub struct Brokers {
-    logs: RwLock<HashMap<BrokerKey, Arc<dyn EventLog>>>,
+    logs: RwLock<HashMap<BrokerKey, Store>>,
     default_ttl: i64,
+}
+
+/// Where a Broker's events are stored: its embedded log, or RabbitMQ.
+#[derive(Clone)]
+pub enum Store {
+    Log(Arc<dyn EventLog>),
+    RabbitMq(Arc<crate::rabbitmq::RabbitBroker>),
+}
+
+impl From<Arc<dyn EventLog>> for Store {
+    fn from(log: Arc<dyn EventLog>) -> Self {
+        Store::Log(log)
+    }
 }
 
 /// Why events were not stored.
@@ -42,6 +55,13 @@ pub enum IngestError {
         #[source]
         source: LogError,
     },
+    /// The Broker's RabbitMQ is unreachable or did not confirm: nothing was accepted (503).
+    #[error("broker {broker}: {source}")]
+    RabbitMq {
+        broker: BrokerKey,
+        #[source]
+        source: crate::rabbitmq::RabbitError,
+    },
 }
 
 impl Brokers {
@@ -52,21 +72,21 @@ impl Brokers {
         }
     }
 
-    pub fn insert(&self, key: BrokerKey, log: Arc<dyn EventLog>) {
+    pub fn insert(&self, key: BrokerKey, store: impl Into<Store>) {
         self.logs
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key, log);
+            .insert(key, store.into());
     }
 
-    pub fn remove(&self, key: &BrokerKey) -> Option<Arc<dyn EventLog>> {
+    pub fn remove(&self, key: &BrokerKey) -> Option<Store> {
         self.logs
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(key)
     }
 
-    pub fn get(&self, key: &BrokerKey) -> Option<Arc<dyn EventLog>> {
+    pub fn get(&self, key: &BrokerKey) -> Option<Store> {
         self.logs
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -86,7 +106,7 @@ impl Brokers {
     /// Applies the TTL rule to each event (dropping exhausted ones) and appends the rest to the
     /// broker's log; resolves once they are durable, with how many were stored.
     pub async fn ingest(&self, key: &BrokerKey, events: Vec<Event>) -> Result<usize, IngestError> {
-        let log = self
+        let store = self
             .get(key)
             .ok_or_else(|| IngestError::UnknownBroker(key.clone()))?;
         let mut records = Vec::with_capacity(events.len());
@@ -108,12 +128,25 @@ impl Brokers {
             return Err(IngestError::TtlExhausted);
         }
         let stored = records.len();
-        log.append(records)
-            .await
-            .map_err(|source| IngestError::Log {
-                broker: key.clone(),
-                source,
-            })?;
+        match store {
+            Store::Log(log) => {
+                log.append(records)
+                    .await
+                    .map_err(|source| IngestError::Log {
+                        broker: key.clone(),
+                        source,
+                    })?;
+            }
+            Store::RabbitMq(broker) => {
+                broker
+                    .publish(records)
+                    .await
+                    .map_err(|source| IngestError::RabbitMq {
+                        broker: key.clone(),
+                        source,
+                    })?;
+            }
+        }
         Ok(stored)
     }
 }
@@ -268,6 +301,11 @@ async fn handle(
         Err(e @ IngestError::Log { .. }) => {
             tracing::error!(error = %e, "broker ingress: append failed");
             reply(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
+        Err(e @ IngestError::RabbitMq { .. }) => {
+            // Nothing was accepted; the producer may send again (Knative answers 5xx too).
+            tracing::warn!(error = %e, "broker ingress: RabbitMQ did not take the events");
+            reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
     }
 }

@@ -19,6 +19,7 @@
 //!   `config-br-defaults`.
 //! - [`codec`]: CloudEvents <-> HTTP messages and log records; the TTL extension.
 
+pub mod backend;
 pub mod codec;
 pub mod config;
 pub mod defaults;
@@ -27,6 +28,7 @@ pub mod dispatch;
 pub mod gateway;
 pub mod ingress;
 pub mod ping;
+pub mod rabbitmq;
 pub mod service;
 
 pub use config::{BrokerKey, ConfigError, EventingObjects};

@@ -19,6 +19,7 @@ use sluice_event_log::{EventLog, LogOptions, SegmentLog};
 use tokio::sync::Mutex as AsyncMutex;
 use tokio::task::JoinHandle;
 
+use crate::backend::{self, Backend, RabbitTarget};
 use crate::codec;
 use crate::config::{self, BrokerKey, Delivery, EventingObjects, PingConfig, Resolver, Target};
 use crate::defaults::BrokerDefaults;
@@ -26,8 +27,9 @@ use crate::delivery::RetryPolicy;
 use crate::delivery::sender::{Endpoint, Outcome, Sender};
 use crate::dispatch::{DispatchConfig, Dispatcher, consumer_name};
 use crate::gateway::{Gateway, GatewayPaths};
-use crate::ingress::{self, Brokers, IngressOptions};
+use crate::ingress::{self, Brokers, IngressOptions, Store};
 use crate::ping;
+use crate::rabbitmq::{Clusters, RabbitBroker, RabbitDispatcher};
 
 /// How the service runs. [`BrokerOptions::new`] gives the defaults documented on each field.
 #[derive(Debug, Clone)]
@@ -108,7 +110,31 @@ struct RunningTrigger {
     /// What the dispatcher was started with, to restart it only when something changed.
     fingerprint: String,
     broker: BrokerKey,
-    dispatcher: Dispatcher,
+    dispatcher: TriggerDispatcher,
+}
+
+impl RunningTrigger {
+    fn rabbit(&self) -> Option<&RabbitDispatcher> {
+        match &self.dispatcher {
+            TriggerDispatcher::RabbitMq(d) => Some(d),
+            TriggerDispatcher::Log(_) => None,
+        }
+    }
+}
+
+/// A Trigger's consumer: of its Broker's log, or of its queue in RabbitMQ.
+enum TriggerDispatcher {
+    Log(Dispatcher),
+    RabbitMq(RabbitDispatcher),
+}
+
+impl TriggerDispatcher {
+    async fn stop(self) {
+        match self {
+            TriggerDispatcher::Log(d) => d.stop().await,
+            TriggerDispatcher::RabbitMq(d) => d.stop().await,
+        }
+    }
 }
 
 struct RunningPing {
@@ -120,6 +146,7 @@ struct RunningPing {
 struct State {
     brokers: HashMap<BrokerKey, config::BrokerConfig>,
     logs: HashMap<BrokerKey, Arc<SegmentLog>>,
+    rabbit: HashMap<BrokerKey, Arc<RabbitBroker>>,
     triggers: HashMap<BrokerKey, RunningTrigger>,
     pings: HashMap<BrokerKey, RunningPing>,
 }
@@ -134,6 +161,16 @@ pub struct BrokerService {
     ingress: Mutex<Option<JoinHandle<()>>>,
     state: AsyncMutex<State>,
     status: Mutex<EventingStatus>,
+    clusters: Clusters,
+    /// What changes between applies: RabbitMQ Brokers' connections and Triggers' consumers.
+    live: Mutex<Live>,
+}
+
+/// Read by [`BrokerService::status`] to show RabbitMQ's state as it is now.
+#[derive(Default)]
+struct Live {
+    brokers: HashMap<BrokerKey, Arc<RabbitBroker>>,
+    triggers: HashMap<BrokerKey, Arc<Mutex<Option<String>>>>,
 }
 
 impl BrokerService {
@@ -174,10 +211,13 @@ impl BrokerService {
             state: AsyncMutex::new(State {
                 brokers: HashMap::new(),
                 logs: HashMap::new(),
+                rabbit: HashMap::new(),
                 triggers: HashMap::new(),
                 pings: HashMap::new(),
             }),
             status: Mutex::new(EventingStatus::default()),
+            clusters: Clusters::default(),
+            live: Mutex::new(Live::default()),
         }))
     }
 
@@ -191,12 +231,37 @@ impl BrokerService {
         broker_url(&self.options.ingress_url, key)
     }
 
-    /// The statuses computed by the last [`BrokerService::apply`].
+    /// The statuses computed by the last [`BrokerService::apply`], with RabbitMQ's state as it is
+    /// now: a Broker whose RabbitMQ is unreachable, or a Trigger whose queue cannot be consumed, is
+    /// not Ready, with the reason.
     pub fn status(&self) -> EventingStatus {
-        self.status
+        let mut status = self
+            .status
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .clone();
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        for b in &mut status.brokers {
+            let key = BrokerKey::new(&b.metadata.namespace, &b.metadata.name);
+            if let Some(problem) = live.brokers.get(&key).and_then(|r| r.unavailable())
+                && let Some(s) = b.status.as_mut()
+            {
+                overlay(&mut s.status, "RabbitMQUnavailable", &problem);
+            }
+        }
+        for t in &mut status.triggers {
+            let key = BrokerKey::new(&t.metadata.namespace, &t.metadata.name);
+            let problem = live
+                .triggers
+                .get(&key)
+                .and_then(|p| p.lock().unwrap_or_else(|e| e.into_inner()).clone());
+            if let Some(problem) = problem
+                && let Some(s) = t.status.as_mut()
+            {
+                overlay(&mut s.status, "QueueUnavailable", &problem);
+            }
+        }
+        status
     }
 
     /// Makes the running set match `objects`: opens logs of new Brokers, starts, restarts or stops
@@ -216,52 +281,66 @@ impl BrokerService {
 
         // Brokers.
         let mut wanted_brokers = HashMap::new();
+        // Each Broker that can run: whether it is in RabbitMQ (else its log).
+        let mut stores: HashMap<BrokerKey, bool> = HashMap::new();
         let mut opened = Vec::new();
         for b in &objects.brokers {
             let mut out = b.clone();
             let key = BrokerKey::new(&b.metadata.namespace, &b.metadata.name);
-            let conditions = match config::broker(b, &defaults) {
-                Err(e) => vec![cond("Ready", false, "InvalidSpec", &e.to_string())],
-                Ok(c) => match self.open_log(&mut state, &key, &mut opened) {
-                    Err(message) => vec![cond("Ready", false, "LogFailed", &message)],
-                    Ok(()) => {
-                        let mut conds = vec![
-                            cond("Addressable", true, "", ""),
-                            cond("IngressReady", true, "", ""),
-                            cond("FilterReady", true, "", ""),
-                        ];
-                        let dls = c
-                            .delivery
-                            .as_ref()
-                            .and_then(|d| d.dead_letter_sink.as_ref());
-                        let mut dls_uri = None;
-                        if let Some(dls) = dls {
-                            match self.resolver.resolve(&key.namespace, dls) {
-                                Ok(t) => {
-                                    dls_uri = Some(t.display(&|k| self.broker_url(k)));
-                                    conds.push(cond("DeadLetterSinkResolved", true, "", ""));
-                                }
-                                Err(u) => conds.push(cond(
-                                    "DeadLetterSinkResolved",
-                                    false,
-                                    u.reason,
-                                    &u.message,
-                                )),
+            let opened_store = config::broker(b, &defaults)
+                .map_err(|e| ("InvalidSpec", e.to_string()))
+                .and_then(|c| {
+                    backend::backend(b, &objects)
+                        .map_err(|e| (e.reason, e.message))
+                        .map(|backend| (c, backend))
+                })
+                .and_then(|(c, backend)| {
+                    self.open_store(&mut state, &key, &backend, &mut opened)
+                        .map_err(|message| ("LogFailed", message))
+                        .map(|()| {
+                            stores.insert(key.clone(), matches!(backend, Backend::RabbitMq(_)));
+                            c
+                        })
+                });
+            let conditions = match opened_store {
+                Err((reason, message)) => vec![cond("Ready", false, reason, &message)],
+                Ok(c) => {
+                    let mut conds = vec![
+                        cond("Addressable", true, "", ""),
+                        cond("IngressReady", true, "", ""),
+                        cond("FilterReady", true, "", ""),
+                    ];
+                    let dls = c
+                        .delivery
+                        .as_ref()
+                        .and_then(|d| d.dead_letter_sink.as_ref());
+                    let mut dls_uri = None;
+                    if let Some(dls) = dls {
+                        match self.resolver.resolve(&key.namespace, dls) {
+                            Ok(t) => {
+                                dls_uri = Some(t.display(&|k| self.broker_url(k)));
+                                conds.push(cond("DeadLetterSinkResolved", true, "", ""));
                             }
+                            Err(u) => conds.push(cond(
+                                "DeadLetterSinkResolved",
+                                false,
+                                u.reason,
+                                &u.message,
+                            )),
                         }
-                        conds.push(ready_of(&conds));
-                        out.status = Some(BrokerStatus {
-                            status: Status::default(),
-                            address: Some(Addressable {
-                                name: Some("http".into()),
-                                url: Some(self.broker_url(&key)),
-                            }),
-                            dead_letter_sink_uri: dls_uri,
-                        });
-                        wanted_brokers.insert(key.clone(), c);
-                        conds
                     }
-                },
+                    conds.push(ready_of(&conds));
+                    out.status = Some(BrokerStatus {
+                        status: Status::default(),
+                        address: Some(Addressable {
+                            name: Some("http".into()),
+                            url: Some(self.broker_url(&key)),
+                        }),
+                        dead_letter_sink_uri: dls_uri,
+                    });
+                    wanted_brokers.insert(key.clone(), c);
+                    conds
+                }
             };
             let before = previous(&before.brokers, |o| &o.metadata, &b.metadata)
                 .and_then(|o| o.status.as_ref())
@@ -274,15 +353,25 @@ impl BrokerService {
             );
             status.brokers.push(out);
         }
-        // Removed brokers: their triggers stop below; close the logs after.
+        // Removed brokers (or moved to another store): their triggers stop below; close the logs
+        // after. A RabbitMQ Broker's exchange and queues stay in RabbitMQ.
         let removed: Vec<BrokerKey> = state
             .logs
             .keys()
-            .filter(|k| !wanted_brokers.contains_key(*k))
+            .filter(|k| stores.get(*k) != Some(&false))
             .cloned()
             .collect();
-        for key in &removed {
+        let removed_rabbit: Vec<BrokerKey> = state
+            .rabbit
+            .keys()
+            .filter(|k| stores.get(*k) != Some(&true))
+            .cloned()
+            .collect();
+        for key in removed.iter().chain(&removed_rabbit) {
             self.brokers.remove(key);
+        }
+        for key in &removed_rabbit {
+            state.rabbit.remove(key);
         }
         state.brokers = wanted_brokers;
 
@@ -322,13 +411,20 @@ impl BrokerService {
                         *fp == state.triggers[&key].fingerprint
                     });
             if !keep && let Some(old) = state.triggers.remove(&key) {
-                old.dispatcher.stop().await;
                 let moved = wanted_triggers
                     .get(&key)
                     .is_some_and(|(_, d)| d.broker != old.broker);
-                if (!present.contains(&key) || moved)
-                    && let Some(log) = state.logs.get(&old.broker)
+                let gone = !present.contains(&key) || moved;
+                let queue = old.rabbit().map(|d| (d.broker.clone(), d.queue.clone()));
+                old.dispatcher.stop().await;
+                if let Some((broker, queue)) = queue
+                    && gone
                 {
+                    // Knative's RabbitMQ broker deletes a deleted Trigger's queue (after its
+                    // consumer stopped, which would declare it again).
+                    broker.delete_queue(&queue).await;
+                }
+                if gone && let Some(log) = state.logs.get(&old.broker) {
                     // Knative: a deleted Trigger's subscription goes; a new one starts afresh.
                     let _ = log.remove_consumer(&consumer_name(&key)).await;
                 }
@@ -338,17 +434,30 @@ impl BrokerService {
             if state.triggers.contains_key(&key) {
                 continue;
             }
-            let Some(log) = state.logs.get(&dispatch.broker).cloned() else {
+            let broker = dispatch.broker.clone();
+            let dispatcher = if let Some(rabbit) = state.rabbit.get(&broker).cloned() {
+                TriggerDispatcher::RabbitMq(
+                    RabbitDispatcher::start(
+                        dispatch,
+                        rabbit,
+                        self.brokers.clone(),
+                        self.sender.clone(),
+                    )
+                    .await,
+                )
+            } else if let Some(log) = state.logs.get(&broker).cloned() {
+                TriggerDispatcher::Log(
+                    Dispatcher::start(
+                        dispatch,
+                        log as Arc<dyn EventLog>,
+                        self.brokers.clone(),
+                        self.sender.clone(),
+                    )
+                    .await,
+                )
+            } else {
                 continue;
             };
-            let broker = dispatch.broker.clone();
-            let dispatcher = Dispatcher::start(
-                dispatch,
-                log as Arc<dyn EventLog>,
-                self.brokers.clone(),
-                self.sender.clone(),
-            )
-            .await;
             state.triggers.insert(
                 key,
                 RunningTrigger {
@@ -361,7 +470,16 @@ impl BrokerService {
         // New Brokers become reachable now that their Triggers consume from the head.
         for key in opened {
             tracing::info!(broker = %key, "broker ready");
-            self.brokers.insert(key.clone(), state.logs[&key].clone());
+            self.insert_store(&state, &key);
+        }
+        {
+            let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            live.brokers = state.rabbit.clone();
+            live.triggers = state
+                .triggers
+                .iter()
+                .filter_map(|(k, t)| t.rabbit().map(|d| (k.clone(), d.problem.clone())))
+                .collect();
         }
         for key in removed {
             if let Some(log) = state.logs.remove(&key)
@@ -428,8 +546,9 @@ impl BrokerService {
             state.pings.insert(key, RunningPing { config, sink, task });
         }
 
-        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status.clone();
-        status
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
+        // With what is known now (a Trigger's queue RabbitMQ refused).
+        self.status()
     }
 
     /// Opens the log of a Broker. A Broker seen for the first time is not made reachable here but
@@ -443,7 +562,7 @@ impl BrokerService {
     ) -> Result<(), String> {
         if state.logs.contains_key(key) {
             if !opened.contains(key) {
-                self.brokers.insert(key.clone(), state.logs[key].clone());
+                self.insert_store(state, key);
             }
             return Ok(());
         }
@@ -454,6 +573,45 @@ impl BrokerService {
         opened.push(key.clone());
         tracing::info!(broker = %key, dir = %dir.display(), "broker log open");
         Ok(())
+    }
+
+    /// Opens where a Broker keeps its events: its log, or its exchange in RabbitMQ (connecting in
+    /// the background: until RabbitMQ answers, the Broker shows why and the ingress answers 503).
+    fn open_store(
+        &self,
+        state: &mut State,
+        key: &BrokerKey,
+        backend: &Backend,
+        opened: &mut Vec<BrokerKey>,
+    ) -> Result<(), String> {
+        let target: &RabbitTarget = match backend {
+            Backend::Log => return self.open_log(state, key, opened),
+            Backend::RabbitMq(target) => target,
+        };
+        if let Some(existing) = state.rabbit.get(key)
+            && existing.target() == target
+        {
+            if !opened.contains(key) {
+                self.insert_store(state, key);
+            }
+            return Ok(());
+        }
+        tracing::info!(broker = %key, rabbitmq = %target.display, "broker in RabbitMQ");
+        let broker = RabbitBroker::start(key.clone(), target, &self.clusters);
+        state.rabbit.insert(key.clone(), broker);
+        opened.push(key.clone());
+        Ok(())
+    }
+
+    /// Makes a Broker reachable through the ingress.
+    fn insert_store(&self, state: &State, key: &BrokerKey) {
+        if let Some(rabbit) = state.rabbit.get(key) {
+            self.brokers
+                .insert(key.clone(), Store::RabbitMq(rabbit.clone()));
+        } else if let Some(log) = state.logs.get(key) {
+            self.brokers
+                .insert(key.clone(), log.clone() as Arc<dyn EventLog>);
+        }
     }
 
     /// Validates and resolves one Trigger, adding it to `wanted` when it can run; returns its
@@ -522,14 +680,20 @@ impl BrokerService {
         }
         conds.push(ready_of(&conds));
         if let (true, Some(subscriber)) = (ready, subscriber) {
+            // Where the Broker keeps its events: a Trigger restarts when that changes.
+            let store = match state.rabbit.get(&c.broker) {
+                Some(r) => format!("rabbitmq {:?} {:?}", r.target(), r.queue_type()),
+                None => "log".to_string(),
+            };
             let fingerprint = format!(
-                "{:?}|{:?}|{:?}|{:?}|{}|{}|{}",
+                "{:?}|{:?}|{:?}|{:?}|{}|{}|{:?}|{}|{store}",
                 t.spec.filter,
                 c.filters,
                 subscriber,
                 dead_letter,
                 retry_key(&delivery.retry),
                 c.ordered,
+                c.parallelism,
                 c.broker
             );
             let ingress_url = self.options.ingress_url.clone();
@@ -545,7 +709,7 @@ impl BrokerService {
                         dead_letter,
                         retry: delivery.retry.clone(),
                         ordered: c.ordered,
-                        parallelism: self.options.parallelism,
+                        parallelism: c.parallelism.unwrap_or(self.options.parallelism),
                         broker_url: Arc::new(move |k| broker_url(&ingress_url, k)),
                         gateway: self.options.gateway_paths.clone().map(|paths| Gateway {
                             address: self.options.gateway,
@@ -577,6 +741,10 @@ impl BrokerService {
         for t in triggers {
             t.dispatcher.stop().await;
         }
+        for key in state.rabbit.keys() {
+            self.brokers.remove(key);
+        }
+        state.rabbit.clear();
         for (key, log) in state.logs.drain() {
             self.brokers.remove(&key);
             if let Err(e) = log.close().await {
@@ -630,6 +798,19 @@ fn ready_of(dependents: &[Condition]) -> Condition {
             ..Default::default()
         },
     }
+}
+
+/// Marks an object not Ready because of what is happening now (RabbitMQ down), keeping the rest.
+fn overlay(status: &mut Status, reason: &str, message: &str) {
+    let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    status.set_condition(Condition {
+        type_: "Ready".to_string(),
+        status: ConditionStatus::False,
+        reason: reason.to_string(),
+        message: message.to_string(),
+        last_transition_time: Some(now),
+        ..Default::default()
+    });
 }
 
 fn set_conditions(

@@ -1,5 +1,9 @@
 //! The broker service end to end in one process: real HTTP producers and subscribers on 127.0.0.1,
-//! real segment logs in a temp folder.
+//! real segment logs in a temp folder. The behaviours listed in `on_both_backends!` run twice: on
+//! the embedded log and on a real RabbitMQ node (one per test binary, a vhost per test).
+
+#[path = "support/rabbitmq.rs"]
+mod rabbitmq;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,6 +20,102 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 const WAIT: Duration = Duration::from_secs(20);
+
+/// Where the Brokers of a test keep their events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Log,
+    RabbitMq,
+}
+
+tokio::task_local! {
+    static BACKEND: Backend;
+}
+
+fn backend() -> Backend {
+    BACKEND.try_with(|b| *b).unwrap_or(Backend::Log)
+}
+
+/// Runs each named test (an `async fn()`) on both backends: `on_log::name` and `on_rabbitmq::name`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod on_log {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::BACKEND.scope(super::Backend::Log, super::$name()).await
+                }
+            )*
+        }
+        mod on_rabbitmq {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::BACKEND.scope(super::Backend::RabbitMq, super::$name()).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    ingress_answers_as_knative_does,
+    filters_of_every_dialect_select_events,
+    failed_deliveries_are_retried_until_success,
+    exhausted_retries_go_to_the_dead_letter_sink_with_error_extensions,
+    client_errors_are_not_retried,
+    replies_go_back_into_the_broker,
+    ttl_stops_a_reply_loop,
+    ordered_trigger_delivers_in_log_order_one_at_a_time,
+    unordered_trigger_delivers_everything,
+    removed_trigger_stops_receiving,
+    pingsource_fires_on_schedule_to_a_uri_and_to_a_broker,
+    a_trigger_without_delivery_gets_config_br_defaults_retry,
+);
+
+static VHOSTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A vhost of its own on the shared node, so tests that reuse names do not share queues.
+fn rabbitmq_vhost() -> String {
+    let node = rabbitmq::RabbitNode::shared();
+    let n = VHOSTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let vhost = format!("test-{}-{n}", std::process::id());
+    node.rabbitmqctl(&["add_vhost", &vhost]);
+    node.rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+    format!("amqp://guest:guest@127.0.0.1:{}/{vhost}", node.amqp_port())
+}
+
+/// Makes every Broker of `objects` a RabbitMQ Broker on `uri` (its RabbitmqBrokerConfig and
+/// connection Secret added beside it).
+fn into_rabbitmq(objects: &mut EventingObjects, uri: &str) {
+    use sluice_api::eventing::*;
+    let mut namespaces = std::collections::BTreeSet::new();
+    for b in &mut objects.brokers {
+        b.metadata.annotations.insert(
+            BROKER_CLASS_ANNOTATION.to_string(),
+            RABBITMQ_BROKER_CLASS.to_string(),
+        );
+        b.spec.config = Some(KReference {
+            kind: RABBITMQ_BROKER_CONFIG_KIND.into(),
+            name: "rabbitmq".into(),
+            api_version: RABBITMQ_API_VERSION.into(),
+            namespace: String::new(),
+        });
+        namespaces.insert(b.metadata.namespace.clone());
+    }
+    for ns in namespaces {
+        let yaml = format!(
+            "apiVersion: {RABBITMQ_API_VERSION}\nkind: {RABBITMQ_BROKER_CONFIG_KIND}\nmetadata: {{name: rabbitmq, namespace: {ns}}}\nspec:\n  rabbitmqClusterReference: {{connectionSecret: {{name: rabbitmq}}}}\n  queueType: quorum\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: rabbitmq, namespace: {ns}}}\nstringData: {{uri: '{uri}'}}\n"
+        );
+        let more = EventingObjects::from_objects(
+            sluice_api::parse_documents(&yaml)
+                .into_iter()
+                .map(|r| r.unwrap()),
+        );
+        objects.rabbitmq_configs.extend(more.rabbitmq_configs);
+        objects.secrets.extend(more.secrets);
+    }
+}
 
 /// One request a subscriber received.
 #[derive(Debug, Clone)]
@@ -141,6 +241,8 @@ impl Subscriber {
 struct Harness {
     service: Arc<BrokerService>,
     _dir: tempfile::TempDir,
+    /// The AMQP URI of this test's vhost, on the RabbitMQ backend.
+    rabbitmq: Option<String>,
 }
 
 impl Harness {
@@ -149,23 +251,38 @@ impl Harness {
     }
 
     async fn start_with(yaml: &str, tweak: impl FnOnce(&mut BrokerOptions)) -> Harness {
+        let rabbitmq = match backend() {
+            Backend::Log => None,
+            Backend::RabbitMq => Some(tokio::task::spawn_blocking(rabbitmq_vhost).await.unwrap()),
+        };
+        Self::start_on(yaml, tweak, rabbitmq).await
+    }
+
+    /// Another replica of this harness's RabbitMQ Brokers: same vhost, its own ingress.
+    async fn replica(&self, yaml: &str) -> Harness {
+        Self::start_on(yaml, |_| {}, self.rabbitmq.clone()).await
+    }
+
+    async fn start_on(
+        yaml: &str,
+        tweak: impl FnOnce(&mut BrokerOptions),
+        rabbitmq: Option<String>,
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let mut options = BrokerOptions::new(dir.path(), "127.0.0.1:0".parse().unwrap());
         tweak(&mut options);
         let service = BrokerService::start(options).await.unwrap();
-        let h = Harness { service, _dir: dir };
+        let h = Harness {
+            service,
+            _dir: dir,
+            rabbitmq,
+        };
         h.apply(yaml).await;
         h
     }
 
     async fn apply(&self, yaml: &str) -> sluice_broker::EventingStatus {
-        let objects = sluice_api::parse_documents(yaml)
-            .into_iter()
-            .map(|r| r.unwrap());
-        let status = self
-            .service
-            .apply(EventingObjects::from_objects(objects))
-            .await;
+        let status = self.apply_unchecked(yaml).await;
         for t in &status.triggers {
             let s = &t.status.as_ref().unwrap().status;
             assert!(
@@ -174,6 +291,37 @@ impl Harness {
                 t.metadata.key(),
                 s.conditions
             );
+        }
+        status
+    }
+
+    /// Applies `yaml` (on RabbitMQ: once its Brokers are connected) and returns the statuses.
+    async fn apply_unchecked(&self, yaml: &str) -> sluice_broker::EventingStatus {
+        let objects = sluice_api::parse_documents(yaml)
+            .into_iter()
+            .map(|r| r.unwrap());
+        let mut objects = EventingObjects::from_objects(objects);
+        if let Some(uri) = &self.rabbitmq {
+            into_rabbitmq(&mut objects, uri);
+        }
+        let status = self.service.apply(objects).await;
+        if self.rabbitmq.is_some() {
+            // A RabbitMQ Broker accepts events once connected and its queues are declared.
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let now = self.service.status();
+                let waiting: Vec<_> = now
+                    .brokers
+                    .iter()
+                    .filter_map(|b| b.status.as_ref()?.status.condition("Ready"))
+                    .filter(|c| c.reason == "RabbitMQUnavailable")
+                    .collect();
+                if waiting.is_empty() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "brokers not ready: {waiting:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
         status
     }
@@ -254,7 +402,6 @@ fn ids(received: &[Received]) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
 async fn ingress_answers_as_knative_does() {
     let h = Harness::start_with(BROKER, |o| o.max_body_bytes = 1000).await;
     let binary = [
@@ -341,7 +488,6 @@ async fn ingress_answers_as_knative_does() {
     );
 }
 
-#[tokio::test]
 async fn filters_of_every_dialect_select_events() {
     let sub = Subscriber::start(Arc::new(|_, _| ok())).await;
     let mut yaml = BROKER.to_string();
@@ -414,7 +560,6 @@ async fn filters_of_every_dialect_select_events() {
     assert_eq!(r.body, "{\"n\":1}");
 }
 
-#[tokio::test]
 async fn failed_deliveries_are_retried_until_success() {
     let sub = Subscriber::start(Arc::new(
         |n, _| {
@@ -442,7 +587,6 @@ async fn failed_deliveries_are_retried_until_success() {
     assert_eq!(sub.at("/sub").len(), 3);
 }
 
-#[tokio::test]
 async fn exhausted_retries_go_to_the_dead_letter_sink_with_error_extensions() {
     let sub = Subscriber::start(Arc::new(|_, r| {
         if r.path == "/sub" {
@@ -490,7 +634,6 @@ async fn exhausted_retries_go_to_the_dead_letter_sink_with_error_extensions() {
     );
 }
 
-#[tokio::test]
 async fn client_errors_are_not_retried() {
     let sub = Subscriber::start(Arc::new(|_, r| {
         if r.path == "/sub" {
@@ -529,7 +672,6 @@ fn reply_event(ty: &str, id: &str) -> Response<Full<Bytes>> {
     r
 }
 
-#[tokio::test]
 async fn replies_go_back_into_the_broker() {
     let sub = Subscriber::start(Arc::new(|_, r| {
         if r.path == "/replier" {
@@ -564,7 +706,6 @@ async fn replies_go_back_into_the_broker() {
     assert_eq!(got[0].body, "{\"reply\":true}");
 }
 
-#[tokio::test]
 async fn ttl_stops_a_reply_loop() {
     // Every event is answered with a new event of the same type: without the TTL it would loop forever.
     let sub = Subscriber::start(Arc::new(|n, _| reply_event("loop", &format!("r-{n}")))).await;
@@ -583,7 +724,6 @@ async fn ttl_stops_a_reply_loop() {
     assert_eq!(sub.at("/loop").len(), 5);
 }
 
-#[tokio::test]
 async fn ordered_trigger_delivers_in_log_order_one_at_a_time() {
     let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let overlap = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -620,7 +760,6 @@ async fn ordered_trigger_delivers_in_log_order_one_at_a_time() {
     assert!(!overlap.load(std::sync::atomic::Ordering::SeqCst));
 }
 
-#[tokio::test]
 async fn unordered_trigger_delivers_everything() {
     let sub = Subscriber::start(Arc::new(|_, _| ok())).await;
     let yaml = format!(
@@ -650,7 +789,6 @@ async fn unordered_trigger_delivers_everything() {
     assert_eq!(got, sent);
 }
 
-#[tokio::test]
 async fn removed_trigger_stops_receiving() {
     let sub = Subscriber::start(Arc::new(|_, _| ok())).await;
     let t = trigger(
@@ -666,7 +804,6 @@ async fn removed_trigger_stops_receiving() {
     assert_eq!(ids(&sub.at("/r")), ["1"]);
 }
 
-#[tokio::test]
 async fn pingsource_fires_on_schedule_to_a_uri_and_to_a_broker() {
     let sub = Subscriber::start(Arc::new(|_, _| ok())).await;
     let yaml = format!(
@@ -1053,7 +1190,6 @@ async fn a_new_broker_accepts_events_only_once_its_triggers_receive_them() {
     );
 }
 
-#[tokio::test]
 async fn a_trigger_without_delivery_gets_config_br_defaults_retry() {
     // No config-br-defaults: Knative's shipped one (retry 10, exponential from 200 ms).
     let sub = Subscriber::start(Arc::new(
@@ -1292,4 +1428,344 @@ async fn a_broker_or_trigger_that_is_not_ready_says_why_in_ready() {
         (sluice_api::ConditionStatus::False, "NotAddressable")
     );
     assert!(message.contains("Pod ns/nope"), "{message}");
+}
+
+// ---- RabbitMQ only -------------------------------------------------------------------------------
+
+fn ordered(trigger_yaml: String) -> String {
+    trigger_yaml.replace(
+        "namespace: ns}",
+        "namespace: ns, annotations: {kafka.eventing.knative.dev/delivery.order: ordered}}",
+    )
+}
+
+/// How many consumers RabbitMQ counts on a Trigger's queue.
+fn consumers(uri: &str, trigger: &str) -> usize {
+    let vhost = uri.rsplit('/').next().unwrap().to_string();
+    let queue = format!("sluice.trigger.ns.{trigger}");
+    rabbitmq::RabbitNode::shared()
+        .rabbitmqctl(&["--silent", "list_consumers", "-p", &vhost, "queue_name"])
+        .lines()
+        .filter(|l| l.trim() == queue)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_rabbitmq_replicas_share_ingress_and_delivery() {
+    BACKEND
+        .scope(Backend::RabbitMq, async {
+            let sub = Subscriber::start(Arc::new(|_, _| ok())).await;
+            let yaml = format!(
+                "{BROKER}{}",
+                trigger(
+                    "t",
+                    &format!("  subscriber: {{uri: \"{}\"}}", sub.url("/sub"))
+                )
+            );
+            let a = Harness::start(&yaml).await;
+            let b = a.replica(&yaml).await;
+            let uri = a.rabbitmq.clone().unwrap();
+            let deadline = Instant::now() + WAIT;
+            while tokio::task::spawn_blocking({
+                let uri = uri.clone();
+                move || consumers(&uri, "t")
+            })
+            .await
+            .unwrap()
+                < 2
+            {
+                assert!(Instant::now() < deadline, "both replicas consume the queue");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let sent: Vec<String> = (0..200).map(|i| format!("e{i}")).collect();
+            for (i, id) in sent.iter().enumerate() {
+                let h = if i % 2 == 0 { &a } else { &b };
+                h.send(id, "t", "/s", &[]).await;
+            }
+            sub.wait("/sub", sent.len()).await;
+            // Anything delivered twice would show up by now.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut got = ids(&sub.at("/sub"));
+            got.sort();
+            let mut want = sent.clone();
+            want.sort();
+            assert_eq!(got, want, "each event once");
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_trigger_keeps_order_across_two_rabbitmq_replicas() {
+    BACKEND
+        .scope(Backend::RabbitMq, async {
+            let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let overlap = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (f, o) = (in_flight.clone(), overlap.clone());
+            let sub = Subscriber::start(Arc::new(move |n, _| {
+                use std::sync::atomic::Ordering::SeqCst;
+                if f.fetch_add(1, SeqCst) > 0 {
+                    o.store(true, SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(if n % 3 == 0 { 15 } else { 1 }));
+                f.fetch_sub(1, SeqCst);
+                ok()
+            }))
+            .await;
+            let yaml = format!(
+                "{BROKER}{}",
+                ordered(trigger(
+                    "t",
+                    &format!("  subscriber: {{uri: \"{}\"}}", sub.url("/o"))
+                ))
+            );
+            let a = Harness::start(&yaml).await;
+            let b = a.replica(&yaml).await;
+            let sent: Vec<String> = (0..40).map(|i| format!("e{i}")).collect();
+            for (i, id) in sent.iter().enumerate() {
+                let h = if i % 2 == 0 { &a } else { &b };
+                h.send(id, "t", "/s", &[]).await;
+            }
+            let got = sub.wait("/o", sent.len()).await;
+            assert_eq!(ids(&got), sent);
+            assert!(!overlap.load(std::sync::atomic::Ordering::SeqCst));
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_stopped_answers_503_and_nothing_accepted_is_lost() {
+    let node = Arc::new(
+        tokio::task::spawn_blocking(|| rabbitmq::RabbitNode::start("restart"))
+            .await
+            .unwrap(),
+    );
+    // The subscriber refuses (503) until released, so accepted events wait in RabbitMQ and in the
+    // consumer's hands while RabbitMQ goes down.
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = open.clone();
+    let sub = Subscriber::start(Arc::new(move |_, _| {
+        if gate.load(std::sync::atomic::Ordering::SeqCst) {
+            ok()
+        } else {
+            status(503, "not yet")
+        }
+    }))
+    .await;
+    let yaml = format!(
+        "{BROKER}{}",
+        trigger(
+            "t",
+            &format!(
+                "  subscriber: {{uri: \"{}\"}}\n  delivery: {{retry: 1000, backoffPolicy: linear, backoffDelay: PT0.05S}}",
+                sub.url("/sub")
+            )
+        )
+    );
+    let h = Harness::start_on(&yaml, |_| {}, Some(node.amqp_url())).await;
+    let mut accepted = Vec::new();
+    for i in 0..100 {
+        let id = format!("before-{i}");
+        h.send(&id, "t", "/s", &[]).await;
+        accepted.push(id);
+    }
+
+    tokio::task::spawn_blocking({
+        let node = node.clone();
+        move || node.stop()
+    })
+    .await
+    .unwrap();
+    let binary = [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "down"),
+        ("ce-type", "t"),
+        ("ce-source", "/s"),
+    ];
+    let deadline = Instant::now() + WAIT;
+    let (code, body) = loop {
+        let (code, body) = h.post("/ns/default", &binary, "").await;
+        if code != StatusCode::ACCEPTED {
+            break (code, body);
+        }
+        accepted.push("down".to_string());
+        assert!(Instant::now() < deadline, "RabbitMQ stopped, yet 202");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("RabbitMQ"), "{body}");
+    let ready = h.service.status().brokers[0]
+        .status
+        .as_ref()
+        .unwrap()
+        .status
+        .condition("Ready")
+        .cloned()
+        .unwrap();
+    assert_eq!(ready.reason, "RabbitMQUnavailable", "{ready:?}");
+
+    tokio::task::spawn_blocking({
+        let node = node.clone();
+        move || node.restart()
+    })
+    .await
+    .unwrap();
+    // Accepting again by itself (reconnected with backoff).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let id = "after-0".to_string();
+        let headers = [
+            ("ce-specversion", "1.0"),
+            ("ce-id", id.as_str()),
+            ("ce-type", "t"),
+            ("ce-source", "/s"),
+        ];
+        if h.post("/ns/default", &headers, "").await.0 == StatusCode::ACCEPTED {
+            accepted.push(id);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not accepting after RabbitMQ came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    open.store(true, std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got: std::collections::HashSet<String> = sub
+            .at("/sub")
+            .iter()
+            .filter(|r| r.headers.get("ce-id").is_some())
+            .map(|r| r.header("ce-id").to_string())
+            .collect();
+        let missing: Vec<&String> = accepted.iter().filter(|id| !got.contains(*id)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} accepted events never delivered: {:?}",
+            missing.len(),
+            accepted.len(),
+            &missing[..missing.len().min(10)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_rabbitmq_makes_only_its_broker_not_ready() {
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let sub = Subscriber::start(Arc::new(|_, _| ok())).await;
+    let rabbit = |name: &str, uri: &str| {
+        format!(
+            "---
+apiVersion: eventing.knative.dev/v1
+kind: Broker
+metadata:
+  name: {name}
+  namespace: ns
+  annotations: {{eventing.knative.dev/broker.class: RabbitMQBroker}}
+spec:
+  config: {{apiVersion: eventing.knative.dev/v1alpha1, kind: RabbitmqBrokerConfig, name: {name}}}
+---
+apiVersion: eventing.knative.dev/v1alpha1
+kind: RabbitmqBrokerConfig
+metadata: {{name: {name}, namespace: ns}}
+spec:
+  rabbitmqClusterReference: {{connectionSecret: {{name: {name}}}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: {name}, namespace: ns}}
+stringData: {{uri: '{uri}', username: guest, password: guest}}
+"
+        )
+    };
+    let yaml = format!(
+        "{BROKER}{}{}{}",
+        trigger(
+            "t",
+            &format!("  subscriber: {{uri: \"{}\"}}", sub.url("/sub"))
+        ),
+        rabbit("down", &format!("amqp://127.0.0.1:{port}")),
+        rabbit("bad", "amqp//no-scheme"),
+    );
+    let h = Harness::start(&yaml).await;
+    let reason = |name: &str| {
+        h.service
+            .status()
+            .brokers
+            .iter()
+            .find(|b| b.metadata.name == name)
+            .and_then(|b| b.status.as_ref()?.status.condition("Ready").cloned())
+            .unwrap()
+    };
+    let bad = reason("bad");
+    assert_eq!(bad.reason, "InvalidSecret", "{bad:?}");
+    let down = reason("down");
+    assert_eq!(down.reason, "RabbitMQUnavailable", "{down:?}");
+    assert!(
+        down.message.contains(&format!("127.0.0.1:{port}")),
+        "{down:?}"
+    );
+    assert!(
+        !down.message.contains("guest:guest"),
+        "no password in status: {down:?}"
+    );
+    let binary = [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "1"),
+        ("ce-type", "t"),
+        ("ce-source", "/s"),
+    ];
+    let (code, body) = h.post("/ns/down", &binary, "").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("unavailable"), "{body}");
+    assert_eq!(
+        h.post("/ns/bad", &binary, "").await.0,
+        StatusCode::NOT_FOUND
+    );
+    h.send("2", "t", "/s", &[]).await;
+    sub.wait("/sub", 1).await;
+}
+
+#[tokio::test]
+async fn a_trigger_whose_delivery_order_changed_on_rabbitmq_says_what_to_do() {
+    BACKEND
+        .scope(Backend::RabbitMq, async {
+            let sub = Subscriber::start(Arc::new(|_, _| ok())).await;
+            let t = trigger(
+                "t",
+                &format!("  subscriber: {{uri: \"{}\"}}", sub.url("/sub")),
+            );
+            let h = Harness::start(&format!("{BROKER}{t}")).await;
+            h.send("1", "t", "/s", &[]).await;
+            sub.wait("/sub", 1).await;
+            // An ordered queue needs other arguments: RabbitMQ refuses, nothing is deleted.
+            let status = h
+                .apply_unchecked(&format!("{BROKER}{}", ordered(t.clone())))
+                .await;
+            let ready = status.triggers[0]
+                .status
+                .as_ref()
+                .unwrap()
+                .status
+                .condition("Ready")
+                .cloned()
+                .unwrap();
+            assert_eq!(ready.reason, "QueueUnavailable", "{ready:?}");
+            assert!(
+                ready.message.contains("delete_queue sluice.trigger.ns.t"),
+                "{ready:?}"
+            );
+            // Given back, it delivers again.
+            h.apply(&format!("{BROKER}{t}")).await;
+            h.send("2", "t", "/s", &[]).await;
+            sub.wait("/sub", 2).await;
+        })
+        .await
 }
