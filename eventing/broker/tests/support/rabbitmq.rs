@@ -333,7 +333,12 @@ impl RabbitNode {
             .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir("advanced.config"))
             .env(
                 "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
-                "-kernel inet_dist_use_interface {127,0,0,1}",
+                // SLUICE_TEST_RABBITMQ_ERL_ARGS: more emulator flags, for a benchmark to try (e.g.
+                // `+sbwt none`: schedulers that do not busy-wait on a machine shared with others).
+                format!(
+                    "-kernel inet_dist_use_interface {{127,0,0,1}} {}",
+                    std::env::var("SLUICE_TEST_RABBITMQ_ERL_ARGS").unwrap_or_default()
+                ),
             )
             .stdin(Stdio::null())
             .stdout(out)
