@@ -645,3 +645,201 @@ async fn oversized_events_through_the_gateway_get_413_with_the_reason() {
         wrong.len()
     );
 }
+
+/// `sluice up` serves a `RabbitMQBroker` Broker from unchanged Knative YAML (Broker, RabbitmqBrokerConfig,
+/// Secret, Trigger to a Knative Service): events posted through the gateway reach the Service; with
+/// RabbitMQ stopped the Broker is Ready=False (RabbitMQUnavailable) and the gateway answers 503 with the
+/// reason; events still queued in RabbitMQ when `sluice up` stops are delivered after its restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sluice_up_serves_a_rabbitmq_broker_through_stop_and_restart() {
+    const EVENTS: usize = 60;
+    let node = Arc::new(
+        tokio::task::spawn_blocking(|| rabbitmq::RabbitNode::start("sluice-up"))
+            .await
+            .unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("delivered.txt");
+    // The log Broker of broker_to_service, made a RabbitMQ one; an ordered Trigger (parallelism 1:
+    // one event at a time) to a sink that takes 200 ms per event, so that most events are still
+    // queued in RabbitMQ when sluice up stops.
+    let yaml = broker_to_service(&record, 200)
+        .replace(
+            "metadata: {name: to-sink, namespace: default}",
+            "metadata:\n  name: to-sink\n  namespace: default\n  \
+             annotations: {rabbitmq.eventing.knative.dev/parallelism: \"1\"}",
+        )
+        .replace(
+            "kind: Broker\nmetadata: {name: default, namespace: default}\n",
+            &format!(
+                r#"kind: Broker
+metadata:
+  name: default
+  namespace: default
+  annotations: {{eventing.knative.dev/broker.class: RabbitMQBroker}}
+spec:
+  config: {{apiVersion: eventing.knative.dev/v1alpha1, kind: RabbitmqBrokerConfig, name: rabbitmq}}
+---
+apiVersion: eventing.knative.dev/v1alpha1
+kind: RabbitmqBrokerConfig
+metadata: {{name: rabbitmq, namespace: default}}
+spec:
+  rabbitmqClusterReference: {{connectionSecret: {{name: rabbitmq}}}}
+  queueType: quorum
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: rabbitmq, namespace: default}}
+stringData: {{uri: "amqp://127.0.0.1:{}", username: guest, password: guest}}
+"#,
+                node.amqp_port()
+            ),
+        );
+    assert!(
+        yaml.contains("RabbitMQBroker") && yaml.contains("parallelism"),
+        "the Broker or the Trigger was not replaced"
+    );
+    let mut sluice = Sluice::start().await.unwrap();
+    sluice.write("eventing.yaml", &yaml).unwrap();
+    let all_ready = |s: &serde_json::Value| {
+        ready_in(s, "services", "default", "sink")
+            && ready_in(s, "brokers", "default", "default")
+            && ready_in(s, "triggers", "default", "to-sink")
+    };
+    wait_status(
+        &mut sluice,
+        "the Service, the RabbitMQ Broker and the Trigger ready",
+        all_ready,
+    )
+    .await;
+    sluice
+        .wait_ready("knative-eventing", "broker-ingress", READY)
+        .await
+        .unwrap();
+
+    let mut accepted = HashSet::new();
+    for n in 0..EVENTS {
+        let id = format!("r{n}");
+        let resp = post_through_gateway(&sluice, &id, Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status, StatusCode::ACCEPTED, "{}", resp.text());
+        accepted.insert(id);
+    }
+    // Stopped while most events wait in RabbitMQ (the sink takes 100 ms each), then started again.
+    assert!(
+        sluice
+            .terminate(libc::SIGTERM, Duration::from_secs(30))
+            .is_some(),
+        "sluice up did not stop on SIGTERM"
+    );
+    let before = recorded(&record).len();
+    assert!(
+        before < EVENTS,
+        "all {EVENTS} events were delivered before the stop: the test proves nothing"
+    );
+    sluice.restart().await.unwrap();
+    wait_status(
+        &mut sluice,
+        "everything ready again after the restart",
+        all_ready,
+    )
+    .await;
+
+    // RabbitMQ down: the Broker says so, and the gateway answers 503 with the reason.
+    tokio::task::spawn_blocking({
+        let node = node.clone();
+        move || node.stop()
+    })
+    .await
+    .unwrap();
+    let status = wait_status(
+        &mut sluice,
+        "the Broker not ready while RabbitMQ is down",
+        |s| {
+            s["brokers"].as_array().is_some_and(|brokers| {
+                brokers.iter().any(|b| {
+                    b["metadata"]["name"] == "default"
+                        && sluice_e2e::sluice::condition(b, "Ready").is_some_and(|c| {
+                            c.status == "False" && c.reason == "RabbitMQUnavailable"
+                        })
+                })
+            })
+        },
+    )
+    .await;
+    let broker = status["brokers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["metadata"]["name"] == "default")
+        .unwrap();
+    let message = sluice_e2e::sluice::condition(broker, "Ready")
+        .unwrap()
+        .message;
+    assert!(
+        message.contains("127.0.0.1"),
+        "message names the address: {message}"
+    );
+    let resp = post_through_gateway(&sluice, "while-down", Bytes::from_static(b"x"))
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        resp.text()
+    );
+    assert!(
+        resp.text().to_lowercase().contains("rabbitmq"),
+        "the 503 says why: {}",
+        resp.text()
+    );
+
+    // RabbitMQ back: Ready again by itself, new events accepted, and every accepted event delivered.
+    tokio::task::spawn_blocking({
+        let node = node.clone();
+        move || node.restart()
+    })
+    .await
+    .unwrap();
+    wait_status(
+        &mut sluice,
+        "the Broker ready again after RabbitMQ returned",
+        all_ready,
+    )
+    .await;
+    let deadline = Instant::now() + READY;
+    loop {
+        match post_through_gateway(&sluice, "after", Bytes::from_static(b"x")).await {
+            Ok(resp) if resp.status == StatusCode::ACCEPTED => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "no 202 after RabbitMQ returned: {:?}\nlog:\n{}",
+                other.map(|r| format!("{} {}", r.status, r.text())),
+                sluice.logs()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    accepted.insert("after".to_string());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let got = recorded(&record);
+        let missing: Vec<&String> = accepted.iter().filter(|id| !got.contains(*id)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} accepted events never delivered ({before} before the stop), e.g. {:?}\nlog:\n{}",
+            missing.len(),
+            accepted.len(),
+            &missing[..missing.len().min(10)],
+            sluice.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // sluice up stops before the node (dropped at the end, which stops it).
+    drop(sluice);
+}
