@@ -1,5 +1,9 @@
-//! What the benchmark drivers share: free loopback ports and a guard that stops a `sluice up` (and
-//! with it its instances and Envoy) when a run ends, even on error.
+//! What the benchmark drivers share: free loopback ports, a guard that stops a `sluice up` (and
+//! with it its instances and Envoy) when a run ends, even on error, an open/closed-loop HTTP load
+//! generator and pinned, measured child processes (the data-path bench).
+
+pub mod loadgen;
+pub mod process;
 
 use std::process::Child;
 use std::time::{Duration, Instant};

@@ -10,8 +10,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 #[derive(Parser)]
 struct Args {
-    /// Port on 127.0.0.1.
-    #[arg(long)]
+    /// Port on 127.0.0.1 ($PORT when it runs as a revision's app under `sluice up`).
+    #[arg(long, env = "PORT")]
     port: u16,
     /// Worker threads.
     #[arg(long, default_value_t = 1)]
