@@ -487,10 +487,12 @@ impl StartJob {
         body: ContainerCreateBody,
     ) -> Result<String, StartFailure> {
         // The network may have gone away (a reap of leftovers, `docker network prune`); the engine
-        // says so at create or at start. Make it again and retry once.
+        // says so at create or at start (Docker: 404 "network ... not found" at start; Podman: 500
+        // "... network not found" at create). Make it again and retry once.
         let network_gone = |e: &EngineError| {
-            matches!(e, EngineError::DockerResponseServerError { status_code: 404, message }
-                if message.starts_with("network "))
+            matches!(e, EngineError::DockerResponseServerError { status_code, message }
+                if (*status_code == 404 && message.starts_with("network "))
+                    || message.ends_with("network not found"))
         };
         let mut retried = false;
         loop {
@@ -755,7 +757,9 @@ impl BackendInstance for ContainerInstance {
 
     async fn cleanup(self) {
         let mut unreachable = Vec::new();
-        for id in &self.ids {
+        // Sidecars first: they live in the serving container's network namespace, and Podman
+        // refuses to remove a container that others depend on.
+        for id in self.ids.iter().rev() {
             match remove_container(&self.docker, id).await {
                 Ok(()) => {
                     lock(&self.live).remove(id);

@@ -25,6 +25,9 @@ use crate::{
     plan_scale,
 };
 
+/// How long a startup or liveness kill waits for an exit the engine has not reported yet.
+const EXIT_BEFORE_KILL: Duration = Duration::from_secs(1);
+
 /// What the backend needs to start one instance.
 pub struct StartContext {
     pub key: RevisionKey,
@@ -918,6 +921,12 @@ impl<B: Backend> InstanceTask<B> {
                             self.core.set_state(&self.key, self.id, state, now);
                         }
                         Some(HealthEvent::Kill(kind)) => {
+                            // A probe refused because the app just exited: an engine may report
+                            // the exit a little after (Podman's wait polls), and the exit is what
+                            // happened, so it gets a moment to come first.
+                            if let Ok(exit) = tokio::time::timeout(EXIT_BEFORE_KILL, instance.wait()).await {
+                                return End::Exited(exit);
+                            }
                             return End::Unhealthy(format!("{} probe failed: {}", kind.name(), why()));
                         }
                     }

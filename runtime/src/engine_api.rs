@@ -188,13 +188,21 @@ pub(crate) async fn remove_all(docker: &Docker, ids: impl IntoIterator<Item = St
     let mut set = tokio::task::JoinSet::new();
     for id in ids {
         let docker = docker.clone();
-        set.spawn(async move {
-            if let Err(e) = remove_container(&docker, &id).await {
-                tracing::warn!(container = %short(&id), error = %e, "cannot remove container");
-            }
-        });
+        set.spawn(async move { remove_container(&docker, &id).await.err().map(|e| (id, e)) });
     }
-    while set.join_next().await.is_some() {}
+    let mut failed = Vec::new();
+    while let Some(done) = set.join_next().await {
+        if let Ok(Some(failure)) = done {
+            failed.push(failure);
+        }
+    }
+    // Podman refuses to remove a serving container while a sidecar in its network namespace
+    // exists; removed together, that sidecar is gone now: one more try for those.
+    for (id, first) in failed {
+        if let Err(e) = remove_container(docker, &id).await {
+            tracing::warn!(container = %short(&id), error = %e, first = %first, "cannot remove container");
+        }
+    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
