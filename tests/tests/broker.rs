@@ -282,6 +282,34 @@ fn produce(
         .collect()
 }
 
+/// The Broker `NAMESPACE/default` of class RabbitMQBroker with its RabbitmqBrokerConfig (quorum) and
+/// connection Secret for a node on `amqp_port`: YAML documents from `kind: Broker` on (the caller
+/// writes the Broker's apiVersion line before it).
+fn rabbitmq_broker_yaml(namespace: &str, amqp_port: u16) -> String {
+    format!(
+        r#"kind: Broker
+metadata:
+  name: default
+  namespace: {namespace}
+  annotations: {{eventing.knative.dev/broker.class: RabbitMQBroker}}
+spec:
+  config: {{apiVersion: eventing.knative.dev/v1alpha1, kind: RabbitmqBrokerConfig, name: rabbitmq}}
+---
+apiVersion: eventing.knative.dev/v1alpha1
+kind: RabbitmqBrokerConfig
+metadata: {{name: rabbitmq, namespace: {namespace}}}
+spec:
+  rabbitmqClusterReference: {{connectionSecret: {{name: rabbitmq}}}}
+  queueType: quorum
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: rabbitmq, namespace: {namespace}}}
+stringData: {{uri: "amqp://127.0.0.1:{amqp_port}", username: guest, password: guest}}
+"#
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_replicas_come_and_go_and_a_kill_9_loses_no_accepted_event() {
     let bin = tokio::task::spawn_blocking(sluice_bin)
@@ -303,26 +331,7 @@ async fn rabbitmq_replicas_come_and_go_and_a_kill_9_loses_no_accepted_event() {
         config.join("broker.yaml"),
         format!(
             r#"apiVersion: eventing.knative.dev/v1
-kind: Broker
-metadata:
-  name: default
-  namespace: crash
-  annotations: {{eventing.knative.dev/broker.class: RabbitMQBroker}}
-spec:
-  config: {{apiVersion: eventing.knative.dev/v1alpha1, kind: RabbitmqBrokerConfig, name: rabbitmq}}
----
-apiVersion: eventing.knative.dev/v1alpha1
-kind: RabbitmqBrokerConfig
-metadata: {{name: rabbitmq, namespace: crash}}
-spec:
-  rabbitmqClusterReference: {{connectionSecret: {{name: rabbitmq}}}}
-  queueType: quorum
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: rabbitmq, namespace: crash}}
-stringData: {{uri: "amqp://127.0.0.1:{}", username: guest, password: guest}}
----
+{}---
 apiVersion: eventing.knative.dev/v1
 kind: Trigger
 metadata: {{name: all, namespace: crash}}
@@ -330,7 +339,7 @@ spec:
   broker: default
   subscriber: {{uri: "http://{}/"}}
 "#,
-            node.amqp_port(),
+            rabbitmq_broker_yaml("crash", node.amqp_port()),
             recorder.addr
         ),
     )
@@ -671,29 +680,7 @@ async fn sluice_up_serves_a_rabbitmq_broker_through_stop_and_restart() {
         )
         .replace(
             "kind: Broker\nmetadata: {name: default, namespace: default}\n",
-            &format!(
-                r#"kind: Broker
-metadata:
-  name: default
-  namespace: default
-  annotations: {{eventing.knative.dev/broker.class: RabbitMQBroker}}
-spec:
-  config: {{apiVersion: eventing.knative.dev/v1alpha1, kind: RabbitmqBrokerConfig, name: rabbitmq}}
----
-apiVersion: eventing.knative.dev/v1alpha1
-kind: RabbitmqBrokerConfig
-metadata: {{name: rabbitmq, namespace: default}}
-spec:
-  rabbitmqClusterReference: {{connectionSecret: {{name: rabbitmq}}}}
-  queueType: quorum
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: rabbitmq, namespace: default}}
-stringData: {{uri: "amqp://127.0.0.1:{}", username: guest, password: guest}}
-"#,
-                node.amqp_port()
-            ),
+            &rabbitmq_broker_yaml("default", node.amqp_port()),
         );
     assert!(
         yaml.contains("RabbitMQBroker") && yaml.contains("parallelism"),
