@@ -35,6 +35,7 @@ use tokio::task::AbortHandle;
 
 mod body;
 pub mod lb;
+pub mod metrics;
 mod pool;
 mod probe;
 mod proxy;
@@ -202,6 +203,7 @@ impl Drop for ActivatorTasks {
 
 pub(crate) struct Inner {
     options: ActivatorOptions,
+    metrics: metrics::ActivatorMetrics,
     revisions: Mutex<HashMap<RevisionKey, Arc<revision::Revision>>>,
     reporter: Mutex<stats::ConcurrencyReporter>,
     pool: pool::Pool,
@@ -221,6 +223,7 @@ impl Activator {
     pub fn new(options: ActivatorOptions) -> (Activator, ActivatorTasks) {
         let inner = Arc::new(Inner {
             options,
+            metrics: metrics::ActivatorMetrics::default(),
             revisions: Mutex::new(HashMap::new()),
             reporter: Mutex::new(stats::ConcurrencyReporter::new()),
             pool: pool::Pool::default(),
@@ -278,6 +281,20 @@ impl Activator {
     /// The current throttler state of a revision.
     pub fn revision_snapshot(&self, key: &RevisionKey) -> Option<RevisionSnapshot> {
         self.inner.revision(key).map(|r| r.snapshot())
+    }
+
+    /// The activator's request counters and latency histograms (for tests and other edges).
+    pub fn metrics(&self) -> &metrics::ActivatorMetrics {
+        &self.inner.metrics
+    }
+
+    /// Registers the activator's metrics in `registry` (Knative's names: give it the prefix
+    /// `activator`): the counters and histograms, and the per-revision concurrency and queue depth,
+    /// read from the throttlers at each scrape.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.inner
+            .metrics
+            .register(registry, Arc::downgrade(&self.inner));
     }
 
     /// Serves HTTP/1.1 and h2c (prior knowledge) on `listener` until the returned future is dropped

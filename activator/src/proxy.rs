@@ -130,7 +130,7 @@ impl Drop for InFlight {
 
 async fn handle(
     inner: Arc<Inner>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
     // Knative's probe handler: the gateway (or anyone) checks that the activator is up.
@@ -161,6 +161,22 @@ async fn handle(
         );
     };
     let key = RevisionKey::new(namespace, name);
+    let started = Instant::now();
+    let resp = handle_revision(&inner, req, peer, &key).await;
+    inner
+        .metrics
+        .request_done(&key, resp.status(), started.elapsed());
+    resp
+}
+
+/// A request that names its revision: wait for a slot, forward, answer.
+async fn handle_revision(
+    inner: &Arc<Inner>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    key: &RevisionKey,
+) -> Response<ProxyBody> {
+    let key = key.clone();
     let Some(rev) = inner.revision(&key) else {
         return text(
             StatusCode::NOT_FOUND,
@@ -169,7 +185,7 @@ async fn handle(
     };
     // Knative's timeout handler starts with the request, so time spent waiting counts.
     let deadline = Instant::now() + rev.timeout();
-    let in_flight = InFlight::start(&inner, &key);
+    let in_flight = InFlight::start(inner, &key);
 
     let h2 = req.version() == Version::HTTP_2;
     let upgrade = if h2 {
@@ -183,11 +199,18 @@ async fn handle(
     let mut attempts = 0;
     loop {
         let slot = match rev
-            .acquire(deadline, || inner.options.poker.poke(&key))
+            .acquire(
+                deadline,
+                || inner.options.poker.poke(&key),
+                || inner.metrics.throttled(&key, "queued"),
+            )
             .await
         {
             Acquire::Slot(s) => s,
-            Acquire::QueueFull => return text(StatusCode::SERVICE_UNAVAILABLE, QUEUE_FULL_BODY),
+            Acquire::QueueFull => {
+                inner.metrics.throttled(&key, "queue_full");
+                return text(StatusCode::SERVICE_UNAVAILABLE, QUEUE_FULL_BODY);
+            }
             Acquire::Failed(failure) => {
                 return text(StatusCode::SERVICE_UNAVAILABLE, failed_body(&key, &failure));
             }
@@ -221,7 +244,7 @@ async fn handle(
         };
         match outcome {
             Sent::Response(resp, sender) => {
-                return respond(&inner, resp, sender, client_upgrade, slot, in_flight);
+                return respond(inner, resp, sender, client_upgrade, slot, in_flight);
             }
             Sent::TimedOut => return text(StatusCode::GATEWAY_TIMEOUT, TIMEOUT_BODY),
             Sent::Failed(e) => {

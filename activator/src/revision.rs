@@ -166,6 +166,7 @@ impl Revision {
         self: &Arc<Self>,
         deadline: Instant,
         poke: impl FnOnce(),
+        queued: impl FnOnce(),
     ) -> Acquire {
         let (id, rx, first) = {
             let mut st = lock(&self.state);
@@ -193,6 +194,7 @@ impl Revision {
                     return Acquire::Failed(failure);
                 }
                 Admission::Queued { first } => {
+                    queued();
                     let (tx, rx) = oneshot::channel();
                     st.waiters.insert(id, tx);
                     (id, rx, first)

@@ -687,3 +687,73 @@ async fn connections_to_an_instance_are_kept_alive_and_reused() {
     assert_eq!(data_connections, 1);
     assert_eq!(st.requests.load(Ordering::SeqCst), 5);
 }
+
+#[tokio::test]
+async fn metrics_count_requests_by_code_time_them_and_show_the_queue() {
+    use sluice_activator::metrics::{RequestLabels, ThrottleLabels};
+    let f = Fixture::start().await;
+    let mut registry = prometheus_client::registry::Registry::default();
+    f.activator
+        .register_metrics(registry.sub_registry_with_prefix("activator"));
+    let mut config = RevisionConfig::new(1, vec![]);
+    config.max_queue = 1;
+    f.activator.update_revision(key(), config);
+    let mut waiting = f.held_request().await;
+    let (status, _) = f.request(&key(), "").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let revision = r#"namespace_name="default",revision_name="hello-00001""#;
+    assert!(
+        text.contains(&format!("activator_queue_depth{{{revision}}} 1\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("activator_request_concurrency{{{revision}}} 0\n")),
+        "{text}"
+    );
+    let labels = |code: &str| RequestLabels {
+        namespace_name: "default".into(),
+        revision_name: "hello-00001".into(),
+        response_code: code.into(),
+        response_code_class: format!("{}xx", &code[..1]),
+    };
+    let throttled = |reason: &str| {
+        f.activator
+            .metrics()
+            .throttled_requests
+            .get_or_create(&ThrottleLabels {
+                namespace_name: "default".into(),
+                revision_name: "hello-00001".into(),
+                reason: reason.into(),
+            })
+            .get()
+    };
+    let metrics = f.activator.metrics();
+    assert_eq!(metrics.request_count.get_or_create(&labels("503")).get(), 1);
+    assert_eq!(throttled("queue_full"), 1);
+    assert_eq!(throttled("queued"), 1);
+
+    // The held request is forwarded once an instance comes: a 200, timed with its wait.
+    let backend = Backend::start(true).await;
+    f.activator
+        .update_revision(key(), RevisionConfig::new(1, vec![backend.addr]));
+    let (status, body) = answer(&mut waiting).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(metrics.request_count.get_or_create(&labels("200")).get(), 1);
+    assert_eq!(
+        metrics
+            .request_latencies
+            .get_or_create(&labels("200"))
+            .count(),
+        1
+    );
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(&format!("activator_queue_depth{{{revision}}} 0\n")),
+        "{text}"
+    );
+    drop(backend.task);
+}

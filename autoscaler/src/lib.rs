@@ -9,6 +9,7 @@
 //!   `upsert_revision` (returns a `watch::Receiver<RevisionDecision>`), `set_instances`,
 //!   `set_ready_instances`, `record_activator_stat`, `poke`, `confirm_mode`, `remove_revision`;
 //!   `decisions()` watches all revisions at once.
+//! - [`AutoscalerMetrics`]: Knative's autoscaler gauges per revision (`AutoscalerService::metrics`).
 //! - [`Scaler`]: what the service drives (the runtime implements it).
 //! - [`RevisionDecision`]: desired scale, [`Mode`] (serve or proxy through the activator), activity,
 //!   ready count; `routes_to_activator()` is proxy mode or no ready instance (Knative's SKS rule).
@@ -20,6 +21,7 @@ pub mod aggregation;
 pub mod collector;
 pub mod config;
 pub mod kpa;
+pub mod metrics;
 pub mod reconciler;
 pub mod scaler;
 pub mod scrape;
@@ -33,6 +35,7 @@ pub use config::{
     Reachability, RevisionScaling, ScalingMetric,
 };
 pub use kpa::{DeciderSpec, DeciderStatus, ScaleResult};
+pub use metrics::AutoscalerMetrics;
 pub use reconciler::{Activity, Decision, Mode, PaStatus, scale_decision};
 pub use scaler::{ScaleError, Scaler};
 pub use scrape::{EnvoyScraper, InstanceStat, ScrapeError};

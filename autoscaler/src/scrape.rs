@@ -18,6 +18,9 @@ use sluice_api::autoscaling::Stat;
 
 /// The prefix of every queue-proxy metric.
 pub const PREFIX: &str = "sluice_qp";
+/// Envoy's prefix on the native queue-proxy filter's series in `/stats/prometheus`: `envoy_` and the
+/// dynamic module's `metrics_namespace` (`sluice`), before the same names the wasm filter's have.
+pub const NATIVE_PROMETHEUS_PREFIX: &str = "envoy_sluice_";
 const AVERAGE_CONCURRENCY: &str = "average_concurrency_milli";
 const AVERAGE_PROXIED_CONCURRENCY: &str = "average_proxied_concurrency_milli";
 const REQUEST_COUNT: &str = "request_count";
@@ -93,11 +96,11 @@ pub fn parse_prometheus(text: &str) -> Result<Vec<InstanceStat>, ScrapeError> {
         prometheus_parse::Scrape::parse(lines).map_err(|e| ScrapeError::Parse(e.to_string()))?;
     let mut by_instance: BTreeMap<(String, String, String), InstanceStat> = BTreeMap::new();
     for sample in scrape.samples {
-        let Some(rest) = sample
+        let name = sample
             .metric
-            .strip_prefix(PREFIX)
-            .and_then(|r| r.strip_prefix("__"))
-        else {
+            .strip_prefix(NATIVE_PROMETHEUS_PREFIX)
+            .unwrap_or(&sample.metric);
+        let Some(rest) = name.strip_prefix(PREFIX).and_then(|r| r.strip_prefix("__")) else {
             continue;
         };
         let parts: Vec<&str> = rest.split("__").collect();
@@ -275,6 +278,26 @@ pub(crate) mod tests {
             ("team_a", "web_00002")
         );
         assert_eq!(x.stat.request_count, 3.0);
+    }
+
+    #[test]
+    fn the_native_filters_series_read_the_same() {
+        // The dynamic module's series carry Envoy's `envoy_<metrics_namespace>_` prefix.
+        let native: String = fixture(2500, 1000)
+            .lines()
+            .map(|line| {
+                let line = line.replace("TYPE sluice_qp__", "TYPE envoy_sluice_sluice_qp__");
+                match line.strip_prefix("sluice_qp__") {
+                    Some(rest) => format!("envoy_sluice_sluice_qp__{rest}\n"),
+                    None => format!("{line}\n"),
+                }
+            })
+            .collect();
+        assert!(native.contains("\nenvoy_sluice_sluice_qp__default__"));
+        assert_eq!(
+            parse_prometheus(&native).unwrap(),
+            parse_prometheus(&fixture(2500, 1000)).unwrap()
+        );
     }
 
     #[test]

@@ -13,7 +13,9 @@ use tokio::time::MissedTickBehavior;
 
 use crate::collector::Collector;
 use crate::config::RevisionScaling;
+use crate::config::ScalingMetric;
 use crate::kpa::{Autoscaler, DeciderSpec, DeciderStatus, TICK_INTERVAL};
+use crate::metrics::{AutoscalerMetrics, RevisionFigures};
 use crate::reconciler::{
     Activity, DEFAULT_PROGRESS_DEADLINE, Mode, Observation, PaStatus, scale_decision,
 };
@@ -118,6 +120,7 @@ struct Shared {
     stop: Notify,
     all: watch::Sender<BTreeMap<RevisionKey, RevisionDecision>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    metrics: AutoscalerMetrics,
 }
 
 /// A handle on the running autoscaler; cheap to clone.
@@ -147,10 +150,16 @@ impl AutoscalerService {
             stop: Notify::new(),
             all,
             task: Mutex::new(None),
+            metrics: AutoscalerMetrics::default(),
         });
         let task = tokio::spawn(run(shared.clone(), scaler));
         *shared.task.lock().unwrap() = Some(task);
         AutoscalerService { shared }
+    }
+
+    /// The per-revision gauges (register them with [`AutoscalerMetrics::register`]).
+    pub fn metrics(&self) -> &AutoscalerMetrics {
+        &self.shared.metrics
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -232,6 +241,7 @@ impl AutoscalerService {
         state.by_metric.retain(|_, k| k != key);
         state.pokes.remove(key);
         drop(state);
+        self.shared.metrics.remove(key);
         self.shared.all.send_modify(|all| {
             all.remove(key);
         });
@@ -462,6 +472,7 @@ fn decide_one(shared: &Shared, key: &RevisionKey, rev: &mut Revision, now: Insta
     // Knative creates the Deployment with the initial scale; here the runtime is asked for it first.
     let Some(applied) = rev.applied else {
         let initial = rev.scaling.initial_scale;
+        shared.metrics.record_desired(key, initial);
         publish(shared, key, rev, |d| d.desired_scale = initial);
         return Some(initial);
     };
@@ -493,6 +504,19 @@ fn decide_one(shared: &Shared, key: &RevisionKey, rev: &mut Revision, now: Insta
     }
     let desired = decision.apply.unwrap_or(applied);
     let ebc = rev.decider.excess_burst_capacity;
+    shared.metrics.record(
+        key,
+        &RevisionFigures {
+            desired,
+            actual: ready,
+            concurrency: rev.collector.stable_and_panic_concurrency(now),
+            rps: rev.collector.stable_and_panic_rps(now),
+            target: rev.scaling.target,
+            target_is_rps: rev.scaling.metric == ScalingMetric::Rps,
+            panicking,
+            excess_burst_capacity: ebc,
+        },
+    );
     publish(shared, key, rev, |d| {
         d.desired_scale = desired;
         d.want = decision.want;
@@ -686,6 +710,59 @@ mod tests {
         })
         .await;
 
+        service.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn metrics_follow_the_decisions_and_go_with_the_revision() {
+        use crate::metrics::RevisionLabels;
+        let server = MetricsServer::start(page(&[])).await;
+        let scaler = Arc::new(RecordingScaler::default());
+        let mut options = ServiceOptions::new(server.url());
+        options.scrape_interval = Duration::from_millis(100);
+        options.decide_interval = Duration::from_millis(200);
+        let service = AutoscalerService::start(options, scaler.clone());
+        let _stop = Stop(service.clone());
+        scaler.service.set(service.clone()).ok().unwrap();
+        let key = RevisionKey::new("default", "hello-00001");
+        let _decisions = service.upsert_revision(key.clone(), scaling());
+        let metrics = service.metrics().clone();
+        let labels = RevisionLabels::new(&key);
+        let desired = || metrics.desired_pods.get_or_create(&labels).get();
+        wait_for("initial scale", || desired() == 1).await;
+
+        // Five requests in flight on the one instance: five wanted, panicking (5 / 1 >= 2).
+        server.set(page(&[5000]));
+        wait_for("desired_pods 5", || desired() == 5).await;
+        wait_for("actual_pods 5", || {
+            metrics.actual_pods.get_or_create(&labels).get() == 5
+        })
+        .await;
+        assert_eq!(metrics.panic_mode.get_or_create(&labels).get(), 1);
+        assert!(
+            metrics
+                .panic_request_concurrency
+                .get_or_create(&labels)
+                .get()
+                > 0.0
+        );
+        assert_eq!(
+            metrics
+                .target_concurrency_per_pod
+                .get_or_create(&labels)
+                .get(),
+            1.0
+        );
+        assert!(!metrics.target_requests_per_second.contains(&labels));
+        assert_eq!(
+            metrics.excess_burst_capacity.get_or_create(&labels).get(),
+            0,
+            "tbc 0"
+        );
+
+        service.remove_revision(&key);
+        assert!(!metrics.desired_pods.contains(&labels));
+        assert!(!metrics.stable_request_concurrency.contains(&labels));
         service.shutdown().await;
     }
 

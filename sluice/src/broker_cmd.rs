@@ -24,6 +24,9 @@ pub struct BrokerArgs {
     /// Connections to one subscriber host at most, shared by every Trigger that delivers there.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     pub connections_per_host: u16,
+    /// Serve Prometheus metrics at `GET /metrics` on this address (e.g. 127.0.0.1:9090).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How often the folder is read again for changes.
@@ -36,6 +39,21 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     options.parallelism = args.delivery_parallelism.into();
     options.connections_per_host = args.connections_per_host.into();
     let service = BrokerService::start(options).await?;
+    let metrics = match args.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics address {addr}"))?;
+            let mut registry = prometheus_client::registry::Registry::default();
+            service.register_metrics(&mut registry);
+            tracing::info!("metrics on http://{addr}/metrics");
+            Some(tokio::spawn(crate::http::serve_metrics(
+                listener,
+                std::sync::Arc::new(registry),
+            )))
+        }
+        None => None,
+    };
     let mut applied = None;
     let mut ticker = tokio::time::interval(RESCAN);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -57,6 +75,9 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
         }
     }
     tracing::info!("stopping the broker");
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     service.shutdown().await;
     Ok(())
 }

@@ -9,7 +9,8 @@ use anyhow::{Context, Result, bail};
 use sluice_runtime::leftovers::OWNER_ENV;
 use sluice_runtime::spawn_tied;
 use sluice_xds_server::translate::{
-    QUEUE_PROXY_RUNTIME, QUEUE_PROXY_VM_ID, QUEUE_PROXY_VM_KEEPER_CONFIG, SIDECAR_PREFIX,
+    QUEUE_PROXY_RUNTIME, QUEUE_PROXY_VM_ID, QUEUE_PROXY_VM_KEEPER_CONFIG, QueueProxyFilter,
+    SIDECAR_PREFIX,
 };
 use tokio::process::{Child, Command};
 
@@ -82,6 +83,57 @@ pub fn find_queue_proxy_wasm() -> Result<PathBuf> {
         .into_iter()
         .find(|p| p.is_file())
         .ok_or_else(|| anyhow::anyhow!("{WASM_HINT}"))
+}
+
+const NATIVE_HINT: &str = "the native queue-proxy filter is not built: run `cargo build --release -p \
+sluice-queue-proxy-native` (bash scripts/setup does it), or set SLUICE_QUEUE_PROXY_NATIVE";
+
+/// The native queue-proxy filter (an Envoy dynamic module): `$SLUICE_QUEUE_PROXY_NATIVE`, else
+/// `libsluice_queue_proxy_native.so` beside the running binary (target/release/), else in
+/// target/release under the current folder or one above it.
+pub fn find_queue_proxy_native() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("SLUICE_QUEUE_PROXY_NATIVE").filter(|v| !v.is_empty()) {
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            return Ok(path);
+        }
+        bail!("SLUICE_QUEUE_PROXY_NATIVE={} is not a file", path.display());
+    }
+    const FILE: &str = "libsluice_queue_proxy_native.so";
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        candidates.push(dir.join(FILE));
+        // A debug sluice (target/debug/) with the release module beside it.
+        if let Some(target) = dir.parent() {
+            candidates.push(target.join("release").join(FILE));
+        }
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        candidates.extend(cwd.ancestors().map(|d| d.join("target/release").join(FILE)));
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| anyhow::anyhow!("{NATIVE_HINT}"))
+}
+
+/// Which build of the queue-proxy filter `sluice up` loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueProxyForm {
+    /// The Envoy dynamic module (native code in Envoy's workers).
+    Native,
+    /// The proxy-wasm module in Envoy's V8 (the form Istio meshes load as a WasmPlugin).
+    Wasm,
+}
+
+/// The queue-proxy filter of the chosen form, or why it cannot be found.
+pub fn find_queue_proxy(form: QueueProxyForm) -> Result<QueueProxyFilter> {
+    Ok(match form {
+        QueueProxyForm::Wasm => QueueProxyFilter::Wasm(find_queue_proxy_wasm()?),
+        QueueProxyForm::Native => QueueProxyFilter::Native(find_queue_proxy_native()?),
+    })
 }
 
 fn real_binary_in_venv(venv: &Path) -> Option<PathBuf> {
@@ -402,7 +454,8 @@ impl XdsClientTls {
 /// The Envoy stats no one reads, by prefix: each instance's sidecar listener, its HTTP connection
 /// manager, its cluster and its virtual host (all named `sidecar/<namespace>/<instance>`), a few
 /// hundred stats per instance that every `/stats/prometheus` scrape walked. What Sluice reads stays:
-/// the queue-proxy filter's `wasmcustom.sluice_qp__*` (autoscaler, bench), the gateway's listeners
+/// the queue-proxy filter's `wasmcustom.sluice_qp__*` or (native) `sluice.sluice_qp__*` (autoscaler,
+/// bench), the gateway's listeners
 /// and clusters, `listener_manager.*` and `wasm.*` (tests), `server.*`.
 pub fn dropped_stat_prefixes() -> Vec<String> {
     ["listener.", "http.", "cluster.", "vhost."]
@@ -706,6 +759,7 @@ mod tests {
         for stat in [
             "wasmcustom.sluice_qp__default__hello_00001__average_concurrency_milli",
             "wasmcustom.sluice_qp__default__hello_00001__hello_00001_a__ready",
+            "sluice.sluice_qp__default__hello_00001__hello_00001_a__requests_total",
             "listener_manager.total_listeners_draining",
             "wasm.envoy.wasm.runtime.v8.active",
             "cluster.default/hello-00001:80.upstream_rq_total",

@@ -132,6 +132,11 @@ impl EventingPlane {
         state.endpoints.insert(key, eps.into());
     }
 
+    /// Registers the broker's metrics (Knative's `mt_broker_*` and Sluice's `broker_*`).
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.service.register_metrics(registry);
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.service.local_addr()
     }

@@ -8,6 +8,7 @@ mod eventing;
 mod http;
 mod launch;
 mod logs_cmd;
+mod metrics;
 mod runtime_choice;
 mod serving;
 mod state_file;

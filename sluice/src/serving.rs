@@ -245,7 +245,8 @@ impl ServingPlane {
             );
         }
         let stats_url: http::Uri = format!(
-            "http://{}/stats/prometheus?usedonly&filter=^wasmcustom.sluice_qp__",
+            // Both filter builds' stats: `wasmcustom.sluice_qp__*` and (native) `sluice.sluice_qp__*`.
+            "http://{}/stats/prometheus?usedonly&filter=sluice_qp__",
             options.envoy_admin
         )
         .parse()?;
@@ -328,6 +329,16 @@ impl ServingPlane {
                 self.state_dir.display()
             );
         }
+    }
+
+    /// Registers the autoscaler's and the activator's metrics under Knative's prefixes
+    /// (`autoscaler_`, `activator_`).
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.autoscaler
+            .metrics()
+            .register(registry.sub_registry_with_prefix("autoscaler"));
+        self.activator
+            .register_metrics(registry.sub_registry_with_prefix("activator"));
     }
 
     /// SIGKILLs every instance now (a second Ctrl-C); a pending [`ServingPlane::shutdown`] then ends.

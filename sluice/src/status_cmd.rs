@@ -253,6 +253,12 @@ fn render_table(report: &serde_json::Value) -> String {
             str_of(&report["runtime"]["reason"])
         ));
     }
+    if let Some(form) = report["queueProxy"]["form"].as_str() {
+        out.push_str(&format!(
+            "Queue-proxy: {form} ({})\n",
+            str_of(&report["queueProxy"]["path"])
+        ));
+    }
     if let Some(nack) = envoy["lastNack"].as_str() {
         out.push_str(&format!(
             "Envoy rejected the newest configuration: {nack}\n"
@@ -418,9 +424,14 @@ mod tests {
                 "warnings": ["spec.containers[0].resources.requests: not reserved locally"]
             }],
             "runtime": {"kind": "container", "reason": "a container engine answers"},
+            "queueProxy": {"form": "native", "path": "/x/libsluice_queue_proxy_native.so"},
             "ingresses": [], "errors": [], "envoy": {"generation": 1, "ackedGeneration": 1}
         });
         let t = render_table(&report);
+        assert!(
+            t.contains("Queue-proxy: native (/x/libsluice_queue_proxy_native.so)"),
+            "{t}"
+        );
         assert!(
             t.contains("default/hello  http://hello.default.localhost  True"),
             "{t}"

@@ -16,7 +16,7 @@ use sluice_xds_server::snapshot::Snapshot;
 use sluice_xds_server::source::StateSource;
 use sluice_xds_server::source::folder::FolderSource;
 use sluice_xds_server::status::LoadBalancers;
-use sluice_xds_server::translate::GatewayConfig;
+use sluice_xds_server::translate::{GatewayConfig, QueueProxyFilter};
 
 use sluice_runtime::leftovers::{reap_leftovers, stale_run_dirs};
 use sluice_runtime::{InstanceState, PortPool, RuntimeOptions, RuntimeSnapshot, StateLock};
@@ -77,6 +77,10 @@ pub struct UpArgs {
     /// answers and processes otherwise.
     #[arg(long, value_enum, default_value = "auto", env = "SLUICE_RUNTIME")]
     runtime: RuntimeChoice,
+    /// Which build of the queue-proxy filter the instance listeners run: the Envoy dynamic module
+    /// (native) or the proxy-wasm module (wasm, as in an Istio mesh). Same behaviour and metrics.
+    #[arg(long, value_enum, default_value = "native", env = "SLUICE_QUEUE_PROXY")]
+    queue_proxy: envoy::QueueProxyForm,
 }
 
 pub async fn run(args: UpArgs) -> Result<()> {
@@ -113,8 +117,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let activator_listener = TcpListener::bind(addr(args.activator_port))
         .await
         .with_context(|| format!("activator port {}", args.activator_port))?;
-    let (queue_proxy_wasm, wasm_missing) = match envoy::find_queue_proxy_wasm() {
-        Ok(path) => (Some(path), None),
+    let (queue_proxy, wasm_missing) = match envoy::find_queue_proxy(args.queue_proxy) {
+        Ok(filter) => (Some(filter), None),
         Err(e) => {
             tracing::warn!("{e:#}; Knative Services cannot run until it is built");
             (None, Some(format!("{e:#}")))
@@ -123,6 +127,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
 
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
     let (ads_server, acks) = AdsServer::new(snapshot_rx);
+    let ads_metrics = ads_server.metrics().clone();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let xds_task = tokio::spawn({
         let mut shutdown_rx = shutdown_rx.clone();
@@ -134,14 +139,22 @@ pub async fn run(args: UpArgs) -> Result<()> {
         }
     });
 
-    let keeper_wasm = queue_proxy_wasm.clone();
+    // Only the wasm form has a VM to keep loaded (the dynamic module is never unloaded).
+    let keeper_wasm = match &queue_proxy {
+        Some(QueueProxyFilter::Wasm(wasm)) => Some(wasm.clone()),
+        _ => None,
+    };
+    let queue_proxy_report = match &queue_proxy {
+        Some(filter) => serde_json::json!({"form": filter.form(), "path": filter.path()}),
+        None => serde_json::json!({"form": null, "missing": wasm_missing}),
+    };
     let (report_tx, report_rx) = watch::channel(StatusReport::default());
     let controller_config = ControllerConfig {
         gateway: GatewayConfig {
             external_address: addr(args.external_port),
             internal_address: addr(args.internal_port),
             tls_address: Some(addr(args.tls_port)),
-            queue_proxy_wasm: queue_proxy_wasm.clone(),
+            queue_proxy: queue_proxy.clone(),
         },
         load_balancers: LoadBalancers {
             public: LoadBalancerIngressStatus {
@@ -242,6 +255,12 @@ pub async fn run(args: UpArgs) -> Result<()> {
     // True while the gateway answers ready: what a plane waits on before it sends through it.
     let gateway_live = envoy.live();
 
+    // Prometheus metrics of the whole process tree (Envoy's own stay on its admin port).
+    let mut registry = prometheus_client::registry::Registry::default();
+    ads_metrics.register(registry.sub_registry_with_prefix("xds"));
+    plane.register_metrics(&mut registry);
+    eventing.register_metrics(&mut registry);
+    let control_listener = crate::http::ControlListener::new(control_listener, Arc::new(registry));
     let status_eventing = eventing.clone();
     let control_task = tokio::spawn(crate::http::serve_control(control_listener, move || {
         let mut report = serde_json::to_value(&*report_rx.borrow()).unwrap_or_default();
@@ -254,6 +273,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
                 }
             }
             report.insert("gatewayLive".into(), (*gateway_live.borrow()).into());
+            report.insert("queueProxy".into(), queue_proxy_report.clone());
         }
         report
     }));

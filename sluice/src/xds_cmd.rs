@@ -145,7 +145,7 @@ pub async fn run(args: XdsArgs) -> Result<()> {
             external_address: args.external_listener,
             internal_address: args.internal_listener,
             tls_address: Some(args.tls_listener),
-            queue_proxy_wasm: None,
+            queue_proxy: None,
         },
         load_balancers: LoadBalancers {
             public: LoadBalancerIngressStatus {
@@ -167,6 +167,11 @@ pub async fn run(args: XdsArgs) -> Result<()> {
         args.listen,
         args.xds_port
     );
+    let mut registry = prometheus_client::registry::Registry::default();
+    ads_server
+        .metrics()
+        .register(registry.sub_registry_with_prefix("xds"));
+    let control_listener = crate::http::ControlListener::new(control_listener, Arc::new(registry));
     let control = tokio::spawn(crate::http::serve_control(control_listener, move || {
         serde_json::to_value(&*report_rx.borrow()).unwrap_or_default()
     }));

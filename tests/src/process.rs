@@ -1,6 +1,7 @@
-//! A child process in its own process group, stopped (group-wide) when the guard drops, even on panic.
+//! A child process in its own process group, stopped (group-wide) when the guard drops, even on panic,
+//! and by a watchdog when the test process itself dies (killed from outside, where no Drop runs).
 
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -14,6 +15,10 @@ pub struct ProcessGuard {
     /// Descendants seen so far: children that moved to a group of their own (sluice starts Envoy so)
     /// are not reached by the group signal, and once their parent is gone /proc no longer links them.
     known_descendants: Vec<ProcStart>,
+    /// A `sh` (in a group of its own) blocked reading a pipe whose only writer is this process: when
+    /// the test process exits however it exits, the pipe sees EOF and the watchdog stops the group
+    /// (SIGTERM, SIGKILL after the grace period). A pipe, not polling a pid: no delay, no pid reuse.
+    watchdog: Option<Child>,
 }
 
 impl ProcessGuard {
@@ -22,11 +27,13 @@ impl ProcessGuard {
         use std::os::unix::process::CommandExt;
         cmd.process_group(0);
         let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+        let watchdog = spawn_watchdog(child.id(), grace);
         Ok(ProcessGuard {
             child,
             grace,
             stopped: None,
             known_descendants: Vec::new(),
+            watchdog,
         })
     }
 
@@ -110,8 +117,33 @@ impl ProcessGuard {
         for process in &self.known_descendants {
             process.kill_if_still_running();
         }
+        // Stopped here: the watchdog goes before its pipe closes (it must not signal a group id that
+        // could be reused by then).
+        if let Some(mut watchdog) = self.watchdog.take() {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
+        }
         self.stopped
     }
+}
+
+/// Starts the watchdog of process group `pgid` (see [`ProcessGuard`]); None if `sh` cannot start
+/// (the guard still stops the group on Drop).
+fn spawn_watchdog(pgid: u32, grace: Duration) -> Option<Child> {
+    use std::os::unix::process::CommandExt;
+    let secs = grace.as_secs().max(1);
+    let script = format!(
+        "read _ ; kill -TERM -{pgid} 2>/dev/null; i=0; \
+         while kill -0 -{pgid} 2>/dev/null && [ $i -lt {secs} ]; do sleep 1; i=$((i+1)); done; \
+         kill -KILL -{pgid} 2>/dev/null"
+    );
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    cmd.spawn().ok()
 }
 
 fn signal_group(pgid: u32, signal: libc::c_int) {
@@ -215,4 +247,55 @@ fn descendants(root: u32) -> Vec<ProcStart> {
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader};
+
+    use super::*;
+
+    const CHILD_ENV: &str = "SLUICE_E2E_WATCHDOG_OWNER";
+
+    /// Run as its own process by the test below: guards a `sleep`, prints its pid, then waits to be
+    /// killed (so the guard's Drop never runs).
+    #[test]
+    fn watchdog_owner() {
+        if std::env::var_os(CHILD_ENV).is_none() {
+            return;
+        }
+        let mut sleep = Command::new("sleep");
+        sleep.arg("600");
+        let guard = ProcessGuard::spawn(sleep, Duration::from_secs(1)).unwrap();
+        println!("guarded {}", guard.id());
+        std::thread::sleep(Duration::from_secs(600));
+    }
+
+    #[test]
+    fn the_group_is_stopped_when_the_test_process_is_killed() {
+        let mut owner = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "process::tests::watchdog_owner", "--nocapture"])
+            .env(CHILD_ENV, "1")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(owner.stdout.take().unwrap()).lines();
+        let pid: u32 = loop {
+            let line = lines.next().expect("the owner's output").unwrap();
+            if let Some(pid) = line.strip_prefix("guarded ") {
+                break pid.trim().parse().unwrap();
+            }
+        };
+        assert!(alive(pid));
+        owner.kill().unwrap();
+        owner.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while alive(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "the guarded process outlived its owner"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }

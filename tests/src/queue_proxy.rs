@@ -44,25 +44,31 @@ pub fn queue_proxy_wasm() -> Result<PathBuf> {
 }
 
 fn build_wasm() -> Result<PathBuf> {
-    if let Some(wasm) = std::env::var_os("SLUICE_QUEUE_PROXY_WASM").filter(|v| !v.is_empty()) {
-        let wasm = PathBuf::from(wasm);
-        anyhow::ensure!(
-            wasm.is_file(),
-            "SLUICE_QUEUE_PROXY_WASM={} is not a file",
-            wasm.display()
-        );
-        return Ok(wasm);
+    build_artifact(
+        "SLUICE_QUEUE_PROXY_WASM",
+        &[
+            "build",
+            "-p",
+            "sluice-queue-proxy",
+            "--target",
+            "wasm32-wasip1",
+            "--profile",
+            "wasm",
+        ],
+        "wasm32-wasip1/wasm/sluice_queue_proxy.wasm",
+        "; is the target installed? (rustup target add wasm32-wasip1)",
+    )
+}
+
+/// `$env` when set (it must name a file), else `cargo <args>` in the workspace and then
+/// `<target dir>/<built>`.
+fn build_artifact(env: &str, args: &[&str], built: &str, hint: &str) -> Result<PathBuf> {
+    if let Some(given) = std::env::var_os(env).filter(|v| !v.is_empty()) {
+        let given = PathBuf::from(given);
+        anyhow::ensure!(given.is_file(), "{env}={} is not a file", given.display());
+        return Ok(given);
     }
     let root = workspace_root();
-    let args = [
-        "build",
-        "-p",
-        "sluice-queue-proxy",
-        "--target",
-        "wasm32-wasip1",
-        "--profile",
-        "wasm",
-    ];
     let status = crate::cargo()
         .args(args)
         .current_dir(&root)
@@ -71,20 +77,16 @@ fn build_wasm() -> Result<PathBuf> {
         .with_context(|| format!("running cargo {}", args.join(" ")))?;
     anyhow::ensure!(
         status.success(),
-        "cargo {} failed ({status}); is the target installed? (rustup target add wasm32-wasip1)",
+        "cargo {} failed ({status}){hint}",
         args.join(" ")
     );
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|t| if t.is_absolute() { t } else { root.join(t) })
-        .unwrap_or_else(|| root.join("target"));
-    let wasm = target.join("wasm32-wasip1/wasm/sluice_queue_proxy.wasm");
+    let path = target_dir(&root).join(built);
     anyhow::ensure!(
-        wasm.is_file(),
+        path.is_file(),
         "{} is missing after a successful build",
-        wasm.display()
+        path.display()
     );
-    Ok(wasm)
+    Ok(path)
 }
 
 /// The Envoy binary: `$ENVOY_BIN`, else the real binary in the project's .venv, else `envoy` on PATH.
@@ -103,6 +105,64 @@ pub fn envoy_binary() -> Result<PathBuf> {
     })
 }
 
+/// Which build of the queue-proxy filter Envoy runs: the proxy-wasm module in V8, or the native
+/// dynamic module (native-filters/queue-proxy). The same tests run on both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    Wasm,
+    Native,
+}
+
+impl Form {
+    /// The built filter: the .wasm, or the dynamic module's .so.
+    pub fn artifact(self) -> Result<PathBuf> {
+        match self {
+            Form::Wasm => queue_proxy_wasm(),
+            Form::Native => queue_proxy_native(),
+        }
+    }
+
+    /// How this form's metrics are named in Envoy's /stats/prometheus: a metric of the filter named
+    /// `name` (see `sluice_queue_proxy::names`).
+    pub fn prometheus_name(self, name: &str) -> String {
+        match self {
+            Form::Wasm => name.to_string(),
+            Form::Native => format!("{NATIVE_PROMETHEUS_PREFIX}{name}"),
+        }
+    }
+}
+
+/// Envoy's prefix on the native module's metrics in /stats/prometheus (`envoy_` and the
+/// `metrics_namespace` the bootstrap sets), before the wasm form's names.
+pub const NATIVE_PROMETHEUS_PREFIX: &str = "envoy_sluice_";
+/// The `metrics_namespace` of the native module's metrics (Envoy's default is `dynamicmodulescustom`).
+pub const NATIVE_METRICS_NAMESPACE: &str = "sluice";
+
+/// The native filter's shared library: `$SLUICE_QUEUE_PROXY_NATIVE`, else built once per test process
+/// with `cargo build -p sluice-queue-proxy-native --release` (a no-op when up to date).
+pub fn queue_proxy_native() -> Result<PathBuf> {
+    static SO: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    SO.get_or_init(|| build_native().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn build_native() -> Result<PathBuf> {
+    build_artifact(
+        "SLUICE_QUEUE_PROXY_NATIVE",
+        &["build", "-p", "sluice-queue-proxy-native", "--release"],
+        "release/libsluice_queue_proxy_native.so",
+        "",
+    )
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| if t.is_absolute() { t } else { root.join(t) })
+        .unwrap_or_else(|| root.join("target"))
+}
+
 /// What goes into the bootstrap.
 #[derive(Debug, Clone)]
 pub struct EnvoySpec {
@@ -112,6 +172,7 @@ pub struct EnvoySpec {
     pub upstream: SocketAddr,
     /// Envoy worker threads (each runs its own wasm VM).
     pub concurrency: u32,
+    pub form: Form,
 }
 
 impl EnvoySpec {
@@ -120,7 +181,13 @@ impl EnvoySpec {
             plugin_config: Some(plugin_config),
             upstream,
             concurrency: 2,
+            form: Form::Wasm,
         }
+    }
+
+    pub fn form(mut self, form: Form) -> EnvoySpec {
+        self.form = form;
+        self
     }
 }
 
@@ -129,11 +196,30 @@ pub const INSTANCE_CLUSTER: &str = "instance";
 
 /// A static bootstrap: the instance-side listener (filter + router, route timeout 0s as Knative's
 /// ingress has none) and the instance cluster; admin on its own port; everything on 127.0.0.1.
-pub fn bootstrap(spec: &EnvoySpec, wasm: &Path, listen_port: u16, admin_port: u16) -> Value {
+pub fn bootstrap(spec: &EnvoySpec, filter: &Path, listen_port: u16, admin_port: u16) -> Value {
     let socket =
         |port: u16| json!({"socket_address": {"address": "127.0.0.1", "port_value": port}});
     let mut http_filters = Vec::new();
-    if let Some(config) = &spec.plugin_config {
+    if let (Some(config), Form::Native) = (&spec.plugin_config, spec.form) {
+        http_filters.push(json!({
+            "name": "envoy.filters.http.dynamic_modules",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+                "dynamic_module_config": {
+                    "module": {"local": {"filename": filter.display().to_string()}},
+                    // The module keeps process-wide state (instances, its tick thread): never unloaded.
+                    "do_not_close": true,
+                    "metrics_namespace": NATIVE_METRICS_NAMESPACE
+                },
+                "filter_name": "queue-proxy",
+                "filter_config": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": config.to_string()
+                }
+            }
+        }));
+    } else if let Some(config) = &spec.plugin_config {
+        let wasm = filter;
         let instance = config
             .get("instance")
             .and_then(Value::as_str)
@@ -205,14 +291,14 @@ pub struct Validation {
 
 /// Runs `envoy --mode validate` on the bootstrap for `spec`: it loads the wasm and runs on_configure.
 pub fn validate(spec: &EnvoySpec) -> Result<Validation> {
-    let wasm = queue_proxy_wasm()?;
+    let filter = spec.form.artifact()?;
     let dir = tempfile::Builder::new()
         .prefix("sluice-queue-proxy-")
         .tempdir()?;
     let config = dir.path().join("envoy.yaml");
     std::fs::write(
         &config,
-        bootstrap(spec, &wasm, free_port(), free_port()).to_string(),
+        bootstrap(spec, &filter, free_port(), free_port()).to_string(),
     )?;
     let envoy = envoy_binary()?;
     let out = Command::new(&envoy)
@@ -234,6 +320,7 @@ pub fn validate(spec: &EnvoySpec) -> Result<Validation> {
 /// when a test panics.
 pub struct QueueProxyEnvoy {
     process: ProcessGuard,
+    form: Form,
     listen: SocketAddr,
     admin: SocketAddr,
     log_path: PathBuf,
@@ -245,7 +332,8 @@ impl QueueProxyEnvoy {
     /// Starts Envoy and waits until the listener serves (a request answered by anything but a
     /// connection error).
     pub async fn start(spec: &EnvoySpec) -> Result<QueueProxyEnvoy> {
-        let wasm = tokio::task::spawn_blocking(queue_proxy_wasm).await??;
+        let form = spec.form;
+        let filter = tokio::task::spawn_blocking(move || form.artifact()).await??;
         let envoy = envoy_binary()?;
         let slot = SLOTS
             .acquire()
@@ -254,7 +342,7 @@ impl QueueProxyEnvoy {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut started = Self::launch(spec, &envoy, &wasm)?;
+            let mut started = Self::launch(spec, &envoy, &filter)?;
             match started.wait_ready().await {
                 Ok(()) => {
                     started._slot = Some(slot);
@@ -275,7 +363,7 @@ impl QueueProxyEnvoy {
         }
     }
 
-    fn launch(spec: &EnvoySpec, envoy: &Path, wasm: &Path) -> Result<QueueProxyEnvoy> {
+    fn launch(spec: &EnvoySpec, envoy: &Path, filter: &Path) -> Result<QueueProxyEnvoy> {
         let dir = tempfile::Builder::new()
             .prefix("sluice-queue-proxy-")
             .tempdir()?;
@@ -283,7 +371,7 @@ impl QueueProxyEnvoy {
         let config = dir.path().join("envoy.yaml");
         std::fs::write(
             &config,
-            bootstrap(spec, wasm, listen_port, admin_port).to_string(),
+            bootstrap(spec, filter, listen_port, admin_port).to_string(),
         )?;
         let log_path = dir.path().join("envoy.log");
         let log = File::create(&log_path)?;
@@ -298,6 +386,7 @@ impl QueueProxyEnvoy {
         let process = ProcessGuard::spawn(cmd, STOP_GRACE)?;
         Ok(QueueProxyEnvoy {
             process,
+            form: spec.form,
             listen: loopback(listen_port),
             admin: loopback(admin_port),
             log_path,
@@ -364,9 +453,13 @@ impl QueueProxyEnvoy {
         admin_stat(self.admin, name).await
     }
 
-    /// One sample from /stats/prometheus, by exact metric name (labels ignored).
+    /// One sample from /stats/prometheus of a filter metric named `name` (`sluice_qp__...`; the
+    /// name this filter form gives it in Envoy's page is looked up; labels ignored).
     pub async fn metric(&self, name: &str) -> Result<Option<i64>> {
-        Ok(prometheus_value(&self.prometheus().await?, name))
+        Ok(prometheus_value(
+            &self.prometheus().await?,
+            &self.form.prometheus_name(name),
+        ))
     }
 }
 
@@ -532,6 +625,7 @@ mod tests {
             plugin_config: None,
             upstream: loopback(1),
             concurrency: 1,
+            form: Form::Wasm,
         };
         let boot = bootstrap(&spec, Path::new("/x.wasm"), 2, 3);
         let filters = boot

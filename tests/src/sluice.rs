@@ -208,6 +208,9 @@ pub struct StartOptions {
     pub envoy: Option<PathBuf>,
     /// More arguments to `sluice up`.
     pub args: Vec<String>,
+    /// `--queue-proxy`: which build of the queue-proxy filter (None: sluice up's default). Both are
+    /// built for the tests and handed over (SLUICE_QUEUE_PROXY_WASM, SLUICE_QUEUE_PROXY_NATIVE).
+    pub queue_proxy: Option<crate::queue_proxy::Form>,
 }
 
 fn launch(
@@ -289,6 +292,19 @@ fn spawn_up(
     if let Some(wasm) = wasm {
         cmd.env("SLUICE_QUEUE_PROXY_WASM", wasm);
     }
+    // Built (and cached) by `start_with` before this runs.
+    if let Ok(native) = crate::queue_proxy::queue_proxy_native() {
+        cmd.env("SLUICE_QUEUE_PROXY_NATIVE", native);
+    }
+    match options.queue_proxy {
+        Some(crate::queue_proxy::Form::Native) => {
+            cmd.args(["--queue-proxy", "native"]);
+        }
+        Some(crate::queue_proxy::Form::Wasm) => {
+            cmd.args(["--queue-proxy", "wasm"]);
+        }
+        None => {}
+    }
     ProcessGuard::spawn(cmd, STOP_GRACE)
 }
 
@@ -354,6 +370,7 @@ impl Sluice {
         let wasm = tokio::task::spawn_blocking(crate::queue_proxy::queue_proxy_wasm)
             .await?
             .ok();
+        let _ = tokio::task::spawn_blocking(crate::queue_proxy::queue_proxy_native).await?;
         let mut attempt = 0;
         loop {
             attempt += 1;

@@ -10,7 +10,7 @@ use anyhow::Result;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use sluice_e2e::Req;
-use sluice_e2e::queue_proxy::{EnvoySpec, QueueProxyEnvoy, SlowBackend, validate};
+use sluice_e2e::queue_proxy::{EnvoySpec, Form, QueueProxyEnvoy, SlowBackend, validate};
 
 /// The metric names the autoscaler scrapes (wasm-filters/README.md), for namespace
 /// "default", revision "hello-00001", instance "hello-00001-a".
@@ -40,9 +40,9 @@ fn revision(stat: &str) -> String {
     format!("{REVISION}{stat}")
 }
 
-async fn start(config: Value) -> Result<(SlowBackend, QueueProxyEnvoy)> {
+async fn start(form: Form, config: Value) -> Result<(SlowBackend, QueueProxyEnvoy)> {
     let backend = SlowBackend::start().await?;
-    let envoy = QueueProxyEnvoy::start(&EnvoySpec::new(config, backend.addr())).await?;
+    let envoy = QueueProxyEnvoy::start(&EnvoySpec::new(config, backend.addr()).form(form)).await?;
     Ok((backend, envoy))
 }
 
@@ -77,11 +77,10 @@ async fn wait_metric(envoy: &QueueProxyEnvoy, name: &str, want: i64) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn breaker_holds_container_concurrency_1_across_two_workers() {
+async fn breaker_holds_container_concurrency_1_across_two_workers(form: Form) {
     // Knative's default depth (10 x 1) holds 11 pending requests; 12 need a deeper queue.
     let config = with(plugin_config(1), "queueDepth", json!(12));
-    let (backend, envoy) = start(config).await.unwrap();
+    let (backend, envoy) = start(form, config).await.unwrap();
     let started = Instant::now();
     let requests: Vec<_> = (0..12)
         .map(|_| {
@@ -120,9 +119,8 @@ async fn breaker_holds_container_concurrency_1_across_two_workers() {
     wait_metric(&envoy, &instance("requests_total"), 12).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn breaker_holds_container_concurrency_3_under_a_burst() {
-    let (backend, envoy) = start(plugin_config(3)).await.unwrap();
+async fn breaker_holds_container_concurrency_3_under_a_burst(form: Form) {
+    let (backend, envoy) = start(form, plugin_config(3)).await.unwrap();
     let requests: Vec<_> = (0..30)
         .map(|i| {
             let addr = envoy.addr();
@@ -150,12 +148,11 @@ async fn breaker_holds_container_concurrency_3_under_a_burst() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lending_workers_hold_container_concurrency_16_and_give_every_slot_back() {
+async fn lending_workers_hold_container_concurrency_16_and_give_every_slot_back(form: Form) {
     // containerConcurrency 16: each worker leases slots in batches of 2 and admits from them without
     // shared data while nobody waits; a burst of 64 makes requests queue, which calls the idle slots
     // back from the other worker.
-    let (backend, envoy) = start(plugin_config(16)).await.unwrap();
+    let (backend, envoy) = start(form, plugin_config(16)).await.unwrap();
     let burst = |n: usize, sleep_ms: u64| -> Vec<_> {
         (0..n)
             .map(|_| {
@@ -194,9 +191,8 @@ async fn lending_workers_hold_container_concurrency_16_and_give_every_slot_back(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queued_requests_are_served_in_arrival_order() {
-    let (_backend, envoy) = start(plugin_config(1)).await.unwrap();
+async fn queued_requests_are_served_in_arrival_order(form: Form) {
+    let (_backend, envoy) = start(form, plugin_config(1)).await.unwrap();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = Vec::new();
     for i in 0..6 {
@@ -221,10 +217,9 @@ async fn queued_requests_are_served_in_arrival_order() {
     assert_eq!(order, [0, 1, 2, 3, 4, 5], "FIFO across workers");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_queue_answers_503_at_once() {
+async fn a_full_queue_answers_503_at_once(form: Form) {
     let config = with(plugin_config(1), "queueDepth", json!(1));
-    let (backend, envoy) = start(config).await.unwrap();
+    let (backend, envoy) = start(form, config).await.unwrap();
     let addr = envoy.addr();
     let held = tokio::spawn(async move { get("/?sleep=3000").send(addr).await });
     wait_metric(&envoy, &instance("in_flight"), 1).await;
@@ -251,10 +246,9 @@ async fn a_full_queue_answers_503_at_once() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_queued_request_past_its_queue_timeout_gets_503() {
+async fn a_queued_request_past_its_queue_timeout_gets_503(form: Form) {
     let config = with(plugin_config(1), "queueTimeoutMs", json!(500));
-    let (backend, envoy) = start(config).await.unwrap();
+    let (backend, envoy) = start(form, config).await.unwrap();
     let addr = envoy.addr();
     let held = tokio::spawn(async move { get("/?sleep=4000").send(addr).await });
     wait_metric(&envoy, &instance("in_flight"), 1).await;
@@ -278,10 +272,9 @@ async fn a_queued_request_past_its_queue_timeout_gets_503() {
     assert_eq!(get("/").send(addr).await.unwrap().status, StatusCode::OK);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_gone_while_queued_gives_its_place_back() {
+async fn a_client_gone_while_queued_gives_its_place_back(form: Form) {
     let config = with(plugin_config(1), "queueDepth", json!(1));
-    let (backend, envoy) = start(config).await.unwrap();
+    let (backend, envoy) = start(form, config).await.unwrap();
     let addr = envoy.addr();
     let held = tokio::spawn(async move { get("/?sleep=3000").send(addr).await });
     wait_metric(&envoy, &instance("in_flight"), 1).await;
@@ -312,10 +305,9 @@ async fn a_client_gone_while_queued_gives_its_place_back() {
 
 /// Four clients, each sending one 200 ms request after another for 6 s, two of them as the activator:
 /// concurrency about 4 (2 proxied), about 20 requests a second (10 proxied). Probes are not counted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_report_concurrency_and_request_counts_per_second() {
+async fn metrics_report_concurrency_and_request_counts_per_second(form: Form) {
     // containerConcurrency 10: the breaker runs but never queues this load.
-    let (_backend, envoy) = start(plugin_config(10)).await.unwrap();
+    let (_backend, envoy) = start(form, plugin_config(10)).await.unwrap();
     let addr = envoy.addr();
     let load_for = Duration::from_secs(6);
     let started = Instant::now();
@@ -355,7 +347,9 @@ async fn metrics_report_concurrency_and_request_counts_per_second() {
         let due = started + Duration::from_millis(at);
         tokio::time::sleep_until(due.into()).await;
         let text = envoy.prometheus().await.unwrap();
-        let value = |name: String| sluice_e2e::queue_proxy::prometheus_value(&text, &name);
+        let value = |name: String| {
+            sluice_e2e::queue_proxy::prometheus_value(&text, &form.prometheus_name(&name))
+        };
         samples.push([
             value(instance("average_concurrency_milli")),
             value(instance("average_proxied_concurrency_milli")),
@@ -410,9 +404,8 @@ async fn metrics_report_concurrency_and_request_counts_per_second() {
     wait_metric(&envoy, &revision("average_proxied_concurrency_milli"), 0).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hash_probe_echoes_the_hash_and_bad_probes_get_400() {
-    let (backend, envoy) = start(plugin_config(1)).await.unwrap();
+async fn hash_probe_echoes_the_hash_and_bad_probes_get_400(form: Form) {
+    let (backend, envoy) = start(form, plugin_config(1)).await.unwrap();
     let addr = envoy.addr();
     let resp = get("/")
         .header("K-Network-Probe", "probe")
@@ -449,9 +442,8 @@ async fn hash_probe_echoes_the_hash_and_bad_probes_get_400() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queue_probe_follows_static_readiness() {
-    let (_backend, envoy) = start(plugin_config(0)).await.unwrap();
+async fn queue_probe_follows_static_readiness(form: Form) {
+    let (_backend, envoy) = start(form, plugin_config(0)).await.unwrap();
     let resp = get("/")
         .header("K-Network-Probe", "queue")
         .send(envoy.addr())
@@ -461,7 +453,7 @@ async fn queue_probe_follows_static_readiness() {
     assert_eq!(resp.text(), "queue");
     drop(envoy);
 
-    let (_backend, envoy) = start(with(plugin_config(0), "ready", json!(false)))
+    let (_backend, envoy) = start(form, with(plugin_config(0), "ready", json!(false)))
         .await
         .unwrap();
     let resp = get("/")
@@ -473,14 +465,13 @@ async fn queue_probe_follows_static_readiness() {
     assert_eq!(envoy.metric(&instance("ready")).await.unwrap(), Some(0));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queue_probe_follows_the_readiness_probe_of_the_instance() {
+async fn queue_probe_follows_the_readiness_probe_of_the_instance(form: Form) {
     let config = with(
         plugin_config(2),
         "readinessProbe",
         json!({"cluster": "instance", "path": "/healthz", "periodMs": 100, "failureThreshold": 1}),
     );
-    let (backend, envoy) = start(config).await.unwrap();
+    let (backend, envoy) = start(form, config).await.unwrap();
     let addr = envoy.addr();
     let probe = || async move {
         let resp = get("/")
@@ -515,9 +506,8 @@ async fn queue_probe_follows_the_readiness_probe_of_the_instance() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn container_concurrency_0_runs_no_breaker() {
-    let (backend, envoy) = start(plugin_config(0)).await.unwrap();
+async fn container_concurrency_0_runs_no_breaker(form: Form) {
+    let (backend, envoy) = start(form, plugin_config(0)).await.unwrap();
     let requests: Vec<_> = (0..8)
         .map(|_| {
             let addr = envoy.addr();
@@ -538,10 +528,14 @@ async fn container_concurrency_0_runs_no_breaker() {
     );
 }
 
-#[test]
-fn a_bad_configuration_fails_the_start_with_a_clear_log_line() {
+async fn a_bad_configuration_fails_the_start_with_a_clear_log_line(form: Form) {
     let upstream = sluice_e2e::ports::loopback(sluice_e2e::free_port());
-    let good = validate(&EnvoySpec::new(plugin_config(1), upstream)).unwrap();
+    let good = tokio::task::spawn_blocking(move || {
+        validate(&EnvoySpec::new(plugin_config(1), upstream).form(form))
+    })
+    .await
+    .unwrap()
+    .unwrap();
     assert!(good.ok, "a good config validates:\n{}", good.log);
 
     let cases = [
@@ -559,12 +553,158 @@ fn a_bad_configuration_fails_the_start_with_a_clear_log_line() {
         ),
     ];
     for (config, want) in cases {
-        let outcome = validate(&EnvoySpec::new(config.clone(), upstream)).unwrap();
+        let spec = EnvoySpec::new(config.clone(), upstream).form(form);
+        let outcome = tokio::task::spawn_blocking(move || validate(&spec))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(!outcome.ok, "{config} should fail validation");
         assert!(
             outcome.log.contains(want),
             "{config}: want a log line containing {want:?}, got:\n{}",
             outcome.log
         );
+    }
+}
+
+// Every behaviour on both builds of the filter: the proxy-wasm module (V8) and the native dynamic
+// module.
+mod wasm {
+    use super::Form;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn breaker_holds_container_concurrency_1_across_two_workers() {
+        super::breaker_holds_container_concurrency_1_across_two_workers(Form::Wasm).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn breaker_holds_container_concurrency_3_under_a_burst() {
+        super::breaker_holds_container_concurrency_3_under_a_burst(Form::Wasm).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lending_workers_hold_container_concurrency_16_and_give_every_slot_back() {
+        super::lending_workers_hold_container_concurrency_16_and_give_every_slot_back(Form::Wasm)
+            .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_requests_are_served_in_arrival_order() {
+        super::queued_requests_are_served_in_arrival_order(Form::Wasm).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_answers_503_at_once() {
+        super::a_full_queue_answers_503_at_once(Form::Wasm).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queued_request_past_its_queue_timeout_gets_503() {
+        super::a_queued_request_past_its_queue_timeout_gets_503(Form::Wasm).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_gone_while_queued_gives_its_place_back() {
+        super::a_client_gone_while_queued_gives_its_place_back(Form::Wasm).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn metrics_report_concurrency_and_request_counts_per_second() {
+        super::metrics_report_concurrency_and_request_counts_per_second(Form::Wasm).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hash_probe_echoes_the_hash_and_bad_probes_get_400() {
+        super::hash_probe_echoes_the_hash_and_bad_probes_get_400(Form::Wasm).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queue_probe_follows_static_readiness() {
+        super::queue_probe_follows_static_readiness(Form::Wasm).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queue_probe_follows_the_readiness_probe_of_the_instance() {
+        super::queue_probe_follows_the_readiness_probe_of_the_instance(Form::Wasm).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn container_concurrency_0_runs_no_breaker() {
+        super::container_concurrency_0_runs_no_breaker(Form::Wasm).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_configuration_fails_the_start_with_a_clear_log_line() {
+        super::a_bad_configuration_fails_the_start_with_a_clear_log_line(Form::Wasm).await
+    }
+}
+
+mod native {
+    use super::Form;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn breaker_holds_container_concurrency_1_across_two_workers() {
+        super::breaker_holds_container_concurrency_1_across_two_workers(Form::Native).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn breaker_holds_container_concurrency_3_under_a_burst() {
+        super::breaker_holds_container_concurrency_3_under_a_burst(Form::Native).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lending_workers_hold_container_concurrency_16_and_give_every_slot_back() {
+        super::lending_workers_hold_container_concurrency_16_and_give_every_slot_back(Form::Native)
+            .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_requests_are_served_in_arrival_order() {
+        super::queued_requests_are_served_in_arrival_order(Form::Native).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_answers_503_at_once() {
+        super::a_full_queue_answers_503_at_once(Form::Native).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queued_request_past_its_queue_timeout_gets_503() {
+        super::a_queued_request_past_its_queue_timeout_gets_503(Form::Native).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_gone_while_queued_gives_its_place_back() {
+        super::a_client_gone_while_queued_gives_its_place_back(Form::Native).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn metrics_report_concurrency_and_request_counts_per_second() {
+        super::metrics_report_concurrency_and_request_counts_per_second(Form::Native).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hash_probe_echoes_the_hash_and_bad_probes_get_400() {
+        super::hash_probe_echoes_the_hash_and_bad_probes_get_400(Form::Native).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queue_probe_follows_static_readiness() {
+        super::queue_probe_follows_static_readiness(Form::Native).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queue_probe_follows_the_readiness_probe_of_the_instance() {
+        super::queue_probe_follows_the_readiness_probe_of_the_instance(Form::Native).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn container_concurrency_0_runs_no_breaker() {
+        super::container_concurrency_0_runs_no_breaker(Form::Native).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_configuration_fails_the_start_with_a_clear_log_line() {
+        super::a_bad_configuration_fails_the_start_with_a_clear_log_line(Form::Native).await
     }
 }

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use http::StatusCode;
 use serde_json::Value;
 use sluice_e2e::knative::KnativeService;
-use sluice_e2e::{Req, Sluice};
+use sluice_e2e::queue_proxy::Form;
+use sluice_e2e::{Req, Sluice, StartOptions};
 
 const READY: Duration = Duration::from_secs(90);
 const APP: &str = env!("CARGO_BIN_EXE_sluice-test-app");
@@ -133,7 +134,7 @@ async fn service_gets_a_revision_a_url_and_answers() {
     assert!(
         stats
             .lines()
-            .any(|l| l.starts_with("wasmcustom.sluice_qp__default__hello_00001__")),
+            .any(|l| l.starts_with("sluice.sluice_qp__default__hello_00001__")),
         "the queue-proxy's metrics are kept:\n{stats}"
     );
     let sidecar: Vec<&str> = stats
@@ -205,7 +206,13 @@ async fn envoy_stat(sluice: &Sluice, name: &str) -> Option<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scales_to_zero_after_the_grace_period_and_a_cold_request_succeeds() {
-    let mut sluice = Sluice::start().await.expect("sluice up");
+    // The wasm build, whose VM sluice keeps loaded (the native test below scales to zero too).
+    let mut sluice = Sluice::start_with(StartOptions {
+        queue_proxy: Some(Form::Wasm),
+        ..StartOptions::default()
+    })
+    .await
+    .expect("sluice up");
     sluice
         .write("config-autoscaler.yaml", FAST_AUTOSCALER)
         .expect("config map");
@@ -497,6 +504,101 @@ async fn scaling_up_under_load_fails_no_request() {
         &failures[..failures.len().min(5)]
     );
     assert!(ok > 100, "only {ok} requests were made");
+}
+
+/// `sluice up --queue-proxy native`: the instance listeners run the native build of the filter, the
+/// autoscaler scales on its metrics (up under load, to zero without), containerConcurrency holds, a
+/// cold request succeeds, and `sluice status` says which build runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_native_queue_proxy_serves_and_the_autoscaler_scales_on_its_metrics() {
+    let mut sluice = Sluice::start_with(StartOptions {
+        queue_proxy: Some(Form::Native),
+        ..StartOptions::default()
+    })
+    .await
+    .expect("sluice up");
+    let status = sluice.status().await.expect("status");
+    assert_eq!(status["queueProxy"]["form"], "native", "{status}");
+    sluice
+        .write("config-autoscaler.yaml", FAST_AUTOSCALER)
+        .expect("config map");
+    let grow = svc("grow")
+        .spec("      containerConcurrency: 2\n")
+        .annotation("autoscaling.knative.dev/target", "1")
+        .annotation("autoscaling.knative.dev/max-scale", "3");
+    sluice.write("grow.yaml", &grow.yaml()).expect("writing");
+    wait_service(&mut sluice, "grow", "grow-00001").await;
+
+    let external = sluice.external();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let mut stop_rx = stop_rx.clone();
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                while !*stop_rx.borrow_and_update() {
+                    match Req::get("grow.default.localhost", "/?sleep_ms=50")
+                        .timeout(Duration::from_secs(30))
+                        .send(external)
+                        .await
+                    {
+                        Ok(r) if r.status == StatusCode::OK => {}
+                        Ok(r) => failures.push(format!("{} {}", r.status, r.text())),
+                        Err(e) => failures.push(format!("{e:#}")),
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    // Six clients against target 1: the autoscaler (reading the native filter's series) scales out.
+    wait_status(
+        &mut sluice,
+        "grow-00001 at 2 or more ready instances",
+        Duration::from_secs(120),
+        |s| {
+            find(s, "revisions", "grow-00001")
+                .is_some_and(|r| r["readyInstances"].as_u64().unwrap_or(0) >= 2)
+        },
+    )
+    .await;
+    let stats = sluice_e2e::queue_proxy::admin_get(sluice.admin(), "/stats")
+        .await
+        .expect("Envoy admin /stats");
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.starts_with("sluice.sluice_qp__default__grow_00001__")),
+        "the native filter's metrics:\n{stats}"
+    );
+    stop_tx.send(true).expect("stop");
+    for c in clients {
+        let failures = c.await.expect("client");
+        assert!(failures.is_empty(), "failed requests: {failures:?}");
+    }
+    // containerConcurrency 2 held on every instance.
+    let (_, body) = get(&sluice, "grow.default.localhost", "/stats")
+        .await
+        .expect("stats");
+    let app: Value = serde_json::from_str(&body).expect("stats JSON");
+    assert!(app["max_in_flight"].as_u64().unwrap_or(99) <= 2, "{app}");
+
+    // Idle: to zero, then a cold request is held by the activator and answered.
+    wait_status(
+        &mut sluice,
+        "grow-00001 at zero",
+        Duration::from_secs(120),
+        |s| {
+            find(s, "revisions", "grow-00001")
+                .is_some_and(|r| r["desiredInstances"] == 0 && r["readyInstances"] == 0)
+        },
+    )
+    .await;
+    let (code, body) = get(&sluice, "grow.default.localhost", "/")
+        .await
+        .expect("cold GET");
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body, "hello from grow-00001\n");
 }
 
 /// Bad autoscaling annotations: the Service and its Revision are Ready=False with the reason, every

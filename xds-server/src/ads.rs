@@ -33,6 +33,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::metrics::AdsMetrics;
 use crate::resources::{
     CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, LISTENER_TYPE_URL, ROUTE_TYPE_URL, SCOPED_ROUTE_TYPE_URL,
     SECRET_TYPE_URL,
@@ -274,8 +275,14 @@ impl AdsServer {
             status,
             closing,
             next_stream: AtomicU64::new(1),
+            metrics: AdsMetrics::default(),
         });
         (AdsServer { snapshots, shared }, status_rx)
+    }
+
+    /// The server's Prometheus metrics (register them with [`AdsMetrics::register`]).
+    pub fn metrics(&self) -> &AdsMetrics {
+        &self.shared.metrics
     }
 
     fn start<S: XdsStream>(
@@ -403,12 +410,16 @@ struct Shared {
     /// Set once when the server shuts down: every stream ends.
     closing: watch::Sender<bool>,
     next_stream: AtomicU64,
+    metrics: AdsMetrics,
 }
 
 #[derive(Default)]
 struct Tracker {
     streams: BTreeMap<u64, StreamEntry>,
     acked_generation: Option<u64>,
+    /// When each generation not yet ACKed everywhere was first seen by a stream: the start of its
+    /// propagation latency.
+    published: BTreeMap<u64, Instant>,
 }
 
 /// One stream in the tracker.
@@ -472,7 +483,22 @@ impl Shared {
         self.tracker.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A stream saw a new snapshot: the first to see a generation starts its propagation clock.
+    fn snapshot_seen(&self, snap: &Snapshot, now: Instant) {
+        let mut tracker = self.lock();
+        let generation = snap.generation();
+        if tracker.acked_generation.is_some_and(|g| g >= generation)
+            || tracker.published.contains_key(&generation)
+        {
+            return;
+        }
+        tracker.published.insert(generation, now);
+        drop(tracker);
+        self.metrics.snapshot(snap);
+    }
+
     fn register(&self, id: u64, peer: Option<SocketAddr>) {
+        self.metrics.clients_connected.inc();
         let mut tracker = self.lock();
         tracker.streams.insert(
             id,
@@ -502,6 +528,7 @@ impl Shared {
     }
 
     fn unregister(&self, id: u64) {
+        self.metrics.clients_connected.dec();
         let mut tracker = self.lock();
         tracker.streams.remove(&id);
         self.publish(&mut tracker);
@@ -514,6 +541,13 @@ impl Shared {
             && tracker.acked_generation.is_none_or(|acked| acked < first)
         {
             tracker.acked_generation = Some(first);
+            // Every gateway runs `first` now: its propagation (and that of any generation it
+            // superseded) is over.
+            let now = Instant::now();
+            if let Some(at) = tracker.published.get(&first) {
+                self.metrics.propagated(now.saturating_duration_since(*at));
+            }
+            tracker.published.retain(|g, _| *g > first);
         }
         let status = ConfigStatus {
             acked_generation: tracker.acked_generation,
@@ -593,6 +627,10 @@ trait XdsStream: Send + 'static {
     );
     fn on_snapshot(&mut self, snap: &Snapshot, out: &mut Vec<Self::Response>);
     fn sync(&self, snap: &Snapshot) -> StreamSync;
+    /// The type of a response (what a push is counted under).
+    fn response_type(response: &Self::Response) -> &str;
+    /// The answers (type URL, accepted) Envoy gave since the last call: ACKs and NACKs to count.
+    fn take_answers(&mut self) -> Vec<(String, bool)>;
 }
 
 async fn run_stream<S: XdsStream>(
@@ -625,6 +663,7 @@ async fn run_stream<S: XdsStream>(
         return;
     }
     let mut snap = snapshots.borrow_and_update().clone();
+    shared.snapshot_seen(&snap, Instant::now());
     let reason = loop {
         let mut out = Vec::new();
         let mut ended = None;
@@ -636,6 +675,7 @@ async fn run_stream<S: XdsStream>(
                     break "snapshot source closed";
                 }
                 snap = snapshots.borrow_and_update().clone();
+                shared.snapshot_seen(&snap, Instant::now());
                 tracing::debug!(generation = snap.generation(), "new snapshot");
                 state.on_snapshot(&snap, &mut out);
             }
@@ -658,11 +698,15 @@ async fn run_stream<S: XdsStream>(
                 }
             },
         }
+        for (type_url, accepted) in state.take_answers() {
+            shared.metrics.answered(&type_url, accepted);
+        }
         if let Some(reason) = ended {
             break reason;
         }
         let mut stopped = None;
         for response in out {
+            shared.metrics.pushed(S::response_type(&response));
             // An Envoy that stops reading must not hold up shutdown.
             tokio::select! {
                 sent = tx.send(Ok(response)) => if sent.is_err() {
@@ -747,6 +791,8 @@ struct SotwStream {
     node: String,
     nonces: u64,
     types: BTreeMap<String, SotwType>,
+    /// ACKs (true) and NACKs (false) not yet counted.
+    answers: Vec<(String, bool)>,
 }
 
 struct SotwType {
@@ -918,7 +964,9 @@ impl XdsStream for SotwStream {
                 st.acked = acked;
             }
             st.nack = Some(nack);
+            self.answers.push((type_url.to_string(), false));
         } else if req.version_info == st.sent_version {
+            self.answers.push((type_url.to_string(), true));
             st.answered = true;
             st.acked = st.sent.clone();
             st.nack = None;
@@ -953,6 +1001,14 @@ impl XdsStream for SotwStream {
             nacks: self.types.values().filter_map(|t| t.nack.clone()).collect(),
         }
     }
+
+    fn response_type(response: &DiscoveryResponse) -> &str {
+        &response.type_url
+    }
+
+    fn take_answers(&mut self) -> Vec<(String, bool)> {
+        std::mem::take(&mut self.answers)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -963,6 +1019,8 @@ struct DeltaStream {
     node: String,
     nonces: u64,
     types: BTreeMap<String, DeltaType>,
+    /// ACKs (true) and NACKs (false) not yet counted.
+    answers: Vec<(String, bool)>,
 }
 
 #[derive(Default)]
@@ -1212,8 +1270,10 @@ impl XdsStream for DeltaStream {
                     }
                     st.nack = Some(nack);
                     st.diverged = true;
+                    self.answers.push((type_url.to_string(), false));
                 }
                 (Some(sent), None) => {
+                    self.answers.push((type_url.to_string(), true));
                     for (name, version) in sent.updated {
                         st.acked.insert(name, version);
                     }
@@ -1275,6 +1335,14 @@ impl XdsStream for DeltaStream {
             nacks: self.types.values().filter_map(|t| t.nack.clone()).collect(),
         }
     }
+
+    fn response_type(response: &DeltaDiscoveryResponse) -> &str {
+        &response.type_url
+    }
+
+    fn take_answers(&mut self) -> Vec<(String, bool)> {
+        std::mem::take(&mut self.answers)
+    }
 }
 
 #[cfg(test)]
@@ -1292,6 +1360,7 @@ mod tests {
             status,
             closing: watch::channel(false).0,
             next_stream: AtomicU64::new(1),
+            metrics: AdsMetrics::default(),
         };
         (shared, rx)
     }
@@ -1336,6 +1405,43 @@ mod tests {
                 gateways: Vec::new(),
             }
         );
+    }
+
+    #[test]
+    fn metrics_count_streams_and_time_a_generation_until_every_stream_acks_it() {
+        let (shared, _status) = shared();
+        let metrics = shared.metrics.clone();
+        shared.register(1, None);
+        shared.register(2, None);
+        assert_eq!(metrics.clients_connected.get(), 2);
+        let t0 = Instant::now();
+        let one = snapshot(1, 1, "a");
+        shared.snapshot_seen(&one, t0);
+        // The second stream seeing it later does not restart the clock.
+        shared.snapshot_seen(&one, t0 + Duration::from_secs(5));
+        assert_eq!(metrics.snapshot_generation.get(), 1);
+        assert_eq!(
+            metrics.snapshot_resources.len(),
+            2,
+            "clusters and listeners"
+        );
+        assert!(metrics.snapshot_bytes.get() > 0);
+        shared.update(1, synced(1));
+        assert_eq!(
+            metrics.propagation_latency.count(),
+            0,
+            "one stream still owes it"
+        );
+        shared.update(2, synced(1));
+        assert_eq!(metrics.propagation_latency.count(), 1);
+        assert!(metrics.propagation_latency.sum() < 5.0);
+        // An ACKed generation seen again (a stream that reconnects) is not timed again.
+        shared.snapshot_seen(&one, Instant::now());
+        shared.update(1, synced(1));
+        assert_eq!(metrics.propagation_latency.count(), 1);
+        shared.unregister(1);
+        shared.unregister(2);
+        assert_eq!(metrics.clients_connected.get(), 0);
     }
 
     #[test]
@@ -1458,6 +1564,16 @@ mod tests {
         let sync = stream.sync(&two);
         assert_eq!(sync.synced, None);
         assert_eq!(sync.nacks.len(), 1);
+        assert_eq!(
+            stream.take_answers(),
+            [
+                (CLUSTER_TYPE_URL.to_string(), true),
+                (LISTENER_TYPE_URL.to_string(), true),
+                (CLUSTER_TYPE_URL.to_string(), false),
+            ],
+            "two ACKs then a NACK, counted once each"
+        );
+        assert!(stream.take_answers().is_empty());
 
         let three = snapshot(3, 2, "b");
         stream.on_snapshot(&three, &mut out);

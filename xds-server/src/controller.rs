@@ -1186,7 +1186,7 @@ mod tests {
                 external_address: addr,
                 internal_address: addr,
                 tls_address: None,
-                queue_proxy_wasm: None,
+                queue_proxy: None,
             },
             load_balancers: LoadBalancers {
                 public: Default::default(),

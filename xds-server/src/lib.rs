@@ -6,12 +6,14 @@
 //! - [`snapshot`]: per-resource content versions, so an unchanged resource is never pushed again.
 //! - [`ads`]: the gRPC AggregatedDiscoveryService (SotW and delta), ACK/NACK tracking.
 //! - [`tls`]: mTLS for the ADS server, with certificates re-read from disk when they are renewed.
+//! - [`metrics`]: the Prometheus families of the ADS server (the binary registers them).
 //! - [`source`]: where state comes from (a watched folder of YAML, or Kubernetes).
 
 pub mod ads;
 pub mod controller;
 pub mod gateways;
 pub mod lease;
+pub mod metrics;
 pub mod prober;
 pub mod resources;
 pub mod snapshot;

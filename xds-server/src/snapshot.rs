@@ -310,6 +310,11 @@ impl Snapshot {
             .map_or(&NO_RESOURCES, |t| &t.by_name)
     }
 
+    /// The types this snapshot holds resources of.
+    pub fn type_urls(&self) -> impl Iterator<Item = &str> {
+        self.types.keys().map(String::as_str)
+    }
+
     /// A digest over the (name, version) pairs of one type: the SotW `version_info`.
     pub fn type_version(&self, type_url: &str) -> String {
         match self.types.get(type_url) {

@@ -186,7 +186,7 @@ async fn a_gateway_that_never_acks_is_reported_and_does_not_hold_ingresses_back(
             external_address: format!("127.0.0.1:{external}").parse().unwrap(),
             internal_address: format!("127.0.0.1:{internal}").parse().unwrap(),
             tls_address: None,
-            queue_proxy_wasm: None,
+            queue_proxy: None,
         },
         load_balancers: LoadBalancers {
             public: Default::default(),

@@ -104,7 +104,7 @@ fn start(server: &FakeApiServer, name: &str) -> Replica {
             external_address: addr,
             internal_address: addr,
             tls_address: None,
-            queue_proxy_wasm: None,
+            queue_proxy: None,
         },
         load_balancers: LoadBalancers {
             public: Default::default(),

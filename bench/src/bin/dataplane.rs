@@ -81,6 +81,9 @@ struct Args {
         default_value = "target/wasm32-wasip1/wasm/sluice_noop_filter.wasm"
     )]
     noop_wasm: PathBuf,
+    /// The native build of the queue-proxy filter (an Envoy dynamic module).
+    #[arg(long, default_value = "target/release/libsluice_queue_proxy_native.so")]
+    queue_proxy_native: PathBuf,
     /// Writes every figure (per round and the summary) as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -89,15 +92,28 @@ struct Args {
     compare_with: Option<PathBuf>,
 }
 
-const ALL_SETUPS: [&str; 7] = [
+const ALL_SETUPS: [&str; 13] = [
     "direct",
     "envoy",
     "noop-wasm",
     "filter-cc0",
     "filter-cc100",
+    "native-cc0",
+    "native-cc100",
+    "two-hops-tcp",
+    "two-hops-internal",
     "serving-cc0",
     "serving-cc100",
+    "serving-native-cc0",
+    "serving-native-cc100",
 ];
+
+/// A filter before the router of a one-hop Envoy: the proxy-wasm module or the native dynamic module,
+/// with its plugin configuration.
+enum Filter {
+    Wasm(PathBuf, String),
+    Native(PathBuf, String),
+}
 
 /// A setup under load: where requests go and whose CPU counts.
 struct Setup {
@@ -165,6 +181,7 @@ fn main() -> Result<()> {
     let mut guards: Vec<ChildGuard> = Vec::new();
     let mut setups: Vec<Setup> = Vec::new();
     let mut sluice: Option<(SluiceGuard, u16)> = None;
+    let mut sluice_native: Option<(SluiceGuard, u16)> = None;
     for name in &wanted {
         let name = *name;
         let plugin = |cc: u32| {
@@ -183,15 +200,60 @@ fn main() -> Result<()> {
                 continue;
             }
             "envoy" => None,
-            "noop-wasm" => Some((existing(&args.noop_wasm)?, "{}".to_string())),
-            "filter-cc0" => Some((existing(&args.queue_proxy_wasm)?, plugin(0))),
-            "filter-cc100" => Some((existing(&args.queue_proxy_wasm)?, plugin(100))),
-            "serving-cc0" | "serving-cc100" => {
-                if sluice.is_none() {
-                    sluice = Some(start_sluice(&args, &envoy_bin, &upstream_bin, dir.path())?);
+            "noop-wasm" => Some(Filter::Wasm(existing(&args.noop_wasm)?, "{}".to_string())),
+            "filter-cc0" => Some(Filter::Wasm(existing(&args.queue_proxy_wasm)?, plugin(0))),
+            "filter-cc100" => Some(Filter::Wasm(existing(&args.queue_proxy_wasm)?, plugin(100))),
+            "native-cc0" => Some(Filter::Native(
+                existing(&args.queue_proxy_native)?,
+                plugin(0),
+            )),
+            "native-cc100" => Some(Filter::Native(
+                existing(&args.queue_proxy_native)?,
+                plugin(100),
+            )),
+            "two-hops-tcp" | "two-hops-internal" => {
+                // sluice up's serving path in one static Envoy: a gateway hop, then the instance hop
+                // with the native filter (cc 100), joined by loopback TCP or an internal listener.
+                let module = existing(&args.queue_proxy_native)?;
+                let internal = name == "two-hops-internal";
+                let config = plugin(100);
+                let (guard, target) = start_envoy(
+                    &envoy_bin,
+                    dir.path(),
+                    name,
+                    |port, admin| {
+                        two_hops_bootstrap(port, admin, upstream_port, &module, &config, internal)
+                    },
+                    args.envoy_core,
+                )?;
+                setups.push(Setup {
+                    name,
+                    target,
+                    cpu: ProcessCpu::new(guard.pid())?,
+                    measured: "envoy",
+                });
+                guards.push(guard);
+                continue;
+            }
+            "serving-cc0" | "serving-cc100" | "serving-native-cc0" | "serving-native-cc100" => {
+                let native = name.starts_with("serving-native");
+                let slot = if native {
+                    &mut sluice_native
+                } else {
+                    &mut sluice
+                };
+                if slot.is_none() {
+                    let root = dir.path().join(if native { "native" } else { "wasm" });
+                    *slot = Some(start_sluice(
+                        &args,
+                        &envoy_bin,
+                        &upstream_bin,
+                        &root,
+                        native,
+                    )?);
                 }
-                let (guard, external) = sluice.as_ref().expect("started");
-                let host = if name == "serving-cc0" {
+                let (guard, external) = slot.as_ref().expect("started");
+                let host = if name.ends_with("-cc0") {
                     "cc0"
                 } else {
                     "cc100"
@@ -214,8 +276,7 @@ fn main() -> Result<()> {
             &envoy_bin,
             dir.path(),
             name,
-            upstream_port,
-            filter.as_ref().map(|(p, c)| (p.as_path(), c.as_str())),
+            |port, admin| bootstrap(name, port, admin, upstream_port, filter.as_ref()),
             args.envoy_core,
         )?;
         setups.push(Setup {
@@ -555,7 +616,14 @@ fn summarize(setups: &[Setup], rounds: &[BTreeMap<&'static str, Figures>]) -> Va
     }
     println!("== issue 16 targets");
     let verdict = |ok: bool| if ok { "PASS" } else { "FAIL" };
-    for name in ["serving-cc0", "serving-cc100"] {
+    for name in [
+        "serving-cc0",
+        "serving-cc100",
+        "serving-native-cc0",
+        "serving-native-cc100",
+        "two-hops-tcp",
+        "two-hops-internal",
+    ] {
         if !setups.iter().any(|s| s.name == name) {
             continue;
         }
@@ -578,13 +646,18 @@ fn summarize(setups: &[Setup], rounds: &[BTreeMap<&'static str, Figures>]) -> Va
             );
         }
     }
-    for name in ["filter-cc0", "filter-cc100"] {
+    for name in ["filter-cc0", "filter-cc100", "native-cc0", "native-cc100"] {
         if !setups.iter().any(|s| s.name == name) {
             continue;
         }
         let ratio = paired(name, &cpu_ratio).1;
+        let form = if name.starts_with("native") {
+            "native"
+        } else {
+            "wasm"
+        };
         println!(
-            "{} {name} (wasm): Envoy CPU/request {:+.1}% over plain Envoy (target within 10%; at saturation {:+.1}%)",
+            "{} {name} ({form}): Envoy CPU/request {:+.1}% over plain Envoy (target within 10%; at saturation {:+.1}%)",
             verdict(ratio <= 1.10),
             (ratio - 1.0) * 100.0,
             (paired(name, &sat_cpu_ratio).1 - 1.0) * 100.0
@@ -650,17 +723,113 @@ fn wait_until_200(
     }
 }
 
-/// The bootstrap of bench-queue-proxy: one listener routing everything to the upstream, with the wasm
-/// filter `(code, configuration)` before the router when given.
-fn bootstrap(
-    name: &str,
+/// Two hops in one Envoy, as `sluice up`'s serving path: the gateway listener routes to the instance
+/// stage, whose listener runs the native queue-proxy filter and routes to the upstream. The stages are
+/// joined by a loopback TCP connection (what sluice up does today) or by an internal listener
+/// (`envoy.bootstrap.internal_listener`: the connection stays in user space).
+fn two_hops_bootstrap(
     port: u16,
     admin: u16,
     upstream: u16,
-    filter: Option<(&Path, &str)>,
+    module: &Path,
+    config: &str,
+    internal: bool,
 ) -> String {
-    let filter = filter.map_or(String::new(), |(code, config)| {
+    let instance_port = free_port();
+    let (extensions, instance_address, instance_endpoint) = if internal {
+        (
+            r#"bootstrap_extensions:
+- name: envoy.bootstrap.internal_listener
+  typed_config: {"@type": type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener}
+"#
+            .to_string(),
+            "internal_listener: {}".to_string(),
+            "{envoy_internal_address: {server_listener_name: instance}}".to_string(),
+        )
+    } else {
+        (
+            String::new(),
+            format!(
+                "address: {{socket_address: {{address: 127.0.0.1, port_value: {instance_port}}}}}"
+            ),
+            format!("{{socket_address: {{address: 127.0.0.1, port_value: {instance_port}}}}}"),
+        )
+    };
+    let hcm = |name: &str, cluster: &str, filter: &str| {
         format!(
+            r#"
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          route_config:
+            virtual_hosts:
+            - {{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: {cluster}, timeout: 0s}}}}]}}
+          http_filters:{filter}
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}"#
+        )
+    };
+    let filter = format!(
+        r#"
+          - name: envoy.filters.http.dynamic_modules
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+              dynamic_module_config: {{module: {{local: {{filename: {module}}}}}, do_not_close: true, metrics_namespace: sluice}}
+              filter_name: queue-proxy
+              filter_config:
+                "@type": type.googleapis.com/google.protobuf.StringValue
+                value: '{config}'"#,
+        module = module.display()
+    );
+    format!(
+        r#"{extensions}admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+static_resources:
+  listeners:
+  - name: gateway
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}{gateway}
+  - name: instance
+    {instance_address}{instance}
+  clusters:
+  - name: to_instance
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: to_instance
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {instance_endpoint}}}}}]}}]
+  - name: app
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: app
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}}}}}]}}]
+"#,
+        gateway = hcm("gateway", "to_instance", ""),
+        instance = hcm("instance", "app", &filter),
+    )
+}
+
+/// The bootstrap of bench-queue-proxy: one listener routing everything to the upstream, with the
+/// filter before the router when given.
+fn bootstrap(name: &str, port: u16, admin: u16, upstream: u16, filter: Option<&Filter>) -> String {
+    let filter = match filter {
+        None => String::new(),
+        Some(Filter::Native(module, config)) => format!(
+            r#"
+          - name: envoy.filters.http.dynamic_modules
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+              dynamic_module_config: {{module: {{local: {{filename: {module}}}}}, do_not_close: true, metrics_namespace: sluice}}
+              filter_name: queue-proxy
+              filter_config:
+                "@type": type.googleapis.com/google.protobuf.StringValue
+                value: '{config}'"#,
+            module = module.display()
+        ),
+        Some(Filter::Wasm(code, config)) => format!(
             r#"
           - name: envoy.filters.http.wasm
             typed_config:
@@ -675,8 +844,8 @@ fn bootstrap(
                   "@type": type.googleapis.com/google.protobuf.StringValue
                   value: '{config}'"#,
             code = code.display()
-        )
-    });
+        ),
+    };
     format!(
         r#"admin:
   address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
@@ -711,13 +880,12 @@ fn start_envoy(
     bin: &Path,
     dir: &Path,
     name: &str,
-    upstream: u16,
-    filter: Option<(&Path, &str)>,
+    render: impl Fn(u16, u16) -> String,
     core: usize,
 ) -> Result<(ChildGuard, Target)> {
     let (port, admin) = (free_port(), free_port());
     let config = dir.join(format!("{name}.yaml"));
-    std::fs::write(&config, bootstrap(name, port, admin, upstream, filter))?;
+    std::fs::write(&config, render(port, admin))?;
     let log_path = dir.join(format!("{name}.log"));
     let log = std::fs::File::create(&log_path)?;
     let mut cmd = Command::new(bin);
@@ -770,9 +938,16 @@ spec:
 /// `sluice up` with Services cc0 and cc100, its Envoy on one worker; returns once both answer through
 /// the gateway in Serve mode (no activator in the path). The control plane and the apps stay on the
 /// load core (inherited); its Envoy is moved to the Envoy core by [`sluice_envoy`].
-fn start_sluice(args: &Args, envoy: &Path, app: &Path, root: &Path) -> Result<(SluiceGuard, u16)> {
+fn start_sluice(
+    args: &Args,
+    envoy: &Path,
+    app: &Path,
+    root: &Path,
+    native: bool,
+) -> Result<(SluiceGuard, u16)> {
     let sluice = existing(&args.sluice)?;
     let wasm = existing(&args.queue_proxy_wasm)?;
+    let form = if native { "native" } else { "wasm" };
     let dir = root.join("services");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("cc0.yaml"), service_yaml("cc0", 0, app))?;
@@ -781,6 +956,12 @@ fn start_sluice(args: &Args, envoy: &Path, app: &Path, root: &Path) -> Result<(S
     let log_path = root.join("sluice.log");
     let log = std::fs::File::create(&log_path)?;
     let mut cmd = Command::new(&sluice);
+    if native {
+        cmd.env(
+            "SLUICE_QUEUE_PROXY_NATIVE",
+            existing(&args.queue_proxy_native)?,
+        );
+    }
     cmd.arg("up")
         .args(["--runtime", "process"])
         .arg(&dir)
@@ -795,6 +976,7 @@ fn start_sluice(args: &Args, envoy: &Path, app: &Path, root: &Path) -> Result<(S
         .arg("--state-dir")
         .arg(root.join("state"))
         .env("ENVOY_BIN", envoy)
+        .args(["--queue-proxy", form])
         .env("SLUICE_QUEUE_PROXY_WASM", &wasm)
         .env("SLUICE_LOG", "warn")
         .stdin(Stdio::null())

@@ -183,8 +183,8 @@ async fn run(args: &Args, sluice: &Path, app: &Path, n: usize) -> Result<()> {
             _ => failed += 1,
         }
     }
-    // The autoscaler's scrape (Envoy matches the filter against the stat's own name, which carries
-    // the `wasmcustom.` prefix the Prometheus page leaves out), and the whole page (what an operator's Prometheus reads): Envoy walks
+    // The autoscaler's scrape (the same filter sluice's autoscaler uses: the queue-proxy's series of
+    // either build), and the whole page (what an operator's Prometheus reads): Envoy walks
     // every stat for either, so both grow with what the stats matcher keeps.
     let scrape = |uri: String| {
         let client = &client;
@@ -201,7 +201,7 @@ async fn run(args: &Args, sluice: &Path, app: &Path, n: usize) -> Result<()> {
         }
     };
     let (scrape_ms, scrape_bytes) = scrape(format!(
-        "http://127.0.0.1:{admin}/stats/prometheus?usedonly&filter=^wasmcustom.sluice_qp__"
+        "http://127.0.0.1:{admin}/stats/prometheus?usedonly&filter=sluice_qp__"
     ))
     .await?;
     let (all_ms, all_bytes) = scrape(format!("http://127.0.0.1:{admin}/stats/prometheus")).await?;

@@ -28,6 +28,7 @@ use crate::delivery::sender::{self, Connection, Endpoint, Outcome, Sender};
 use crate::delivery::{RetryPolicy, error_extensions};
 use crate::gateway::{Gateway, PathGate};
 use crate::ingress::{Brokers, IngestError};
+use crate::metrics::TriggerMetrics;
 
 /// Knative: every delivery carries `Prefer: reply`.
 static PREFER: http::HeaderName = http::HeaderName::from_static("prefer");
@@ -43,6 +44,8 @@ pub struct DispatchConfig {
     pub broker: BrokerKey,
     pub filter: Filter,
     pub subscriber: Target,
+    /// The Trigger's delivery metrics (see [`crate::metrics`]).
+    pub metrics: TriggerMetrics,
     pub dead_letter: Option<Target>,
     pub retry: RetryPolicy,
     pub ordered: bool,
@@ -68,6 +71,8 @@ pub fn consumer_name(trigger: &BrokerKey) -> String {
 
 /// A running dispatcher.
 pub struct Dispatcher {
+    trigger: BrokerKey,
+    brokers: Arc<Brokers>,
     task: JoinHandle<()>,
     committer: JoinHandle<()>,
     delivered: Arc<AtomicU64>,
@@ -98,6 +103,14 @@ impl Dispatcher {
             }
         };
         let delivered = Arc::new(AtomicU64::new(start));
+        brokers.metrics().track_consumer(
+            &config.trigger,
+            &config.broker,
+            log.clone(),
+            delivered.clone(),
+        );
+        let trigger = config.trigger.clone();
+        let metrics_brokers = brokers.clone();
         let committer = tokio::spawn(commit_loop(
             log.clone(),
             consumer.clone(),
@@ -113,6 +126,8 @@ impl Dispatcher {
             delivered.clone(),
         ));
         Dispatcher {
+            trigger,
+            brokers: metrics_brokers,
             task,
             committer,
             delivered,
@@ -123,6 +138,9 @@ impl Dispatcher {
 
     /// Stops delivering and commits what was finished.
     pub async fn stop(self) {
+        self.brokers
+            .metrics()
+            .untrack_consumer(&self.trigger, &self.delivered);
         self.task.abort();
         let _ = self.task.await;
         self.committer.abort();
@@ -326,6 +344,7 @@ pub async fn deliver(
             Err(e) => return unreadable(e),
         }
     }
+    let started = std::time::Instant::now();
     let (outcome, ttl) = match &config.subscriber {
         Target::Http { uri, host, .. } => {
             let message = match codec::delivery_message(&record) {
@@ -365,8 +384,15 @@ pub async fn deliver(
             )
         }
     };
+    let (code, attempts) = match &outcome {
+        Outcome::Delivered { response, attempts } => (Some(response.status), *attempts),
+        Outcome::Failed {
+            status, attempts, ..
+        } => (*status, *attempts),
+    };
+    config.metrics.dispatched(code, attempts, started.elapsed());
     match outcome {
-        Outcome::Delivered(response) => {
+        Outcome::Delivered { response, .. } => {
             if codec::is_cloudevent_message(&response.headers) {
                 handle_reply(config, brokers, ttl, response).await;
             }
@@ -387,23 +413,23 @@ pub async fn deliver(
                 trigger = %config.trigger, id = event.id(), %destination, ?status, attempts,
                 "delivery failed"
             );
-            dead_letter(config, brokers, sender, &event, &destination, status, &body).await;
+            let taken =
+                dead_letter(config, brokers, sender, &event, &destination, status, &body).await;
+            config.metrics.failed(taken);
         }
     }
 }
 
 fn ingest_outcome(result: Result<usize, IngestError>) -> Outcome {
     match result {
-        Ok(_) => Outcome::Delivered(crate::delivery::sender::Response {
-            status: 202,
-            headers: Default::default(),
-            body: Bytes::new(),
-        }),
-        Err(IngestError::TtlExhausted) => Outcome::Delivered(crate::delivery::sender::Response {
-            status: 202,
-            headers: Default::default(),
-            body: Bytes::new(),
-        }),
+        Ok(_) | Err(IngestError::TtlExhausted) => Outcome::Delivered {
+            response: crate::delivery::sender::Response {
+                status: 202,
+                headers: Default::default(),
+                body: Bytes::new(),
+            },
+            attempts: 1,
+        },
         Err(e) => Outcome::Failed {
             status: Some(match e {
                 IngestError::UnknownBroker(_) => 404,
@@ -445,6 +471,7 @@ async fn handle_reply(
     }
 }
 
+/// Sends a failed event to the Trigger's deadLetterSink; whether it took it.
 async fn dead_letter(
     config: &DispatchConfig,
     brokers: &Brokers,
@@ -453,10 +480,10 @@ async fn dead_letter(
     destination: &str,
     status: Option<u16>,
     body: &[u8],
-) {
+) -> bool {
     let Some(dls) = &config.dead_letter else {
         tracing::warn!(trigger = %config.trigger, id = event.id(), "event dropped: no deadLetterSink");
-        return;
+        return false;
     };
     let mut dead = event.clone();
     for (name, value) in error_extensions(destination, status, body) {
@@ -490,7 +517,9 @@ async fn dead_letter(
             trigger = %config.trigger, id = event.id(), ?status,
             "event lost: the deadLetterSink refused it too"
         );
+        return false;
     }
+    true
 }
 
 #[cfg(test)]

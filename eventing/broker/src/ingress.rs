@@ -18,12 +18,14 @@ use tokio::net::TcpListener;
 
 use crate::codec;
 use crate::config::BrokerKey;
+use crate::metrics::BrokerMetrics;
 
 /// The running brokers: where each keeps its events, found by `namespace/name`. Shared by the
 /// ingress, the dispatchers (replies) and PingSources.
 pub struct Brokers {
     logs: RwLock<HashMap<BrokerKey, Store>>,
     default_ttl: i64,
+    metrics: BrokerMetrics,
 }
 
 /// Where a Broker's events are stored: its embedded log, or RabbitMQ.
@@ -69,7 +71,13 @@ impl Brokers {
         Brokers {
             logs: RwLock::new(HashMap::new()),
             default_ttl,
+            metrics: BrokerMetrics::default(),
         }
+    }
+
+    /// The broker's metrics (the ingress's, and every Trigger's deliveries).
+    pub fn metrics(&self) -> &BrokerMetrics {
+        &self.metrics
     }
 
     pub fn insert(&self, key: BrokerKey, store: impl Into<Store>) {
@@ -292,7 +300,22 @@ async fn handle(
         Ok(events) => events,
         Err(e) => return reply(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    match brokers.ingest(&key, events).await {
+    // Knative counts each event by its type, with the answer it got and the time to store it.
+    let types: Vec<String> = events.iter().map(|e| e.ty().to_string()).collect();
+    let started = std::time::Instant::now();
+    let response = ingest_response(brokers.ingest(&key, events).await);
+    let stored = response.status() == StatusCode::ACCEPTED;
+    brokers.metrics.ingested(
+        &key,
+        types.iter().map(String::as_str),
+        response.status().as_u16(),
+        stored.then(|| started.elapsed()),
+    );
+    response
+}
+
+fn ingest_response(result: Result<usize, IngestError>) -> Response<Full<Bytes>> {
+    match result {
         Ok(_) => reply(StatusCode::ACCEPTED, ""),
         Err(IngestError::UnknownBroker(key)) => {
             reply(StatusCode::NOT_FOUND, format!("broker {key} not found"))

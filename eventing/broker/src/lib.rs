@@ -15,6 +15,7 @@
 //! - [`gateway`]: the path to subscribers through Sluice's gateway: wait until it is served; its
 //!   own failures are not delivery attempts.
 //! - [`ping`]: PingSource schedules.
+//! - [`metrics`]: Knative's broker metrics and Sluice's delivery, log and lag figures (Prometheus).
 //! - [`config`]: Knative objects validated into the broker's own types; [`defaults`]:
 //!   `config-br-defaults`.
 //! - [`codec`]: CloudEvents <-> HTTP messages and log records; the TTL extension.
@@ -27,9 +28,11 @@ pub mod delivery;
 pub mod dispatch;
 pub mod gateway;
 pub mod ingress;
+pub mod metrics;
 pub mod ping;
 pub mod rabbitmq;
 pub mod service;
 
 pub use config::{BrokerKey, ConfigError, EventingObjects};
+pub use metrics::BrokerMetrics;
 pub use service::{BrokerOptions, BrokerService, EventingStatus, ServiceError};

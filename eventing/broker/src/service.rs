@@ -221,6 +221,17 @@ impl BrokerService {
         }))
     }
 
+    /// Registers the broker's metrics in `registry` (see [`crate::metrics`]: the families choose
+    /// their own prefixes, Knative's).
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.brokers.metrics().register(registry);
+    }
+
+    /// The broker's metrics (for tests and other edges).
+    pub fn metrics(&self) -> &crate::metrics::BrokerMetrics {
+        self.brokers.metrics()
+    }
+
     /// The ingress's bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -482,6 +493,7 @@ impl BrokerService {
                 .collect();
         }
         for key in removed {
+            self.brokers.metrics().untrack_log(&key);
             if let Some(log) = state.logs.remove(&key)
                 && let Err(e) = log.close().await
             {
@@ -569,7 +581,9 @@ impl BrokerService {
         let dir = self.options.data_dir.join(&key.namespace).join(&key.name);
         let log = SegmentLog::open(&dir, self.options.log.clone())
             .map_err(|e| format!("opening the event log in {}: {e}", dir.display()))?;
-        state.logs.insert(key.clone(), Arc::new(log));
+        let log = Arc::new(log);
+        self.brokers.metrics().track_log(key, log.clone());
+        state.logs.insert(key.clone(), log);
         opened.push(key.clone());
         tracing::info!(broker = %key, dir = %dir.display(), "broker log open");
         Ok(())
@@ -706,6 +720,17 @@ impl BrokerService {
                         broker: c.broker.clone(),
                         filter,
                         subscriber,
+                        // Knative's filter_type label: the `type` attribute filter, or "any".
+                        metrics: self.brokers.metrics().trigger(
+                            &c.broker,
+                            &c.key,
+                            t.spec
+                                .filter
+                                .as_ref()
+                                .and_then(|f| f.attributes.get("type"))
+                                .filter(|t| !t.is_empty())
+                                .map_or("any", String::as_str),
+                        ),
                         dead_letter,
                         retry: delivery.retry.clone(),
                         ordered: c.ordered,
@@ -747,6 +772,7 @@ impl BrokerService {
         state.rabbit.clear();
         for (key, log) in state.logs.drain() {
             self.brokers.remove(&key);
+            self.brokers.metrics().untrack_log(&key);
             if let Err(e) = log.close().await {
                 tracing::warn!(broker = %key, error = %e, "closing the log failed");
             }
@@ -881,7 +907,7 @@ async fn run_ping(config: PingConfig, sink: Target, brokers: Arc<Brokers>, sende
                     )
                     .await
                 {
-                    Outcome::Delivered(_) => Ok(()),
+                    Outcome::Delivered { .. } => Ok(()),
                     Outcome::Failed { status, .. } => Err(format!("sink answered {status:?}")),
                 }
             }

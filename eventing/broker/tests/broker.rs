@@ -1769,3 +1769,153 @@ async fn a_trigger_whose_delivery_order_changed_on_rabbitmq_says_what_to_do() {
         })
         .await
 }
+
+/// Polls `cond` until it holds, within the wait.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn metrics_count_events_deliveries_retries_dead_letters_and_show_lag() {
+    use sluice_broker::metrics::{FilterLabels, IngressLabels, TriggerLabels};
+    let sub = Subscriber::start(Arc::new(|n, r| match r.path.as_str() {
+        "/sub" if n < 2 => status(503, "busy"),
+        "/failing" => status(500, "boom"),
+        _ => ok(),
+    }))
+    .await;
+    let yaml = format!(
+        "{BROKER}{}{}",
+        trigger(
+            "t",
+            &format!(
+                "  filter: {{attributes: {{type: t.a}}}}\n  subscriber: {{uri: \"{}\"}}\n  delivery: {{retry: 3, backoffPolicy: linear, backoffDelay: PT0.05S}}",
+                sub.url("/sub"),
+            )
+        ),
+        trigger(
+            "dead",
+            &format!(
+                "  subscriber: {{uri: \"{}\"}}\n  delivery: {{retry: 1, backoffPolicy: linear, backoffDelay: PT0.05S, deadLetterSink: {{uri: \"{}\"}}}}",
+                sub.url("/failing"),
+                sub.url("/dls")
+            )
+        ),
+    );
+    let h = Harness::start(&yaml).await;
+    let mut registry = prometheus_client::registry::Registry::default();
+    h.service.register_metrics(&mut registry);
+    h.send("1", "t.a", "/s", &[]).await;
+    sub.wait("/sub", 3).await;
+    sub.wait("/dls", 1).await;
+
+    let metrics = h.service.metrics().clone();
+    let ingress = IngressLabels {
+        namespace_name: "ns".into(),
+        broker_name: "default".into(),
+        event_type: "t.a".into(),
+        response_code: "202".into(),
+        response_code_class: "2xx".into(),
+    };
+    assert_eq!(metrics.ingress_event_count.get_or_create(&ingress).get(), 1);
+    assert_eq!(
+        metrics
+            .ingress_event_dispatch_latencies
+            .get_or_create(&ingress)
+            .count(),
+        1
+    );
+    let trigger = |name: &str| TriggerLabels {
+        namespace_name: "ns".into(),
+        broker_name: "default".into(),
+        trigger_name: name.into(),
+    };
+    let filter = |name: &str, filter_type: &str, code: &str| FilterLabels {
+        namespace_name: "ns".into(),
+        broker_name: "default".into(),
+        trigger_name: name.into(),
+        filter_type: filter_type.into(),
+        response_code: code.into(),
+        response_code_class: format!("{}xx", &code[..1]),
+    };
+    eventually("both deliveries counted", || {
+        metrics
+            .filter_event_count
+            .get_or_create(&filter("t", "t.a", "200"))
+            .get()
+            == 1
+            && metrics.dead_lettered.get_or_create(&trigger("dead")).get() == 1
+    })
+    .await;
+    assert_eq!(
+        metrics
+            .filter_event_dispatch_latencies
+            .get_or_create(&filter("t", "t.a", "200"))
+            .count(),
+        1
+    );
+    assert_eq!(
+        metrics
+            .filter_event_count
+            .get_or_create(&filter("dead", "any", "500"))
+            .get(),
+        1
+    );
+    assert_eq!(
+        metrics.delivery_attempts.get_or_create(&trigger("t")).get(),
+        3
+    );
+    assert_eq!(
+        metrics.delivery_retries.get_or_create(&trigger("t")).get(),
+        2
+    );
+    assert_eq!(
+        metrics
+            .delivery_attempts
+            .get_or_create(&trigger("dead"))
+            .get(),
+        2
+    );
+    assert_eq!(
+        metrics
+            .delivery_retries
+            .get_or_create(&trigger("dead"))
+            .get(),
+        1
+    );
+    assert_eq!(metrics.dropped.get_or_create(&trigger("dead")).get(), 0);
+
+    // Read at the scrape: the log holds the one event, and neither Trigger is behind.
+    let broker = r#"namespace_name="ns",broker_name="default""#;
+    let scrape = || {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    };
+    // A delivery is counted before its offset is finished: the lag reaches 0 just after.
+    eventually("no lag", || {
+        ["t", "dead"].iter().all(|t| {
+            scrape().contains(&format!(
+                "broker_trigger_consumer_lag{{{broker},trigger_name=\"{t}\"}} 0\n"
+            ))
+        })
+    })
+    .await;
+    let text = scrape();
+    assert!(
+        text.contains(&format!("broker_log_records{{{broker}}} 1\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains("mt_broker_ingress_event_count_total{"),
+        "{text}"
+    );
+    assert!(
+        text.contains("mt_broker_filter_event_dispatch_latencies_bucket{"),
+        "{text}"
+    );
+}

@@ -25,7 +25,7 @@ use crate::breaker::{
 use crate::config::{Config, Limits, Readiness};
 use crate::names::{self, Names};
 use crate::readiness::Prober;
-use crate::request::{self, Headers, Kind};
+use crate::request::{self, Answer};
 use crate::stats::{Published, Report, WINDOW, Windows};
 
 /// How often each worker closes stats windows, times out queued requests and probes readiness.
@@ -880,38 +880,16 @@ impl HttpContext for QueueProxyStream {
         let Some(plugin) = self.plugin.clone() else {
             return Action::Continue;
         };
-        let probe = self.get_http_request_header(request::PROBE_HEADER);
-        let hash = match probe.as_deref() {
-            Some("probe") => self.get_http_request_header(request::HASH_HEADER),
-            _ => None,
-        };
-        let user_agent = self.get_http_request_header("user-agent");
-        let kubelet = self.get_http_request_header(request::KUBELET_PROBE_HEADER);
-        let proxy = self.get_http_request_header(request::PROXY_HEADER);
-        let kind = request::classify(Headers {
-            network_probe: probe.as_deref(),
-            network_hash: hash.as_deref(),
-            user_agent: user_agent.as_deref(),
-            kubelet_probe: kubelet.as_deref(),
-            proxy_request: proxy.as_deref(),
-        });
-        match kind {
-            Kind::QueueProbe => {
-                if plugin.is_ready() {
-                    self.reply(200, vec![], "queue")
-                } else {
-                    self.reply(503, vec![], "queue not ready\n")
+        let kind = request::classify_from(|name| self.get_http_request_header(name));
+        match request::answer(kind, plugin.is_ready()) {
+            Answer::Reply { status, hash, body } => match &hash {
+                Some(hash) => {
+                    self.reply(status, vec![(request::HASH_HEADER, hash.as_str())], &body)
                 }
-            }
-            Kind::HashProbe { hash: Some(hash) } => {
-                self.reply(200, vec![(request::HASH_HEADER, hash.as_str())], "")
-            }
-            Kind::HashProbe { hash: None } => self.reply(400, vec![], request::MISSING_HASH_BODY),
-            Kind::UnknownProbe { value } => {
-                self.reply(400, vec![], &request::unknown_probe_body(&value))
-            }
-            Kind::KubeletProbe => Action::Continue,
-            Kind::Request { proxied } => self.arrive(&plugin, proxied),
+                None => self.reply(status, vec![], &body),
+            },
+            Answer::Forward => Action::Continue,
+            Answer::Admit { proxied } => self.arrive(&plugin, proxied),
         }
     }
 

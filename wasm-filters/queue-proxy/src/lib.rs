@@ -2,16 +2,13 @@
 //! its containerConcurrency (queueing the excess), the autoscaler's metrics as Envoy stats, and the
 //! Knative probes. See wasm-filters/README.md for the metric names and configuration keys.
 //!
-//! The decisions live in plain modules with no host calls, unit-tested natively: [`config`],
-//! [`breaker`], [`stats`], [`readiness`], [`request`], [`names`]. [`filter`] is the proxy-wasm glue.
+//! The decisions live in `sluice-queue-proxy-core` (queue-proxy-core/), shared with the native build
+//! and re-exported here: [`config`], [`breaker`], [`stats`], [`readiness`], [`request`], [`names`].
+//! [`filter`] is the proxy-wasm glue.
 
-pub mod breaker;
-pub mod config;
+pub use sluice_queue_proxy_core::{breaker, config, names, readiness, request, stats};
+
 pub mod filter;
-pub mod names;
-pub mod readiness;
-pub mod request;
-pub mod stats;
 
 // The VM's entry point, only in the .wasm: natively there is no host to call.
 #[cfg(target_arch = "wasm32")]

@@ -29,6 +29,8 @@ use envoy_types::pb::envoy::config::route::v3::{
     redirect_action, route, route_action, route_match, scoped_route_configuration,
     weighted_cluster,
 };
+use envoy_types::pb::envoy::extensions::dynamic_modules::v3::DynamicModuleConfig;
+use envoy_types::pb::envoy::extensions::filters::http::dynamic_modules::v3::DynamicModuleFilter;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
@@ -53,7 +55,8 @@ use super::plan::{
     ClusterKind, ClusterPlan, Plan, RoutePlan, TlsChainPlan, TlsSecretPlan, VirtualHostPlan,
 };
 use super::{
-    EXTERNAL_LISTENER, GatewayConfig, INTERNAL_LISTENER, QUEUE_PROXY_RUNTIME, QUEUE_PROXY_VM_ID,
+    EXTERNAL_LISTENER, GatewayConfig, INTERNAL_LISTENER, QUEUE_PROXY_NATIVE_FILTER_NAME,
+    QUEUE_PROXY_NATIVE_METRICS_NAMESPACE, QUEUE_PROXY_RUNTIME, QUEUE_PROXY_VM_ID, QueueProxyFilter,
     SIDECAR_PREFIX, TLS_LISTENER,
 };
 use crate::prober::READINESS_PROBE_VALUE;
@@ -225,7 +228,7 @@ pub fn render(plan: &Plan, gateway: &GatewayConfig, cache: &mut RenderCache) -> 
                 listener: Arc::new(sidecar_listener(
                     &name,
                     sidecar,
-                    gateway.queue_proxy_wasm.as_deref(),
+                    gateway.queue_proxy.as_ref(),
                 )),
                 cluster: Arc::new(sidecar_cluster(&name, sidecar)),
             },
@@ -280,7 +283,45 @@ fn queue_proxy_config(s: &InstanceSidecar) -> String {
     .to_string()
 }
 
-fn queue_proxy_filter(s: &InstanceSidecar, wasm: &Path) -> HttpFilter {
+fn queue_proxy_filter(s: &InstanceSidecar, filter: &QueueProxyFilter) -> HttpFilter {
+    match filter {
+        QueueProxyFilter::Wasm(wasm) => queue_proxy_wasm_filter(s, wasm),
+        QueueProxyFilter::Native(module) => queue_proxy_native_filter(s, module),
+    }
+}
+
+/// The native build: `envoy.filters.http.dynamic_modules` with the same plugin configuration. The
+/// module is never unloaded (`do_not_close`): it keeps its instances' breakers across listener
+/// updates and runs a tick thread.
+fn queue_proxy_native_filter(s: &InstanceSidecar, module: &Path) -> HttpFilter {
+    let config = DynamicModuleFilter {
+        dynamic_module_config: Some(DynamicModuleConfig {
+            do_not_close: true,
+            metrics_namespace: QUEUE_PROXY_NATIVE_METRICS_NAMESPACE.to_string(),
+            module: Some(AsyncDataSource {
+                specifier: Some(async_data_source::Specifier::Local(DataSource {
+                    specifier: Some(data_source::Specifier::Filename(
+                        module.display().to_string(),
+                    )),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        }),
+        filter_name: QUEUE_PROXY_NATIVE_FILTER_NAME.to_string(),
+        filter_config: Some(pack_any(StringValue {
+            value: queue_proxy_config(s),
+        })),
+        terminal_filter: false,
+    };
+    HttpFilter {
+        name: "envoy.filters.http.dynamic_modules".to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(config))),
+        ..Default::default()
+    }
+}
+
+fn queue_proxy_wasm_filter(s: &InstanceSidecar, wasm: &Path) -> HttpFilter {
     let plugin = PluginConfig {
         name: "queue-proxy".to_string(),
         vm: Some(plugin_config::Vm::VmConfig(VmConfig {
@@ -310,10 +351,14 @@ fn queue_proxy_filter(s: &InstanceSidecar, wasm: &Path) -> HttpFilter {
 
 /// One instance-side listener: the queue-proxy filter (when built) and a route to the instance with the
 /// revision's timeout, as Knative's queue-proxy enforces timeoutSeconds.
-fn sidecar_listener(name: &str, s: &InstanceSidecar, wasm: Option<&Path>) -> Listener {
+fn sidecar_listener(
+    name: &str,
+    s: &InstanceSidecar,
+    filter: Option<&QueueProxyFilter>,
+) -> Listener {
     let mut http_filters = Vec::new();
-    if let Some(wasm) = wasm {
-        http_filters.push(queue_proxy_filter(s, wasm));
+    if let Some(filter) = filter {
+        http_filters.push(queue_proxy_filter(s, filter));
     }
     http_filters.push(router_filter());
     let route_config = RouteConfiguration {

@@ -10,7 +10,7 @@ mod plan;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::resources::Resources;
@@ -46,10 +46,41 @@ pub struct GatewayConfig {
     pub internal_address: SocketAddr,
     /// Serves ExternalIP rules over TLS for hosts in `spec.tls`; None disables TLS.
     pub tls_address: Option<SocketAddr>,
-    /// The queue-proxy filter (.wasm) for instance-side listeners; None gives them no filter (plain
-    /// proxies, for tests that don't build the wasm).
-    pub queue_proxy_wasm: Option<PathBuf>,
+    /// The queue-proxy filter for instance-side listeners; None gives them no filter (plain proxies,
+    /// for tests that don't build it).
+    pub queue_proxy: Option<QueueProxyFilter>,
 }
+
+/// Which build of the queue-proxy filter the instance-side listeners load. Both take the same plugin
+/// configuration and publish the same metrics (native ones under [`QUEUE_PROXY_NATIVE_METRICS_NAMESPACE`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueProxyFilter {
+    /// The proxy-wasm module (wasm-filters/queue-proxy), run by V8: the form for Istio meshes.
+    Wasm(PathBuf),
+    /// The Envoy dynamic module (native-filters/queue-proxy), a shared library of this Envoy's ABI.
+    Native(PathBuf),
+}
+
+impl QueueProxyFilter {
+    /// `wasm` or `native`, as `sluice up --queue-proxy` and `sluice status` say it.
+    pub fn form(&self) -> &'static str {
+        match self {
+            QueueProxyFilter::Wasm(_) => "wasm",
+            QueueProxyFilter::Native(_) => "native",
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            QueueProxyFilter::Wasm(p) | QueueProxyFilter::Native(p) => p,
+        }
+    }
+}
+
+/// The dynamic module's `metrics_namespace`: Envoy puts it before the module's metric names.
+pub const QUEUE_PROXY_NATIVE_METRICS_NAMESPACE: &str = "sluice";
+/// The filter name the native module's configuration is created under.
+pub const QUEUE_PROXY_NATIVE_FILTER_NAME: &str = "queue-proxy";
 
 impl Default for GatewayConfig {
     fn default() -> Self {
@@ -57,7 +88,7 @@ impl Default for GatewayConfig {
             external_address: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
             internal_address: SocketAddr::from((Ipv4Addr::LOCALHOST, 8081)),
             tls_address: None,
-            queue_proxy_wasm: None,
+            queue_proxy: None,
         }
     }
 }

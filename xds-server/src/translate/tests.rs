@@ -1064,7 +1064,7 @@ fn sidecars_get_a_listener_with_the_queue_proxy_and_a_static_cluster() {
         .into(),
     );
     let gw = GatewayConfig {
-        queue_proxy_wasm: Some("/tmp/qp.wasm".into()),
+        queue_proxy: Some(QueueProxyFilter::Wasm("/tmp/qp.wasm".into())),
         ..GatewayConfig::default()
     };
     let t = translate(&s, &gw);
@@ -1107,4 +1107,45 @@ fn sidecars_get_a_listener_with_the_queue_proxy_and_a_static_cluster() {
     // Without the wasm the sidecar is a plain proxy.
     let t = translate(&s, &GatewayConfig::default());
     assert!(t.resources.listeners.iter().any(|l| l.name == name));
+
+    // The native build: the dynamic-modules filter, kept loaded, with the same plugin configuration.
+    let gw = GatewayConfig {
+        queue_proxy: Some(QueueProxyFilter::Native("/tmp/libqp.so".into())),
+        ..GatewayConfig::default()
+    };
+    let t = translate(&s, &gw);
+    let listener = t
+        .resources
+        .listeners
+        .iter()
+        .find(|l| l.name == name)
+        .unwrap();
+    let Some(envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(any)) =
+        &listener.filter_chains[0].filters[0].config_type
+    else {
+        panic!("typed config expected");
+    };
+    let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+    assert_eq!(
+        hcm.http_filters[0].name,
+        "envoy.filters.http.dynamic_modules"
+    );
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter;
+    use envoy_types::pb::google::protobuf::StringValue;
+    let Some(http_filter::ConfigType::TypedConfig(any)) = &hcm.http_filters[0].config_type else {
+        panic!("typed config expected");
+    };
+    use envoy_types::pb::envoy::extensions::filters::http::dynamic_modules::v3::DynamicModuleFilter;
+    let native = DynamicModuleFilter::decode(any.value.as_slice()).unwrap();
+    let module = native.dynamic_module_config.unwrap();
+    assert!(module.do_not_close);
+    assert_eq!(
+        module.metrics_namespace,
+        QUEUE_PROXY_NATIVE_METRICS_NAMESPACE
+    );
+    assert_eq!(native.filter_name, QUEUE_PROXY_NATIVE_FILTER_NAME);
+    let config = StringValue::decode(native.filter_config.unwrap().value.as_slice()).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&config.value).unwrap();
+    assert_eq!(config["instance"], "hello-00001-a");
+    assert_eq!(config["containerConcurrency"], 1);
 }

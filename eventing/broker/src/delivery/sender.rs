@@ -38,8 +38,8 @@ pub struct Response {
 /// How a delivery with retries ended.
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    /// A 2xx.
-    Delivered(Response),
+    /// A 2xx, after `attempts` attempts (more than one: it was retried).
+    Delivered { response: Response, attempts: u32 },
     /// Not delivered: the last attempt's status (None: no response) and body (Knative's
     /// "dispatch error: ..." text when there was no response), after `attempts` attempts.
     Failed {
@@ -472,7 +472,7 @@ pub async fn send<T: Transport>(
         }
         let (attempt, retry_after, failed_body) = match result {
             Ok(response) if (200..300).contains(&response.status) => {
-                return Outcome::Delivered(response);
+                return Outcome::Delivered { response, attempts };
             }
             Ok(response) => {
                 let retry_after = response

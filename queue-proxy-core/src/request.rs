@@ -68,9 +68,115 @@ pub fn unknown_probe_body(value: &str) -> String {
 pub const MISSING_HASH_BODY: &str =
     "a probe request must contain a non-empty \"K-Network-Hash\" header\n";
 
+/// Reads the headers [`classify`] decides on through `get` (lowercase names; the hash only for
+/// `K-Network-Probe: probe`) and classifies the request. Both filter builds read headers this way.
+pub fn classify_from(mut get: impl FnMut(&str) -> Option<String>) -> Kind {
+    let probe = get(PROBE_HEADER);
+    let hash = match probe.as_deref() {
+        Some("probe") => get(HASH_HEADER),
+        _ => None,
+    };
+    let user_agent = get("user-agent");
+    let kubelet = get(KUBELET_PROBE_HEADER);
+    let proxy = get(PROXY_HEADER);
+    classify(Headers {
+        network_probe: probe.as_deref(),
+        network_hash: hash.as_deref(),
+        user_agent: user_agent.as_deref(),
+        kubelet_probe: kubelet.as_deref(),
+        proxy_request: proxy.as_deref(),
+    })
+}
+
+/// What the filter does with a request, from its kind and the instance's readiness.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Answer it here (a probe): status, the `K-Network-Hash` to echo if any, body (text/plain).
+    Reply {
+        status: u32,
+        hash: Option<String>,
+        body: String,
+    },
+    /// Proxy it without counting it or holding it in the breaker (a kubelet probe).
+    Forward,
+    /// A user request: counted, and through the breaker.
+    Admit { proxied: bool },
+}
+
+pub fn answer(kind: Kind, ready: bool) -> Answer {
+    let reply = |status, hash, body: &str| Answer::Reply {
+        status,
+        hash,
+        body: body.to_string(),
+    };
+    match kind {
+        Kind::QueueProbe if ready => reply(200, None, "queue"),
+        Kind::QueueProbe => reply(503, None, "queue not ready\n"),
+        Kind::HashProbe { hash: Some(hash) } => reply(200, Some(hash), ""),
+        Kind::HashProbe { hash: None } => reply(400, None, MISSING_HASH_BODY),
+        Kind::UnknownProbe { value } => reply(400, None, &unknown_probe_body(&value)),
+        Kind::KubeletProbe => Answer::Forward,
+        Kind::Request { proxied } => Answer::Admit { proxied },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn probes_are_answered_here_and_requests_admitted() {
+        let headers = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let queue = classify_from(headers(&[("k-network-probe", "queue")]));
+        assert_eq!(
+            answer(queue.clone(), true),
+            Answer::Reply {
+                status: 200,
+                hash: None,
+                body: "queue".into()
+            }
+        );
+        assert!(matches!(
+            answer(queue, false),
+            Answer::Reply { status: 503, .. }
+        ));
+        let hash = classify_from(headers(&[
+            ("k-network-probe", "probe"),
+            ("k-network-hash", "h1"),
+        ]));
+        assert_eq!(
+            answer(hash, true),
+            Answer::Reply {
+                status: 200,
+                hash: Some("h1".into()),
+                body: String::new()
+            }
+        );
+        // The hash is only read for `probe`.
+        let other = classify_from(headers(&[
+            ("k-network-probe", "what"),
+            ("k-network-hash", "h1"),
+        ]));
+        assert!(matches!(
+            answer(other, true),
+            Answer::Reply {
+                status: 400,
+                hash: None,
+                ..
+            }
+        ));
+        let kubelet = classify_from(headers(&[("user-agent", "kube-probe/1.30")]));
+        assert_eq!(answer(kubelet, true), Answer::Forward);
+        let proxied = classify_from(headers(&[("k-proxy-request", "activator")]));
+        assert_eq!(answer(proxied, false), Answer::Admit { proxied: true });
+    }
 
     #[test]
     fn requests_are_told_apart_as_knative_does() {

@@ -111,8 +111,8 @@ impl BreakerState {
         self.fill(limits)
     }
 
-    /// Hands free slots to waiters, in FIFO order.
-    fn fill(&mut self, limits: Limits) -> Vec<Waiter> {
+    /// Hands free slots to waiters, in FIFO order (also after a configuration raised the capacity).
+    pub fn fill(&mut self, limits: Limits) -> Vec<Waiter> {
         let mut granted = Vec::new();
         while self.in_flight < limits.capacity {
             let Some(next) = self.waiting.pop_front() else {
@@ -257,6 +257,12 @@ impl LeasePolicy {
             (limits.capacity / LEND_BATCH_DIVISOR).max(1)
         };
         LeasePolicy { batch }
+    }
+
+    /// Never lend: for a breaker whose state sits behind a lock that every worker takes (the native
+    /// filter), where going through the shared state costs no more than a lease would.
+    pub fn exclusive() -> LeasePolicy {
+        LeasePolicy { batch: 0 }
     }
 
     pub fn lends(self) -> bool {
