@@ -35,6 +35,11 @@ struct Args {
     /// Gateways connected in each phase, ascending (comma-separated).
     #[arg(long, default_value = "1,4,16", value_delimiter = ',')]
     gateways: Vec<usize>,
+    /// Milliseconds between two polls of one gateway that does not serve the new host yet. Each poll
+    /// is a request into a gateway that shares the machine: at 1 ms, 16 gateways take 16,000
+    /// requests/s while a change propagates.
+    #[arg(long, default_value_t = 1)]
+    poll_ms: u64,
 }
 
 fn backend_yaml(ip: &str) -> String {
@@ -79,13 +84,15 @@ async fn status(addr: SocketAddr, host: &str) -> Option<http::StatusCode> {
         .map(|r| r.status)
 }
 
-/// Waits until `host` answers 200 on every gateway; returns when the last one did, from `t0`.
+/// Waits until `host` answers 200 on every gateway, polling each every `poll`; returns when the last
+/// one did (from `t0`) and which gateway (its index) that was.
 async fn served_everywhere(
     gateways: &[SocketAddr],
     host: &str,
     t0: Instant,
     limit: Duration,
-) -> Result<Duration> {
+    poll: Duration,
+) -> Result<(Duration, usize)> {
     let polls = gateways.iter().map(|addr| {
         let host = host.to_string();
         let addr = *addr;
@@ -97,12 +104,17 @@ async fn served_everywhere(
                 if t0.elapsed() > limit {
                     bail!("{host} not served by the gateway at {addr} within {limit:?}");
                 }
-                tokio::time::sleep(Duration::from_millis(1)).await;
+                tokio::time::sleep(poll).await;
             }
         }
     });
     let times = futures::future::try_join_all(polls).await?;
-    Ok(times.into_iter().max().unwrap_or_default())
+    Ok(times
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, i))
+        .max()
+        .unwrap_or_default())
 }
 
 /// The xds-server container's resident memory (MiB): its process seen from this host, else the
@@ -225,12 +237,14 @@ async fn main() -> Result<()> {
             added.push(SocketAddr::new(topology.ip(&c)?, 8080));
         }
         let limit = Duration::from_secs(600);
-        served_everywhere(&added, "svc-0.bench.localhost", t0, limit).await?;
-        let synced = served_everywhere(
+        let poll = Duration::from_millis(args.poll_ms);
+        served_everywhere(&added, "svc-0.bench.localhost", t0, limit, poll).await?;
+        let (synced, _) = served_everywhere(
             &added,
             &format!("svc-{}.bench.localhost", args.ingresses - 1),
             t0,
             limit,
+            poll,
         )
         .await?;
         gateways.extend(added);
@@ -238,6 +252,8 @@ async fn main() -> Result<()> {
         let rss = xds_rss_mib(&xds)?;
 
         let mut latencies = Vec::with_capacity(args.changes);
+        // The slowest change: how long, and which gateway served it last.
+        let mut slowest = (Duration::ZERO, 0usize);
         for k in 0..args.changes {
             round += 1;
             let i = (round * 7919) % args.ingresses;
@@ -245,9 +261,11 @@ async fn main() -> Result<()> {
             let path = config.path().join(format!("ing-{i}.yaml"));
             let t0 = Instant::now();
             write_atomically(&path, &ingress_yaml(i, std::slice::from_ref(&host)))?;
-            let took = served_everywhere(&gateways, &host, t0, Duration::from_secs(30))
-                .await
-                .with_context(|| format!("change {k} with {count} gateways"))?;
+            let (took, last) =
+                served_everywhere(&gateways, &host, t0, Duration::from_secs(30), poll)
+                    .await
+                    .with_context(|| format!("change {k} with {count} gateways"))?;
+            slowest = slowest.max((took, last));
             latencies.push(took);
             // One change at a time: the next starts once the last one's probes are done.
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -255,13 +273,15 @@ async fn main() -> Result<()> {
         latencies.sort();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let line = format!(
-            "gateways={count} ingresses={} changes={}: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; the {} new gateways had the whole state in {:.1} s; xds-server RSS {rss:.0} MiB ({rss_none:.0} MiB with none; {:+.1} MiB per gateway added in this phase)",
+            "gateways={count} ingresses={} changes={} poll={} ms: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms (last served by gw-{}); the {} new gateways had the whole state in {:.1} s; xds-server RSS {rss:.0} MiB ({rss_none:.0} MiB with none; {:+.1} MiB per gateway added in this phase)",
             args.ingresses,
             args.changes,
+            args.poll_ms,
             ms(percentile(&latencies, 0.5)),
             ms(percentile(&latencies, 0.9)),
             ms(percentile(&latencies, 0.99)),
             ms(*latencies.last().unwrap_or(&Duration::ZERO)),
+            slowest.1,
             count - previous_count,
             synced.as_secs_f64(),
             (rss - previous_rss) / (count - previous_count) as f64,
