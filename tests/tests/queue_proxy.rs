@@ -191,6 +191,29 @@ async fn lending_workers_hold_container_concurrency_16_and_give_every_slot_back(
     }
 }
 
+/// A request whose body is larger than Envoy's buffer limit (1 MiB) waits in the queue like any
+/// other and reaches the instance whole, with no 413.
+async fn a_queued_request_with_a_large_body_is_served_whole(form: Form) {
+    let (backend, envoy) = start(form, plugin_config(1)).await.unwrap();
+    let addr = envoy.addr();
+    let holder = tokio::spawn(async move { get("/?sleep=800").send(addr).await });
+    eventually("the slot is held", Duration::from_secs(20), || async {
+        Ok(backend.requests() == 1)
+    })
+    .await;
+    let body = vec![b'x'; 3_000_000];
+    let resp = Req::new(Method::POST, "hello.default.localhost", "/")
+        .body(body)
+        .timeout(Duration::from_secs(60))
+        .send(addr)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, StatusCode::OK, "{}", resp.text());
+    assert_eq!(resp.text(), "ok 3000000\n");
+    assert_eq!(holder.await.unwrap().unwrap().status, StatusCode::OK);
+    assert_eq!(backend.max_in_flight(), 1);
+}
+
 async fn queued_requests_are_served_in_arrival_order(form: Form) {
     let (_backend, envoy) = start(form, plugin_config(1)).await.unwrap();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -573,6 +596,11 @@ mod wasm {
     use super::Form;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queued_request_with_a_large_body_is_served_whole() {
+        super::a_queued_request_with_a_large_body_is_served_whole(Form::Wasm).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn breaker_holds_container_concurrency_1_across_two_workers() {
         super::breaker_holds_container_concurrency_1_across_two_workers(Form::Wasm).await
     }
@@ -641,6 +669,11 @@ mod wasm {
 
 mod native {
     use super::Form;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queued_request_with_a_large_body_is_served_whole() {
+        super::a_queued_request_with_a_large_body_is_served_whole(Form::Native).await
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn breaker_holds_container_concurrency_1_across_two_workers() {

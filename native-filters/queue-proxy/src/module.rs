@@ -815,10 +815,12 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     m: envoy_dynamic_module_type_http_filter_module_ptr,
     _end_of_stream: bool,
 ) -> envoy_dynamic_module_type_on_http_filter_request_body_status {
-    // Continuing the body would continue the paused headers with it.
+    // Continuing the body would continue the paused headers with it. Watermark, not Buffer: a body
+    // larger than the buffer limit waits with backpressure on the client (as in the wasm build)
+    // instead of being answered 413 while queued.
     // SAFETY: Envoy's stream pointer.
     if unsafe { stream(m) }.waiting {
-        envoy_dynamic_module_type_on_http_filter_request_body_status_StopIterationAndBuffer
+        envoy_dynamic_module_type_on_http_filter_request_body_status_StopIterationAndWatermark
     } else {
         envoy_dynamic_module_type_on_http_filter_request_body_status_Continue
     }
